@@ -1,0 +1,28 @@
+"""API key format and hashing: `clsk_live_<32 hex>`, stored only as HMAC-SHA256 with a server secret."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+
+KEY_PREFIX = "clsk_live_"
+_KEY_PATTERN = re.compile(r"^clsk_live_[0-9a-f]{32}$")
+
+
+def generate_api_key() -> str:
+    return KEY_PREFIX + secrets.token_hex(16)
+
+
+def looks_like_api_key(candidate: str) -> bool:
+    return bool(_KEY_PATTERN.match(candidate))
+
+
+def hash_api_key(secret: bytes, api_key: str) -> str:
+    return hmac.new(secret, api_key.encode(), hashlib.sha256).hexdigest()
+
+
+def display_prefix(api_key: str) -> str:
+    """What humans see in listings: enough to recognise a key, useless to an attacker."""
+    return api_key[: len(KEY_PREFIX) + 6]

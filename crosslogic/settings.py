@@ -1,0 +1,42 @@
+"""All configuration in one place, read from CROSSLOGIC_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CROSSLOGIC_{name}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", ""))
+    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", ""))
+    # Server secret for HMAC-SHA256 of API keys; the database never sees a plaintext key.
+    key_secret: str = field(default_factory=lambda: _env("KEY_SECRET", ""))
+    # Region used when neither the key, the environment nor the org names one.
+    default_region: str = field(default_factory=lambda: _env("DEFAULT_REGION", "ap-south"))
+    # Largest request body ext_authz inspects; bigger bodies get 413 from Envoy.
+    max_request_bytes: int = field(default_factory=lambda: int(_env("MAX_REQUEST_BYTES", str(1024 * 1024))))
+    # Seconds a key/env/org record stays in the shared Redis cache (seed §9.3).
+    identity_cache_ttl_s: int = field(default_factory=lambda: int(_env("IDENTITY_CACHE_TTL", "60")))
+    # Accounting sink: flush the ledger batch after this many records or seconds.
+    ledger_batch_size: int = field(default_factory=lambda: int(_env("LEDGER_BATCH_SIZE", "500")))
+    ledger_flush_interval_s: float = field(default_factory=lambda: float(_env("LEDGER_FLUSH_INTERVAL", "0.2")))
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise SystemExit("CROSSLOGIC_DATABASE_URL is not set (crosslogic up sets it for its children)")
+        return self.database_url
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise SystemExit("CROSSLOGIC_REDIS_URL is not set (crosslogic up sets it for its children)")
+        return self.redis_url
+
+    def require_key_secret(self) -> bytes:
+        if not self.key_secret:
+            raise SystemExit("CROSSLOGIC_KEY_SECRET is not set (crosslogic up keeps one in its state dir)")
+        return self.key_secret.encode()
