@@ -1,5 +1,4 @@
 -- Tenancy, catalogue, nodes and the usage ledger (seed §9.2, §10.2, §11.1, §21.1, §34).
-CREATE EXTENSION IF NOT EXISTS pgcrypto;
 
 CREATE TABLE regions (
     region_id        text PRIMARY KEY,               -- 'ap-south', 'ap-southeast', 'eu-central', 'us-east'
