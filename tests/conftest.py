@@ -1,0 +1,56 @@
+"""Shared fixtures: real Postgres (embedded, or CROSSLOGIC_DATABASE_URL) with the schema applied."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from crosslogic.runtime.postgres import EmbeddedPostgres
+from crosslogic.store.db import migrate
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("CROSSLOGIC_DATABASE_URL")
+    if external:
+        yield external
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def _create_database(server_url: str, name: str) -> str:
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base, _, _ = server_url.rpartition("/")
+    url = f"{base}/{name}"
+    await migrate(url)
+    return url
+
+
+@pytest.fixture
+def database_url(postgres_server_url: str) -> str:
+    """A fresh, migrated database per test: tests never see each other's rows."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    return asyncio.run(_create_database(postgres_server_url, name))
+
+
+@pytest.fixture
+def key_secret() -> str:
+    return "test-secret-" + uuid.uuid4().hex
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
