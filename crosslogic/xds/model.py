@@ -1,0 +1,52 @@
+"""Domain values the snapshot is built from: node pools and the gateway's own settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class EndpointHealth(Enum):
+    HEALTHY = "healthy"
+    DRAINING = "draining"  # in-flight requests finish, no new ones
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True)
+class PoolEndpoint:
+    node_id: str
+    host: str
+    port: int
+    weight: int = 100
+    health: EndpointHealth = EndpointHealth.HEALTHY
+    priority: int = 0  # 0 = the pool's own region; higher = fallback regions
+
+
+@dataclass(frozen=True)
+class Pool:
+    """All nodes serving one model in one region: one Envoy cluster."""
+
+    region: str
+    model: str
+    endpoints: tuple[PoolEndpoint, ...] = ()
+
+    @property
+    def cluster_name(self) -> str:
+        return route_key(self.region, self.model)
+
+
+def route_key(region: str, model: str) -> str:
+    """The value ext_authz puts in x-clp-route and the name of the pool's cluster."""
+    return f"{region}/{model}"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    max_request_bytes: int = 1024 * 1024
+    authz_timeout_ms: int = 2000
+    upstream_timeout_s: int = 600  # generation can be long; streams are bounded by idle timeout instead
+    retries: int = 2
+    als_flush_interval_ms: int = 100
+    extra_listeners: tuple[tuple[str, int], ...] = field(default=())

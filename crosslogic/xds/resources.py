@@ -1,0 +1,269 @@
+"""Envoy resources as protobuf messages: listener, routes, pool clusters and their endpoints.
+
+Small resources are written as dicts and parsed once per build; endpoint assignments, which can hold
+thousands of hosts, use the direct proto API (ParseDict is ~10x slower there, DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import json
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf import json_format
+from google.protobuf.wrappers_pb2 import UInt32Value
+
+# Registers every type the dict-built resources name in "@type".
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as _als  # noqa: F401
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as _ext_authz  # noqa: F401
+from envoy.extensions.filters.http.lua.v3 import lua_pb2 as _lua  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2 as _router  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+    http_connection_manager_pb2 as _hcm,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _upstream_http  # noqa: F401
+from envoy.config.accesslog.v3 import accesslog_pb2 as _accesslog  # noqa: F401
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2 as _previous_hosts  # noqa: F401
+
+from crosslogic.runtime.envoy import envoy_asset
+from crosslogic.xds.model import EndpointHealth, GatewaySettings, Pool
+
+ROUTE_CONFIG_NAME = "gateway"
+LISTENER_NAME = "gateway"
+AUTHZ_CLUSTER = "crosslogic_authz"
+ACCOUNTING_CLUSTER = "crosslogic_accounting"
+API_CLUSTER = "crosslogic_api"
+USAGE_METADATA_NAMESPACE = "crosslogic.usage"
+
+_HEALTH = {
+    EndpointHealth.HEALTHY: health_check_pb2.HEALTHY,
+    EndpointHealth.DRAINING: health_check_pb2.DRAINING,
+    EndpointHealth.UNHEALTHY: health_check_pb2.UNHEALTHY,
+}
+
+
+def _openai_error_body(message: str, error_type: str, code: str) -> str:
+    return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+
+
+def _direct_json(status: int, message: str, error_type: str, code: str) -> dict:
+    return {"status": status, "body": {"inline_string": _openai_error_body(message, error_type, code)}}
+
+
+def _json_mapper(filter_: dict, status: int, message: str, error_type: str, code: str) -> dict:
+    """A local-reply mapper that turns one of Envoy's own replies into an OpenAI-shaped error."""
+    return {
+        "filter": filter_,
+        "status_code": status,
+        "body": {"inline_string": _openai_error_body(message, error_type, code)},
+        "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
+    }
+
+
+def _local_reply_config() -> dict:
+    # Only Envoy's own replies are mapped: ext_authz denials carry our JSON already, and a top-level
+    # body_format would overwrite it (DESIGN.md §4).
+    upstream_down = ["UH", "UF", "UO", "NC", "URX", "UR"]
+    return {
+        "mappers": [
+            _json_mapper({"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                "default_value": 413, "runtime_key": "clp.413"}}}},
+                413, "Request body is too large.", "invalid_request_error", "request_too_large"),
+            _json_mapper({"response_flag_filter": {"flags": ["UT"]}},
+                504, "The model took too long to answer. Please retry.", "server_error", "timeout"),
+            _json_mapper({"response_flag_filter": {"flags": upstream_down}},
+                503, "No capacity is available for this model right now. Please retry.",
+                "server_error", "service_unavailable"),
+            _json_mapper({"and_filter": {"filters": [
+                {"response_flag_filter": {"flags": ["UAEX"]}},
+                {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                    "default_value": 503, "runtime_key": "clp.503"}}}},
+            ]}}, 503, "The service is temporarily unavailable. Please retry.", "server_error",
+                "service_unavailable"),
+        ]
+    }
+
+
+def _http_filters(settings: GatewaySettings) -> list[dict]:
+    return [
+        {
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "transport_api_version": "V3",
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
+                    "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s",
+                },
+                "with_request_body": {
+                    "max_request_bytes": settings.max_request_bytes,
+                    "allow_partial_message": False,
+                    "pack_as_bytes": True,
+                },
+                "failure_mode_allow": False,
+                "status_on_error": {"code": 503},
+                "clear_route_cache": True,  # we route on x-clp-route, which authz sets
+            },
+        },
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": envoy_asset("lua/usage.lua")},
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _access_log(settings: GatewaySettings) -> list[dict]:
+    return [{
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "crosslogic_usage",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": ACCOUNTING_CLUSTER}},
+                "buffer_flush_interval": f"{settings.als_flush_interval_ms / 1000:.3f}s",
+                "buffer_size_bytes": 16384,
+                "grpc_stream_retry_policy": {"num_retries": 10},
+            },
+        },
+    }]
+
+
+def build_listener(settings: GatewaySettings, name: str = LISTENER_NAME,
+                   host: str | None = None, port: int | None = None) -> listener_pb2.Listener:
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                 ".HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "codec_type": "AUTO",
+        # Treat every client as external: Envoy issues its own x-request-id (the ledger key), so a
+        # client cannot collide or replay request ids.
+        "use_remote_address": True,
+        "preserve_external_request_id": False,
+        "always_set_request_id_in_response": True,
+        "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"},
+                "route_config_name": ROUTE_CONFIG_NAME},
+        "http_filters": _http_filters(settings),
+        "access_log": _access_log(settings),
+        "local_reply_config": _local_reply_config(),
+        "stream_idle_timeout": "300s",
+        "request_timeout": "0s",
+        "server_name": "crosslogic",
+    }
+    listener = {
+        "name": name,
+        "address": {"socket_address": {"address": host or settings.listen_host,
+                                       "port_value": port or settings.listen_port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+    return json_format.ParseDict(listener, listener_pb2.Listener())
+
+
+def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
+    return {
+        "name": pool.cluster_name,
+        "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
+                                                 "string_match": {"exact": pool.cluster_name}}]},
+        "route": {
+            "cluster": pool.cluster_name,
+            "timeout": f"{settings.upstream_timeout_s}s",
+            "retry_policy": {
+                # Only failures before the node answered: a generation is never run twice on purpose.
+                "retry_on": "connect-failure,refused-stream,reset-before-request,retriable-status-codes",
+                "retriable_status_codes": [503],
+                "num_retries": settings.retries,
+                "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                          "typed_config": {"@type": "type.googleapis.com/envoy.extensions"
+                                                           ".retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+                "host_selection_retry_max_attempts": 5,
+            },
+        },
+    }
+
+
+def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> route_pb2.RouteConfiguration:
+    no_authz = {"envoy.filters.http.ext_authz": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+        "disabled": True}}
+    routes = [
+        {"name": "healthz", "match": {"path": "/healthz"}, "typed_per_filter_config": no_authz,
+         "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
+        {"name": "models", "match": {"prefix": "/v1/models"}, "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
+        *(_pool_route(p, settings) for p in sorted(pools, key=lambda p: p.cluster_name)),
+        # Authorised, but no pool for this model in the chosen region (yet).
+        {"name": "no-pool", "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
+                                                                     "present_match": True}]},
+         "direct_response": _direct_json(503, "The model is not available in your region right now. "
+                                         "Please retry later.", "server_error", "model_unavailable")},
+        {"name": "unknown-url", "match": {"prefix": "/"},
+         "direct_response": _direct_json(404, "Unknown request URL. Please check the URL and method.",
+                                         "invalid_request_error", "unknown_url")},
+    ]
+    config = {
+        "name": ROUTE_CONFIG_NAME,
+        "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
+        "response_headers_to_remove": ["x-clp-node", "server"],
+    }
+    return json_format.ParseDict(config, route_pb2.RouteConfiguration())
+
+
+def build_cluster(pool: Pool) -> cluster_pb2.Cluster:
+    cluster = {
+        "name": pool.cluster_name,
+        "type": "EDS",
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        # Never send traffic to unhealthy hosts just because many are unhealthy (default 50% panic).
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000,
+            # The default max_retries (3) failed 235/1,500 requests when a node died (DESIGN.md §4).
+            "retry_budget": {"budget_percent": {"value": 100.0}, "min_retry_concurrency": 1000},
+        }]},
+        "outlier_detection": {"consecutive_gateway_failure": 2, "consecutive_local_origin_failure": 2,
+                              "split_external_local_origin_errors": True, "interval": "1s",
+                              "base_ejection_time": "5s", "max_ejection_percent": 100,
+                              "enforcing_consecutive_5xx": 0},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "common_http_protocol_options": {"idle_timeout": "60s"},
+            }
+        },
+    }
+    return json_format.ParseDict(cluster, cluster_pb2.Cluster())
+
+
+def build_load_assignment(pool: Pool) -> endpoint_pb2.ClusterLoadAssignment:
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=pool.cluster_name)
+    # Strict pinning: the fallback priority takes traffic only when the local one has no healthy host.
+    cla.policy.overprovisioning_factor.value = 100000
+    by_priority: dict[int, endpoint_components_pb2.LocalityLbEndpoints] = {}
+    for ep in pool.endpoints:
+        group = by_priority.get(ep.priority)
+        if group is None:
+            group = cla.endpoints.add(priority=ep.priority)
+            group.locality.region = pool.region
+            group.load_balancing_weight.value = 1
+            by_priority[ep.priority] = group
+        lb = group.lb_endpoints.add(health_status=_HEALTH[ep.health])
+        lb.load_balancing_weight.CopyFrom(UInt32Value(value=max(1, ep.weight)))
+        lb.endpoint.address.CopyFrom(address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=ep.host, port_value=ep.port)))
+        lb.endpoint.hostname = ep.node_id
+        lb.metadata.filter_metadata["crosslogic"].update({"node_id": ep.node_id})
+    return cla
+
