@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 
+from envoy.config.accesslog.v3 import accesslog_pb2 as _accesslog  # noqa: F401
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
-from google.protobuf import json_format
-from google.protobuf.wrappers_pb2 import UInt32Value
 
 # Registers every type the dict-built resources name in "@type".
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as _als  # noqa: F401
@@ -24,9 +23,10 @@ from envoy.extensions.filters.http.router.v3 import router_pb2 as _router  # noq
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2 as _hcm,
 )
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _upstream_http  # noqa: F401
-from envoy.config.accesslog.v3 import accesslog_pb2 as _accesslog  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2 as _previous_hosts  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _upstream_http  # noqa: F401
+from google.protobuf import json_format
+from google.protobuf.wrappers_pb2 import UInt32Value
 
 from crosslogic.runtime.envoy import envoy_asset
 from crosslogic.xds.model import EndpointHealth, GatewaySettings, Pool

@@ -1,0 +1,49 @@
+"""The gRPC access-log sink (envoy.service.accesslog.v3): every finished request -> the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from crosslogic.accounting.ledger import LedgerWriter
+from crosslogic.accounting.usage import record_from_entry
+from crosslogic.settings import Settings
+from crosslogic.store.db import open_pool
+
+log = logging.getLogger("crosslogic.accounting")
+
+
+class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, ledger: LedgerWriter) -> None:
+        self.ledger = ledger
+
+    async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC name)
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                record = record_from_entry(entry)
+                if record is not None:
+                    self.ledger.add(record)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+async def serve_accounting(settings: Settings, listen: str) -> None:
+    async with open_pool(settings.require_database(), min_size=1, max_size=4) as pool:
+        ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s)
+        writer = asyncio.create_task(ledger.run())
+        server = grpc.aio.server()
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger), server)
+        server.add_insecure_port(listen)
+        await server.start()
+        log.info("access-log sink listening on %s", listen)
+        try:
+            await server.wait_for_termination()
+        finally:
+            await server.stop(2)
+            writer.cancel()
+            try:
+                await ledger.flush()  # what arrived before shutdown still reaches the ledger
+            except Exception as exc:  # noqa: BLE001 - last chance; report what is lost
+                log.error("ledger flush at shutdown failed, %d records not written: %s", len(ledger.pending), exc)

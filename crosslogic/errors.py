@@ -1,0 +1,50 @@
+"""Every error a client can see, mapped to OpenAI's error JSON in one place."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClientError(Exception):
+    status: int
+    message: str
+    type: str
+    code: str | None
+    param: str | None = None
+
+    def body(self) -> bytes:
+        return openai_error_json(self.message, self.type, self.code, self.param)
+
+
+def openai_error_json(message: str, error_type: str, code: str | None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}}).encode()
+
+
+def missing_api_key() -> ClientError:
+    return ClientError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                       "invalid_request_error", "invalid_api_key")
+
+
+def invalid_api_key() -> ClientError:
+    return ClientError(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+
+
+def tenant_suspended(level: str) -> ClientError:
+    return ClientError(403, f"This {level} is suspended. Contact your administrator.",
+                       "permission_error", "tenant_suspended")
+
+
+def model_not_found(model: str) -> ClientError:
+    return ClientError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                       "invalid_request_error", "model_not_found", "model")
+
+
+def invalid_request(message: str, param: str | None = None) -> ClientError:
+    return ClientError(400, message, "invalid_request_error", "invalid_request_error", param)
+
+
+def service_unavailable() -> ClientError:
+    return ClientError(503, "The service is temporarily unavailable. Please retry.", "server_error",
+                       "service_unavailable")

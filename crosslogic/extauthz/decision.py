@@ -1,0 +1,86 @@
+"""From an HTTP request (path, headers, body) to an authorisation decision. No gRPC here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from crosslogic import errors
+from crosslogic.extauthz.catalog import ModelCatalogue
+from crosslogic.extauthz.identity import Identity, IdentityResolver
+from crosslogic.extauthz.validation import RequestFacts, endpoint_for, validate_request
+from crosslogic.keys import hash_api_key, looks_like_api_key
+from crosslogic.xds.model import route_key
+
+INTERNAL_HEADER_PREFIX = "x-clp-"
+
+
+@dataclass(frozen=True)
+class Allowed:
+    headers: dict[str, str]  # set on the upstream request, overwriting anything the client sent
+    remove: tuple[str, ...]  # client-sent headers that must not travel on
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+def _bearer_token(headers: dict[str, str]) -> str | None:
+    value = headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _check_status(identity: Identity) -> None:
+    for level, status in (("organization", identity.org_status), ("environment", identity.env_status),
+                          ("API key", identity.key_status)):
+        if status == "suspended":
+            raise errors.tenant_suspended(level)
+    if identity.key_status != "active":
+        raise errors.invalid_api_key()
+
+
+def _usage_mode(facts: RequestFacts) -> str:
+    if not facts.stream:
+        return "json"
+    return "sse-keep" if facts.client_wants_usage else "sse-strip"
+
+
+class Authorizer:
+    def __init__(self, resolver: IdentityResolver, catalogue: ModelCatalogue, secret: bytes,
+                 default_region: str) -> None:
+        self.resolver = resolver
+        self.catalogue = catalogue
+        self.secret = secret
+        self.default_region = default_region
+
+    async def decide(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Allowed:
+        """Raises ClientError for every refusal; returns what to tell Envoy otherwise."""
+        token = _bearer_token(headers)
+        if token is None:
+            raise errors.missing_api_key()
+        if not looks_like_api_key(token):
+            raise errors.invalid_api_key()
+        identity = await self.resolver.resolve(hash_api_key(self.secret, token))
+        if identity is None:
+            raise errors.invalid_api_key()
+        _check_status(identity)
+
+        out = {
+            "x-clp-org": identity.org_id,
+            "x-clp-env": identity.env_id,
+            "x-clp-key": identity.key_id,
+        }
+        metadata: dict[str, object] = {"org_id": identity.org_id, "env_id": identity.env_id,
+                                       "key_id": identity.key_id}
+        endpoint = endpoint_for(path)
+        if endpoint is not None and method == "POST":
+            models = await self.catalogue.current()
+            facts = validate_request(endpoint, body, models, frozenset(identity.allowed_models))
+            region = identity.region or self.default_region
+            route = route_key(region, facts.model)
+            out.update({"x-clp-model": facts.model, "x-clp-region": region, "x-clp-route": route,
+                        "x-clp-usage-mode": _usage_mode(facts)})
+            metadata.update({"model": facts.model, "region": region, "endpoint": endpoint.label,
+                             "streamed": facts.stream, "max_tokens": facts.max_tokens,
+                             "prompt_estimate": facts.prompt_estimate})
+        remove = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX) and h not in out)
+        return Allowed(headers=out, remove=("authorization", *remove), metadata=metadata)

@@ -1,0 +1,229 @@
+"""`crosslogic up`: one machine's whole stack, supervised in the foreground.
+
+Order matters: stores, schema, control-plane services, (demo nodes), then Envoy; shutdown is the
+reverse, with Envoy first so no request arrives at a service that is already gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crosslogic.runtime.envoy import BootstrapParams, EnvoyProcess
+from crosslogic.runtime.postgres import EmbeddedPostgres
+from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, port_open, wait_until
+from crosslogic.runtime.state import ensure_key_secret, write_runtime
+from crosslogic.runtime.valkey import EmbeddedValkey
+from crosslogic.settings import Settings
+from crosslogic.store.db import migrate
+
+log = logging.getLogger("crosslogic.up")
+DEMO_MODELS = ("llama-3-8b", "bge-small")
+
+
+@dataclass
+class UpOptions:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    demo: bool = False
+    ready_file: Path | None = None
+    demo_nodes: int = 2
+
+
+@dataclass
+class Stack:
+    options: UpOptions
+    postgres: EmbeddedPostgres | None = None
+    valkey: EmbeddedValkey | None = None
+    services: list[ChildProcess] = field(default_factory=list)
+    envoy: EnvoyProcess | None = None
+    info: dict = field(default_factory=dict)
+
+    def children(self) -> list[ChildProcess]:
+        return list(self.services) + ([self.envoy.child] if self.envoy and self.envoy.child else [])
+
+
+def _service(name: str, argv: list[str], logs: Path, env: dict[str, str]) -> ChildProcess:
+    return ChildProcess(name, [sys.executable, "-m", "crosslogic.cli", *argv], logs / f"{name}.log", env=env)
+
+
+def _start_and_wait(child: ChildProcess, port: int) -> None:
+    child.start()
+    wait_until(lambda: port_open("127.0.0.1", port), 30, child.name, child.proc)
+
+
+def _http_status(url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def start_stack(stack: Stack) -> Stack:
+    """Starts everything into `stack` (so a failure half-way can still stop what did start)."""
+    options = stack.options
+    state = options.state_dir.resolve()
+    logs = state / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    settings = Settings()
+    secret = settings.key_secret or ensure_key_secret(state)
+
+    database_url = settings.database_url
+    if not database_url:
+        stack.postgres = EmbeddedPostgres(state / "postgres").start()
+        database_url = stack.postgres.url
+    redis_url = settings.redis_url
+    if not redis_url:
+        stack.valkey = EmbeddedValkey(state / "valkey").start()
+        redis_url = stack.valkey.url
+    asyncio.run(migrate(database_url))
+
+    env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
+                      CROSSLOGIC_KEY_SECRET=secret)
+    ports = {name: free_port() for name in ("xds", "authz", "accounting", "api", "admin")}
+    for name, argv in (
+        ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
+        ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
+        ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}"]),
+        ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
+                 "--gateway-port", str(options.port)]),
+    ):
+        child = _service(name, argv, logs, env)
+        stack.services.append(child)
+        _start_and_wait(child, ports[name])
+
+    demo: dict = {}
+    if options.demo:
+        demo = _start_demo(stack, database_url, secret.encode(), logs, env)
+
+    stack.envoy = EnvoyProcess(logs, BootstrapParams(
+        node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
+        accounting_port=ports["accounting"], api_port=ports["api"])).start()
+    gateway_url = f"http://{options.host}:{options.port}"
+    wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", stack.envoy.child.proc)
+    if demo:
+        _wait_demo_route(gateway_url, demo["api_key"])
+
+    stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
+                  "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
+                  "ports": ports, "pid": __import__("os").getpid(), **demo}
+    write_runtime(state, stack.info)
+    if options.ready_file:
+        tmp = options.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stack.info, indent=2))
+        tmp.replace(options.ready_file)
+    return stack
+
+
+def _start_demo(stack: Stack, database_url: str, secret: bytes, logs: Path, env: dict[str, str]) -> dict:
+    import asyncpg
+
+    from crosslogic.store.demo import seed_demo
+
+    nodes = []
+    for index in range(1, stack.options.demo_nodes + 1):
+        port = free_port()
+        name = f"demo-node-{index}"
+        argv = [sys.executable, "-m", "crosslogic.sim", "--host", "127.0.0.1", "--port", str(port),
+                "--node-name", name, *[arg for model in DEMO_MODELS for arg in ("--model", model)]]
+        child = ChildProcess(name, argv, logs / f"{name}.log", env=env)
+        stack.services.append(child)
+        _start_and_wait(child, port)
+        nodes.append((name, "127.0.0.1", port))
+
+    async def seed() -> dict:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await seed_demo(conn, secret, nodes)
+        finally:
+            await conn.close()
+
+    return asyncio.run(seed())
+
+
+def _wait_demo_route(gateway_url: str, api_key: str) -> None:
+    body = json.dumps({"model": "llama-3-8b", "messages": [{"role": "user", "content": "ready?"}],
+                       "max_tokens": 1}).encode()
+    headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
+    wait_until(lambda: _http_status(f"{gateway_url}/v1/chat/completions", headers, body) == 200, 30,
+               "demo route through the gateway")
+
+
+def stop_stack(stack: Stack) -> None:
+    if stack.envoy:
+        stack.envoy.stop()
+    for child in reversed(stack.services):
+        child.stop()
+    if stack.valkey:
+        stack.valkey.stop()
+    if stack.postgres:
+        stack.postgres.stop()
+
+
+def banner(info: dict) -> str:
+    url = info["gateway_url"]
+    lines = [f"CrossLogic gateway: {url}", f"Database: {info['database_url']}", f"Redis: {info['redis_url']}"]
+    if "api_key" in info:
+        key = info["api_key"]
+        lines += [
+            f"Demo API key (org 'demo', env 'dev'): {key}",
+            "",
+            "Try it:",
+            f"  curl {url}/chat/completions -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' "
+            "-d '{\"model\": \"llama-3-8b\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
+            "",
+            "  python -c \"from openai import OpenAI; "
+            f"c = OpenAI(base_url='{url}', api_key='{key}'); "
+            "print(c.chat.completions.create(model='llama-3-8b', "
+            "messages=[{'role': 'user', 'content': 'Hello'}]).choices[0].message.content)\"",
+        ]
+    lines += ["", "Ctrl-C stops everything."]
+    return "\n".join(lines)
+
+
+def run_up(options: UpOptions) -> int:
+    stopping = False
+
+    def on_signal(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stack = Stack(options)
+    try:
+        start_stack(stack)
+        print(banner(stack.info), flush=True)
+        restarts: dict[str, float] = {}
+        while not stopping:
+            time.sleep(0.2)
+            for child in stack.children():
+                if not child.running and not stopping:
+                    # A crashed service comes back; back off so a crash loop cannot spin.
+                    if time.monotonic() - restarts.get(child.name, 0.0) > 1.0:
+                        log.warning("%s exited (%s); restarting", child.name, child.proc and child.proc.returncode)
+                        restarts[child.name] = time.monotonic()
+                        child.start()
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"crosslogic up failed: {exc}", file=sys.stderr)
+        for child in stack.children():
+            if not child.running:
+                print(f"--- {child.name} log ---\n{child.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        stop_stack(stack)
