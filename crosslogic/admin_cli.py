@@ -1,0 +1,397 @@
+"""Operator admin commands: tenancy and catalogue, straight against Postgres.
+
+    crosslogic org create NAME [--plan free|serverless|reserved|enterprise] [--region R]... [--reserved-tps N]
+    crosslogic org list | org suspend ORG | org resume ORG
+    crosslogic env create NAME --org ORG [--region R] [--models M,M] [--quota-tokens-per-day N]
+                                         [--concurrency-limit N]
+    crosslogic env list [--org ORG] | env suspend ENV [--org ORG] | env resume ENV [--org ORG]
+    crosslogic key create --org ORG --env ENV [--name N] [--region R] [--role admin|developer|read-only]
+                                              [--rate-limit-tokens-per-min N]
+    crosslogic key list [--org ORG] [--env ENV] | key revoke KEY | key rotate KEY
+    crosslogic model add MODEL [--kind chat|completion|embedding] [--served-name S] [--context-length N]
+                               [--max-output-tokens N] [--default-max-tokens N] [--vram-gb N]
+                               [--tokens-per-sec N] [--input-price DOLLARS] [--output-price DOLLARS]
+    crosslogic model list
+    crosslogic region add REGION [--name DISPLAY] [--fallback R,R] [--price-multiplier 1.2]
+    crosslogic region list
+    crosslogic node add NAME --region R --host H --port P [--models M,M] [--cloud C] [--spot|--no-spot]
+                             [--gpu-type G] [--reserved-org ORG]
+    crosslogic node list [--region R] | node remove NODE | node drain NODE
+
+ORG and ENV are a UUID or a name; an environment name needs its org (`--org acme --env prod`). KEY is a
+key_id, a display prefix (`clsk_live_1a2b3c`) or the plaintext key itself (e.g. to revoke a leaked key).
+Prices are US dollars per 1M tokens (`--input-price 0.05`), stored exactly as integer micro-dollars; more
+precision than one micro-dollar is refused. `model add`, `region add` and `node add` are upserts: flags left
+out keep their current value.
+
+Every command takes `--json` (a JSON object or list on stdout) and `--actor` (the audit log's actor,
+default $USER). The database and the key secret come from CROSSLOGIC_DATABASE_URL / CROSSLOGIC_KEY_SECRET
+or from the running stack's `--state-dir`. Exit codes: 0 ok, 1 not found / conflict / database error,
+2 bad arguments or missing configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from crosslogic.runtime.state import resolve_settings
+from crosslogic.store import tenancy as t
+
+# --------------------------------------------------------------- output
+
+
+@dataclass(frozen=True)
+class Output:
+    payload: Any  # what --json prints
+    text: str  # what a human sees
+
+
+Column = tuple[str, Callable[[Any], Any]]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def _table(records: Sequence[Any], columns: Sequence[Column]) -> str:
+    if not records:
+        return "(none)"
+    rows = [[h for h, _ in columns]] + [[_cell(get(r)) for _, get in columns] for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _one(record: Any, columns: Sequence[Column]) -> Output:
+    return Output(t.to_json(record), _table([record], columns))
+
+
+def _many(records: Sequence[Any], columns: Sequence[Column]) -> Output:
+    return Output([t.to_json(r) for r in records], _table(records, columns))
+
+
+def _col(name: str, header: str | None = None) -> Column:
+    return (header or name.upper(), lambda r: getattr(r, name))
+
+
+ORG_COLS = [_col("name"), _col("org_id", "ID"), _col("status"), _col("billing_plan", "PLAN"),
+            _col("reserved_tps", "RESERVED_TPS"), _col("region_preferences", "REGIONS")]  # fmt: skip
+ENV_COLS = [_col("org_name", "ORG"), _col("name"), _col("env_id", "ID"), _col("status"), _col("region"),
+            _col("model_list", "MODELS"), _col("quota_tokens_per_day", "QUOTA/DAY"),
+            _col("concurrency_limit", "CONCURRENCY")]  # fmt: skip
+KEY_COLS = [_col("key_prefix", "PREFIX"), _col("key_id", "ID"), _col("org_name", "ORG"),
+            _col("env_name", "ENV"), _col("name"), _col("role"), _col("region"),
+            _col("rate_limit_tokens_per_min", "TOKENS/MIN"), _col("status"), _col("created_at", "CREATED"),
+            _col("revoked_at", "REVOKED")]  # fmt: skip
+MODEL_COLS = [_col("model_id", "MODEL"), _col("kind"), _col("served_name", "SERVED_AS"),
+              _col("context_length", "CONTEXT"), _col("max_output_tokens", "MAX_OUT"),
+              _col("default_max_tokens", "DEFAULT_MAX"), _col("vram_gb", "VRAM_GB"),
+              _col("tokens_per_sec", "TOK/S"),
+              ("$IN/1M", lambda m: t.microdollars_to_dollars(m.input_price_microdollars_per_1m)),
+              ("$OUT/1M", lambda m: t.microdollars_to_dollars(m.output_price_microdollars_per_1m)),
+              _col("status")]  # fmt: skip
+REGION_COLS = [_col("region_id", "REGION"), _col("display_name", "NAME"),
+               ("FALLBACK", lambda r: " > ".join(r.fallback_chain) or "-"),
+               ("PRICE_X", lambda r: t.ppm_to_multiplier(r.price_multiplier_ppm)),
+               _col("status")]  # fmt: skip
+NODE_COLS = [_col("name"), _col("region"), _col("status"),
+             ("ENDPOINT", lambda n: f"{n.endpoint_host}:{n.endpoint_port}"), _col("model_list", "MODELS"),
+             _col("cloud"), _col("spot"), _col("gpu_type", "GPU"), _col("reserved_org_id", "RESERVED_FOR"),
+             _col("last_heartbeat_at", "HEARTBEAT")]  # fmt: skip
+
+
+# --------------------------------------------------------------- running a command
+
+
+@dataclass(frozen=True)
+class Ctx:
+    actor: str
+    secret: bytes | None
+
+
+Action = Callable[[Any, argparse.Namespace, Ctx], Awaitable[Output]]
+
+
+class _DatabaseUnavailable(Exception):
+    pass
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"crosslogic: error: {message}", file=sys.stderr)
+    return code
+
+
+def _handler(action: Action, *, needs_secret: bool = False) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        state_dir = getattr(args, "state_dir", None)
+        settings = resolve_settings(Path(state_dir) if state_dir else None)
+        if not settings.database_url:
+            return _fail("no database: set CROSSLOGIC_DATABASE_URL or start the stack (crosslogic up)", 2)
+        secret = settings.key_secret.encode() or None
+        if needs_secret and secret is None:
+            return _fail("no key secret: set CROSSLOGIC_KEY_SECRET or use the stack's --state-dir", 2)
+        actor = args.actor or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+        try:
+            out = asyncio.run(_run(settings.database_url, action, args, Ctx(actor, secret)))
+        except t.InvalidArgument as e:
+            return _fail(str(e), 2)
+        except t.TenancyError as e:
+            return _fail(str(e), 1)
+        except _DatabaseUnavailable as e:
+            return _fail(str(e), 1)
+        if args.json:
+            print(json.dumps(out.payload, indent=2, sort_keys=False))
+        else:
+            print(out.text)
+        return 0
+
+    return handler
+
+
+async def _run(database_url: str, action: Action, args: argparse.Namespace, ctx: Ctx) -> Output:
+    try:
+        conn = await asyncpg.connect(database_url, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
+        raise _DatabaseUnavailable(f"cannot connect to the database: {e}") from None
+    try:
+        return await action(conn, args, ctx)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise _DatabaseUnavailable(f"database error: {e}") from None
+    finally:
+        await conn.close()
+
+
+def _csv(value: str) -> list[str]:
+    """`--models a,b` and repeated `--models a --models b` both work (with action='extend')."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# --------------------------------------------------------------- actions
+
+
+async def _org_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    org = await t.create_org(db, a.name, a.plan, a.region, a.reserved_tps, actor=c.actor)
+    return _one(org, ORG_COLS)
+
+
+async def _org_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return _many(await t.list_orgs(db), ORG_COLS)
+
+
+def _org_status(status: str) -> Action:
+    async def action(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+        return _one(await t.set_org_status(db, a.org, status, actor=c.actor), ORG_COLS)
+
+    return action
+
+
+async def _env_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    env = await t.create_env(
+        db, a.org, a.name, a.region, a.models, a.quota_tokens_per_day, a.concurrency_limit, actor=c.actor
+    )
+    return _one(env, ENV_COLS)
+
+
+async def _env_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return _many(await t.list_envs(db, a.org), ENV_COLS)
+
+
+def _env_status(status: str) -> Action:
+    async def action(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+        return _one(await t.set_env_status(db, a.env, status, a.org, actor=c.actor), ENV_COLS)
+
+    return action
+
+
+def _new_key(record: t.ApiKeyRecord, plaintext: str, headline: str) -> Output:
+    text = (
+        f"{_table([record], KEY_COLS)}\n\n{headline}\n\n    {plaintext}\n\n"
+        "Store it now: it cannot be shown again (only its hash is kept)."
+    )
+    return Output({**t.to_json(record), "api_key": plaintext}, text)
+
+
+async def _key_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    assert c.secret is not None
+    record, plaintext = await t.create_key(
+        db, c.secret, a.org, a.env, a.name, a.region, a.role, a.rate_limit_tokens_per_min, actor=c.actor
+    )
+    return _new_key(record, plaintext, "API key:")
+
+
+async def _key_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return _many(await t.list_keys(db, a.org, a.env), KEY_COLS)
+
+
+async def _key_revoke(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return _one(await t.revoke_key(db, a.key, secret=c.secret, actor=c.actor), KEY_COLS)
+
+
+async def _key_rotate(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    assert c.secret is not None
+    record, plaintext = await t.rotate_key(db, c.secret, a.key, actor=c.actor)
+    return _new_key(record, plaintext, f"Key {a.key} is revoked. New API key:")
+
+
+async def _model_add(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    def price(v: str | None) -> int | None:
+        return None if v is None else t.dollars_to_microdollars(v)
+
+    model = await t.add_model(
+        db, a.model_id, a.kind, a.served_name, a.context_length, a.max_output_tokens,
+        a.default_max_tokens, a.vram_gb, a.tokens_per_sec, price(a.input_price), price(a.output_price),
+        actor=c.actor,
+    )  # fmt: skip
+    return _one(model, MODEL_COLS)
+
+
+async def _model_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return _many(await t.list_models(db), MODEL_COLS)
+
+
+async def _region_add(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    ppm = None if a.price_multiplier is None else t.multiplier_to_ppm(a.price_multiplier)
+    region = await t.add_region(db, a.region_id, a.name, a.fallback, ppm, actor=c.actor)
+    return _one(region, REGION_COLS)
+
+
+async def _region_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return _many(await t.list_regions(db), REGION_COLS)
+
+
+async def _node_add(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    node = await t.add_node(
+        db, a.name, a.region, a.host, a.port, a.models, a.cloud, a.spot, a.gpu_type, a.reserved_org,
+        actor=c.actor,
+    )  # fmt: skip
+    return _one(node, NODE_COLS)
+
+
+async def _node_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return _many(await t.list_nodes(db, a.region), NODE_COLS)
+
+
+async def _node_remove(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    node = await t.remove_node(db, a.node, actor=c.actor)
+    return Output(t.to_json(node), f"removed node {node.name} ({node.node_id})")
+
+
+async def _node_drain(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return _one(await t.set_node_status(db, a.node, "draining", actor=c.actor), NODE_COLS)
+
+
+# --------------------------------------------------------------- parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the org / env / key / model / region / node commands to the main `crosslogic` parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    common.add_argument("--actor", help="who to record in the audit log (default: $USER)")
+
+    def group(name: str, help_text: str) -> argparse._SubParsersAction:
+        parser = subparsers.add_parser(name, help=help_text)
+        return parser.add_subparsers(dest=f"{name}_action", metavar="ACTION", required=True)
+
+    def command(
+        grp: argparse._SubParsersAction, name: str, help_text: str, action: Action, *, secret: bool = False
+    ) -> argparse.ArgumentParser:
+        parser = grp.add_parser(name, parents=[common], help=help_text, description=help_text)
+        parser.set_defaults(handler=_handler(action, needs_secret=secret))
+        return parser
+
+    org = group("org", "organisations (tenants)")
+    p = command(org, "create", "create an organisation", _org_create)
+    p.add_argument("name")
+    p.add_argument("--plan", default="serverless", choices=t.BILLING_PLANS, help="billing plan")
+    p.add_argument(
+        "--region", action="extend", type=_csv, default=[], help="preferred regions, first = default"
+    )
+    p.add_argument("--reserved-tps", type=int, default=0, help="reserved capacity, tokens/s")
+    command(org, "list", "list organisations", _org_list)
+    for verb, status in (("suspend", "suspended"), ("resume", "active")):
+        command(org, verb, f"{verb} an organisation", _org_status(status)).add_argument("org")
+
+    env = group("env", "environments inside an organisation")
+    p = command(env, "create", "create an environment", _env_create)
+    p.add_argument("name")
+    p.add_argument("--org", required=True)
+    p.add_argument("--region", help="default region (else the org's)")
+    p.add_argument("--models", action="extend", type=_csv, default=[], help="allowed models (default: all)")
+    p.add_argument("--quota-tokens-per-day", type=int)
+    p.add_argument("--concurrency-limit", type=int)
+    command(env, "list", "list environments", _env_list).add_argument("--org")
+    for verb, status in (("suspend", "suspended"), ("resume", "active")):
+        p = command(env, verb, f"{verb} an environment", _env_status(status))
+        p.add_argument("env")
+        p.add_argument("--org", help="needed when ENV is a name")
+
+    key = group("key", "API keys")
+    p = command(key, "create", "create an API key (shown once)", _key_create, secret=True)
+    p.add_argument("--org", help="needed when --env is a name")
+    p.add_argument("--env", required=True)
+    p.add_argument("--name", default="")
+    p.add_argument("--region", help="pin the key to a region")
+    p.add_argument("--role", default="developer", choices=t.KEY_ROLES)
+    p.add_argument("--rate-limit-tokens-per-min", type=int)
+    p = command(key, "list", "list API keys (never the keys themselves)", _key_list)
+    p.add_argument("--org")
+    p.add_argument("--env")
+    command(key, "revoke", "revoke an API key", _key_revoke).add_argument("key")
+    p = command(key, "rotate", "replace an API key by a new one", _key_rotate, secret=True)
+    p.add_argument("key")
+
+    model = group("model", "model catalogue")
+    p = command(model, "add", "add or update a model", _model_add)
+    p.add_argument("model_id", metavar="MODEL")
+    p.add_argument("--kind", choices=t.MODEL_KINDS)
+    p.add_argument("--served-name", help="name the inference node serves (default: MODEL)")
+    for flag in ("--context-length", "--max-output-tokens", "--default-max-tokens", "--vram-gb",
+                 "--tokens-per-sec"):  # fmt: skip
+        p.add_argument(flag, type=int)
+    p.add_argument("--input-price", metavar="DOLLARS", help="US$ per 1M input tokens, e.g. 0.05")
+    p.add_argument("--output-price", metavar="DOLLARS", help="US$ per 1M output tokens")
+    command(model, "list", "list models", _model_list)
+
+    region = group("region", "regions")
+    p = command(region, "add", "add or update a region", _region_add)
+    p.add_argument("region_id", metavar="REGION")
+    p.add_argument("--name", help="display name, e.g. Mumbai")
+    p.add_argument(
+        "--fallback", action="extend", type=_csv, help="regions tried in order when this one is full"
+    )
+    p.add_argument("--price-multiplier", metavar="X", help="e.g. 1.2 (exact to 1 ppm)")
+    command(region, "list", "list regions", _region_list)
+
+    node = group("node", "inference nodes")
+    p = command(node, "add", "add or update a node", _node_add)
+    p.add_argument("name")
+    p.add_argument("--region", required=True)
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", required=True, type=int)
+    p.add_argument("--models", action="extend", type=_csv, help="models the node serves")
+    p.add_argument("--cloud")
+    p.add_argument("--spot", action=argparse.BooleanOptionalAction)
+    p.add_argument("--gpu-type")
+    p.add_argument("--reserved-org", help="dedicate the node to one org")
+    command(node, "list", "list nodes", _node_list).add_argument("--region")
+    command(node, "remove", "delete a node", _node_remove).add_argument("node")
+    command(node, "drain", "stop sending new requests to a node", _node_drain).add_argument("node")
