@@ -326,7 +326,7 @@ async def test_seed_demo_reactivates_a_suspended_demo_org(database_url, key_secr
 
 
 async def test_tenancy_changes_notify_listeners_with_table_and_id(database_url):
-    # Migration 002 fixes 001's trigger, which made every write to orgs/environments/api_keys fail.
+    # Every write to orgs/environments/api_keys tells authz replicas which row changed.
     received: asyncio.Queue[str] = asyncio.Queue()
     listener = await asyncpg.connect(database_url)
     await listener.add_listener("crosslogic_tenancy", lambda *args: received.put_nowait(args[-1]))

@@ -122,17 +122,24 @@ CREATE TABLE audit_log (
 );
 
 -- Change notifications: authz replicas drop cached identities, the xDS server rebuilds routes.
+-- Reads the row as JSON: PL/pgSQL resolves NEW.<field> against the row, so per-table fields in one
+-- CASE would fail on the other tables.
 CREATE FUNCTION crosslogic_notify_tenancy() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
+    row_data jsonb;
     row_id text;
 BEGIN
-    row_id := CASE TG_TABLE_NAME
-        WHEN 'orgs' THEN COALESCE(NEW.org_id, OLD.org_id)::text
-        WHEN 'environments' THEN COALESCE(NEW.env_id, OLD.env_id)::text
-        WHEN 'api_keys' THEN COALESCE(NEW.key_id, OLD.key_id)::text
-        ELSE ''
+    IF TG_OP = 'DELETE' THEN
+        row_data := to_jsonb(OLD);
+    ELSE
+        row_data := to_jsonb(NEW);
+    END IF;
+    row_id := row_data ->> CASE TG_TABLE_NAME
+        WHEN 'orgs' THEN 'org_id'
+        WHEN 'environments' THEN 'env_id'
+        WHEN 'api_keys' THEN 'key_id'
     END;
-    PERFORM pg_notify('crosslogic_tenancy', TG_TABLE_NAME || ':' || row_id);
+    PERFORM pg_notify('crosslogic_tenancy', TG_TABLE_NAME || ':' || COALESCE(row_id, ''));
     RETURN NULL;
 END $$;
 
