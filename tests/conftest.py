@@ -54,3 +54,40 @@ def key_secret() -> str:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The whole stack as a user runs it: `crosslogic up --demo` (real Envoy, Postgres, Valkey, simulators)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from crosslogic.runtime.processes import free_port
+
+    state = tmp_path_factory.mktemp("stack")
+    ready = state / "ready.json"
+    log = open(state / "up.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
+         "--port", str(free_port()), "--ready-file", str(ready)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=repo_root(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("crosslogic up did not become ready:\n" + (state / "up.log").read_text()[-4000:])
+            time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        info["state_dir"] = str(state)
+        yield info
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -163,7 +163,7 @@ async def follow_tenancy_changes(database_url: str, resolver: IdentityResolver,
         try:
             conn = await asyncpg.connect(database_url)
 
-            def on_notify(_conn, channel: str, payload: str) -> None:
+            def on_notify(_conn, _pid: int, channel: str, payload: str) -> None:
                 if channel != TENANCY_CHANNEL:
                     if on_catalogue_change is not None:
                         on_catalogue_change()

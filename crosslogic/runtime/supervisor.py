@@ -115,7 +115,7 @@ def start_stack(stack: Stack) -> Stack:
     gateway_url = f"http://{options.host}:{options.port}"
     wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", stack.envoy.child.proc)
     if demo:
-        _wait_demo_route(gateway_url, demo["api_key"])
+        _wait_demo_route(stack.envoy, gateway_url, demo["api_key"])
 
     stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
                   "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
@@ -151,15 +151,26 @@ def _start_demo(stack: Stack, database_url: str, secret: bytes, logs: Path, env:
         finally:
             await conn.close()
 
-    return asyncio.run(seed())
+    demo = asyncio.run(seed())
+    demo["demo_nodes"] = [{"name": name, "url": f"http://{host}:{port}"} for name, host, port in nodes]
+    return demo
 
 
-def _wait_demo_route(gateway_url: str, api_key: str) -> None:
-    body = json.dumps({"model": "llama-3-8b", "messages": [{"role": "user", "content": "ready?"}],
-                       "max_tokens": 1}).encode()
-    headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
-    wait_until(lambda: _http_status(f"{gateway_url}/v1/chat/completions", headers, body) == 200, 30,
-               "demo route through the gateway")
+def _wait_demo_route(envoy: EnvoyProcess, gateway_url: str, api_key: str) -> None:
+    """Ready = the demo key authenticates and Envoy holds healthy hosts for the demo pool.
+
+    (No completion is sent: a readiness probe must not leave a billed request in the ledger.)
+    """
+
+    def pool_has_hosts() -> bool:
+        try:
+            return "ap-south/llama-3-8b::" in envoy.admin_get("/clusters")
+        except OSError:
+            return False
+
+    headers = {"authorization": f"Bearer {api_key}"}
+    wait_until(pool_has_hosts, 30, "demo pool in Envoy")
+    wait_until(lambda: _http_status(f"{gateway_url}/v1/models", headers) == 200, 30, "demo key through the gateway")
 
 
 def stop_stack(stack: Stack) -> None:
