@@ -246,7 +246,8 @@ async def test_suspended_tenant_gets_403_tenant_suspended(gateway, level):
                      "key": ("api_keys", "key_id")}[level]
     conn = await asyncpg.connect(gateway["database_url"])
     try:
-        await conn.execute(f"UPDATE {table} SET status = 'suspended' WHERE {column} = $1", uuid.UUID(tenant[f"{level}_id"]))
+        entity_id = uuid.UUID(tenant[f"{level}_id"])
+        await conn.execute(f"UPDATE {table} SET status = 'suspended' WHERE {column} = $1", entity_id)
     finally:
         await conn.close()
     await _status_until(gateway, tenant["api_key"], 403, 1.0)
