@@ -26,7 +26,6 @@ from crosslogic.settings import Settings
 from crosslogic.store.db import migrate
 
 log = logging.getLogger("crosslogic.up")
-DEMO_MODELS = ("llama-3-8b", "bge-small")
 
 
 @dataclass
@@ -133,16 +132,18 @@ def _start_demo(stack: Stack, database_url: str, secret: bytes, logs: Path, env:
 
     from crosslogic.store.demo import seed_demo
 
+    # Real vLLM serves one model per process: two chat nodes (the pool) and one embedding node.
+    plan = [(f"demo-node-{i}", "llama-3-8b") for i in range(1, stack.options.demo_nodes + 1)]
+    plan.append(("demo-embed-1", "bge-small"))
     nodes = []
-    for index in range(1, stack.options.demo_nodes + 1):
+    for name, model in plan:
         port = free_port()
-        name = f"demo-node-{index}"
         argv = [sys.executable, "-m", "crosslogic.sim", "--host", "127.0.0.1", "--port", str(port),
-                "--node-name", name, *[arg for model in DEMO_MODELS for arg in ("--model", model)]]
+                "--node-name", name, "--model", model]
         child = ChildProcess(name, argv, logs / f"{name}.log", env=env)
         stack.services.append(child)
         _start_and_wait(child, port)
-        nodes.append((name, "127.0.0.1", port))
+        nodes.append((name, "127.0.0.1", port, [model]))
 
     async def seed() -> dict:
         conn = await asyncpg.connect(database_url)
@@ -152,7 +153,8 @@ def _start_demo(stack: Stack, database_url: str, secret: bytes, logs: Path, env:
             await conn.close()
 
     demo = asyncio.run(seed())
-    demo["demo_nodes"] = [{"name": name, "url": f"http://{host}:{port}"} for name, host, port in nodes]
+    demo["demo_nodes"] = [{"name": name, "url": f"http://{host}:{port}", "model": models[0]}
+                          for name, host, port, models in nodes]
     return demo
 
 

@@ -50,7 +50,7 @@ MODELS: list[dict[str, Any]] = [
 ]
 
 
-async def seed_demo(pool_or_conn: Any, secret: bytes, nodes: list[tuple[str, str, int]]) -> dict:
+async def seed_demo(pool_or_conn: Any, secret: bytes, nodes: list[tuple]) -> dict:
     """Create (or refresh) the demo tenancy; returns {"api_key", "org_id", "env_id", "key_id"}."""
     if isinstance(pool_or_conn, asyncpg.Pool):
         async with pool_or_conn.acquire() as conn:
@@ -58,7 +58,7 @@ async def seed_demo(pool_or_conn: Any, secret: bytes, nodes: list[tuple[str, str
     return await _seed(pool_or_conn, secret, nodes)
 
 
-async def _seed(conn: Any, secret: bytes, nodes: list[tuple[str, str, int]]) -> dict:
+async def _seed(conn: Any, secret: bytes, nodes: list[tuple]) -> dict:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _SEED_LOCK_ID)
         for region_id, display_name, fallback in REGIONS:
@@ -80,9 +80,9 @@ async def _seed(conn: Any, secret: bytes, nodes: list[tuple[str, str, int]]) -> 
         elif env.status != "active":
             env = await t.set_env_status(conn, env.env_id, "active", actor=ACTOR)
 
-        served = [m["model_id"] for m in MODELS]
-        for name, host, port in nodes:
-            await t.add_node(conn, name, DEMO_REGION, host, port, served, actor=ACTOR)
+        every_model = [m["model_id"] for m in MODELS]
+        for name, host, port, *served in nodes:  # an optional 4th element lists the node's models
+            await t.add_node(conn, name, DEMO_REGION, host, port, served[0] if served else every_model, actor=ACTOR)
 
         demo_keys = [
             k
