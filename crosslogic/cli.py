@@ -31,7 +31,12 @@ def _run_service(make: Callable[[], Awaitable[None]]) -> int:
         except asyncio.CancelledError:
             pass
 
-    asyncio.run(main())
+    try:
+        import uvloop  # a faster event loop where available: the services' hot paths are loop-bound
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
     return 0
 
 
