@@ -77,6 +77,8 @@ def start_stack(stack: Stack) -> Stack:
     state = options.state_dir.resolve()
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if port_open(options.host, options.port):
+        raise RuntimeError(f"{options.host}:{options.port} is already in use; pick another with --port")
     settings = Settings()
     secret = settings.key_secret or ensure_key_secret(state)
 
@@ -199,7 +201,7 @@ def banner(info: dict) -> str:
             "-H 'Content-Type: application/json' "
             "-d '{\"model\": \"llama-3-8b\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
             "",
-            "  python -c \"from openai import OpenAI; "
+            f"  {sys.executable} -c \"from openai import OpenAI; "
             f"c = OpenAI(base_url='{url}', api_key='{key}'); "
             "print(c.chat.completions.create(model='llama-3-8b', "
             "messages=[{'role': 'user', 'content': 'Hello'}]).choices[0].message.content)\"",

@@ -59,7 +59,8 @@ def _json_mapper(filter_: dict, status: int, message: str, error_type: str, code
         "filter": filter_,
         "status_code": status,
         "body": {"inline_string": _openai_error_body(message, error_type, code)},
-        "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
+        "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                 "content_type": "application/json"},
     }
 
 
