@@ -1,0 +1,39 @@
+"""Limit values as the limiter sees them (domain values, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LAYERS = ("org", "env", "key")  # the org-scoped layers, in the order the scripts see them
+
+
+@dataclass(frozen=True)
+class LayerLimits:
+    tokens_per_min: int | None = None
+    requests_per_min: int | None = None
+    tokens_per_day: int | None = None
+    concurrency: int | None = None
+    shadow: bool = False  # decide and log, never refuse
+    fail_open: bool = True  # when Redis is unreachable
+
+    @property
+    def limited(self) -> bool:
+        return any(v is not None for v in (self.tokens_per_min, self.requests_per_min, self.tokens_per_day,
+                                            self.concurrency))
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    org: LayerLimits
+    env: LayerLimits
+    key: LayerLimits
+
+    def layers(self) -> tuple[LayerLimits, LayerLimits, LayerLimits]:
+        return self.org, self.env, self.key
+
+    def fail_open(self) -> bool:
+        """Redis is down: admit only if every layer that limits anything (and is enforced) fails open."""
+        return all(layer.fail_open for layer in self.layers() if layer.limited and not layer.shadow)
+
+
+UNLIMITED = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits())
