@@ -48,3 +48,9 @@ def invalid_request(message: str, param: str | None = None) -> ClientError:
 def service_unavailable() -> ClientError:
     return ClientError(503, "The service is temporarily unavailable. Please retry.", "server_error",
                        "service_unavailable")
+
+
+def rate_limit_exceeded(level: str, limit: str, retry_after_s: int) -> ClientError:
+    return ClientError(429, f"Rate limit reached for this {level} on {limit}. "
+                       f"Please retry after {max(1, retry_after_s)} s.",
+                       "rate_limit_error", "rate_limit_exceeded")

@@ -81,6 +81,9 @@ class Authorizer:
                         "x-clp-usage-mode": _usage_mode(facts)})
             metadata.update({"model": facts.model, "region": region, "endpoint": endpoint.label,
                              "streamed": facts.stream, "max_tokens": facts.max_tokens,
-                             "prompt_estimate": facts.prompt_estimate})
+                             "prompt_estimate": facts.prompt_estimate,
+                             # what crosslogic.ratelimit reserves (a string: Envoy's rate-limit
+                             # metadata action reads string values)
+                             "reserve": str(facts.prompt_estimate + facts.max_tokens)})
         remove = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX) and h not in out)
         return Allowed(headers=out, remove=("authorization", *remove), metadata=metadata)

@@ -135,9 +135,11 @@ class Limiter:
                         shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=tuple(views))
 
     async def settle(self, org_id: str, env_id: str, key_id: str, request_id: str, actual_tokens: int) -> bool:
-        """Refund or debit the difference to the reservation; False if already settled or expired."""
+        """Refund or debit the difference to the reservation; False if already settled or expired.
+
+        actual_tokens < 0 charges what was reserved (usage unknown)."""
         out = await self._settle(self.redis, request_keys(org_id, env_id, key_id, request_id),
-                                 [self.clock(), request_id, max(0, actual_tokens)])
+                                 [self.clock(), request_id, max(-1, actual_tokens)])
         return int(out[0]) == 1
 
     async def charged(self, org_id: str, layer: str, ident: str) -> int:

@@ -1,7 +1,7 @@
 -- Settlement of one request id, exactly once: the reservation hash is deleted by the first call; a
 -- later call (a replayed access-log entry) or one after the reservation expired changes nothing.
 -- KEYS  the same layout as reserve.lua
--- ARGV  now_ms, request_id, actual_tokens
+-- ARGV  now_ms, request_id, actual_tokens (-1: charge what was reserved)
 -- Returns {settled (1/0), reserved_tokens}
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -19,6 +19,9 @@ for i = 1, #flat, 2 do
   h[flat[i]] = flat[i + 1]
 end
 local reserved = tonumber(h['n'])
+if actual < 0 then
+  actual = reserved  -- no usage known: charge what was reserved
+end
 for l = 0, layers - 1 do
   for b = 1, 3, 2 do
     local i = l * 3 + b

@@ -1,0 +1,96 @@
+"""Limits from Postgres, cached per key: the hot path never waits on Postgres twice for one key.
+
+Entries live `ttl_s` seconds; a NOTIFY on `crosslogic_limits` (any limit column or policy changed)
+drops the whole cache at once, so a new limit applies within one round trip of the notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+
+from crosslogic.ratelimit.limits import UNLIMITED, LayerLimits, TenantLimits
+
+log = logging.getLogger("crosslogic.ratelimit")
+LIMITS_CHANNEL = "crosslogic_limits"
+
+TENANT_LIMITS_SQL = """
+SELECT COALESCE(o.rate_limit_tokens_per_min, p.tokens_per_min) AS org_tpm,
+       COALESCE(o.rate_limit_requests_per_min, p.requests_per_min) AS org_rpm,
+       COALESCE(o.rate_limit_tokens_per_day, p.tokens_per_day) AS org_tpd,
+       COALESCE(o.concurrency_limit, p.concurrency_limit) AS org_conc,
+       e.rate_limit_tokens_per_min AS env_tpm, e.rate_limit_requests_per_min AS env_rpm,
+       e.concurrency_limit AS env_conc,
+       k.rate_limit_tokens_per_min AS key_tpm, k.rate_limit_requests_per_min AS key_rpm,
+       k.concurrency_limit AS key_conc
+FROM api_keys k
+JOIN environments e ON e.env_id = k.env_id
+JOIN orgs o ON o.org_id = k.org_id
+LEFT JOIN plan_limits p ON p.billing_plan = o.billing_plan
+WHERE k.key_id = $1
+"""
+LAYER_POLICY_SQL = "SELECT layer, fail_open, shadow FROM rate_limit_layers"
+
+
+def tenant_limits(row: asyncpg.Record | dict, policy: dict[str, tuple[bool, bool]]) -> TenantLimits:
+    def layer(name: str, tpd: int | None = None) -> LayerLimits:
+        fail_open, shadow = policy.get(name, (True, False))
+        return LayerLimits(tokens_per_min=row[f"{name}_tpm"], requests_per_min=row[f"{name}_rpm"],
+                           tokens_per_day=tpd, concurrency=row[f"{name}_conc"], shadow=shadow,
+                           fail_open=fail_open)
+
+    return TenantLimits(org=layer("org", row["org_tpd"]), env=layer("env"), key=layer("key"))
+
+
+class LimitStore:
+    def __init__(self, pool: asyncpg.Pool, ttl_s: float = 10.0) -> None:
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, TenantLimits]] = {}
+        self._policy: dict[str, tuple[bool, bool]] | None = None
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._policy = None
+
+    async def policy(self) -> dict[str, tuple[bool, bool]]:
+        if self._policy is None:
+            rows = await self.pool.fetch(LAYER_POLICY_SQL)
+            self._policy = {r["layer"]: (r["fail_open"], r["shadow"]) for r in rows}
+        return self._policy
+
+    async def for_key(self, key_id: str) -> TenantLimits:
+        now = time.monotonic()
+        hit = self._cache.get(key_id)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        policy = await self.policy()
+        row = await self.pool.fetchrow(TENANT_LIMITS_SQL, key_id)
+        limits = UNLIMITED if row is None else tenant_limits(row, policy)
+        self._cache[key_id] = (now, limits)
+        return limits
+
+    def cached(self, key_id: str) -> TenantLimits | None:
+        """The last known limits, however old: what the failure policy uses when Postgres is away."""
+        hit = self._cache.get(key_id)
+        return hit[1] if hit else None
+
+
+async def follow_limit_changes(database_url: str, store: LimitStore) -> None:
+    """LISTEN for limit changes until cancelled, reconnecting when Postgres goes away."""
+    while True:
+        try:
+            conn = await asyncpg.connect(database_url)
+            try:
+                await conn.add_listener(LIMITS_CHANNEL, lambda *_: store.clear())
+                store.clear()  # changes made while we were not listening
+                while not conn.is_closed():  # noqa: ASYNC110 - asyncpg offers no close event to await
+                    await asyncio.sleep(1.0)
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("limit change feed interrupted (%s); retrying", exc)
+            await asyncio.sleep(1.0)

@@ -1,0 +1,156 @@
+"""Limits through the real gateway: Envoy -> ext_authz -> crosslogic.ratelimit (Valkey) -> simulator -> ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+import openai
+import pytest
+
+from tests.gateway_helpers import client
+from tests.ratelimit_helpers import charged, ledger_for_key, limited_tenant, wait_for
+
+MESSAGES = [{"role": "user", "content": "Count for me please"}]
+LAYER_WORDS = {"org": "organization", "env": "environment", "key": "API key"}
+
+
+async def _chat(gateway: dict, api_key: str, max_tokens: int):
+    return await client(gateway, api_key).chat.completions.with_raw_response.create(
+        model="llama-3-8b", messages=MESSAGES, max_tokens=max_tokens)
+
+
+async def _raw_chat(gateway: dict, api_key: str, max_tokens: int) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as http, http.post(
+        f"{gateway['gateway_url']}/chat/completions", headers={"authorization": f"Bearer {api_key}"},
+        json={"model": "llama-3-8b", "messages": MESSAGES, "max_tokens": max_tokens},
+    ) as response:
+        headers = {k.lower(): v for k, v in response.headers.items()}
+        return response.status, headers, await response.json(content_type=None)
+
+
+@pytest.mark.parametrize("layer", ["org", "env", "key"])
+async def test_each_layer_refuses_with_openai_429_naming_itself_and_retry_after(gateway, layer):
+    tenant = await limited_tenant(gateway, **{layer: (200, None, None)})
+    api_key = tenant["keys"][0]["api_key"]
+    first = await _chat(gateway, api_key, 150)  # reserves ~155 of 200
+    assert first.http_response.status_code == 200
+    status, headers, body = await _raw_chat(gateway, api_key, 150)
+    assert status == 429
+    assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["type"] == "rate_limit_error"
+    assert LAYER_WORDS[layer] in body["error"]["message"] and "tokens per minute" in body["error"]["message"]
+    assert int(headers["retry-after"]) >= 1
+    assert headers["x-ratelimit-limit-tokens"] == "200"
+    assert "application/json" in headers["content-type"]
+
+
+async def test_openai_client_sees_rate_limit_error(gateway):
+    tenant = await limited_tenant(gateway, key=(None, 1, None))
+    api_key = tenant["keys"][0]["api_key"]
+    await _chat(gateway, api_key, 5)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await _chat(gateway, api_key, 5)
+    assert refused.value.code == "rate_limit_exceeded" and "requests per minute" in refused.value.message
+
+
+async def test_successful_responses_carry_openai_rate_limit_headers(gateway):
+    tenant = await limited_tenant(gateway, key=(5_000, 100, None))
+    raw = await _chat(gateway, tenant["keys"][0]["api_key"], 20)
+    headers = raw.headers
+    assert headers["x-ratelimit-limit-tokens"] == "5000" and headers["x-ratelimit-limit-requests"] == "100"
+    assert headers["x-ratelimit-remaining-requests"] == "99"
+    assert 0 < int(headers["x-ratelimit-remaining-tokens"]) < 5000
+    assert headers["x-ratelimit-reset-tokens"].endswith(("ms", "s"))
+    assert headers["x-ratelimit-reset-requests"].endswith(("ms", "s"))
+
+
+async def test_key_at_its_limit_does_not_affect_another_key_of_the_same_env(gateway):
+    tenant = await limited_tenant(gateway, keys=2, key=(200, None, None))
+    first, second = (k["api_key"] for k in tenant["keys"])
+    await _chat(gateway, first, 150)
+    assert (await _raw_chat(gateway, first, 150))[0] == 429
+    assert (await _chat(gateway, second, 150)).http_response.status_code == 200
+
+
+async def test_settlement_refunds_the_unused_reservation(gateway):
+    tenant = await limited_tenant(gateway, key=(1_000, None, None))
+    key = tenant["keys"][0]
+    # The reservation (prompt estimate + max_tokens) differs from the real usage (the node's prompt
+    # count + completion): after settlement the key is charged exactly the real usage.
+    raw = await _chat(gateway, key["api_key"], 30)
+    usage = raw.parse().usage.total_tokens
+
+    async def settled():
+        return await charged(gateway, tenant["org_id"], "key", key["key_id"]) == usage
+
+    await wait_for(settled, "settlement of the request")
+    # A full reservation's worth is available again except what was really used.
+    assert (await _chat(gateway, key["api_key"], 1_000 - usage - 20)).http_response.status_code == 200
+
+
+async def test_request_refused_by_authz_charges_nothing(gateway):
+    tenant = await limited_tenant(gateway, key=(1_000, None, None))
+    key = tenant["keys"][0]
+    status, _, body = await _raw_chat(gateway, key["api_key"], 10**6)  # over the model's max: 400 in authz
+    assert status == 400
+    assert await charged(gateway, tenant["org_id"], "key", key["key_id"]) == 0
+
+
+async def test_fifty_concurrent_clients_never_overshoot_and_counters_match_the_ledger(gateway):
+    limit = 10_000
+    tenant = await limited_tenant(gateway, key=(limit, None, None))
+    key = tenant["keys"][0]
+    api = client(gateway, key["api_key"])
+    rng = random.Random(7)
+    outcomes = {"ok": 0, "limited": 0, "cut": 0}
+    biggest_reservation = 0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def one(i: int) -> None:
+        nonlocal biggest_reservation
+        max_tokens = rng.randint(20, 400)
+        biggest_reservation = max(biggest_reservation, max_tokens + 50)
+        mode = i % 3
+        try:
+            if mode == 0:
+                await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=max_tokens)
+                outcomes["ok"] += 1
+            else:
+                stream = await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES,
+                                                           max_tokens=max_tokens, stream=True)
+                async for _ in stream:
+                    if mode == 2:  # disconnect mid-stream
+                        outcomes["cut"] += 1
+                        break
+                else:
+                    outcomes["ok"] += 1
+                await stream.close()
+        except openai.RateLimitError:
+            outcomes["limited"] += 1
+
+    async def client_loop(c: int) -> None:
+        for r in range(4):
+            await one(c * 4 + r)
+
+    await asyncio.gather(*(client_loop(c) for c in range(50)))
+    elapsed_ms = (loop.time() - started) * 1000
+    sent = sum(outcomes.values())
+    assert outcomes["limited"] > 0 and outcomes["ok"] > 0
+
+    async def all_logged():
+        count, tokens = await ledger_for_key(gateway, key["key_id"])
+        return (count, tokens) if count == sent else None
+
+    _, ledger_tokens = await wait_for(all_logged, "every request in the ledger")
+    # Admitted tokens (what the nodes really served) stay within the bucket: its capacity, what it
+    # refilled while the test ran, and at most one reservation's overshoot.
+    assert ledger_tokens <= limit + elapsed_ms * limit / 60_000 + biggest_reservation
+
+    async def counters_match():
+        return await charged(gateway, tenant["org_id"], "key", key["key_id"]) == ledger_tokens
+
+    await wait_for(counters_match, "counters equal to the ledger after settlement")
+    assert await charged(gateway, tenant["org_id"], "env", tenant["env_id"]) == ledger_tokens
+    assert await charged(gateway, tenant["org_id"], "org", tenant["org_id"]) == ledger_tokens
