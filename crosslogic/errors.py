@@ -50,6 +50,11 @@ def service_unavailable() -> ClientError:
                        "service_unavailable")
 
 
+def server_busy(retry_after_s: int) -> ClientError:
+    return ClientError(429, "The service is busy right now. Please retry after "
+                       f"{max(1, retry_after_s)} s.", "server_error", "server_busy")
+
+
 def rate_limit_exceeded(level: str, limit: str, retry_after_s: int) -> ClientError:
     return ClientError(429, f"Rate limit reached for this {level} on {limit}. "
                        f"Please retry after {max(1, retry_after_s)} s.",

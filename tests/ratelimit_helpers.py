@@ -76,3 +76,15 @@ async def wait_for(predicate, what: str, timeout_s: float = SETTLE_WAIT_S):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+SET_REGION_LIMIT_SQL = "UPDATE regions SET rate_limit_tokens_per_min = $2 WHERE region_id = $1"
+SET_RESERVED_SQL = "UPDATE orgs SET billing_plan = 'reserved', reserved_capacity_tokens_per_sec = $2 WHERE org_id = $1"
+
+
+async def execute(gateway: dict, sql: str, *args) -> None:
+    conn = await asyncpg.connect(gateway["database_url"])
+    try:
+        await conn.execute(sql, *args)
+    finally:
+        await conn.close()

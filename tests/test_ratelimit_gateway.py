@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import aiohttp
 import openai
 import pytest
 
 from tests.gateway_helpers import client
-from tests.ratelimit_helpers import charged, ledger_for_key, limited_tenant, wait_for
+from tests.ratelimit_helpers import (
+    SET_REGION_LIMIT_SQL,
+    SET_RESERVED_SQL,
+    charged,
+    execute,
+    ledger_for_key,
+    limited_tenant,
+    wait_for,
+)
 
 MESSAGES = [{"role": "user", "content": "Count for me please"}]
 LAYER_WORDS = {"org": "organization", "env": "environment", "key": "API key"}
@@ -154,3 +163,29 @@ async def test_fifty_concurrent_clients_never_overshoot_and_counters_match_the_l
     await wait_for(counters_match, "counters equal to the ledger after settlement")
     assert await charged(gateway, tenant["org_id"], "env", tenant["env_id"]) == ledger_tokens
     assert await charged(gateway, tenant["org_id"], "org", tenant["org_id"]) == ledger_tokens
+
+
+async def test_reserved_tenant_keeps_getting_200s_while_a_serverless_flood_is_shed(gateway):
+    flood = (await limited_tenant(gateway))["keys"][0]["api_key"]
+    reserved = await limited_tenant(gateway)
+    await execute(gateway, SET_RESERVED_SQL, uuid.UUID(reserved["org_id"]), 200)  # 12,000 tokens/min lane
+    reserved_key = reserved["keys"][0]["api_key"]
+    await execute(gateway, SET_REGION_LIMIT_SQL, "ap-south", 3_000)
+    try:
+        async def flood_is_shed():
+            status, _, body = await _raw_chat(gateway, flood, 400)
+            return status == 429 and body["error"]["code"] == "server_busy"
+
+        await wait_for(flood_is_shed, "the serverless flood to be shed")
+        for _ in range(10):
+            assert (await _chat(gateway, reserved_key, 100)).http_response.status_code == 200
+        status, headers, body = await _raw_chat(gateway, flood, 400)
+        assert (status, body["error"]["code"], body["error"]["type"]) == (429, "server_busy", "server_error")
+        assert int(headers["retry-after"]) >= 1
+    finally:
+        await execute(gateway, SET_REGION_LIMIT_SQL, "ap-south", None)
+
+        async def serverless_flows_again():
+            return (await _raw_chat(gateway, flood, 5))[0] == 200
+
+        await wait_for(serverless_flows_again, "the region limit to be lifted")

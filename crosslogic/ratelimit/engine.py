@@ -1,7 +1,9 @@
 """The limiter: reserve at admission, settle after the request, in Redis via two Lua scripts.
 
-Key scheme: every key of one org starts with the hash tag `{o:<org_id>}`, so all of an org's layers
-live in one Redis Cluster slot and one script call decides org, env and key atomically.
+Key scheme: a *scope* is the set of layers one script call decides atomically; all its keys share one
+hash tag, so they live in one Redis Cluster slot. The tenant scope (`{o:<org_id>}`: org, env, key) and
+an org's reserved lane (`{o:<org_id>}`, reservation named apart) are per org; the platform scope
+(`{g}`: global, region) is shared by everyone and is a separate call.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from importlib import resources
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from crosslogic.ratelimit.limits import LAYERS, TenantLimits
+from crosslogic.ratelimit.limits import LAYERS, LayerLimits, TenantLimits
 
 Clock = Callable[[], int]  # milliseconds
 KINDS = ("tokens_per_min", "requests_per_min", "tokens_per_day", "concurrency")
@@ -30,14 +32,38 @@ def org_tag(org_id: str) -> str:
     return "{o:" + org_id + "}"
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Layers decided together by one script call; every key carries the same hash tag."""
+
+    name: str  # names the reservation apart from other scopes' in the same slot
+    tag: str
+    layers: tuple[tuple[str, str], ...]  # (layer, instance id)
+
+    def keys(self, request_id: str) -> list[str]:
+        """KEYS for both scripts: the reservation, then 5 per layer (tpm, rpm, tpd, leases, charged)."""
+        keys = [f"{self.tag}:res:{self.name}:{request_id}"]
+        for layer, ident in self.layers:
+            base = f"{self.tag}:{layer}:{ident}"
+            keys += [f"{base}:tpm", f"{base}:rpm", f"{base}:tpd", f"{base}:lease", f"{base}:charged"]
+        return keys
+
+
+def tenant_scope(org_id: str, env_id: str, key_id: str) -> Scope:
+    return Scope("t", org_tag(org_id), tuple(zip(LAYERS, (org_id, env_id, key_id), strict=True)))
+
+
+def lane_scope(org_id: str) -> Scope:
+    """An org's reserved capacity: traffic within it bypasses the platform scope."""
+    return Scope("lane", org_tag(org_id), (("lane", org_id),))
+
+
+def platform_scope(region: str) -> Scope:
+    return Scope("g", "{g}", (("global", "all"), ("region", region)))
+
+
 def request_keys(org_id: str, env_id: str, key_id: str, request_id: str) -> list[str]:
-    """KEYS for both scripts: the reservation, then 5 keys per layer (tpm, rpm, tpd, leases, charged)."""
-    tag = org_tag(org_id)
-    keys = [f"{tag}:res:{request_id}"]
-    for layer, ident in zip(LAYERS, (org_id, env_id, key_id), strict=True):
-        base = f"{tag}:{layer}:{ident}"
-        keys += [f"{base}:tpm", f"{base}:rpm", f"{base}:tpd", f"{base}:lease", f"{base}:charged"]
-    return keys
+    return tenant_scope(org_id, env_id, key_id).keys(request_id)
 
 
 def charged_key(org_id: str, layer: str, ident: str) -> str:
@@ -76,11 +102,11 @@ class Decision:
         return min(views, key=lambda b: (b.level, b.capacity)) if views else None
 
 
-def _slot(slot: int) -> tuple[str | None, str | None]:
+def _slot(scope: Scope, slot: int) -> tuple[str | None, str | None]:
     if slot <= 0:
         return None, None
     layer, kind = divmod(slot - 1, 4)
-    return LAYERS[layer], KINDS[kind]
+    return scope.layers[layer][0], KINDS[kind]
 
 
 def _script(name: str) -> str:
@@ -113,34 +139,41 @@ class Limiter:
         self._reserve = LuaScript(_script("reserve.lua"))
         self._settle = LuaScript(_script("settle.lua"))
 
-    async def reserve(self, org_id: str, env_id: str, key_id: str, request_id: str, tokens: int,
-                      limits: TenantLimits) -> Decision:
+    async def reserve_scope(self, scope: Scope, request_id: str, tokens: int,
+                            limits: tuple[LayerLimits, ...]) -> Decision:
         args: list = [self.clock(), request_id, self.reservation_ttl_ms, max(0, tokens)]
-        for layer in limits.layers():
+        for layer in limits:
             args += [layer.tokens_per_min or 0, layer.requests_per_min or 0, layer.tokens_per_day or 0,
                      layer.concurrency or 0, 1 if layer.shadow else 0]
-        out = await self._reserve(self.redis, request_keys(org_id, env_id, key_id, request_id), args)
+        out = await self._reserve(self.redis, scope.keys(request_id), args)
         status, failed, retry, shadow = (int(v) for v in out[:4])
         if status == 2:
             return Decision(admitted=True, repeated=True)
         views = []
-        for i, layer in enumerate(limits.layers()):
+        for i, layer in enumerate(limits):
             for b, kind in enumerate(KINDS[:3]):
                 capacity = getattr(layer, kind)
                 if capacity:
-                    views.append(BucketView(LAYERS[i], kind, capacity, int(out[4 + i * 3 + b])))
-        layer_name, kind = _slot(failed)
-        shadow_layer, shadow_kind = _slot(shadow)
+                    views.append(BucketView(scope.layers[i][0], kind, capacity, int(out[4 + i * 3 + b])))
+        layer_name, kind = _slot(scope, failed)
+        shadow_layer, shadow_kind = _slot(scope, shadow)
         return Decision(admitted=status == 1, retry_after_ms=retry, layer=layer_name, kind=kind,
                         shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=tuple(views))
 
-    async def settle(self, org_id: str, env_id: str, key_id: str, request_id: str, actual_tokens: int) -> bool:
-        """Refund or debit the difference to the reservation; False if already settled or expired.
-
-        actual_tokens < 0 charges what was reserved (usage unknown)."""
-        out = await self._settle(self.redis, request_keys(org_id, env_id, key_id, request_id),
-                                 [self.clock(), request_id, max(-1, actual_tokens)])
+    async def settle_scope(self, scope: Scope, request_id: str, actual_tokens: int, rollback: bool = False) -> bool:
+        """Refund or debit the difference to the reservation; False if already settled, expired or
+        never made in this scope. actual_tokens < 0 charges what was reserved (usage unknown);
+        rollback (a later scope refused the request) also gives its request slots back."""
+        out = await self._settle(self.redis, scope.keys(request_id),
+                                 [self.clock(), request_id, max(-1, actual_tokens), "1" if rollback else "0"])
         return int(out[0]) == 1
+
+    async def reserve(self, org_id: str, env_id: str, key_id: str, request_id: str, tokens: int,
+                      limits: TenantLimits) -> Decision:
+        return await self.reserve_scope(tenant_scope(org_id, env_id, key_id), request_id, tokens, limits.layers())
+
+    async def settle(self, org_id: str, env_id: str, key_id: str, request_id: str, actual_tokens: int) -> bool:
+        return await self.settle_scope(tenant_scope(org_id, env_id, key_id), request_id, actual_tokens)
 
     async def charged(self, org_id: str, layer: str, ident: str) -> int:
         value = await self.redis.get(charged_key(org_id, layer, ident))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 LAYERS = ("org", "env", "key")  # the org-scoped layers, in the order the scripts see them
 
@@ -27,6 +27,13 @@ class TenantLimits:
     org: LayerLimits
     env: LayerLimits
     key: LayerLimits
+    reserved_tokens_per_sec: int = 0  # the org's reserved capacity (seed §17); 0 = serverless only
+
+    def lane(self) -> LayerLimits | None:
+        """The reserved lane as a bucket: a minute's worth of the reserved rate."""
+        if self.reserved_tokens_per_sec <= 0:
+            return None
+        return LayerLimits(tokens_per_min=self.reserved_tokens_per_sec * 60)
 
     def layers(self) -> tuple[LayerLimits, LayerLimits, LayerLimits]:
         return self.org, self.env, self.key
@@ -37,3 +44,20 @@ class TenantLimits:
 
 
 UNLIMITED = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits())
+
+
+@dataclass(frozen=True)
+class PlatformLimits:
+    """The layers every tenant shares; saturating them sheds serverless traffic first."""
+
+    global_: LayerLimits = LayerLimits()
+    regions: dict[str, LayerLimits] = field(default_factory=dict)
+
+    def for_region(self, region: str) -> tuple[LayerLimits, LayerLimits]:
+        return self.global_, self.regions.get(region, LayerLimits())
+
+    def limited(self, region: str) -> bool:
+        return any(layer.limited for layer in self.for_region(region))
+
+    def fail_open(self, region: str) -> bool:
+        return all(layer.fail_open for layer in self.for_region(region) if layer.limited and not layer.shadow)

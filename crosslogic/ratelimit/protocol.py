@@ -38,6 +38,8 @@ def ratelimit_headers(decision: Decision) -> dict[str, str]:
 
 
 def refusal(decision: Decision) -> errors.ClientError:
+    if decision.layer in ("global", "region"):  # the platform is saturated: load shedding
+        return errors.server_busy(-(-decision.retry_after_ms // 1000))
     return errors.rate_limit_exceeded(_LAYER_NAMES.get(decision.layer or "", decision.layer or ""),
                                       _KIND_NAMES.get(decision.kind or "", decision.kind or ""),
                                       -(-decision.retry_after_ms // 1000))

@@ -2,7 +2,8 @@
 
 Envoy sends one descriptor per request (built in xds/resources.py from ext_authz's dynamic metadata
 and Envoy's own x-request-id): org_id, env_id, key_id, reserve (prompt estimate + max_tokens) and
-request_id. One EVALSHA decides all org-scoped layers; Postgres is only read on a limit-cache miss.
+request_id (+ region). One EVALSHA decides all org-scoped layers (a second one the platform layers,
+when they limit anything); Postgres is only read on a limit-cache miss.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from crosslogic.ratelimit.admission import admit
 from crosslogic.ratelimit.engine import Decision, Limiter
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
@@ -60,18 +62,20 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 
     async def decide(self, entries: dict[str, str]) -> Decision:
         org, env, key = entries["org_id"], entries["env_id"], entries["key_id"]
+        region = entries.get("region", "")
         try:
             limits = await self.store.for_key(key)
+            platform = await self.store.platform()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            limits = self.store.cached(key)
-            if limits is None:
+            limits, platform = self.store.cached(key), self.store.cached_platform()
+            if limits is None or platform is None:
                 log.warning("limits unavailable for key %s (%s)", key, exc)
                 raise LimiterUnavailable from exc
         try:
-            decision = await self.limiter.reserve(org, env, key, entries["request_id"], int(entries["reserve"]),
-                                                  limits)
+            decision = await admit(self.limiter, org, env, key, region, entries["request_id"],
+                                   int(entries["reserve"]), limits, platform)
         except (OSError, aioredis.RedisError) as exc:
-            if limits.fail_open():
+            if limits.fail_open() and platform.fail_open(region):
                 log.warning("redis unavailable (%s): admitting (fail-open)", exc)
                 return Decision(admitted=True, degraded=True)
             log.warning("redis unavailable (%s): refusing (fail-closed)", exc)

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 
 from crosslogic.accounting.usage import UsageRecord
+from crosslogic.ratelimit import admission
 from crosslogic.ratelimit.engine import Limiter
 from crosslogic.settings import Settings
 
@@ -49,8 +50,8 @@ class Settler:
             log.warning("settlement queue full; request %s left to expire", record.request_id)
 
     async def settle(self, record: UsageRecord) -> bool:
-        return await self.limiter.settle(record.org_id, record.env_id, record.key_id, record.request_id,
-                                         settled_tokens(record))
+        return await admission.settle(self.limiter, record.org_id, record.env_id, record.key_id, record.region,
+                                      record.request_id, settled_tokens(record))
 
     async def run(self) -> None:
         while True:

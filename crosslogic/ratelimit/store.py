@@ -12,7 +12,7 @@ import time
 
 import asyncpg
 
-from crosslogic.ratelimit.limits import UNLIMITED, LayerLimits, TenantLimits
+from crosslogic.ratelimit.limits import UNLIMITED, LayerLimits, PlatformLimits, TenantLimits
 
 log = logging.getLogger("crosslogic.ratelimit")
 LIMITS_CHANNEL = "crosslogic_limits"
@@ -25,7 +25,7 @@ SELECT COALESCE(o.rate_limit_tokens_per_min, p.tokens_per_min) AS org_tpm,
        e.rate_limit_tokens_per_min AS env_tpm, e.rate_limit_requests_per_min AS env_rpm,
        e.concurrency_limit AS env_conc,
        k.rate_limit_tokens_per_min AS key_tpm, k.rate_limit_requests_per_min AS key_rpm,
-       k.concurrency_limit AS key_conc
+       k.concurrency_limit AS key_conc, o.reserved_capacity_tokens_per_sec AS reserved_tps
 FROM api_keys k
 JOIN environments e ON e.env_id = k.env_id
 JOIN orgs o ON o.org_id = k.org_id
@@ -33,6 +33,14 @@ LEFT JOIN plan_limits p ON p.billing_plan = o.billing_plan
 WHERE k.key_id = $1
 """
 LAYER_POLICY_SQL = "SELECT layer, fail_open, shadow FROM rate_limit_layers"
+GLOBAL_LIMITS_SQL = "SELECT tokens_per_min, requests_per_min, concurrency_limit FROM global_limits"
+REGION_LIMITS_SQL = """
+SELECT region_id, rate_limit_tokens_per_min AS tokens_per_min, rate_limit_requests_per_min AS requests_per_min,
+       concurrency_limit
+FROM regions
+WHERE rate_limit_tokens_per_min IS NOT NULL OR rate_limit_requests_per_min IS NOT NULL
+   OR concurrency_limit IS NOT NULL
+"""
 
 
 def tenant_limits(row: asyncpg.Record | dict, policy: dict[str, tuple[bool, bool]]) -> TenantLimits:
@@ -42,7 +50,14 @@ def tenant_limits(row: asyncpg.Record | dict, policy: dict[str, tuple[bool, bool
                            tokens_per_day=tpd, concurrency=row[f"{name}_conc"], shadow=shadow,
                            fail_open=fail_open)
 
-    return TenantLimits(org=layer("org", row["org_tpd"]), env=layer("env"), key=layer("key"))
+    return TenantLimits(org=layer("org", row["org_tpd"]), env=layer("env"), key=layer("key"),
+                        reserved_tokens_per_sec=row["reserved_tps"] or 0)
+
+
+def _platform_layer(row: asyncpg.Record | dict, policy: tuple[bool, bool]) -> LayerLimits:
+    fail_open, shadow = policy
+    return LayerLimits(tokens_per_min=row["tokens_per_min"], requests_per_min=row["requests_per_min"],
+                       concurrency=row["concurrency_limit"], shadow=shadow, fail_open=fail_open)
 
 
 class LimitStore:
@@ -51,10 +66,25 @@ class LimitStore:
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[float, TenantLimits]] = {}
         self._policy: dict[str, tuple[bool, bool]] | None = None
+        self._platform: tuple[float, PlatformLimits] | None = None
 
     def clear(self) -> None:
         self._cache.clear()
         self._policy = None
+        self._platform = None
+
+    async def platform(self) -> PlatformLimits:
+        now = time.monotonic()
+        if self._platform is not None and now - self._platform[0] < self.ttl_s:
+            return self._platform[1]
+        policy = await self.policy()
+        row = await self.pool.fetchrow(GLOBAL_LIMITS_SQL)
+        regions = await self.pool.fetch(REGION_LIMITS_SQL)
+        limits = PlatformLimits(
+            global_=_platform_layer(row, policy.get("global", (True, False))) if row else LayerLimits(),
+            regions={r["region_id"]: _platform_layer(r, policy.get("region", (True, False))) for r in regions})
+        self._platform = (now, limits)
+        return limits
 
     async def policy(self) -> dict[str, tuple[bool, bool]]:
         if self._policy is None:
@@ -72,6 +102,9 @@ class LimitStore:
         limits = UNLIMITED if row is None else tenant_limits(row, policy)
         self._cache[key_id] = (now, limits)
         return limits
+
+    def cached_platform(self) -> PlatformLimits | None:
+        return self._platform[1] if self._platform else None
 
     def cached(self, key_id: str) -> TenantLimits | None:
         """The last known limits, however old: what the failure policy uses when Postgres is away."""

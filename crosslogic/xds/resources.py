@@ -116,7 +116,7 @@ def _ratelimit_filter(settings: GatewaySettings) -> dict:
                                    "transport_api_version": "V3"},
             "rate_limits": [{"actions": [
                 _authz_metadata("org_id"), _authz_metadata("env_id"), _authz_metadata("key_id"),
-                _authz_metadata("reserve"),
+                _authz_metadata("reserve"), _authz_metadata("region"),
                 {"request_headers": {"header_name": "x-request-id", "descriptor_key": "request_id"}},
             ]}],
         },

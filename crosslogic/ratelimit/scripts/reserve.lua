@@ -80,12 +80,10 @@ if failed == 0 then
         local key = KEYS[1 + l * 5 + b]
         redis.call('HSET', key, 'v', string.format('%.17g', level), 't', now)
         redis.call('PEXPIRE', key, math.ceil((caps[i] - level) * windows[b] / caps[i]) + 1000)
-        if b ~= 2 then
-          table.insert(reservation, 'c' .. i)
-          table.insert(reservation, caps[i])
-          table.insert(reservation, 'r' .. i)
-          table.insert(reservation, costs[i])
-        end
+        table.insert(reservation, 'c' .. i)
+        table.insert(reservation, caps[i])
+        table.insert(reservation, 'r' .. i)
+        table.insert(reservation, costs[i])
       end
     end
     if tonumber(ARGV[4 + l * 5 + 4]) > 0 then

@@ -31,20 +31,26 @@ ALTER TABLE api_keys
 -- Per layer: what to do when Redis is unreachable, and whether the layer only observes (shadow mode:
 -- decide and log, never block) while a new limit is rolled out.
 CREATE TABLE rate_limit_layers (
-    layer        text PRIMARY KEY CHECK (layer IN ('global', 'org', 'env', 'key')),
+    layer        text PRIMARY KEY CHECK (layer IN ('global', 'region', 'org', 'env', 'key')),
     fail_open    boolean NOT NULL,
     shadow       boolean NOT NULL DEFAULT false
 );
 INSERT INTO rate_limit_layers (layer, fail_open) VALUES
-    ('global', true), ('org', true), ('env', true), ('key', true);
+    ('global', true), ('region', true), ('org', true), ('env', true), ('key', true);
 
--- The global (platform-wide) layer: one row, NULL = unlimited.
+-- The platform layers every tenant shares: global (one row) and per region; NULL = unlimited.
+-- Saturating them sheds serverless traffic (429 server_busy); reserved capacity bypasses them.
 CREATE TABLE global_limits (
     singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     tokens_per_min   bigint CHECK (tokens_per_min IS NULL OR tokens_per_min > 0),
-    requests_per_min integer CHECK (requests_per_min IS NULL OR requests_per_min > 0)
+    requests_per_min integer CHECK (requests_per_min IS NULL OR requests_per_min > 0),
+    concurrency_limit integer CHECK (concurrency_limit IS NULL OR concurrency_limit > 0)
 );
 INSERT INTO global_limits (singleton) VALUES (true);
+ALTER TABLE regions
+    ADD COLUMN rate_limit_tokens_per_min bigint CHECK (rate_limit_tokens_per_min IS NULL OR rate_limit_tokens_per_min > 0),
+    ADD COLUMN rate_limit_requests_per_min integer CHECK (rate_limit_requests_per_min IS NULL OR rate_limit_requests_per_min > 0),
+    ADD COLUMN concurrency_limit integer CHECK (concurrency_limit IS NULL OR concurrency_limit > 0);
 
 CREATE FUNCTION crosslogic_notify_limits() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -62,4 +68,6 @@ CREATE TRIGGER orgs_limits_notify AFTER UPDATE ON orgs
 CREATE TRIGGER environments_limits_notify AFTER UPDATE ON environments
     FOR EACH STATEMENT EXECUTE FUNCTION crosslogic_notify_limits();
 CREATE TRIGGER api_keys_limits_notify AFTER UPDATE ON api_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION crosslogic_notify_limits();
+CREATE TRIGGER regions_limits_notify AFTER UPDATE ON regions
     FOR EACH STATEMENT EXECUTE FUNCTION crosslogic_notify_limits();
