@@ -59,3 +59,9 @@ def rate_limit_exceeded(level: str, limit: str, retry_after_s: int) -> ClientErr
     return ClientError(429, f"Rate limit reached for this {level} on {limit}. "
                        f"Please retry after {max(1, retry_after_s)} s.",
                        "rate_limit_error", "rate_limit_exceeded")
+
+
+def quota_exceeded(level: str, period: str) -> ClientError:
+    return ClientError(403, f"This {level} has used its {period} token quota. It resets at the start of the "
+                       "next period (UTC); contact your administrator to raise it.",
+                       "insufficient_quota", "quota_exceeded")

@@ -88,3 +88,13 @@ async def execute(gateway: dict, sql: str, *args) -> None:
         await conn.execute(sql, *args)
     finally:
         await conn.close()
+
+
+async def quota_counted(gateway: dict, org_id: str, level: str, ident: str, period: str) -> int:
+    """Tokens counted against a quota, over every period key present (robust at period boundaries)."""
+    redis = aioredis.from_url(gateway["redis_url"])
+    try:
+        keys = [k async for k in redis.scan_iter(match=f"{{o:{org_id}}}:quota:{level}:{ident}:{period}:*")]
+        return sum(int(v or 0) for v in (await redis.mget(keys) if keys else []))
+    finally:
+        await redis.aclose()

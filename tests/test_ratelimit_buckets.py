@@ -106,3 +106,15 @@ def test_lua_buckets_follow_the_python_model_exactly(valkey_url, capacity, seque
             await redis.aclose()
 
     _run(scenario())
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(0, 1000)), min_size=4, max_size=4),
+       st.lists(st.integers(0, 2000), min_size=4, max_size=4))
+def test_a_quota_is_exceeded_exactly_when_a_counter_reached_it(limits, used):
+    from crosslogic.ratelimit.quota import Quotas, exceeded
+
+    quotas = Quotas(*limits)
+    hit = exceeded(quotas, used)
+    over = [(level, period) for (level, period, limit), spent in zip(quotas.limits(), used, strict=True)
+            if limit is not None and spent >= limit]
+    assert hit == (over[0] if over else None)

@@ -18,6 +18,7 @@ from tests.ratelimit_helpers import (
     execute,
     ledger_for_key,
     limited_tenant,
+    quota_counted,
     wait_for,
 )
 
@@ -189,3 +190,34 @@ async def test_reserved_tenant_keeps_getting_200s_while_a_serverless_flood_is_sh
             return (await _raw_chat(gateway, flood, 5))[0] == 200
 
         await wait_for(serverless_flows_again, "the region limit to be lifted")
+
+
+@pytest.mark.parametrize(("sql", "level"), [
+    ("UPDATE environments SET quota_tokens_per_day = 100 WHERE env_id = $1", "environment"),
+    ("UPDATE orgs SET quota_tokens_per_hour = 100 WHERE org_id = $1", "organization"),
+])
+async def test_used_up_quota_is_refused_with_403_quota_exceeded(gateway, sql, level):
+    tenant = await limited_tenant(gateway)
+    target = tenant["env_id"] if "environments" in sql else tenant["org_id"]
+    await execute(gateway, sql, uuid.UUID(target))
+    api_key = tenant["keys"][0]["api_key"]
+    raw = await _chat(gateway, api_key, 150)  # under quota when it starts; its usage crosses the quota
+    assert raw.http_response.status_code == 200
+
+    async def refused():
+        status, _, body = await _raw_chat(gateway, api_key, 5)
+        return body if status == 403 else None
+
+    body = await wait_for(refused, "the quota to be used up after settlement")
+    assert body["error"]["code"] == "quota_exceeded" and body["error"]["type"] == "insufficient_quota"
+    assert level in body["error"]["message"]
+    # The quota counted what the ledger bills (the probes admitted before it was crossed included).
+    key_id = tenant["keys"][0]["key_id"]
+    scope, period = ("env", "d") if level == "environment" else ("org", "h")
+
+    async def counted_as_billed():
+        _, billed = await ledger_for_key(gateway, key_id)
+        return billed >= raw.parse().usage.total_tokens and \
+            await quota_counted(gateway, tenant["org_id"], scope, target, period) == billed
+
+    await wait_for(counted_as_billed, "quota counters equal to the ledger")

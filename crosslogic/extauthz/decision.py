@@ -9,6 +9,7 @@ from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.identity import Identity, IdentityResolver
 from crosslogic.extauthz.validation import RequestFacts, endpoint_for, validate_request
 from crosslogic.keys import hash_api_key, looks_like_api_key
+from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.xds.model import route_key
 
 INTERNAL_HEADER_PREFIX = "x-clp-"
@@ -46,7 +47,8 @@ def _usage_mode(facts: RequestFacts) -> str:
 
 class Authorizer:
     def __init__(self, resolver: IdentityResolver, catalogue: ModelCatalogue, secret: bytes,
-                 default_region: str) -> None:
+                 default_region: str, quotas: QuotaGuard | None = None) -> None:
+        self.quotas = quotas  # token quotas per day / hour (crosslogic.ratelimit.quota)
         self.resolver = resolver
         self.catalogue = catalogue
         self.secret = secret
@@ -73,6 +75,8 @@ class Authorizer:
                                        "key_id": identity.key_id}
         endpoint = endpoint_for(path)
         if endpoint is not None and method == "POST":
+            if self.quotas is not None:
+                await self.quotas.check(identity.org_id, identity.env_id)
             models = await self.catalogue.current()
             facts = validate_request(endpoint, body, models, frozenset(identity.allowed_models))
             region = identity.region or self.default_region

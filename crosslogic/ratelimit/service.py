@@ -100,7 +100,7 @@ async def serve_ratelimit(settings: Settings, listen: str) -> None:
     async with open_pool(settings.require_database(), min_size=1, max_size=8) as pool:
         store = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
         limiter = Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms)
-        feed = asyncio.create_task(follow_limit_changes(settings.database_url, store))
+        feed = asyncio.create_task(follow_limit_changes(settings.database_url, store.clear))
         server = grpc.aio.server()
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter, store), server)
         server.add_insecure_port(listen)

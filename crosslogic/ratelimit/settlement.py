@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from crosslogic.accounting.usage import UsageRecord
 from crosslogic.ratelimit import admission
 from crosslogic.ratelimit.engine import Limiter
+from crosslogic.ratelimit.quota import count_usage
 from crosslogic.settings import Settings
 
 log = logging.getLogger("crosslogic.ratelimit")
@@ -50,8 +51,12 @@ class Settler:
             log.warning("settlement queue full; request %s left to expire", record.request_id)
 
     async def settle(self, record: UsageRecord) -> bool:
-        return await admission.settle(self.limiter, record.org_id, record.env_id, record.key_id, record.region,
-                                      record.request_id, settled_tokens(record))
+        settled = await admission.settle(self.limiter, record.org_id, record.env_id, record.key_id, record.region,
+                                         record.request_id, settled_tokens(record))
+        if settled:  # first settlement of this request id: count it against quotas, once
+            await count_usage(self.limiter.redis, record.org_id, record.env_id, record.total_tokens,
+                              record.occurred_at)
+        return settled
 
     async def run(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -112,14 +113,14 @@ class LimitStore:
         return hit[1] if hit else None
 
 
-async def follow_limit_changes(database_url: str, store: LimitStore) -> None:
-    """LISTEN for limit changes until cancelled, reconnecting when Postgres goes away."""
+async def follow_limit_changes(database_url: str, clear: Callable[[], None]) -> None:
+    """LISTEN for limit changes until cancelled (calling `clear` on each), reconnecting when Postgres goes away."""
     while True:
         try:
             conn = await asyncpg.connect(database_url)
             try:
-                await conn.add_listener(LIMITS_CHANNEL, lambda *_: store.clear())
-                store.clear()  # changes made while we were not listening
+                await conn.add_listener(LIMITS_CHANNEL, lambda *_: clear())
+                clear()  # changes made while we were not listening
                 while not conn.is_closed():  # noqa: ASYNC110 - asyncpg offers no close event to await
                     await asyncio.sleep(1.0)
             finally:

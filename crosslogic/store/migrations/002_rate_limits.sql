@@ -71,3 +71,11 @@ CREATE TRIGGER api_keys_limits_notify AFTER UPDATE ON api_keys
     FOR EACH STATEMENT EXECUTE FUNCTION crosslogic_notify_limits();
 CREATE TRIGGER regions_limits_notify AFTER UPDATE ON regions
     FOR EACH STATEMENT EXECUTE FUNCTION crosslogic_notify_limits();
+
+-- Quotas (tokens per day / hour, env and org): a refusal is 403 quota_exceeded from ext_authz.
+-- environments.quota_tokens_per_day exists since 001.
+ALTER TABLE orgs
+    ADD COLUMN quota_tokens_per_day bigint CHECK (quota_tokens_per_day IS NULL OR quota_tokens_per_day >= 0),
+    ADD COLUMN quota_tokens_per_hour bigint CHECK (quota_tokens_per_hour IS NULL OR quota_tokens_per_hour >= 0);
+ALTER TABLE environments
+    ADD COLUMN quota_tokens_per_hour bigint CHECK (quota_tokens_per_hour IS NULL OR quota_tokens_per_hour >= 0);
