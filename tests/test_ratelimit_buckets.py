@@ -99,7 +99,7 @@ def test_lua_buckets_follow_the_python_model_exactly(valkey_url, capacity, seque
                     assert await limiter.settle(org, env, key, rid, amount)
                     assert not await limiter.settle(org, env, key, rid, amount)  # exactly once
                     model = b.adjust(bucket, model, now["ms"], cost - amount)
-                stored = await redis.hget(request_keys(org, env, key, "x")[11], "v")
+                stored = await redis.hget(request_keys(org, env, key, "x")[7], "m")  # key layer, tokens/min
                 if stored is not None:
                     assert float(stored) == model.level
         finally:

@@ -157,3 +157,15 @@ async def test_org_keys_share_one_cluster_hash_slot(redis):
     org, env, key = ids()
     slots = {key_slot(k.encode()) for k in request_keys(org, env, key, rid())}
     assert len(slots) == 1
+
+
+async def test_tokens_per_second_bucket_smooths_bursts_within_a_minute_limit(redis):
+    clock = Clock()
+    limiter = Limiter(redis, clock=clock)
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_sec=100, tokens_per_min=6_000))
+    assert (await limiter.reserve(org, env, key, rid(), 100, limits)).admitted
+    burst = await limiter.reserve(org, env, key, rid(), 50, limits)
+    assert (burst.admitted, burst.layer, burst.kind, burst.retry_after_ms) == (False, "key", "tokens_per_sec", 500)
+    clock.ms += 500
+    assert (await limiter.reserve(org, env, key, rid(), 50, limits)).admitted

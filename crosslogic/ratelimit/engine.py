@@ -19,8 +19,10 @@ from redis.exceptions import NoScriptError
 from crosslogic.ratelimit.limits import LAYERS, LayerLimits, TenantLimits
 
 Clock = Callable[[], int]  # milliseconds
-KINDS = ("tokens_per_min", "requests_per_min", "tokens_per_day", "concurrency")
-WINDOW_MS = {"tokens_per_min": 60_000, "requests_per_min": 60_000, "tokens_per_day": 86_400_000}
+KINDS = ("tokens_per_sec", "tokens_per_min", "requests_per_min", "tokens_per_day", "concurrency")
+BUCKET_KINDS = KINDS[:4]
+WINDOW_MS = {"tokens_per_sec": 1_000, "tokens_per_min": 60_000, "requests_per_min": 60_000,
+             "tokens_per_day": 86_400_000}
 DEFAULT_RESERVATION_TTL_MS = 15 * 60_000  # longer than any request may run; then it expires on its own
 
 
@@ -41,11 +43,11 @@ class Scope:
     layers: tuple[tuple[str, str], ...]  # (layer, instance id)
 
     def keys(self, request_id: str) -> list[str]:
-        """KEYS for both scripts: the reservation, then 5 per layer (tpm, rpm, tpd, leases, charged)."""
+        """KEYS for both scripts: the reservation, then 3 per layer (buckets hash, leases, charged)."""
         keys = [f"{self.tag}:res:{self.name}:{request_id}"]
         for layer, ident in self.layers:
             base = f"{self.tag}:{layer}:{ident}"
-            keys += [f"{base}:tpm", f"{base}:rpm", f"{base}:tpd", f"{base}:lease", f"{base}:charged"]
+            keys += [f"{base}:b", f"{base}:lease", f"{base}:charged"]
         return keys
 
 
@@ -105,7 +107,7 @@ class Decision:
 def _slot(scope: Scope, slot: int) -> tuple[str | None, str | None]:
     if slot <= 0:
         return None, None
-    layer, kind = divmod(slot - 1, 4)
+    layer, kind = divmod(slot - 1, len(KINDS))
     return scope.layers[layer][0], KINDS[kind]
 
 
@@ -143,18 +145,18 @@ class Limiter:
                             limits: tuple[LayerLimits, ...]) -> Decision:
         args: list = [self.clock(), request_id, self.reservation_ttl_ms, max(0, tokens)]
         for layer in limits:
-            args += [layer.tokens_per_min or 0, layer.requests_per_min or 0, layer.tokens_per_day or 0,
-                     layer.concurrency or 0, 1 if layer.shadow else 0]
+            args += [layer.tokens_per_sec or 0, layer.tokens_per_min or 0, layer.requests_per_min or 0,
+                     layer.tokens_per_day or 0, layer.concurrency or 0, 1 if layer.shadow else 0]
         out = await self._reserve(self.redis, scope.keys(request_id), args)
         status, failed, retry, shadow = (int(v) for v in out[:4])
         if status == 2:
             return Decision(admitted=True, repeated=True)
         views = []
         for i, layer in enumerate(limits):
-            for b, kind in enumerate(KINDS[:3]):
+            for b, kind in enumerate(BUCKET_KINDS):
                 capacity = getattr(layer, kind)
                 if capacity:
-                    views.append(BucketView(scope.layers[i][0], kind, capacity, int(out[4 + i * 3 + b])))
+                    views.append(BucketView(scope.layers[i][0], kind, capacity, int(out[4 + i * 4 + b])))
         layer_name, kind = _slot(scope, failed)
         shadow_layer, shadow_kind = _slot(scope, shadow)
         return Decision(admitted=status == 1, retry_after_ms=retry, layer=layer_name, kind=kind,

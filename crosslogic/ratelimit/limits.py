@@ -9,6 +9,7 @@ LAYERS = ("org", "env", "key")  # the org-scoped layers, in the order the script
 
 @dataclass(frozen=True)
 class LayerLimits:
+    tokens_per_sec: int | None = None
     tokens_per_min: int | None = None
     requests_per_min: int | None = None
     tokens_per_day: int | None = None
@@ -18,8 +19,8 @@ class LayerLimits:
 
     @property
     def limited(self) -> bool:
-        return any(v is not None for v in (self.tokens_per_min, self.requests_per_min, self.tokens_per_day,
-                                            self.concurrency))
+        return any(v is not None for v in (self.tokens_per_sec, self.tokens_per_min, self.requests_per_min,
+                                            self.tokens_per_day, self.concurrency))
 
 
 @dataclass(frozen=True)

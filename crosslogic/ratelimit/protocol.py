@@ -6,8 +6,9 @@ from crosslogic import errors
 from crosslogic.ratelimit.engine import BucketView, Decision
 
 _LAYER_NAMES = {"org": "organization", "env": "environment", "key": "API key"}
-_KIND_NAMES = {"tokens_per_min": "tokens per minute", "requests_per_min": "requests per minute",
-               "tokens_per_day": "tokens per day", "concurrency": "concurrent requests"}
+_KIND_NAMES = {"tokens_per_sec": "tokens per second", "tokens_per_min": "tokens per minute",
+               "requests_per_min": "requests per minute", "tokens_per_day": "tokens per day",
+               "concurrency": "concurrent requests"}
 
 
 def openai_duration(ms: int) -> str:

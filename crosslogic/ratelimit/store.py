@@ -19,7 +19,9 @@ log = logging.getLogger("crosslogic.ratelimit")
 LIMITS_CHANNEL = "crosslogic_limits"
 
 TENANT_LIMITS_SQL = """
-SELECT COALESCE(o.rate_limit_tokens_per_min, p.tokens_per_min) AS org_tpm,
+SELECT o.rate_limit_tokens_per_sec AS org_tps, e.rate_limit_tokens_per_sec AS env_tps,
+       k.rate_limit_tokens_per_sec AS key_tps,
+       COALESCE(o.rate_limit_tokens_per_min, p.tokens_per_min) AS org_tpm,
        COALESCE(o.rate_limit_requests_per_min, p.requests_per_min) AS org_rpm,
        COALESCE(o.rate_limit_tokens_per_day, p.tokens_per_day) AS org_tpd,
        COALESCE(o.concurrency_limit, p.concurrency_limit) AS org_conc,
@@ -47,7 +49,8 @@ WHERE rate_limit_tokens_per_min IS NOT NULL OR rate_limit_requests_per_min IS NO
 def tenant_limits(row: asyncpg.Record | dict, policy: dict[str, tuple[bool, bool]]) -> TenantLimits:
     def layer(name: str, tpd: int | None = None) -> LayerLimits:
         fail_open, shadow = policy.get(name, (True, False))
-        return LayerLimits(tokens_per_min=row[f"{name}_tpm"], requests_per_min=row[f"{name}_rpm"],
+        return LayerLimits(tokens_per_sec=row[f"{name}_tps"], tokens_per_min=row[f"{name}_tpm"],
+                           requests_per_min=row[f"{name}_rpm"],
                            tokens_per_day=tpd, concurrency=row[f"{name}_conc"], shadow=shadow,
                            fail_open=fail_open)
 

@@ -15,16 +15,19 @@ INSERT INTO plan_limits (billing_plan, tokens_per_min, requests_per_min, tokens_
     ('enterprise', NULL,     NULL,  NULL,      NULL);
 
 ALTER TABLE orgs
+    ADD COLUMN rate_limit_tokens_per_sec integer CHECK (rate_limit_tokens_per_sec IS NULL OR rate_limit_tokens_per_sec > 0),
     ADD COLUMN rate_limit_tokens_per_min integer CHECK (rate_limit_tokens_per_min IS NULL OR rate_limit_tokens_per_min > 0),
     ADD COLUMN rate_limit_requests_per_min integer CHECK (rate_limit_requests_per_min IS NULL OR rate_limit_requests_per_min > 0),
     ADD COLUMN rate_limit_tokens_per_day bigint CHECK (rate_limit_tokens_per_day IS NULL OR rate_limit_tokens_per_day > 0),
     ADD COLUMN concurrency_limit integer CHECK (concurrency_limit IS NULL OR concurrency_limit > 0);
 
 ALTER TABLE environments
+    ADD COLUMN rate_limit_tokens_per_sec integer CHECK (rate_limit_tokens_per_sec IS NULL OR rate_limit_tokens_per_sec > 0),
     ADD COLUMN rate_limit_tokens_per_min integer CHECK (rate_limit_tokens_per_min IS NULL OR rate_limit_tokens_per_min > 0),
     ADD COLUMN rate_limit_requests_per_min integer CHECK (rate_limit_requests_per_min IS NULL OR rate_limit_requests_per_min > 0);
 
 ALTER TABLE api_keys
+    ADD COLUMN rate_limit_tokens_per_sec integer CHECK (rate_limit_tokens_per_sec IS NULL OR rate_limit_tokens_per_sec > 0),
     ADD COLUMN rate_limit_requests_per_min integer CHECK (rate_limit_requests_per_min IS NULL OR rate_limit_requests_per_min > 0),
     ADD COLUMN concurrency_limit integer CHECK (concurrency_limit IS NULL OR concurrency_limit > 0);
 
