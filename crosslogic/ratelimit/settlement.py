@@ -39,8 +39,9 @@ def settled_tokens(record: UsageRecord) -> int:
 
 
 class Settler:
-    def __init__(self, limiter: Limiter, max_pending: int = 100_000) -> None:
+    def __init__(self, limiter: Limiter, max_pending: int = 100_000, workers: int = 8) -> None:
         self.limiter = limiter
+        self.workers = workers  # settlements are independent: several in flight hide Redis round trips
         self.queue: asyncio.Queue[UsageRecord] = asyncio.Queue(max_pending)
         self.settled = 0
 
@@ -59,6 +60,9 @@ class Settler:
         return settled
 
     async def run(self) -> None:
+        await asyncio.gather(*(self._work() for _ in range(self.workers)))
+
+    async def _work(self) -> None:
         while True:
             record = await self.queue.get()
             while True:
