@@ -221,3 +221,33 @@ async def test_used_up_quota_is_refused_with_403_quota_exceeded(gateway, sql, le
             await quota_counted(gateway, tenant["org_id"], scope, target, period) == billed
 
     await wait_for(counted_as_billed, "quota counters equal to the ledger")
+
+
+def _service_pid(port: int) -> int:
+    """The pid of this stack's rate-limit service (found by its unique listen port)."""
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-f", f"serve ratelimit --listen 127.0.0.1:{port}"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
+
+
+async def test_unanswering_rate_limiter_fails_closed_with_openai_503(gateway):
+    import os
+    import signal
+
+    tenant = await limited_tenant(gateway)
+    pid = _service_pid(gateway["ports"]["ratelimit"])
+    os.kill(pid, signal.SIGSTOP)  # the service hangs: Envoy's call times out
+    try:
+        status, _, body = await _raw_chat(gateway, tenant["keys"][0]["api_key"], 5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status == 503
+    assert body["error"]["code"] == "service_unavailable" and body["error"]["type"] == "server_error"
+
+    async def flows_again():
+        return (await _raw_chat(gateway, tenant["keys"][0]["api_key"], 5))[0] == 200
+
+    await wait_for(flows_again, "the rate limiter to answer again")
