@@ -45,6 +45,10 @@ def invalid_request(message: str, param: str | None = None) -> ClientError:
     return ClientError(400, message, "invalid_request_error", "invalid_request_error", param)
 
 
+def request_too_large() -> ClientError:
+    return ClientError(413, "Request body is too large.", "invalid_request_error", "request_too_large")
+
+
 def service_unavailable() -> ClientError:
     return ClientError(503, "The service is temporarily unavailable. Please retry.", "server_error",
                        "service_unavailable")

@@ -251,3 +251,22 @@ async def test_unanswering_rate_limiter_fails_closed_with_openai_503(gateway):
         return (await _raw_chat(gateway, tenant["keys"][0]["api_key"], 5))[0] == 200
 
     await wait_for(flows_again, "the rate limiter to answer again")
+
+
+async def test_environment_caps_request_size_and_max_tokens_per_request(gateway):
+    tenant = await limited_tenant(gateway)
+    await execute(gateway, "UPDATE environments SET max_request_bytes = 400, max_tokens_per_request = 50 "
+                  "WHERE env_id = $1", uuid.UUID(tenant["env_id"]))
+    api_key = tenant["keys"][0]["api_key"]
+
+    async def capped():
+        status, _, body = await _raw_chat(gateway, api_key, 51)
+        return body if status == 400 else None
+
+    body = await wait_for(capped, "the environment's caps to apply")
+    assert body["error"]["param"] == "max_tokens" and "50" in body["error"]["message"]
+    assert (await _chat(gateway, api_key, 50)).http_response.status_code == 200
+    with pytest.raises(openai.APIStatusError) as too_large:
+        await client(gateway, api_key).chat.completions.create(
+            model="llama-3-8b", messages=[{"role": "user", "content": "x" * 500}], max_tokens=5)
+    assert too_large.value.status_code == 413 and too_large.value.code == "request_too_large"

@@ -75,10 +75,10 @@ class Authorizer:
                                        "key_id": identity.key_id}
         endpoint = endpoint_for(path)
         if endpoint is not None and method == "POST":
-            if self.quotas is not None:
-                await self.quotas.check(identity.org_id, identity.env_id)
             models = await self.catalogue.current()
             facts = validate_request(endpoint, body, models, frozenset(identity.allowed_models))
+            if self.quotas is not None:
+                await self.quotas.check(identity.org_id, identity.env_id, len(body), facts.max_tokens)
             region = identity.region or self.default_region
             route = route_key(region, facts.model)
             out.update({"x-clp-model": facts.model, "x-clp-region": region, "x-clp-route": route,

@@ -1,4 +1,5 @@
 """Token quotas per day and per hour, for environments and orgs: checked by ext_authz (403), counted at settlement.
+Also the per-request caps of an environment (body size -> 413, max_tokens -> 400).
 
 A quota is a spending cap over calendar periods (UTC day, UTC hour), not a rate: counters hold the
 tokens really used (settled usage, so they agree with the ledger) in keys that expire after their
@@ -22,7 +23,8 @@ from crosslogic.ratelimit.engine import org_tag
 log = logging.getLogger("crosslogic.ratelimit")
 QUOTAS_SQL = """
 SELECT o.quota_tokens_per_day AS org_day, o.quota_tokens_per_hour AS org_hour,
-       e.quota_tokens_per_day AS env_day, e.quota_tokens_per_hour AS env_hour
+       e.quota_tokens_per_day AS env_day, e.quota_tokens_per_hour AS env_hour,
+       e.max_request_bytes, e.max_tokens_per_request
 FROM environments e JOIN orgs o ON o.org_id = e.org_id
 WHERE e.env_id = $1
 """
@@ -37,6 +39,8 @@ class Quotas:
     org_hour: int | None = None
     env_day: int | None = None
     env_hour: int | None = None
+    max_request_bytes: int | None = None
+    max_tokens_per_request: int | None = None
 
     def limits(self) -> tuple[tuple[str, str, int | None], ...]:
         return (("org", "d", self.org_day), ("org", "h", self.org_hour),
@@ -63,6 +67,15 @@ def exceeded(quotas: Quotas, used: list[int]) -> tuple[str, str] | None:
     return None
 
 
+def cap_violation(quotas: Quotas, body_bytes: int, max_tokens: int) -> errors.ClientError | None:
+    if quotas.max_request_bytes is not None and body_bytes > quotas.max_request_bytes:
+        return errors.request_too_large()
+    if quotas.max_tokens_per_request is not None and max_tokens > quotas.max_tokens_per_request:
+        return errors.invalid_request(f"max_tokens is limited to {quotas.max_tokens_per_request} in this "
+                                      "environment.", "max_tokens")
+    return None
+
+
 class QuotaGuard:
     """ext_authz's quota check: quotas from Postgres (cached), usage counters from Redis."""
 
@@ -85,9 +98,13 @@ class QuotaGuard:
         self._cache[env_id] = (now, quotas)
         return quotas
 
-    async def check(self, org_id: str, env_id: str) -> None:
-        """Raises ClientError 403 quota_exceeded when a quota is used up. Redis down: allow (logged)."""
+    async def check(self, org_id: str, env_id: str, body_bytes: int, max_tokens: int) -> None:
+        """Raises the ClientError for a request over its environment's caps (413 / 400), or 403
+        quota_exceeded when a quota is used up. Redis down: quotas allow (logged)."""
         quotas = await self.quotas(env_id)
+        violation = cap_violation(quotas, body_bytes, max_tokens)
+        if violation is not None:
+            raise violation
         if not quotas.any:
             return
         try:

@@ -82,3 +82,9 @@ ALTER TABLE orgs
     ADD COLUMN quota_tokens_per_hour bigint CHECK (quota_tokens_per_hour IS NULL OR quota_tokens_per_hour >= 0);
 ALTER TABLE environments
     ADD COLUMN quota_tokens_per_hour bigint CHECK (quota_tokens_per_hour IS NULL OR quota_tokens_per_hour >= 0);
+
+-- Per-request caps per environment (seed §13.3, §16): longest request body, most tokens one request may
+-- generate. NULL = only the platform-wide limits (Envoy's max_request_bytes, the model's max_output_tokens).
+ALTER TABLE environments
+    ADD COLUMN max_request_bytes integer CHECK (max_request_bytes IS NULL OR max_request_bytes > 0),
+    ADD COLUMN max_tokens_per_request integer CHECK (max_tokens_per_request IS NULL OR max_tokens_per_request > 0);
