@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -270,3 +271,14 @@ async def test_environment_caps_request_size_and_max_tokens_per_request(gateway)
         await client(gateway, api_key).chat.completions.create(
             model="llama-3-8b", messages=[{"role": "user", "content": "x" * 500}], max_tokens=5)
     assert too_large.value.status_code == 413 and too_large.value.code == "request_too_large"
+
+
+async def test_shadowed_key_limit_is_logged_but_never_refuses(gateway):
+    tenant = await limited_tenant(gateway, key=(None, 1, None))
+    await execute(gateway, "UPDATE api_keys SET rate_limit_shadow = true WHERE key_id = $1",
+                  uuid.UUID(tenant["keys"][0]["key_id"]))
+    api_key = tenant["keys"][0]["api_key"]
+    for _ in range(3):  # 1 request/min, shadowed: all pass
+        assert (await _chat(gateway, api_key, 5)).http_response.status_code == 200
+    log = (Path(gateway["state_dir"]) / "logs" / "ratelimit.log").read_text()
+    assert f"key={tenant['keys'][0]['key_id']} layer=key limit=requests_per_min" in log

@@ -88,3 +88,9 @@ ALTER TABLE environments
 ALTER TABLE environments
     ADD COLUMN max_request_bytes integer CHECK (max_request_bytes IS NULL OR max_request_bytes > 0),
     ADD COLUMN max_tokens_per_request integer CHECK (max_tokens_per_request IS NULL OR max_tokens_per_request > 0);
+
+-- Shadow mode per org / env / key: that layer's limits are decided and logged, never enforced
+-- (rolling out a new limit for one tenant); rate_limit_layers.shadow does it for a whole layer.
+ALTER TABLE orgs ADD COLUMN rate_limit_shadow boolean NOT NULL DEFAULT false;
+ALTER TABLE environments ADD COLUMN rate_limit_shadow boolean NOT NULL DEFAULT false;
+ALTER TABLE api_keys ADD COLUMN rate_limit_shadow boolean NOT NULL DEFAULT false;
