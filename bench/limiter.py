@@ -4,8 +4,9 @@
 
 1. Decisions/s: `processes` client processes, each `concurrency` coroutines in a closed loop, admit requests
    for 1,000 tenants with limits at all four layers (org, env, key in one EVALSHA; global in a second),
-   against one embedded Valkey. Also the same with only the tenant scope (one EVALSHA per decision), and
-   Valkey's own CPU per script call (INFO commandstats), i.e. what one Valkey core could serve.
+   against one embedded Valkey. Also the same with only the tenant scope (one EVALSHA per decision), the
+   tenant scope pipelined 32 per round trip from one process (Valkey's capacity without the Python
+   client's per-call cost), and Valkey's own CPU per script call (INFO commandstats).
 2. Latency through Envoy: `crosslogic up --demo` (ext_authz + rate limit + Lua + ALS) vs a router-only
    Envoy to the same simulated nodes, sequential requests, same run; plus a bare ShouldRateLimit round trip.
 Only ratios are comparable across machines.
@@ -68,9 +69,43 @@ def _decide_worker(url: str, seconds: float, concurrency: int, four_layers: bool
     out.put(asyncio.run(main()))
 
 
-def decisions_per_second(url: str, seconds: float, processes: int, concurrency: int, four_layers: bool) -> float:
+def _pipelined_worker(url: str, seconds: float, batch: int, out) -> None:
+    """Tenant-scope reservations sent `batch` per round trip: Valkey's capacity without the Python
+    client's per-call cost (what an auto-batching limiter service would send)."""
+    import redis.asyncio as aioredis
+
+    from crosslogic.ratelimit.engine import tenant_scope
+
+    async def main() -> int:
+        redis = aioredis.from_url(url)
+        limiter = Limiter(redis, reservation_ttl_ms=60_000)
+        source = limiter.reserve_command(tenant_scope("a", "b", "c"), "x", 1, TENANT.layers())[0]
+        sha = await redis.script_load(source)
+        tenants = [(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1000)]
+        done, n = 0, 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            pipe = redis.pipeline(transaction=False)
+            for _ in range(batch):
+                org, env, key = tenants[n % len(tenants)]
+                n += 7
+                _, keys, args = limiter.reserve_command(tenant_scope(org, env, key), uuid.uuid4().hex, 300,
+                                                        TENANT.layers())
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            await pipe.execute()
+            done += batch
+        await redis.aclose()
+        return done
+
+    out.put(asyncio.run(main()))
+
+
+def decisions_per_second(url: str, seconds: float, processes: int, concurrency: int, four_layers: bool,
+                         pipelined: bool = False) -> float:
     queue: multiprocessing.Queue = multiprocessing.Queue()
-    workers = [multiprocessing.Process(target=_decide_worker, args=(url, seconds, concurrency, four_layers, queue))
+    target, extra = ((_pipelined_worker, (32,)) if pipelined
+                     else (_decide_worker, (concurrency, four_layers)))
+    workers = [multiprocessing.Process(target=target, args=(url, seconds, *extra, queue))
                for _ in range(processes)]
     start = time.perf_counter()
     for w in workers:
@@ -203,10 +238,12 @@ def main() -> None:
             three = decisions_per_second(valkey.url, args.seconds, args.processes, args.concurrency, False)
             four = decisions_per_second(valkey.url, args.seconds, args.processes, args.concurrency, True)
             usec = asyncio.run(script_usec_per_call(valkey.url))
+            piped = decisions_per_second(valkey.url, args.seconds, 1, 0, False, pipelined=True)
         finally:
             valkey.stop()
         print(f"decisions/s, tenant scope (org+env+key, 1 EVALSHA):      {three:10.0f}")
         print(f"decisions/s, four layers (+ global, 2 EVALSHA):          {four:10.0f}")
+        print(f"decisions/s, tenant scope, pipelined 32 per round trip: {piped:10.0f}")
         print(f"Valkey CPU per EVALSHA: {usec:.1f} us -> one Valkey core serves ~{1e6 / usec:,.0f} scripts/s "
               f"(~{1e6 / usec / 2:,.0f} four-layer decisions/s)")
         if not args.skip_envoy:

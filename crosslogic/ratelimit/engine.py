@@ -141,13 +141,19 @@ class Limiter:
         self._reserve = LuaScript(_script("reserve.lua"))
         self._settle = LuaScript(_script("settle.lua"))
 
-    async def reserve_scope(self, scope: Scope, request_id: str, tokens: int,
-                            limits: tuple[LayerLimits, ...]) -> Decision:
+    def reserve_command(self, scope: Scope, request_id: str, tokens: int,
+                        limits: tuple[LayerLimits, ...]) -> tuple[str, list[str], list]:
+        """(script source, KEYS, ARGV) of one reservation (what reserve_scope sends; bench pipelines it)."""
         args: list = [self.clock(), request_id, self.reservation_ttl_ms, max(0, tokens)]
         for layer in limits:
             args += [layer.tokens_per_sec or 0, layer.tokens_per_min or 0, layer.requests_per_min or 0,
                      layer.tokens_per_day or 0, layer.concurrency or 0, 1 if layer.shadow else 0]
-        out = await self._reserve(self.redis, scope.keys(request_id), args)
+        return self._reserve.source, scope.keys(request_id), args
+
+    async def reserve_scope(self, scope: Scope, request_id: str, tokens: int,
+                            limits: tuple[LayerLimits, ...]) -> Decision:
+        _, keys, args = self.reserve_command(scope, request_id, tokens, limits)
+        out = await self._reserve(self.redis, keys, args)
         status, failed, retry, shadow = (int(v) for v in out[:4])
         if status == 2:
             return Decision(admitted=True, repeated=True)

@@ -111,6 +111,7 @@ def _ratelimit_filter(settings: GatewaySettings) -> dict:
             # Redis-down policy is decided per layer by the service; when the service itself cannot
             # answer, refuse with a 503 rather than run unlimited.
             "failure_mode_deny": True,
+            "disable_x_envoy_ratelimited_header": True,  # no implementation details to clients
             "status_on_error": {"code": 503},
             "rate_limit_service": {"grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
                                    "transport_api_version": "V3"},
