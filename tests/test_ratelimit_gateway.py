@@ -282,3 +282,37 @@ async def test_shadowed_key_limit_is_logged_but_never_refuses(gateway):
         assert (await _chat(gateway, api_key, 5)).http_response.status_code == 200
     log = (Path(gateway["state_dir"]) / "logs" / "ratelimit.log").read_text()
     assert f"key={tenant['keys'][0]['key_id']} layer=key limit=requests_per_min" in log
+
+
+async def _set_chat_nodes(gateway: dict, **config) -> None:
+    async with aiohttp.ClientSession() as http:
+        for node in gateway["demo_nodes"]:
+            if node["model"] == "llama-3-8b":
+                async with http.post(f"{node['url']}/sim/config", json=config) as response:
+                    assert response.status == 200
+
+
+async def test_concurrency_lease_is_held_while_streaming_and_released_at_settlement(gateway):
+    tenant = await limited_tenant(gateway, key=(None, None, 1))
+    api = client(gateway, tenant["keys"][0]["api_key"])
+    await _set_chat_nodes(gateway, tokens_per_sec=50)  # a 40-token stream takes ~0.8 s
+    try:
+        stream = await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=40,
+                                                   stream=True)
+        await stream.__anext__()
+        with pytest.raises(openai.RateLimitError) as refused:
+            await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=5)
+        assert "concurrent requests" in refused.value.message
+        async for _ in stream:
+            pass
+    finally:
+        await _set_chat_nodes(gateway, tokens_per_sec=0)
+
+    async def lease_released():
+        try:
+            await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=5)
+            return True
+        except openai.RateLimitError:
+            return False
+
+    await wait_for(lease_released, "settlement to release the lease")
