@@ -14,6 +14,7 @@ from crosslogic.ratelimit.store import LimitStore
 from crosslogic.runtime.valkey import EmbeddedValkey
 from crosslogic.store import tenancy
 from crosslogic.store.db import open_pool
+from tests.ratelimit_helpers import wait_for
 
 
 async def _tenant(database_url: str) -> dict[str, str]:
@@ -44,15 +45,21 @@ async def test_redis_down_fails_open_by_default_then_limits_again_when_it_return
     redis = aioredis.from_url(own_valkey.url, socket_connect_timeout=0.5, socket_timeout=0.5)
     async with open_pool(database_url) as pool:
         servicer = RateLimitServicer(Limiter(redis), LimitStore(pool))
-        assert (await servicer.decide(_entries(tenant))).admitted
+        assert (await servicer.decide(_entries(tenant, reserve=900))).admitted
 
         own_valkey.stop()
         degraded = await servicer.decide(_entries(tenant, reserve=5_000))
         assert degraded.admitted and degraded.degraded
 
         own_valkey.start()  # same port, scripts forgotten: the limiter reloads them by itself
-        assert not (await servicer.decide(_entries(tenant, reserve=1_000))).admitted
-        assert (await servicer.decide(_entries(tenant, reserve=100))).admitted
+
+        async def answering():  # until Valkey has loaded its data, decisions stay degraded (fail-open)
+            decision = await servicer.decide(_entries(tenant, reserve=1_000))
+            return None if decision.degraded else decision
+
+        # The 900 tokens reserved before the outage are still spent (1,000/min refills them in 54 s).
+        assert not (await wait_for(answering, "Valkey to answer again")).admitted
+        assert (await servicer.decide(_entries(tenant, reserve=50))).admitted
     await redis.aclose()
 
 
@@ -68,7 +75,14 @@ async def test_fail_closed_layer_refuses_while_redis_is_down(database_url, own_v
         with pytest.raises(LimiterUnavailable):  # Envoy turns the gRPC error into its 503 (status_on_error)
             await servicer.decide(_entries(tenant))
         own_valkey.start()
-        assert (await servicer.decide(_entries(tenant))).admitted
+
+        async def admitted_again():
+            try:
+                return (await servicer.decide(_entries(tenant))).admitted
+            except LimiterUnavailable:  # still loading its data
+                return False
+
+        await wait_for(admitted_again, "Valkey to answer again")
     await redis.aclose()
 
 
