@@ -172,7 +172,8 @@ async def test_reserved_tenant_keeps_getting_200s_while_a_serverless_flood_is_sh
     reserved = await limited_tenant(gateway)
     await execute(gateway, SET_RESERVED_SQL, uuid.UUID(reserved["org_id"]), 200)  # 12,000 tokens/min lane
     reserved_key = reserved["keys"][0]["api_key"]
-    await execute(gateway, SET_REGION_LIMIT_SQL, "ap-south", 3_000)
+    # 1,000 tokens/min: two 400-token requests drain it, and it refills 405 tokens only after ~24 s.
+    await execute(gateway, SET_REGION_LIMIT_SQL, "ap-south", 1_000)
     try:
         async def flood_is_shed():
             status, _, body = await _raw_chat(gateway, flood, 400)
@@ -295,16 +296,15 @@ async def _set_chat_nodes(gateway: dict, **config) -> None:
 async def test_concurrency_lease_is_held_while_streaming_and_released_at_settlement(gateway):
     tenant = await limited_tenant(gateway, key=(None, None, 1))
     api = client(gateway, tenant["keys"][0]["api_key"])
-    await _set_chat_nodes(gateway, tokens_per_sec=50)  # a 40-token stream takes ~0.8 s
+    await _set_chat_nodes(gateway, tokens_per_sec=20)  # a 200-token stream would take 10 s
     try:
-        stream = await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=40,
+        stream = await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=200,
                                                    stream=True)
         await stream.__anext__()
         with pytest.raises(openai.RateLimitError) as refused:
             await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=5)
         assert "concurrent requests" in refused.value.message
-        async for _ in stream:
-            pass
+        await stream.close()  # the client goes away mid-stream: settlement still releases the lease
     finally:
         await _set_chat_nodes(gateway, tokens_per_sec=0)
 
