@@ -74,6 +74,11 @@ async def test_successful_responses_carry_openai_rate_limit_headers(gateway):
     assert 0 < int(headers["x-ratelimit-remaining-tokens"]) < 5000
     assert headers["x-ratelimit-reset-tokens"].endswith(("ms", "s"))
     assert headers["x-ratelimit-reset-requests"].endswith(("ms", "s"))
+    streamed = await client(gateway, tenant["keys"][0]["api_key"]).chat.completions.with_raw_response.create(
+        model="llama-3-8b", messages=MESSAGES, max_tokens=5, stream=True)
+    assert streamed.headers["x-ratelimit-remaining-requests"] == "98"
+    async for _ in streamed.parse():
+        pass
 
 
 async def test_key_at_its_limit_does_not_affect_another_key_of_the_same_env(gateway):
