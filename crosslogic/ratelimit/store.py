@@ -37,13 +37,15 @@ LEFT JOIN plan_limits p ON p.billing_plan = o.billing_plan
 WHERE k.key_id = $1
 """
 LAYER_POLICY_SQL = "SELECT layer, fail_open, shadow FROM rate_limit_layers"
-GLOBAL_LIMITS_SQL = "SELECT tokens_per_min, requests_per_min, concurrency_limit FROM global_limits"
+GLOBAL_LIMITS_SQL = """
+SELECT tokens_per_sec, tokens_per_min, tokens_per_day, requests_per_min, concurrency_limit FROM global_limits
+"""
 REGION_LIMITS_SQL = """
-SELECT region_id, rate_limit_tokens_per_min AS tokens_per_min, rate_limit_requests_per_min AS requests_per_min,
-       concurrency_limit
+SELECT region_id, rate_limit_tokens_per_sec AS tokens_per_sec, rate_limit_tokens_per_min AS tokens_per_min,
+       NULL::bigint AS tokens_per_day, rate_limit_requests_per_min AS requests_per_min, concurrency_limit
 FROM regions
-WHERE rate_limit_tokens_per_min IS NOT NULL OR rate_limit_requests_per_min IS NOT NULL
-   OR concurrency_limit IS NOT NULL
+WHERE rate_limit_tokens_per_sec IS NOT NULL OR rate_limit_tokens_per_min IS NOT NULL
+   OR rate_limit_requests_per_min IS NOT NULL OR concurrency_limit IS NOT NULL
 """
 
 
@@ -62,7 +64,8 @@ def tenant_limits(row: asyncpg.Record | dict, policy: dict[str, tuple[bool, bool
 
 def _platform_layer(row: asyncpg.Record | dict, policy: tuple[bool, bool]) -> LayerLimits:
     fail_open, shadow = policy
-    return LayerLimits(tokens_per_min=row["tokens_per_min"], requests_per_min=row["requests_per_min"],
+    return LayerLimits(tokens_per_sec=row["tokens_per_sec"], tokens_per_min=row["tokens_per_min"],
+                       tokens_per_day=row["tokens_per_day"], requests_per_min=row["requests_per_min"],
                        concurrency=row["concurrency_limit"], shadow=shadow, fail_open=fail_open)
 
 

@@ -45,12 +45,15 @@ INSERT INTO rate_limit_layers (layer, fail_open) VALUES
 -- Saturating them sheds serverless traffic (429 server_busy); reserved capacity bypasses them.
 CREATE TABLE global_limits (
     singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    tokens_per_sec   bigint CHECK (tokens_per_sec IS NULL OR tokens_per_sec > 0),
     tokens_per_min   bigint CHECK (tokens_per_min IS NULL OR tokens_per_min > 0),
+    tokens_per_day   bigint CHECK (tokens_per_day IS NULL OR tokens_per_day > 0),
     requests_per_min integer CHECK (requests_per_min IS NULL OR requests_per_min > 0),
     concurrency_limit integer CHECK (concurrency_limit IS NULL OR concurrency_limit > 0)
 );
 INSERT INTO global_limits (singleton) VALUES (true);
 ALTER TABLE regions
+    ADD COLUMN rate_limit_tokens_per_sec bigint CHECK (rate_limit_tokens_per_sec IS NULL OR rate_limit_tokens_per_sec > 0),
     ADD COLUMN rate_limit_tokens_per_min bigint CHECK (rate_limit_tokens_per_min IS NULL OR rate_limit_tokens_per_min > 0),
     ADD COLUMN rate_limit_requests_per_min integer CHECK (rate_limit_requests_per_min IS NULL OR rate_limit_requests_per_min > 0),
     ADD COLUMN concurrency_limit integer CHECK (concurrency_limit IS NULL OR concurrency_limit > 0);

@@ -1,4 +1,5 @@
-"""Redis-down policy per layer, and recovery when Redis returns: real Valkey (stopped and restarted), real Postgres."""
+"""The rate-limit service on real Valkey (stopped and restarted) and Postgres: Redis-down policy, recovery,
+shadow mode, limits loaded from plan defaults, overrides and the platform tables."""
 
 from __future__ import annotations
 
@@ -99,3 +100,24 @@ async def test_shadow_layer_admits_over_its_limit_through_the_service(database_u
         assert over.admitted and over.shadow_layer == "key"
         assert response_for(over).overall_code == response_for(over).OK
     await redis.aclose()
+
+
+async def test_limits_load_from_plan_defaults_overrides_and_platform_tables(database_url):
+    tenant = await _tenant(database_url)
+    conn = await asyncpg.connect(database_url)
+    await conn.execute("UPDATE orgs SET billing_plan = 'free', reserved_capacity_tokens_per_sec = 5")
+    await conn.execute("UPDATE environments SET concurrency_limit = 3, rate_limit_tokens_per_sec = 50")
+    await conn.execute("UPDATE global_limits SET tokens_per_day = 10000000, concurrency_limit = 900")
+    await conn.execute("UPDATE regions SET rate_limit_tokens_per_sec = 700 WHERE region_id = 'ap-south'")
+    await conn.close()
+    async with open_pool(database_url) as pool:
+        store = LimitStore(pool)
+        limits = await store.for_key(tenant["key_id"])
+        platform = await store.platform()
+    # The free plan's defaults fill the org layer; the key's own override (1,000/min) stays.
+    assert (limits.org.tokens_per_min, limits.org.requests_per_min, limits.org.tokens_per_day,
+            limits.org.concurrency) == (40_000, 60, 1_000_000, 8)
+    assert (limits.env.concurrency, limits.env.tokens_per_sec) == (3, 50)
+    assert limits.key.tokens_per_min == 1_000 and limits.reserved_tokens_per_sec == 5
+    assert (platform.global_.tokens_per_day, platform.global_.concurrency) == (10_000_000, 900)
+    assert platform.for_region("ap-south")[1].tokens_per_sec == 700
