@@ -94,9 +94,10 @@ def start_stack(stack: Stack) -> Stack:
 
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
                       CROSSLOGIC_KEY_SECRET=secret)
-    ports = {name: free_port() for name in ("xds", "authz", "accounting", "api", "admin")}
+    ports = {name: free_port() for name in ("xds", "authz", "ratelimit", "accounting", "api", "admin")}
     for name, argv in (
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
+        ("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"]),
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
         ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}"]),
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
@@ -112,7 +113,7 @@ def start_stack(stack: Stack) -> Stack:
 
     stack.envoy = EnvoyProcess(logs, BootstrapParams(
         node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
-        accounting_port=ports["accounting"], api_port=ports["api"])).start()
+        accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"])).start()
     gateway_url = f"http://{options.host}:{options.port}"
     wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", stack.envoy.child.proc)
     if demo:
