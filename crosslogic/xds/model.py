@@ -29,6 +29,7 @@ class Pool:
     region: str
     model: str
     endpoints: tuple[PoolEndpoint, ...] = ()
+    retries: int | None = None  # from the routing policy; None = the gateway default
 
     @property
     def cluster_name(self) -> str:

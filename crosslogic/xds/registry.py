@@ -1,50 +1,105 @@
-"""Node pools from Postgres: which nodes serve which model in which region, with failover priorities."""
+"""Node pools from Postgres: which nodes serve which model in which region, with health, load-aware
+weights and failover priorities."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import asyncpg
 
 from crosslogic.xds.model import EndpointHealth, Pool, PoolEndpoint
+from crosslogic.xds.node_registry import Lifetimes
+from crosslogic.xds.policy import RoutingPolicy
+from crosslogic.xds.scoring import NodeLoad, eds_weight
 
 _NODES_SQL = """
-SELECT node_id::text AS node_id, region, endpoint_host, endpoint_port, weight, status, model_list
-FROM nodes
-WHERE status <> 'dead' AND reserved_org_id IS NULL
+SELECT n.node_id::text AS node_id, n.region, n.endpoint_host, n.endpoint_port, n.weight, n.status, n.model_list,
+       n.agent_managed, n.throughput_tokens_per_sec,
+       EXTRACT(EPOCH FROM now() - l.last_heartbeat_at)::float8 AS heartbeat_age_s,
+       l.requests_running, l.requests_waiting, l.kv_cache_usage, l.generation_tokens_per_sec, l.metrics_at
+FROM nodes n LEFT JOIN node_load l USING (node_id)
+WHERE n.status <> 'dead' AND n.reserved_org_id IS NULL
 """
-_REGIONS_SQL = "SELECT region_id, fallback_chain FROM regions WHERE status = 'active'"
-_MODELS_SQL = "SELECT model_id FROM models WHERE status = 'active'"
+_MODELS_SQL = "SELECT model_id, tokens_per_sec FROM models WHERE status = 'active'"
 
-_HEALTH = {"active": EndpointHealth.HEALTHY, "draining": EndpointHealth.DRAINING}
+_STATUS_HEALTH = {"active": EndpointHealth.HEALTHY, "draining": EndpointHealth.DRAINING}
 
 
-def assemble_pools(nodes: list[dict], regions: dict[str, list[str]], models: set[str]) -> list[Pool]:
+@dataclass(frozen=True)
+class NodeView:
+    """One node as the scheduler sees it: its registry status and liveness, already decided."""
+
+    node_id: str
+    region: str
+    host: str
+    port: int
+    models: tuple[str, ...]
+    health: EndpointHealth
+    load: NodeLoad | None  # None: no metrics (static node or not scraped yet) -> the configured weight
+    static_weight: int = 100
+
+
+def node_health(status: str, agent_managed: bool, heartbeat_age_s: float | None,
+                lifetimes: Lifetimes) -> EndpointHealth:
+    """The registry state machine as seen by Envoy (module docstring of node_registry)."""
+    health = _STATUS_HEALTH.get(status, EndpointHealth.UNHEALTHY)
+    if health is EndpointHealth.HEALTHY and agent_managed and (
+            heartbeat_age_s is None or heartbeat_age_s > lifetimes.heartbeat_timeout_s):
+        return EndpointHealth.UNHEALTHY
+    return health
+
+
+def node_view(row: Mapping, lifetimes: Lifetimes) -> NodeView:
+    load = None
+    if row.get("metrics_at") is not None:
+        load = NodeLoad(requests_running=row["requests_running"], requests_waiting=row["requests_waiting"],
+                        kv_cache_usage=row["kv_cache_usage"], tokens_per_sec=row["generation_tokens_per_sec"],
+                        capacity_tokens_per_sec=float(row["throughput_tokens_per_sec"] or 0))
+    return NodeView(node_id=row["node_id"], region=row["region"], host=row["endpoint_host"],
+                    port=row["endpoint_port"], models=tuple(row["model_list"]),
+                    health=node_health(row["status"], row.get("agent_managed", False), row.get("heartbeat_age_s"),
+                                       lifetimes),
+                    load=load, static_weight=row.get("weight", 100))
+
+
+def _weight(node: NodeView, policy: RoutingPolicy, region: str, reference_tps: float) -> int:
+    if node.load is None:
+        return node.static_weight
+    rules = policy.for_region(region)
+    return eds_weight(node.load, rules.score_weights, rules.queue_capacity, reference_tps)
+
+
+def assemble_pools(nodes: list[NodeView], policy: RoutingPolicy, models: Mapping[str, float]) -> list[Pool]:
     """One pool per (region, model) that has at least one node in the region or its fallback chain.
 
     A region's own nodes are priority 0; nodes of the n-th fallback region are priority n, which Envoy
-    uses only when every higher priority has no healthy host.
+    uses only when every higher priority has no healthy host. A strictly pinned region has no fallbacks.
+    Weights follow each node's own region policy (its scorer weights), priorities the pool's region.
     """
-    by_region_model: dict[tuple[str, str], list[dict]] = {}
+    by_region_model: dict[tuple[str, str], list[NodeView]] = {}
     for node in nodes:
-        for model in node["model_list"]:
+        for model in node.models:
             if model in models:
-                by_region_model.setdefault((node["region"], model), []).append(node)
+                by_region_model.setdefault((node.region, model), []).append(node)
     pools = []
-    for region, chain in sorted(regions.items()):
+    for region, chain in sorted(policy.regions.items()):
+        rules = policy.for_region(region)
+        sources = [region] if rules.pinning == "strict" else [region, *[r for r in chain if r != region]]
         for model in sorted(models):
             endpoints = []
-            for priority, source_region in enumerate([region, *[r for r in chain if r != region]]):
+            for priority, source_region in enumerate(sources):
                 for node in by_region_model.get((source_region, model), []):
                     endpoints.append(PoolEndpoint(
-                        node_id=node["node_id"], host=node["endpoint_host"], port=node["endpoint_port"],
-                        weight=node["weight"], health=_HEALTH.get(node["status"], EndpointHealth.UNHEALTHY),
+                        node_id=node.node_id, host=node.host, port=node.port,
+                        weight=_weight(node, policy, node.region, models[model]), health=node.health,
                         priority=priority))
             if endpoints:
-                pools.append(Pool(region=region, model=model, endpoints=tuple(endpoints)))
+                pools.append(Pool(region=region, model=model, endpoints=tuple(endpoints), retries=rules.retries))
     return pools
 
 
-async def load_pools(conn: asyncpg.Connection) -> list[Pool]:
-    nodes = [dict(r) for r in await conn.fetch(_NODES_SQL)]
-    regions = {r["region_id"]: list(r["fallback_chain"]) for r in await conn.fetch(_REGIONS_SQL)}
-    models = {r["model_id"] for r in await conn.fetch(_MODELS_SQL)}
-    return assemble_pools(nodes, regions, models)
+async def load_pools(conn: asyncpg.Connection, policy: RoutingPolicy, lifetimes: Lifetimes) -> list[Pool]:
+    nodes = [node_view(dict(r), lifetimes) for r in await conn.fetch(_NODES_SQL)]
+    models = {r["model_id"]: float(r["tokens_per_sec"]) for r in await conn.fetch(_MODELS_SQL)}
+    return assemble_pools(nodes, policy, models)

@@ -182,7 +182,7 @@ def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
                 # Only failures before the node answered: a generation is never run twice on purpose.
                 "retry_on": "connect-failure,refused-stream,reset-before-request,retriable-status-codes",
                 "retriable_status_codes": [503],
-                "num_retries": settings.retries,
+                "num_retries": settings.retries if pool.retries is None else pool.retries,
                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
                                           "typed_config": {"@type": "type.googleapis.com/envoy.extensions"
                                                            ".retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
