@@ -76,8 +76,10 @@ class Agent:
     async def heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
+            healthy = await engine_healthy(self.session, self.config.engine_url)
             try:
-                await self.stub.SendHeartbeat(pb.HeartbeatRequest(node_id=self.node_id), timeout=5)
+                await self.stub.SendHeartbeat(pb.HeartbeatRequest(node_id=self.node_id, engine_unhealthy=not healthy),
+                                              timeout=5)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND and not self.evicted.is_set():
                     log.warning("control plane forgot this node; registering again")
@@ -149,7 +151,8 @@ async def run_agent(config: AgentConfig, stopping: asyncio.Event) -> None:
             await agent.register()
             tasks += [asyncio.create_task(agent.heartbeats()), asyncio.create_task(agent.metrics()),
                       asyncio.create_task(agent.watch_spot())]
-            await stopping.wait()
+            # A spot notice drains at once (the cloud takes the machine soon); SIGTERM drains too.
+            await _first_of(stopping, agent.evicted)
             await agent.drain("agent stopped" if not agent.evicted.is_set() else "spot eviction")
         finally:
             for task in tasks:
@@ -159,15 +162,28 @@ async def run_agent(config: AgentConfig, stopping: asyncio.Event) -> None:
                 await engine.stop()
 
 
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def engine_healthy(session: aiohttp.ClientSession, engine_url: str) -> bool:
+    try:
+        async with session.get(f"{engine_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
 async def wait_engine_ready(session: aiohttp.ClientSession, engine_url: str, stopping: asyncio.Event) -> None:
     """Registers only once the engine answers /health: Envoy must not get a node that cannot serve yet."""
     while not stopping.is_set():
-        try:
-            async with session.get(f"{engine_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
-                if response.status == 200:
-                    return
-        except (aiohttp.ClientError, TimeoutError):
-            pass
+        if await engine_healthy(session, engine_url):
+            return
         try:
             await asyncio.wait_for(stopping.wait(), 0.5)
         except TimeoutError:

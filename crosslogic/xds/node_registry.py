@@ -35,11 +35,12 @@ RETURNING node_id::text AS node_id, (xmax = 0) AS created
 SQL_EXISTING_SCOPE = "SELECT cloud, reserved_org_id::text AS reserved_org_id FROM nodes WHERE name = $1"
 SQL_RESET_LOAD = """
 INSERT INTO node_load (node_id) VALUES ($1::uuid)
-ON CONFLICT (node_id) DO UPDATE SET last_heartbeat_at = now(), requests_running = 0, requests_waiting = 0,
-    kv_cache_usage = 0, generation_tokens_per_sec = 0, metrics_at = NULL
+ON CONFLICT (node_id) DO UPDATE SET last_heartbeat_at = now(), engine_healthy = true, requests_running = 0,
+    requests_waiting = 0, kv_cache_usage = 0, generation_tokens_per_sec = 0, metrics_at = NULL
 """
 SQL_HEARTBEAT = """
-WITH beat AS (UPDATE node_load SET last_heartbeat_at = now() WHERE node_id = $1::uuid RETURNING node_id)
+WITH beat AS (UPDATE node_load SET last_heartbeat_at = now(), engine_healthy = $2
+              WHERE node_id = $1::uuid RETURNING node_id)
 SELECT n.status FROM nodes n JOIN beat USING (node_id)
 """
 SQL_METRICS = """
@@ -163,9 +164,9 @@ async def register(conn: asyncpg.Connection, reg: Registration, scope: NodeScope
         return row["node_id"]
 
 
-async def heartbeat(conn: asyncpg.Connection, node_id: str) -> str | None:
+async def heartbeat(conn: asyncpg.Connection, node_id: str, engine_healthy: bool = True) -> str | None:
     """Returns the node's registry status, or None when it is unknown (the agent must register again)."""
-    return await conn.fetchval(SQL_HEARTBEAT, node_id)
+    return await conn.fetchval(SQL_HEARTBEAT, node_id, engine_healthy)
 
 
 async def record_metrics(conn: asyncpg.Connection, node_id: str, running: float, waiting: float,

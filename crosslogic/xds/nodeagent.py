@@ -63,7 +63,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
 
     async def SendHeartbeat(self, request, context):  # noqa: N802
         async with self.pool.acquire() as conn:
-            status = await registry.heartbeat(conn, request.node_id)
+            status = await registry.heartbeat(conn, request.node_id, not request.engine_unhealthy)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: register again")
         return pb.HeartbeatResponse(status=status)

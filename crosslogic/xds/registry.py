@@ -16,7 +16,7 @@ from crosslogic.xds.scoring import NodeLoad, eds_weight
 _NODES_SQL = """
 SELECT n.node_id::text AS node_id, n.region, n.endpoint_host, n.endpoint_port, n.weight, n.status, n.model_list,
        n.agent_managed, n.throughput_tokens_per_sec,
-       EXTRACT(EPOCH FROM now() - l.last_heartbeat_at)::float8 AS heartbeat_age_s,
+       EXTRACT(EPOCH FROM now() - l.last_heartbeat_at)::float8 AS heartbeat_age_s, l.engine_healthy,
        l.requests_running, l.requests_waiting, l.kv_cache_usage, l.generation_tokens_per_sec, l.metrics_at
 FROM nodes n LEFT JOIN node_load l USING (node_id)
 WHERE n.status <> 'dead' AND n.reserved_org_id IS NULL
@@ -41,11 +41,11 @@ class NodeView:
 
 
 def node_health(status: str, agent_managed: bool, heartbeat_age_s: float | None,
-                lifetimes: Lifetimes) -> EndpointHealth:
+                lifetimes: Lifetimes, engine_healthy: bool = True) -> EndpointHealth:
     """The registry state machine as seen by Envoy (module docstring of node_registry)."""
     health = _STATUS_HEALTH.get(status, EndpointHealth.UNHEALTHY)
     if health is EndpointHealth.HEALTHY and agent_managed and (
-            heartbeat_age_s is None or heartbeat_age_s > lifetimes.heartbeat_timeout_s):
+            heartbeat_age_s is None or heartbeat_age_s > lifetimes.heartbeat_timeout_s or not engine_healthy):
         return EndpointHealth.UNHEALTHY
     return health
 
@@ -59,7 +59,7 @@ def node_view(row: Mapping, lifetimes: Lifetimes) -> NodeView:
     return NodeView(node_id=row["node_id"], region=row["region"], host=row["endpoint_host"],
                     port=row["endpoint_port"], models=tuple(row["model_list"]),
                     health=node_health(row["status"], row.get("agent_managed", False), row.get("heartbeat_age_s"),
-                                       lifetimes),
+                                       lifetimes, row.get("engine_healthy") is not False),
                     load=load, static_weight=row.get("weight", 100))
 
 

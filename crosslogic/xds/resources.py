@@ -180,7 +180,10 @@ def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
             "timeout": f"{settings.upstream_timeout_s}s",
             "retry_policy": {
                 # Only failures before the node answered: a generation is never run twice on purpose.
-                "retry_on": "connect-failure,refused-stream,reset-before-request,retriable-status-codes",
+                # `reset` also covers a node that died mid-request before sending response headers (its
+                # output was never delivered nor billed, so running it elsewhere is safe); a stream whose
+                # headers were sent is never retried by Envoy.
+                "retry_on": "connect-failure,refused-stream,reset-before-request,reset,retriable-status-codes",
                 "retriable_status_codes": [503],
                 "num_retries": settings.retries if pool.retries is None else pool.retries,
                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",

@@ -11,6 +11,7 @@ ALTER TABLE nodes
 CREATE TABLE node_load (
     node_id          uuid PRIMARY KEY REFERENCES nodes(node_id) ON DELETE CASCADE,
     last_heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    engine_healthy   boolean NOT NULL DEFAULT true,  -- the agent's last /health probe of vLLM
     requests_running double precision NOT NULL DEFAULT 0,
     requests_waiting double precision NOT NULL DEFAULT 0,
     kv_cache_usage   double precision NOT NULL DEFAULT 0,
