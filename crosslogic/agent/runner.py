@@ -148,7 +148,8 @@ async def run_agent(config: AgentConfig, stopping: asyncio.Event) -> None:
             await wait_engine_ready(session, config.engine_url, stopping)
             if stopping.is_set():
                 return
-            await agent.register()
+            if not await _register_with_retry(agent, stopping, config.backoff):
+                return
             tasks += [asyncio.create_task(agent.heartbeats()), asyncio.create_task(agent.metrics()),
                       asyncio.create_task(agent.watch_spot())]
             # A spot notice drains at once (the cloud takes the machine soon); SIGTERM drains too.
@@ -160,6 +161,24 @@ async def run_agent(config: AgentConfig, stopping: asyncio.Event) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
             if engine is not None:
                 await engine.stop()
+
+
+async def _register_with_retry(agent: Agent, stopping: asyncio.Event, backoff: Backoff) -> bool:
+    """Keeps trying while the control plane is unreachable (it may be restarting); a refusal is final."""
+    failures = 0
+    while not stopping.is_set():
+        try:
+            await agent.register()
+            return True
+        except grpc.aio.AioRpcError as exc:
+            failures += 1
+            delay = backoff.delay(failures)
+            log.warning("cannot register (%s: %s); retrying in %.1f s", exc.code().name, exc.details(), delay)
+            try:
+                await asyncio.wait_for(stopping.wait(), delay)
+            except TimeoutError:
+                pass
+    return False
 
 
 async def _first_of(*events: asyncio.Event) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import asyncpg
@@ -21,17 +22,22 @@ class ModelCatalogue:
         self.pool = pool
         self.models: dict[str, ModelSpec] = {}
         self.stale = True
+        self._reload = asyncio.Lock()
 
     def mark_stale(self) -> None:
         self.stale = True
 
     async def current(self) -> dict[str, ModelSpec]:
-        if self.stale:
-            self.stale = False
-            try:
-                rows = await self.pool.fetch(_MODELS_SQL)
-            except Exception:
-                self.stale = True
-                raise
-            self.models = {r["model_id"]: ModelSpec(**dict(r)) for r in rows}
+        if self.stale or self._reload.locked():
+            # Requests arriving during a reload wait for it: answering them from the old catalogue
+            # refused a just-added model with 404.
+            async with self._reload:
+                if self.stale:
+                    self.stale = False
+                    try:
+                        rows = await self.pool.fetch(_MODELS_SQL)
+                    except Exception:
+                        self.stale = True
+                        raise
+                    self.models = {r["model_id"]: ModelSpec(**dict(r)) for r in rows}
         return self.models

@@ -51,6 +51,11 @@ class _Stream:
             self.node_id = request.node.id
         type_url = request.type_url
         state = self.types.setdefault(type_url, _TypeState())
+        if request.response_nonce and request.response_nonce != state.sent_nonce:
+            # Stale: an answer to an older response; the newest is on its way. Its resource names are NOT
+            # recorded: Envoy repeats its whole subscription with the next ACK, and comparing against that
+            # is what notices a new cluster's CLA still has to be sent (else the cluster stays empty).
+            return []
         names_changed = list(request.resource_names) != state.names
         state.names = list(request.resource_names)
         if request.HasField("error_detail"):
@@ -60,8 +65,6 @@ class _Stream:
             return []
         if not request.response_nonce:
             return [type_url]  # first request of this type (or Envoy reconnected)
-        if request.response_nonce != state.sent_nonce:
-            return []  # stale: an answer to an older response; the newest is on its way
         if state.acked:
             # Envoy repeats an already-ACKed nonce when it needs the resources again (an EDS request after
             # a cluster was re-sent); answering is what avoids its 15 s stall (DESIGN.md §4).
