@@ -17,7 +17,9 @@ DEFAULT_SCOPE = "*"
 PINNING = ("strict", "fallback")
 MAX_RETRIES = 10
 
-SQL_POLICY = "SELECT region, pinning, spill_share, retries, score_weights, queue_capacity FROM routing_policy"
+SQL_POLICY = """
+SELECT region, pinning, spill_share, retries, score_weights, queue_capacity, load_aware FROM routing_policy
+"""
 SQL_REGIONS = "SELECT region_id, fallback_chain FROM regions WHERE status = 'active'"
 SQL_RECORD_STATUS = """
 INSERT INTO routing_policy_status (singleton, accepted, message, checked_at) VALUES (true, $1, $2, now())
@@ -33,6 +35,7 @@ class RegionPolicy:
     score_weights: Mapping[str, float] = field(
         default_factory=lambda: {"queue": 0.5, "kv_cache": 0.3, "throughput": 0.2})
     queue_capacity: int = 16
+    load_aware: bool = True  # False: static weights (the kill switch for the scorers)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def validate(rows: list[Mapping], regions: Mapping[str, tuple[str, ...]]) -> Rou
             by_region[row["region"]] = RegionPolicy(
                 pinning=row["pinning"], spill_share=float(row["spill_share"]), retries=int(row["retries"]),
                 score_weights={k: float(v) for k, v in _weights(row["score_weights"]).items()},
-                queue_capacity=int(row["queue_capacity"]))
+                queue_capacity=int(row["queue_capacity"]), load_aware=bool(row.get("load_aware", True)))
     if problems:
         raise PolicyRejected(problems)
     return RoutingPolicy(regions=dict(regions), by_region=by_region)

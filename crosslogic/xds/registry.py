@@ -64,9 +64,9 @@ def node_view(row: Mapping, lifetimes: Lifetimes) -> NodeView:
 
 
 def _weight(node: NodeView, policy: RoutingPolicy, region: str, reference_tps: float) -> int:
-    if node.load is None:
-        return node.static_weight
     rules = policy.for_region(region)
+    if node.load is None or not rules.load_aware:
+        return node.static_weight
     return eds_weight(node.load, rules.score_weights, rules.queue_capacity, reference_tps)
 
 

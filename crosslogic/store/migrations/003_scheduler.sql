@@ -29,6 +29,7 @@ CREATE TABLE routing_policy (
     retries          integer NOT NULL DEFAULT 2,
     score_weights    jsonb NOT NULL DEFAULT '{"queue": 0.5, "kv_cache": 0.3, "throughput": 0.2}'::jsonb,
     queue_capacity   integer NOT NULL DEFAULT 16,     -- waiting requests at which the queue scorer reaches 0
+    load_aware       boolean NOT NULL DEFAULT true,   -- false: every node keeps its static nodes.weight
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO routing_policy (region) VALUES ('*');
