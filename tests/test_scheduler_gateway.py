@@ -284,3 +284,48 @@ async def test_node_without_a_valid_certificate_cannot_register(fleet, tmp_path)
         assert await conn.fetchval("SELECT count(*) FROM nodes WHERE name = $1", request.name) == 0
     finally:
         await conn.close()
+
+
+async def test_model_upgrade_drains_old_version_nodes_without_a_failed_request(fleet):
+    await fleet.setup({"r": []})
+    old = [fleet.start_node(f"v1-{i}", "r", agent_args=("--model-version", "v1")) for i in (1, 2)]
+    client = await fleet.client("r")
+    await fleet.wait_healthy("r", old)
+
+    stop = asyncio.Event()
+    outcomes: list[object] = []
+
+    async def traffic() -> None:
+        while not stop.is_set():
+            outcomes.extend(await _send_many(client, fleet.model, 8, concurrency=4))
+
+    load = asyncio.create_task(traffic())
+    new = [fleet.start_node(f"v2-{i}", "r", agent_args=("--model-version", "v2")) for i in (1, 2)]
+    await fleet.wait_healthy("r", new)
+    upgrade = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "crosslogic.cli", "--state-dir", fleet.gateway["state_dir"], "upgrade",
+                         "--model", fleet.model, "--version", "v2"], capture_output=True, text=True, timeout=60)
+    assert upgrade.returncode == 0 and "draining 2 node(s)" in upgrade.stdout, upgrade.stderr
+    await fleet.wait_envoy("r", lambda h: all("draining" in h[n.address].get("health_flags", "") for n in old),
+                           "the old version draining")
+    served_by_old = sum([await n.requests_total() for n in old])
+    for node in old:  # operators then stop the old machines: the agent drains and retires the node
+        node.agent.send_signal(signal.SIGTERM)
+    for node in old:
+        assert await asyncio.to_thread(node.agent.wait, WAIT_S) == 0
+    assert sum([await n.requests_total() for n in old]) == served_by_old  # nothing new reached them
+    for node in old:
+        node.sim.send_signal(signal.SIGKILL)
+    after_kill = len(outcomes) + 16
+    while len(outcomes) < after_kill:  # traffic keeps flowing while the old machines disappear  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    stop.set()
+    await load
+    assert outcomes and all(isinstance(o, str) for o in outcomes), [o for o in outcomes if not isinstance(o, str)]
+    conn = await fleet.db()
+    try:
+        statuses = {r["name"]: r["status"] for r in await conn.fetch(
+            "SELECT name, status FROM nodes WHERE $1 = ANY (model_list)", fleet.model)}
+    finally:
+        await conn.close()
+    assert statuses == {**{n.name: "dead" for n in old}, **{n.name: "active" for n in new}}

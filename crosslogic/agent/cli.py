@@ -65,6 +65,24 @@ def _pki_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from crosslogic.runtime.state import resolve_settings
+    from crosslogic.xds.node_registry import drain_old_versions
+
+    async def main() -> list[str]:
+        conn = await asyncpg.connect(resolve_settings(Path(args.state_dir)).require_database())
+        try:
+            return await drain_old_versions(conn, args.model, args.version)
+        finally:
+            await conn.close()
+
+    drained = asyncio.run(main())
+    print(f"draining {len(drained)} node(s) of {args.model} not at {args.version}: {', '.join(drained) or '-'}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("agent", help="run the node agent beside a vLLM / SGLang engine")
     a.add_argument("--control-plane", required=True, help="host:port of the NodeAgent API")
@@ -92,6 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--restart-backoff", type=float, default=1.0, help="first restart delay in seconds")
     a.add_argument("--tls-dir", help="directory with ca.pem, node.pem, node.key (`crosslogic pki issue-node`)")
     a.set_defaults(handler=_agent)
+
+    u = sub.add_parser("upgrade", help="model upgrade: drain every node of MODEL not at VERSION, in each region "
+                       "where a node at VERSION is already active (then stop their agents: SIGTERM drains)")
+    u.add_argument("--model", required=True)
+    u.add_argument("--version", required=True)
+    u.set_defaults(handler=_upgrade)
 
     p = sub.add_parser("pki", help="the control plane's CA for node agents")
     psub = p.add_subparsers(dest="pki_command", required=True)
