@@ -75,16 +75,21 @@ class Fleet:
         finally:
             await conn.close()
 
-    async def client(self, region: str) -> openai.AsyncOpenAI:
+    async def client(self, region: str, org_name: str = "org") -> openai.AsyncOpenAI:
+        return (await self.tenant(region, org_name))[1]
+
+    async def tenant(self, region: str, org_name: str = "org") -> tuple[str, openai.AsyncOpenAI]:
+        """A new org (with one env and key) in `region`: its id and an openai client using its key."""
         secret = (Path(self.gateway["state_dir"]) / "key_secret").read_text().strip().encode()
         conn = await self.db()
         try:
-            org = await t.create_org(conn, f"org-{region}-{self.tag}", "serverless", [self.region(region)])
+            org = await t.create_org(conn, f"{org_name}-{region}-{self.tag}", "serverless", [self.region(region)])
             env = await t.create_env(conn, org.org_id, "prod", self.region(region))
             _, key = await t.create_key(conn, secret, org.org_id, env.env_id, "k")
         finally:
             await conn.close()
-        return openai.AsyncOpenAI(base_url=self.gateway["gateway_url"], api_key=key, max_retries=0, timeout=60)
+        client = openai.AsyncOpenAI(base_url=self.gateway["gateway_url"], api_key=key, max_retries=0, timeout=60)
+        return org.org_id, client
 
     def start_node(self, short: str, region: str, *, sim_args: tuple[str, ...] = (), agent_args: tuple[str, ...] = (),
                    scope: str = "pool:aws", cloud: str = "aws") -> SimNode:

@@ -329,3 +329,44 @@ async def test_model_upgrade_drains_old_version_nodes_without_a_failed_request(f
     finally:
         await conn.close()
     assert statuses == {**{n.name: "dead" for n in old}, **{n.name: "active" for n in new}}
+
+
+async def test_reserved_lane_serves_only_its_org_and_spills_to_the_shared_pool_when_down(fleet):
+    await fleet.setup({"r": []})
+    org_id, dedicated_client = await fleet.tenant("r", "dedicated")
+    shared_client = await fleet.client("r", "other")
+    shared = fleet.start_node("shared", "r")
+    reserved = fleet.start_node("reserved", "r", scope=f"org:{org_id}", cloud="onprem",
+                                agent_args=("--reserved-org", org_id))
+    await fleet.wait_healthy("r", [shared])
+    lane = f"{fleet.cluster('r')}@{org_id}"
+
+    async def totals() -> tuple[int, int]:
+        return await reserved.requests_total(), await shared.requests_total()
+
+    async def lane_serves_org() -> bool:
+        before = await totals()
+        try:
+            await chat(dedicated_client, fleet.model)
+        except openai.APIError:
+            return False
+        return (await totals())[0] == before[0] + 1
+
+    deadline = time.monotonic() + WAIT_S
+    while not await lane_serves_org():  # Envoy got the lane and authz learnt the org has one
+        assert time.monotonic() < deadline, f"the reserved lane {lane} never served its org\n{fleet.logs()}"
+        await asyncio.sleep(0.1)
+
+    before = await totals()
+    assert all(isinstance(r, str) for r in await _send_many(dedicated_client, fleet.model, 10, concurrency=2))
+    assert all(isinstance(r, str) for r in await _send_many(shared_client, fleet.model, 10, concurrency=2))
+    after = await totals()
+    assert (after[0] - before[0], after[1] - before[1]) == (10, 10)  # nobody else reaches the dedicated node
+
+    reserved.agent.send_signal(signal.SIGTERM)  # the dedicated node drains away: the org spills to the pool
+    assert await asyncio.to_thread(reserved.agent.wait, WAIT_S) == 0
+    before = await totals()
+    results = await _send_many(dedicated_client, fleet.model, 10, concurrency=2)
+    assert all(isinstance(r, str) for r in results), results
+    after = await totals()
+    assert (after[0] - before[0], after[1] - before[1]) == (0, 10)

@@ -3,6 +3,8 @@ agent-side parsing of vLLM metrics and spot notices."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -160,3 +162,13 @@ def test_spot_notices_of_each_cloud_are_recognised(parse, status, body, noticed)
 def test_engine_restart_backoff_grows_and_is_capped(failures):
     backoff = Backoff(initial_s=1, maximum_s=60)
     assert backoff.delay(failures) <= backoff.delay(failures + 1) <= 60
+
+
+def test_reserved_lane_puts_the_orgs_nodes_first_and_the_shared_pool_after_them():
+    nodes = [_node("shared-home", "ap-south"), _node("shared-away", "ap-southeast"),
+             replace(_node("mine", "ap-south"), reserved_org="org-1")]
+    pools = {p.cluster_name: p for p in assemble_pools(nodes, RoutingPolicy(REGIONS, {"*": RegionPolicy()}),
+                                                       {"m": 1000.0})}
+    assert [e.node_id for e in pools["ap-south/m"].endpoints] == ["shared-home", "shared-away"]
+    lane = pools["ap-south/m@org-1"]
+    assert [(e.node_id, e.priority) for e in lane.endpoints] == [("mine", 0), ("shared-home", 3), ("shared-away", 4)]

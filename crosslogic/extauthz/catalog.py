@@ -15,12 +15,17 @@ _MODELS_SQL = """
 SELECT model_id, kind, context_length, max_output_tokens, default_max_tokens
 FROM models WHERE status = 'active'
 """
+# Orgs with dedicated nodes: their requests go to their reserved lane (`region/model@org`, issue 4).
+_RESERVED_ORGS_SQL = """
+SELECT DISTINCT reserved_org_id::text AS org_id FROM nodes WHERE reserved_org_id IS NOT NULL AND status <> 'dead'
+"""
 
 
 class ModelCatalogue:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.models: dict[str, ModelSpec] = {}
+        self.reserved_orgs: frozenset[str] = frozenset()
         self.stale = True
         self._reload = asyncio.Lock()
 
@@ -39,5 +44,7 @@ class ModelCatalogue:
                     except Exception:
                         self.stale = True
                         raise
+                    lanes = await self.pool.fetch(_RESERVED_ORGS_SQL)
                     self.models = {r["model_id"]: ModelSpec(**dict(r)) for r in rows}
+                    self.reserved_orgs = frozenset(r["org_id"] for r in lanes)
         return self.models

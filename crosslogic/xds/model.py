@@ -30,15 +30,16 @@ class Pool:
     model: str
     endpoints: tuple[PoolEndpoint, ...] = ()
     retries: int | None = None  # from the routing policy; None = the gateway default
+    lane: str | None = None  # org id of a reserved lane; None = the shared serverless pool
 
     @property
     def cluster_name(self) -> str:
-        return route_key(self.region, self.model)
+        return route_key(self.region, self.model, self.lane)
 
 
-def route_key(region: str, model: str) -> str:
+def route_key(region: str, model: str, lane: str | None = None) -> str:
     """The value ext_authz puts in x-clp-route and the name of the pool's cluster."""
-    return f"{region}/{model}"
+    return f"{region}/{model}@{lane}" if lane else f"{region}/{model}"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ weights and failover priorities."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 
@@ -15,11 +15,11 @@ from crosslogic.xds.scoring import NodeLoad, eds_weight
 
 _NODES_SQL = """
 SELECT n.node_id::text AS node_id, n.region, n.endpoint_host, n.endpoint_port, n.weight, n.status, n.model_list,
-       n.agent_managed, n.throughput_tokens_per_sec,
+       n.agent_managed, n.throughput_tokens_per_sec, n.reserved_org_id::text AS reserved_org_id,
        EXTRACT(EPOCH FROM now() - l.last_heartbeat_at)::float8 AS heartbeat_age_s, l.engine_healthy,
        l.requests_running, l.requests_waiting, l.kv_cache_usage, l.generation_tokens_per_sec, l.metrics_at
 FROM nodes n LEFT JOIN node_load l USING (node_id)
-WHERE n.status <> 'dead' AND n.reserved_org_id IS NULL
+WHERE n.status <> 'dead'
 """
 _MODELS_SQL = "SELECT model_id, tokens_per_sec FROM models WHERE status = 'active'"
 
@@ -38,6 +38,7 @@ class NodeView:
     health: EndpointHealth
     load: NodeLoad | None  # None: no metrics (static node or not scraped yet) -> the configured weight
     static_weight: int = 100
+    reserved_org: str | None = None  # a dedicated node of this org (its reserved lane)
 
 
 def node_health(status: str, agent_managed: bool, heartbeat_age_s: float | None,
@@ -60,7 +61,7 @@ def node_view(row: Mapping, lifetimes: Lifetimes) -> NodeView:
                     port=row["endpoint_port"], models=tuple(row["model_list"]),
                     health=node_health(row["status"], row.get("agent_managed", False), row.get("heartbeat_age_s"),
                                        lifetimes, row.get("engine_healthy") is not False),
-                    load=load, static_weight=row.get("weight", 100))
+                    load=load, static_weight=row.get("weight", 100), reserved_org=row.get("reserved_org_id"))
 
 
 def _weight(node: NodeView, policy: RoutingPolicy, region: str, reference_tps: float) -> int:
@@ -70,32 +71,46 @@ def _weight(node: NodeView, policy: RoutingPolicy, region: str, reference_tps: f
     return eds_weight(node.load, rules.score_weights, rules.queue_capacity, reference_tps)
 
 
+def _endpoints(by_priority: list[list[NodeView]], policy: RoutingPolicy, reference_tps: float) -> list[PoolEndpoint]:
+    return [PoolEndpoint(node_id=node.node_id, host=node.host, port=node.port,
+                         weight=_weight(node, policy, node.region, reference_tps), health=node.health,
+                         priority=priority)
+            for priority, group in enumerate(by_priority) for node in group]
+
+
 def assemble_pools(nodes: list[NodeView], policy: RoutingPolicy, models: Mapping[str, float]) -> list[Pool]:
     """One pool per (region, model) that has at least one node in the region or its fallback chain.
 
     A region's own nodes are priority 0; nodes of the n-th fallback region are priority n, which Envoy
     uses only when every higher priority has no healthy host. A strictly pinned region has no fallbacks.
     Weights follow each node's own region policy (its scorer weights), priorities the pool's region.
+
+    Reserved lanes: an org with dedicated nodes gets its own pool per (region, model), `region/model@org`:
+    its own nodes first (region, then fallbacks), then the shared pool's nodes at the following priorities,
+    so a dedicated customer spills onto serverless capacity rather than failing. Nobody else reaches them.
     """
-    by_region_model: dict[tuple[str, str], list[NodeView]] = {}
+    by_lane: dict[tuple[str | None, str, str], list[NodeView]] = {}
     for node in nodes:
         for model in node.models:
             if model in models:
-                by_region_model.setdefault((node.region, model), []).append(node)
+                by_lane.setdefault((node.reserved_org, node.region, model), []).append(node)
+    lanes = sorted({node.reserved_org for node in nodes if node.reserved_org})
     pools = []
     for region, chain in sorted(policy.regions.items()):
         rules = policy.for_region(region)
         sources = [region] if rules.pinning == "strict" else [region, *[r for r in chain if r != region]]
         for model in sorted(models):
-            endpoints = []
-            for priority, source_region in enumerate(sources):
-                for node in by_region_model.get((source_region, model), []):
-                    endpoints.append(PoolEndpoint(
-                        node_id=node.node_id, host=node.host, port=node.port,
-                        weight=_weight(node, policy, node.region, models[model]), health=node.health,
-                        priority=priority))
-            if endpoints:
-                pools.append(Pool(region=region, model=model, endpoints=tuple(endpoints), retries=rules.retries))
+            shared = _endpoints([by_lane.get((None, source, model), []) for source in sources], policy,
+                                models[model])
+            if shared:
+                pools.append(Pool(region=region, model=model, endpoints=tuple(shared), retries=rules.retries))
+            for org in lanes:
+                dedicated = _endpoints([by_lane.get((org, source, model), []) for source in sources], policy,
+                                       models[model])
+                if dedicated or shared:
+                    spill = [replace(e, priority=e.priority + len(sources)) for e in shared]
+                    pools.append(Pool(region=region, model=model, endpoints=tuple(dedicated + spill),
+                                      retries=rules.retries, lane=org))
     return pools
 
 
