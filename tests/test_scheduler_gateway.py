@@ -370,3 +370,28 @@ async def test_reserved_lane_serves_only_its_org_and_spills_to_the_shared_pool_w
     assert all(isinstance(r, str) for r in results), results
     after = await totals()
     assert (after[0] - before[0], after[1] - before[1]) == (0, 10)
+
+
+async def test_failover_throttle_lets_only_the_spill_share_through_to_the_fallback_region(fleet):
+    await fleet.setup({"home": ["away"], "away": []})
+    conn = await fleet.db()
+    try:
+        await conn.execute("INSERT INTO routing_policy (region, spill_share) VALUES ($1, 0.2)", fleet.region("home"))
+    finally:
+        await conn.close()
+    home = fleet.start_node("home", "home")
+    away = fleet.start_node("away", "away")
+    client = await fleet.client("home")
+    await fleet.wait_healthy("home", [home, away])
+    assert all(isinstance(r, str) for r in await _send_many(client, fleet.model, 10, concurrency=2))
+    assert await away.requests_total() == 0
+
+    home.sim.send_signal(signal.SIGKILL)
+    await fleet.wait_envoy("home", lambda h: h[home.address].get("health_flags") != "healthy", "the region down")
+    results = await _send_many(client, fleet.model, 100, concurrency=4)
+    refused = [r for r in results if not isinstance(r, str)]
+    assert all(isinstance(r, openai.InternalServerError) and r.body["code"] == "service_unavailable"
+               for r in refused)
+    spilled = await away.requests_total()
+    assert spilled == 100 - len(refused)
+    assert 5 <= spilled <= 45, spilled  # 20 % expected; binomial(100, 0.2) stays in [5, 45] but 1 run in 10^5

@@ -172,3 +172,19 @@ def test_reserved_lane_puts_the_orgs_nodes_first_and_the_shared_pool_after_them(
     assert [e.node_id for e in pools["ap-south/m"].endpoints] == ["shared-home", "shared-away"]
     lane = pools["ap-south/m@org-1"]
     assert [(e.node_id, e.priority) for e in lane.endpoints] == [("mine", 0), ("shared-home", 3), ("shared-away", 4)]
+
+
+def test_spill_throttle_splits_a_pool_into_a_spilling_route_and_a_local_only_route():
+    from crosslogic.xds.model import GatewaySettings
+    from crosslogic.xds.resources import build_route_configuration
+
+    nodes = [_node("home", "ap-south"), _node("away", "ap-southeast")]
+    policy = RoutingPolicy(REGIONS, {"*": RegionPolicy(), "ap-south": RegionPolicy(spill_share=0.2)})
+    pools = [p for p in assemble_pools(nodes, policy, {"m": 1000.0}) if p.region == "ap-south"]
+    assert {p.cluster_name: [e.node_id for e in p.endpoints] for p in pools} == {
+        "ap-south/m": ["home", "away"], "ap-south/m#local": ["home"]}
+    routes = {r.name: r for r in build_route_configuration(pools, GatewaySettings()).virtual_hosts[0].routes}
+    spill, local = routes["ap-south/m/spill"], routes["ap-south/m/local"]
+    assert spill.match.runtime_fraction.default_value.numerator == 2000 and spill.route.cluster == "ap-south/m"
+    assert local.route.cluster == "ap-south/m#local"
+    assert spill.match.headers[0].string_match.exact == local.match.headers[0].string_match.exact == "ap-south/m"

@@ -31,10 +31,17 @@ class Pool:
     endpoints: tuple[PoolEndpoint, ...] = ()
     retries: int | None = None  # from the routing policy; None = the gateway default
     lane: str | None = None  # org id of a reserved lane; None = the shared serverless pool
+    # Failover safety throttle (seed §26.4): at most this share of requests may use the fallback regions.
+    spill_share: float = 1.0
+    local_only: bool = False  # the throttle's second cluster: the region's own nodes only
+
+    @property
+    def route_key(self) -> str:
+        return route_key(self.region, self.model, self.lane)
 
     @property
     def cluster_name(self) -> str:
-        return route_key(self.region, self.model, self.lane)
+        return self.route_key + ("#local" if self.local_only else "")
 
 
 def route_key(region: str, model: str, lane: str | None = None) -> str:

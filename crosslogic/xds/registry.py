@@ -78,6 +78,14 @@ def _endpoints(by_priority: list[list[NodeView]], policy: RoutingPolicy, referen
             for priority, group in enumerate(by_priority) for node in group]
 
 
+def _throttled(pool: Pool) -> list[Pool]:
+    """A pool whose spill share is below 1 and that has fallback nodes gets a local-only twin cluster."""
+    if pool.spill_share >= 1.0 or all(e.priority == 0 for e in pool.endpoints):
+        return [replace(pool, spill_share=1.0)]
+    local = tuple(e for e in pool.endpoints if e.priority == 0)
+    return [pool, replace(pool, endpoints=local, local_only=True)]
+
+
 def assemble_pools(nodes: list[NodeView], policy: RoutingPolicy, models: Mapping[str, float]) -> list[Pool]:
     """One pool per (region, model) that has at least one node in the region or its fallback chain.
 
@@ -103,14 +111,15 @@ def assemble_pools(nodes: list[NodeView], policy: RoutingPolicy, models: Mapping
             shared = _endpoints([by_lane.get((None, source, model), []) for source in sources], policy,
                                 models[model])
             if shared:
-                pools.append(Pool(region=region, model=model, endpoints=tuple(shared), retries=rules.retries))
+                pools += _throttled(Pool(region=region, model=model, endpoints=tuple(shared), retries=rules.retries,
+                                         spill_share=rules.spill_share))
             for org in lanes:
                 dedicated = _endpoints([by_lane.get((org, source, model), []) for source in sources], policy,
                                        models[model])
                 if dedicated or shared:
                     spill = [replace(e, priority=e.priority + len(sources)) for e in shared]
-                    pools.append(Pool(region=region, model=model, endpoints=tuple(dedicated + spill),
-                                      retries=rules.retries, lane=org))
+                    pools += _throttled(Pool(region=region, model=model, endpoints=tuple(dedicated + spill),
+                                             retries=rules.retries, lane=org, spill_share=rules.spill_share))
     return pools
 
 

@@ -174,7 +174,7 @@ def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
     return {
         "name": pool.cluster_name,
         "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
-                                                 "string_match": {"exact": pool.cluster_name}}]},
+                                                 "string_match": {"exact": pool.route_key}}]},
         "route": {
             "cluster": pool.cluster_name,
             "timeout": f"{settings.upstream_timeout_s}s",
@@ -197,6 +197,22 @@ def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
     }
 
 
+def _pool_routes(pool: Pool, settings: GatewaySettings) -> list[dict]:
+    """One route per pool; a throttled pool (spill share < 1) gets two: that share of requests (at random) may
+    use the fallback regions, the rest only the region's own nodes (503 "no capacity" when it is down)."""
+    if pool.local_only:
+        return []  # reached through the second route of its throttled pool
+    route = _pool_route(pool, settings)
+    if pool.spill_share >= 1.0:
+        return [route]
+    spill = {**route, "name": f"{pool.cluster_name}/spill", "match": {**route["match"], "runtime_fraction": {
+        "default_value": {"numerator": round(pool.spill_share * 10000), "denominator": "TEN_THOUSAND"},
+        "runtime_key": f"clp.spill.{pool.cluster_name}"}}}
+    local = {**route, "name": f"{pool.cluster_name}/local",
+             "route": {**route["route"], "cluster": pool.cluster_name + "#local"}}
+    return [spill, local]
+
+
 def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> route_pb2.RouteConfiguration:
     no_authz = {"envoy.filters.http.ext_authz": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
@@ -205,7 +221,7 @@ def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> r
         {"name": "healthz", "match": {"path": "/healthz"}, "typed_per_filter_config": no_authz,
          "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
         {"name": "models", "match": {"prefix": "/v1/models"}, "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
-        *(_pool_route(p, settings) for p in sorted(pools, key=lambda p: p.cluster_name)),
+        *(r for p in sorted(pools, key=lambda p: p.cluster_name) for r in _pool_routes(p, settings)),
         # Authorised, but no pool for this model in the chosen region (yet).
         {"name": "no-pool", "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
                                                                      "present_match": True}]},
