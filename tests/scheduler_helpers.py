@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ class SimNode:
     name: str
     region: str
     port: int
-    sim: subprocess.Popen
+    sim: subprocess.Popen | None  # None when the agent supervises the simulator
     agent: subprocess.Popen | None = None
 
     @property
@@ -92,12 +93,16 @@ class Fleet:
         return org.org_id, client
 
     def start_node(self, short: str, region: str, *, sim_args: tuple[str, ...] = (), agent_args: tuple[str, ...] = (),
-                   scope: str = "pool:aws", cloud: str = "aws") -> SimNode:
+                   scope: str = "pool:aws", cloud: str = "aws", supervised: bool = False) -> SimNode:
+        """A simulated vLLM and its agent; `supervised`: the agent starts (and restarts) the simulator itself."""
         name = f"{short}-{self.tag}"
         port = free_port()
-        sim = subprocess.Popen([sys.executable, "-m", "crosslogic.sim", "--port", str(port), "--node-name", name,
-                                "--model", self.model, *sim_args], stdout=subprocess.DEVNULL,
-                               stderr=open(self.workdir / f"{name}.sim.log", "wb"))  # noqa: SIM115
+        sim_argv = [sys.executable, "-m", "crosslogic.sim", "--port", str(port), "--node-name", name,
+                    "--model", self.model, *sim_args]
+        sim = None if supervised else subprocess.Popen(
+            sim_argv, stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{name}.sim.log", "wb"))  # noqa: SIM115
+        if supervised:
+            agent_args = ("--engine-command", shlex.join(sim_argv), *agent_args)
         node = SimNode(name, self.region(region), port, sim)
         self.nodes.append(node)
         tls = self.workdir / name

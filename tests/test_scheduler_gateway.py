@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -395,3 +396,42 @@ async def test_failover_throttle_lets_only_the_spill_share_through_to_the_fallba
     spilled = await away.requests_total()
     assert spilled == 100 - len(refused)
     assert 5 <= spilled <= 45, spilled  # 20 % expected; binomial(100, 0.2) stays in [5, 45] but 1 run in 10^5
+
+
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+async def test_agent_restarts_a_crashed_engine_and_the_node_comes_back(fleet):
+    await fleet.setup({"r": []})
+    node = fleet.start_node("supervised", "r", supervised=True, agent_args=("--restart-backoff", "0.2"))
+    client = await fleet.client("r")
+    await fleet.wait_healthy("r", [node])
+    assert isinstance(await chat(client, fleet.model), str)
+
+    children = _children(node.agent.pid)
+    assert len(children) == 1
+    os.kill(int(children[0]), signal.SIGKILL)  # the engine crashes
+    deadline = time.monotonic() + WAIT_S
+    while _children(node.agent.pid) in ([], children):  # noqa: ASYNC110 - polling another process
+        assert time.monotonic() < deadline, "the agent never restarted its engine"
+        await asyncio.sleep(0.05)
+    restarted = _children(node.agent.pid)
+    await fleet.wait_healthy("r", [node])  # reported healthy again (it may never have looked unhealthy: fast)
+    deadline = time.monotonic() + WAIT_S
+    while True:  # the new engine answers through the gateway (it needs a moment to listen)
+        try:
+            assert isinstance(await chat(client, fleet.model), str)
+            break
+        except openai.APIError:
+            assert time.monotonic() < deadline, "the restarted engine never served"
+            await asyncio.sleep(0.1)
+    children = restarted
+
+    node.agent.send_signal(signal.SIGTERM)  # stopping the agent drains and stops its engine too
+    assert await asyncio.to_thread(node.agent.wait, WAIT_S) == 0
+    assert not _alive(int(children[0]))
