@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     from crosslogic.agent import cli as agent_cli
 
     agent_cli.register(sub)
+    from crosslogic.xds import policy_cli
+
+    policy_cli.register(sub)
     try:
         from crosslogic import admin_cli
     except ImportError:  # pragma: no cover - only while the admin commands are being written
