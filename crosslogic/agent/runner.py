@@ -154,7 +154,10 @@ async def run_agent(config: AgentConfig, stopping: asyncio.Event) -> None:
                       asyncio.create_task(agent.watch_spot())]
             # A spot notice drains at once (the cloud takes the machine soon); SIGTERM drains too.
             await _first_of(stopping, agent.evicted)
-            await agent.drain("agent stopped" if not agent.evicted.is_set() else "spot eviction")
+            try:
+                await agent.drain("agent stopped" if not agent.evicted.is_set() else "spot eviction")
+            except grpc.aio.AioRpcError as exc:  # control plane unreachable: its heartbeat timeout takes over
+                log.warning("could not report the drain: %s", exc.details())
         finally:
             for task in tasks:
                 task.cancel()
