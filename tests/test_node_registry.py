@@ -193,3 +193,21 @@ async def test_nodeagent_api_over_mutual_tls_admits_only_certificates_of_our_ca_
     finally:
         await server.stop(0)
         await pool.close()
+
+
+async def test_ttft_baseline_follows_normal_latency_but_not_spikes(database_url):
+    conn = await asyncpg.connect(database_url)
+    try:
+        await _catalogue(conn)
+        node_id = await nr.register(conn, _reg(), None)
+        baseline = "SELECT ttft_baseline_s FROM node_load"
+        assert await nr.record_metrics(conn, node_id, 1, 0, 0.1, 10, 0.0)
+        assert await conn.fetchval(baseline) is None  # no requests yet: no baseline
+        await nr.record_metrics(conn, node_id, 1, 0, 0.1, 10, 0.10)
+        await nr.record_metrics(conn, node_id, 1, 0, 0.1, 10, 0.15)
+        assert await conn.fetchval(baseline) == pytest.approx(0.11)
+        await nr.record_metrics(conn, node_id, 1, 0, 0.1, 10, 2.0)  # a spike leaves the yardstick alone
+        assert await conn.fetchval(baseline) == pytest.approx(0.11)
+        assert await conn.fetchval("SELECT ttft_s FROM node_load") == 2.0
+    finally:
+        await conn.close()

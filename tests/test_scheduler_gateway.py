@@ -435,3 +435,38 @@ async def test_agent_restarts_a_crashed_engine_and_the_node_comes_back(fleet):
     node.agent.send_signal(signal.SIGTERM)  # stopping the agent drains and stops its engine too
     assert await asyncio.to_thread(node.agent.wait, WAIT_S) == 0
     assert not _alive(int(children[0]))
+
+
+async def test_latency_spike_degrades_a_node_so_traffic_prefers_the_others(fleet):
+    await fleet.setup({"r": []})
+    sick = fleet.start_node("sick", "r", sim_args=("--ttft-ms", "5"))
+    well = fleet.start_node("well", "r", sim_args=("--ttft-ms", "5"))
+    client = await fleet.client("r")
+    await fleet.wait_healthy("r", [sick, well])
+    conn = await fleet.db()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while await conn.fetchval(  # both nodes have a TTFT baseline (agents report every 0.5 s)
+                "SELECT count(*) FROM node_load l JOIN nodes n USING (node_id) "
+                "WHERE n.name = ANY($1::text[]) AND l.ttft_baseline_s IS NOT NULL", [sick.name, well.name]) < 2:
+            assert time.monotonic() < deadline, "no TTFT baseline"
+            await _send_many(client, fleet.model, 8, concurrency=4)
+    finally:
+        await conn.close()
+
+    async with aiohttp.ClientSession() as session:  # the node slows down 100x
+        async with session.post(f"{sick.url}/sim/config", json={"ttft_ms": 500}) as response:
+            assert response.status == 200
+
+    async def degraded(hosts) -> bool:
+        return "degraded" in hosts[sick.address].get("health_flags", "")
+
+    deadline = time.monotonic() + WAIT_S
+    while not await degraded(await fleet.envoy_hosts("r")):  # keep traffic flowing so the spike is measured
+        assert time.monotonic() < deadline, f"the slow node was never degraded\n{fleet.logs()}"
+        results = await _send_many(client, fleet.model, 4, concurrency=4)
+        assert all(isinstance(r, str) for r in results)
+    before = await sick.requests_total()
+    results = await _send_many(client, fleet.model, 20, concurrency=4)
+    assert all(isinstance(r, str) for r in results)
+    assert await sick.requests_total() == before  # a degraded host is used only if the healthy ones are not enough

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from crosslogic.agent import spot
 from crosslogic.agent.engine import Backoff
-from crosslogic.agent.metrics import parse_vllm_metrics, tokens_per_sec
+from crosslogic.agent.metrics import mean_ttft, parse_vllm_metrics, tokens_per_sec
 from crosslogic.xds.model import EndpointHealth
 from crosslogic.xds.node_registry import Lifetimes
 from crosslogic.xds.policy import PolicyRejected, RegionPolicy, RoutingPolicy, validate
-from crosslogic.xds.registry import NodeView, assemble_pools, node_health
+from crosslogic.xds.registry import NodeView, assemble_pools, latency_spike, node_health
 from crosslogic.xds.scoring import BASE_WEIGHT, NodeLoad, eds_weight, headroom
 
 WEIGHTS = {"queue": 0.5, "kv_cache": 0.3, "throughput": 0.2}
@@ -188,3 +188,26 @@ def test_spill_throttle_splits_a_pool_into_a_spilling_route_and_a_local_only_rou
     assert spill.match.runtime_fraction.default_value.numerator == 2000 and spill.route.cluster == "ap-south/m"
     assert local.route.cluster == "ap-south/m#local"
     assert spill.match.headers[0].string_match.exact == local.match.headers[0].string_match.exact == "ap-south/m"
+
+
+@pytest.mark.parametrize(("ttft", "baseline", "spike"), [
+    (0.0, 0.01, False),     # no requests in the interval
+    (0.5, None, False),     # no baseline yet
+    (0.02, 0.005, False),   # 4x, but only 15 ms: jitter on a fast node
+    (0.5, 0.01, True),      # 50x
+    (0.35, 0.1, True),      # 3.5x and 250 ms
+    (0.29, 0.1, False),     # 2.9x
+])
+def test_latency_spike_is_three_times_the_baseline_and_clearly_above_it(ttft, baseline, spike):
+    assert latency_spike(ttft, baseline) is spike
+
+
+def test_agent_computes_mean_ttft_between_two_scrapes():
+    text = VLLM_METRICS + (
+        "# TYPE vllm:time_to_first_token_seconds histogram\n"
+        'vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} SUM\n'
+        'vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} COUNT\n')
+    first = parse_vllm_metrics(text.replace("SUM", "1.0").replace("COUNT", "10.0"), at=1.0)
+    later = parse_vllm_metrics(text.replace("SUM", "3.0").replace("COUNT", "14.0"), at=2.0)
+    assert mean_ttft(first, later) == 0.5
+    assert mean_ttft(later, later) == 0.0 and mean_ttft(None, later) == 0.0

@@ -14,7 +14,7 @@ import grpc
 
 from crosslogic.agent import spot
 from crosslogic.agent.engine import Backoff, Engine
-from crosslogic.agent.metrics import EngineSample, parse_vllm_metrics, tokens_per_sec
+from crosslogic.agent.metrics import EngineSample, mean_ttft, parse_vllm_metrics, tokens_per_sec
 from crosslogic.agent.proto import nodeagent_pb2 as pb
 from crosslogic.agent.proto import nodeagent_pb2_grpc as pb_grpc
 
@@ -102,12 +102,13 @@ class Agent:
             sample = await self.scrape()
             if sample is not None:
                 rate = tokens_per_sec(self.last_sample, sample)
+                ttft = mean_ttft(self.last_sample, sample)
                 self.last_sample = sample
                 try:
                     await self.stub.SendMetrics(pb.MetricsRequest(
                         node_id=self.node_id, requests_running=sample.requests_running,
                         requests_waiting=sample.requests_waiting, kv_cache_usage=sample.kv_cache_usage,
-                        generation_tokens_per_sec=rate), timeout=5)
+                        generation_tokens_per_sec=rate, mean_ttft_s=ttft), timeout=5)
                 except grpc.aio.AioRpcError as exc:
                     log.warning("metrics report failed: %s", exc.details())
             await asyncio.sleep(self.metrics_s)

@@ -9,6 +9,7 @@ from enum import Enum
 class EndpointHealth(Enum):
     HEALTHY = "healthy"
     DRAINING = "draining"  # in-flight requests finish, no new ones
+    DEGRADED = "degraded"  # used only when the healthy hosts are not enough (latency spike)
     UNHEALTHY = "unhealthy"
 
 

@@ -43,11 +43,18 @@ WITH beat AS (UPDATE node_load SET last_heartbeat_at = now(), engine_healthy = $
               WHERE node_id = $1::uuid RETURNING node_id)
 SELECT n.status FROM nodes n JOIN beat USING (node_id)
 """
+# The TTFT baseline moves only outside spikes, so a spike cannot raise its own yardstick.
 SQL_METRICS = """
 UPDATE node_load SET last_heartbeat_at = now(), requests_running = $2, requests_waiting = $3,
-    kv_cache_usage = $4, generation_tokens_per_sec = $5, metrics_at = now()
+    kv_cache_usage = $4, generation_tokens_per_sec = $5, metrics_at = now(), ttft_s = $6::float8,
+    ttft_baseline_s = CASE
+        WHEN $6::float8 <= 0 THEN ttft_baseline_s
+        WHEN ttft_baseline_s IS NULL THEN $6::float8
+        WHEN $6::float8 > ttft_baseline_s * $7::float8 THEN ttft_baseline_s
+        ELSE ttft_baseline_s * 0.8 + $6::float8 * 0.2 END
 WHERE node_id = $1::uuid
 """
+LATENCY_SPIKE_FACTOR = 3.0  # seed §22.2: latency > 3x its baseline
 SQL_DRAIN = """
 UPDATE nodes SET status = 'draining', status_reason = $2
 WHERE node_id = $1::uuid AND status = 'active'
@@ -170,8 +177,10 @@ async def heartbeat(conn: asyncpg.Connection, node_id: str, engine_healthy: bool
 
 
 async def record_metrics(conn: asyncpg.Connection, node_id: str, running: float, waiting: float,
-                         kv_cache_usage: float, tokens_per_sec: float) -> bool:
-    return await conn.execute(SQL_METRICS, node_id, running, waiting, kv_cache_usage, tokens_per_sec) != "UPDATE 0"
+                         kv_cache_usage: float, tokens_per_sec: float, mean_ttft_s: float = 0.0) -> bool:
+    status = await conn.execute(SQL_METRICS, node_id, running, waiting, kv_cache_usage, tokens_per_sec, mean_ttft_s,
+                                LATENCY_SPIKE_FACTOR)
+    return status != "UPDATE 0"
 
 
 async def drain(conn: asyncpg.Connection, node_id: str, reason: str) -> None:

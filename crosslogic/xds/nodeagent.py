@@ -72,7 +72,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
         async with self.pool.acquire() as conn:
             known = await registry.record_metrics(conn, request.node_id, request.requests_running,
                                                   request.requests_waiting, request.kv_cache_usage,
-                                                  request.generation_tokens_per_sec)
+                                                  request.generation_tokens_per_sec, request.mean_ttft_s)
         if not known:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: register again")
         # No push from here: the scheduler's tick picks the new load up (thousands of agents must not

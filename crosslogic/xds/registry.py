@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import asyncpg
 
 from crosslogic.xds.model import EndpointHealth, Pool, PoolEndpoint
-from crosslogic.xds.node_registry import Lifetimes
+from crosslogic.xds.node_registry import LATENCY_SPIKE_FACTOR, Lifetimes
 from crosslogic.xds.policy import RoutingPolicy
 from crosslogic.xds.scoring import NodeLoad, eds_weight
 
@@ -17,12 +17,14 @@ _NODES_SQL = """
 SELECT n.node_id::text AS node_id, n.region, n.endpoint_host, n.endpoint_port, n.weight, n.status, n.model_list,
        n.agent_managed, n.throughput_tokens_per_sec, n.reserved_org_id::text AS reserved_org_id,
        EXTRACT(EPOCH FROM now() - l.last_heartbeat_at)::float8 AS heartbeat_age_s, l.engine_healthy,
-       l.requests_running, l.requests_waiting, l.kv_cache_usage, l.generation_tokens_per_sec, l.metrics_at
+       l.requests_running, l.requests_waiting, l.kv_cache_usage, l.generation_tokens_per_sec, l.metrics_at,
+       l.ttft_s, l.ttft_baseline_s
 FROM nodes n LEFT JOIN node_load l USING (node_id)
 WHERE n.status <> 'dead'
 """
 _MODELS_SQL = "SELECT model_id, tokens_per_sec FROM models WHERE status = 'active'"
 
+MIN_SPIKE_S = 0.1
 _STATUS_HEALTH = {"active": EndpointHealth.HEALTHY, "draining": EndpointHealth.DRAINING}
 
 
@@ -51,16 +53,28 @@ def node_health(status: str, agent_managed: bool, heartbeat_age_s: float | None,
     return health
 
 
+def latency_spike(ttft_s: float | None, baseline_s: float | None) -> bool:
+    """Seed §22.2: TTFT above 3x the node's baseline (and at least 100 ms above it, so that jitter on a
+    millisecond baseline is not a spike)."""
+    if not ttft_s or not baseline_s:
+        return False
+    return ttft_s > max(LATENCY_SPIKE_FACTOR * baseline_s, baseline_s + MIN_SPIKE_S)
+
+
 def node_view(row: Mapping, lifetimes: Lifetimes) -> NodeView:
     load = None
     if row.get("metrics_at") is not None:
         load = NodeLoad(requests_running=row["requests_running"], requests_waiting=row["requests_waiting"],
                         kv_cache_usage=row["kv_cache_usage"], tokens_per_sec=row["generation_tokens_per_sec"],
                         capacity_tokens_per_sec=float(row["throughput_tokens_per_sec"] or 0))
+    health = node_health(row["status"], row.get("agent_managed", False), row.get("heartbeat_age_s"), lifetimes,
+                         row.get("engine_healthy") is not False)
+    if health is EndpointHealth.HEALTHY and latency_spike(row.get("ttft_s"), row.get("ttft_baseline_s")):
+        # DEGRADED, not UNHEALTHY: Envoy still uses it when the healthy hosts are not enough, so a load spike
+        # that slows every node cannot empty the pool.
+        health = EndpointHealth.DEGRADED
     return NodeView(node_id=row["node_id"], region=row["region"], host=row["endpoint_host"],
-                    port=row["endpoint_port"], models=tuple(row["model_list"]),
-                    health=node_health(row["status"], row.get("agent_managed", False), row.get("heartbeat_age_s"),
-                                       lifetimes, row.get("engine_healthy") is not False),
+                    port=row["endpoint_port"], models=tuple(row["model_list"]), health=health,
                     load=load, static_weight=row.get("weight", 100), reserved_org=row.get("reserved_org_id"))
 
 

@@ -41,6 +41,7 @@ USAGE_METADATA_NAMESPACE = "crosslogic.usage"
 _HEALTH = {
     EndpointHealth.HEALTHY: health_check_pb2.HEALTHY,
     EndpointHealth.DRAINING: health_check_pb2.DRAINING,
+    EndpointHealth.DEGRADED: health_check_pb2.DEGRADED,
     EndpointHealth.UNHEALTHY: health_check_pb2.UNHEALTHY,
 }
 

@@ -16,6 +16,8 @@ CREATE TABLE node_load (
     requests_waiting double precision NOT NULL DEFAULT 0,
     kv_cache_usage   double precision NOT NULL DEFAULT 0,
     generation_tokens_per_sec double precision NOT NULL DEFAULT 0,
+    ttft_s           double precision NOT NULL DEFAULT 0,  -- mean TTFT over the last report interval
+    ttft_baseline_s  double precision,               -- its moving average outside spikes (seed §22.2)
     metrics_at       timestamptz
 );
 
