@@ -86,8 +86,8 @@ async def test_heavier_node_gets_less_traffic(fleet):
 
     load = await _load_directly(heavy.url, fleet.model, streams=30, max_tokens=4000)  # ~3,000 tokens/s > capacity
     try:
-        await fleet.wait_envoy("r", lambda h: h[heavy.address].get("weight") == "1"
-                               and h[light.address].get("weight") == "100", "the heavy node's weight drop")
+        await fleet.wait_envoy("r", lambda h: h.get(heavy.address, {}).get("weight") == "1"
+                               and h.get(light.address, {}).get("weight") == "100", "the heavy node's weight drop")
         before = {n.name: await n.requests_total() for n in (heavy, light)}
         results = await _send_many(client, fleet.model, 60, concurrency=4)
         assert all(isinstance(r, str) for r in results), [r for r in results if not isinstance(r, str)]
@@ -161,7 +161,7 @@ async def test_spot_notice_stops_new_requests_at_once_while_in_flight_streams_fi
             await asyncio.sleep(0.1)
 
         noticed.set()
-        took = await fleet.wait_envoy("r", lambda h: "draining" in h[spot.address].get("health_flags", ""),
+        took = await fleet.wait_envoy("r", lambda h: "draining" in h.get(spot.address, {}).get("health_flags", ""),
                                       "the spot node draining")
         print(f"spot notice -> Envoy stops new requests to the node: {took:.3f} s (agent polls every 0.1 s)")
         before = await spot.requests_total()
@@ -196,7 +196,7 @@ async def test_whole_region_down_sends_traffic_to_the_fallback_region(fleet):
 
     for node in homes:
         node.sim.send_signal(signal.SIGKILL)
-    await fleet.wait_envoy("home", lambda h: all(h[n.address].get("health_flags") != "healthy" for n in homes),
+    await fleet.wait_envoy("home", lambda h: all(h.get(n.address, {}).get("health_flags") != "healthy" for n in homes),
                            "the home region down")
     results = await _send_many(client, fleet.model, 10, concurrency=2)
     assert all(isinstance(r, str) for r in results), results
@@ -307,7 +307,7 @@ async def test_model_upgrade_drains_old_version_nodes_without_a_failed_request(f
         subprocess.run, [sys.executable, "-m", "crosslogic.cli", "--state-dir", fleet.gateway["state_dir"], "upgrade",
                          "--model", fleet.model, "--version", "v2"], capture_output=True, text=True, timeout=60)
     assert upgrade.returncode == 0 and "draining 2 node(s)" in upgrade.stdout, upgrade.stderr
-    await fleet.wait_envoy("r", lambda h: all("draining" in h[n.address].get("health_flags", "") for n in old),
+    await fleet.wait_envoy("r", lambda h: all("draining" in h.get(n.address, {}).get("health_flags", "") for n in old),
                            "the old version draining")
     served_by_old = sum([await n.requests_total() for n in old])
     for node in old:  # operators then stop the old machines: the agent drains and retires the node
@@ -388,7 +388,8 @@ async def test_failover_throttle_lets_only_the_spill_share_through_to_the_fallba
     assert await away.requests_total() == 0
 
     home.sim.send_signal(signal.SIGKILL)
-    await fleet.wait_envoy("home", lambda h: h[home.address].get("health_flags") != "healthy", "the region down")
+    await fleet.wait_envoy("home", lambda h: h.get(home.address, {}).get("health_flags") != "healthy",
+                           "the region down")
     results = await _send_many(client, fleet.model, 100, concurrency=4)
     refused = [r for r in results if not isinstance(r, str)]
     assert all(isinstance(r, openai.InternalServerError) and r.body["code"] == "service_unavailable"
@@ -459,7 +460,7 @@ async def test_latency_spike_degrades_a_node_so_traffic_prefers_the_others(fleet
             assert response.status == 200
 
     async def degraded(hosts) -> bool:
-        return "degraded" in hosts[sick.address].get("health_flags", "")
+        return "degraded" in hosts.get(sick.address, {}).get("health_flags", "")
 
     deadline = time.monotonic() + WAIT_S
     while not await degraded(await fleet.envoy_hosts("r")):  # keep traffic flowing so the spike is measured
