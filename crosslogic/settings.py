@@ -25,6 +25,10 @@ class Settings:
     # Accounting sink: flush the ledger batch after this many records or seconds.
     ledger_batch_size: int = field(default_factory=lambda: int(_env("LEDGER_BATCH_SIZE", "500")))
     ledger_flush_interval_s: float = field(default_factory=lambda: float(_env("LEDGER_FLUSH_INTERVAL", "0.2")))
+    # Rate limiter: limits cached per key this long (a NOTIFY drops them sooner); reservations that are
+    # never settled (lost access-log entries) expire after this long, releasing their leases.
+    limits_cache_ttl_s: float = field(default_factory=lambda: float(_env("LIMITS_CACHE_TTL", "10")))
+    reservation_ttl_ms: int = field(default_factory=lambda: int(_env("RESERVATION_TTL_MS", str(15 * 60_000))))
 
     def require_database(self) -> str:
         if not self.database_url:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from crosslogic.accounting.ledger import LedgerWriter
-from crosslogic.accounting.usage import record_from_entry
+from crosslogic.accounting.usage import UsageRecord, record_from_entry
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -17,8 +18,9 @@ log = logging.getLogger("crosslogic.accounting")
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, ledger: LedgerWriter) -> None:
+    def __init__(self, ledger: LedgerWriter, settle: Callable[[UsageRecord], None] | None = None) -> None:
         self.ledger = ledger
+        self.settle = settle  # rate-limit settlement hook (crosslogic.ratelimit.settlement)
 
     async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC name)
         async for message in request_iterator:
@@ -26,15 +28,20 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
                 record = record_from_entry(entry)
                 if record is not None:
                     self.ledger.add(record)
+                    if self.settle is not None:
+                        self.settle(record)
         return als_pb2.StreamAccessLogsResponse()
 
 
 async def serve_accounting(settings: Settings, listen: str) -> None:
-    async with open_pool(settings.require_database(), min_size=1, max_size=4) as pool:
+    from crosslogic.ratelimit.settlement import settlement_hook
+
+    async with open_pool(settings.require_database(), min_size=1, max_size=4) as pool, \
+            settlement_hook(settings) as settle:
         ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s)
         writer = asyncio.create_task(ledger.run())
         server = grpc.aio.server()
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger, settle), server)
         server.add_insecure_port(listen)
         await server.start()
         log.info("access-log sink listening on %s", listen)

@@ -27,16 +27,17 @@ class ModelCatalogue:
         self.models: dict[str, ModelSpec] = {}
         self.reserved_orgs: frozenset[str] = frozenset()
         self.stale = True
-        self._reload = asyncio.Lock()
+        # Requests arriving during a load wait for it: answering them from the old (or empty) catalogue
+        # refused a just-added model with 404.
+        self._loading = asyncio.Lock()
+        self._loaded = False
 
     def mark_stale(self) -> None:
         self.stale = True
 
     async def current(self) -> dict[str, ModelSpec]:
-        if self.stale or self._reload.locked():
-            # Requests arriving during a reload wait for it: answering them from the old catalogue
-            # refused a just-added model with 404.
-            async with self._reload:
+        if self.stale or not self._loaded or self._loading.locked():
+            async with self._loading:
                 if self.stale:
                     self.stale = False
                     try:
@@ -47,4 +48,5 @@ class ModelCatalogue:
                     lanes = await self.pool.fetch(_RESERVED_ORGS_SQL)
                     self.models = {r["model_id"]: ModelSpec(**dict(r)) for r in rows}
                     self.reserved_orgs = frozenset(r["org_id"] for r in lanes)
+                    self._loaded = True
         return self.models
