@@ -97,7 +97,7 @@ async def run_push_bench(rounds: int = 5, big: int = 10_000, small: int = 100) -
             admin_port = free_port()
             envoy = await asyncio.to_thread(EnvoyProcess(Path(tmp) / "envoy", BootstrapParams(
                 node_id="bench", admin_port=admin_port, xds_port=xds_port, authz_port=free_port(),
-                accounting_port=free_port(), api_port=free_port())).start)
+                accounting_port=free_port(), api_port=free_port(), ratelimit_port=free_port())).start)
             admin = f"http://127.0.0.1:{admin_port}"
             results = [(small, await _measure(conn, scheduler, admin, small, rounds))]
             await _add_nodes(conn, small, big - small)
