@@ -67,7 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
                                   max_request_bytes=settings.max_request_bytes)
-        return _run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway))
+        return _run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
+                                              nodeagent_listen=args.nodeagent_listen))
     raise SystemExit(f"unknown service {args.service}")
 
 
@@ -107,11 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", required=True, help="host:port")
     serve.add_argument("--gateway-host", default="127.0.0.1", help="xds: the gateway listener address")
     serve.add_argument("--gateway-port", type=int, default=8080, help="xds: the gateway listener port")
+    serve.add_argument("--nodeagent-listen", help="xds: also serve the NodeAgent API to node agents (host:port)")
     serve.set_defaults(handler=_serve)
 
     mig = sub.add_parser("migrate", help="apply database migrations")
     mig.set_defaults(handler=_migrate)
 
+    from crosslogic.agent import cli as agent_cli
+
+    agent_cli.register(sub)
+    from crosslogic.xds import policy_cli
+
+    policy_cli.register(sub)
     try:
         from crosslogic import admin_cli
     except ImportError:  # pragma: no cover - only while the admin commands are being written

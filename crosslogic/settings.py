@@ -44,3 +44,20 @@ class Settings:
         if not self.key_secret:
             raise SystemExit("CROSSLOGIC_KEY_SECRET is not set (crosslogic up keeps one in its state dir)")
         return self.key_secret.encode()
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """The node registry and scheduler (xDS process) and the NodeAgent service it serves."""
+
+    heartbeat_timeout_s: float = field(default_factory=lambda: float(_env("HEARTBEAT_TIMEOUT", "15")))
+    dead_after_s: float = field(default_factory=lambda: float(_env("NODE_DEAD_AFTER", "60")))
+    drain_ttl_s: float = field(default_factory=lambda: float(_env("NODE_DRAIN_TTL", "120")))
+    remove_after_s: float = field(default_factory=lambda: float(_env("NODE_REMOVE_AFTER", "3600")))
+    # How often liveness and weights are re-evaluated (pushes happen only when something changed).
+    tick_s: float = field(default_factory=lambda: float(_env("SCHEDULER_TICK", "1.0")))
+    # Told to agents at registration.
+    heartbeat_interval_ms: int = field(default_factory=lambda: int(_env("HEARTBEAT_INTERVAL_MS", "5000")))
+    metrics_interval_ms: int = field(default_factory=lambda: int(_env("METRICS_INTERVAL_MS", "15000")))
+    # Directory with ca.pem, server.pem, server.key (`crosslogic pki init`); empty = plaintext (development).
+    pki_dir: str = field(default_factory=lambda: _env("PKI_DIR", ""))

@@ -8,7 +8,9 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from crosslogic.xds.model import EndpointHealth, GatewaySettings, Pool, PoolEndpoint
-from crosslogic.xds.registry import assemble_pools
+from crosslogic.xds.node_registry import Lifetimes
+from crosslogic.xds.policy import RegionPolicy, RoutingPolicy
+from crosslogic.xds.registry import assemble_pools, node_view
 from crosslogic.xds.server import _Stream
 from crosslogic.xds.snapshot import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, build_snapshot
 
@@ -51,14 +53,15 @@ def test_fallback_regions_become_lower_priorities():
         {"node_id": "b", "region": "ap-southeast", "endpoint_host": "h", "endpoint_port": 2, "weight": 100,
          "status": "active", "model_list": ["m"]},
     ]
-    pools = assemble_pools(nodes, {"ap-south": ["ap-southeast"], "ap-southeast": []}, {"m"})
+    policy = RoutingPolicy({"ap-south": ("ap-southeast",), "ap-southeast": ()}, {"*": RegionPolicy()})
+    pools = assemble_pools([node_view(n, Lifetimes()) for n in nodes], policy, {"m": 1000.0})
     by_name = {p.cluster_name: p for p in pools}
     assert [(e.node_id, e.priority) for e in by_name["ap-south/m"].endpoints] == [("a", 0), ("b", 1)]
     assert [(e.node_id, e.priority) for e in by_name["ap-southeast/m"].endpoints] == [("b", 0)]
 
 
 def test_models_without_any_node_get_no_pool():
-    assert assemble_pools([], {"ap-south": []}, {"m"}) == []
+    assert assemble_pools([], RoutingPolicy({"ap-south": ()}, {"*": RegionPolicy()}), {"m": 1000.0}) == []
 
 
 def _request(type_url: str, nonce: str = "", names: tuple[str, ...] = (), error: str = ""):

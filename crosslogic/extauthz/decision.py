@@ -80,7 +80,8 @@ class Authorizer:
             if self.quotas is not None:
                 await self.quotas.check(identity.org_id, identity.env_id, len(body), facts.max_tokens)
             region = identity.region or self.default_region
-            route = route_key(region, facts.model)
+            lane = identity.org_id if identity.org_id in self.catalogue.reserved_orgs else None
+            route = route_key(region, facts.model, lane)
             out.update({"x-clp-model": facts.model, "x-clp-region": region, "x-clp-route": route,
                         "x-clp-usage-mode": _usage_mode(facts)})
             metadata.update({"model": facts.model, "region": region, "endpoint": endpoint.label,

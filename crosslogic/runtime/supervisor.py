@@ -17,12 +17,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crosslogic.pki import init_pki
 from crosslogic.runtime.envoy import BootstrapParams, EnvoyProcess
 from crosslogic.runtime.postgres import EmbeddedPostgres
 from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, port_open, wait_until
 from crosslogic.runtime.state import ensure_key_secret, write_runtime
 from crosslogic.runtime.valkey import EmbeddedValkey
-from crosslogic.settings import Settings
+from crosslogic.settings import SchedulerSettings, Settings
 from crosslogic.store.db import migrate
 
 log = logging.getLogger("crosslogic.up")
@@ -92,16 +93,20 @@ def start_stack(stack: Stack) -> Stack:
         redis_url = stack.valkey.url
     asyncio.run(migrate(database_url))
 
+    # Node agents authenticate with certificates from this machine's control-plane CA (mutual TLS).
+    pki_dir = Path(settings_pki_dir) if (settings_pki_dir := SchedulerSettings().pki_dir) else state / "pki"
+    if not (pki_dir / "server.pem").exists():
+        init_pki(pki_dir, ["127.0.0.1", "localhost"])
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
-                      CROSSLOGIC_KEY_SECRET=secret)
-    ports = {name: free_port() for name in ("xds", "authz", "ratelimit", "accounting", "api", "admin")}
+                      CROSSLOGIC_KEY_SECRET=secret, CROSSLOGIC_PKI_DIR=str(pki_dir))
+    ports = {name: free_port() for name in ("xds", "authz", "ratelimit", "accounting", "api", "admin", "nodeagent")}
     for name, argv in (
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
         ("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"]),
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
         ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}"]),
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
-                 "--gateway-port", str(options.port)]),
+                 "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}"]),
     ):
         child = _service(name, argv, logs, env)
         stack.services.append(child)
@@ -121,7 +126,8 @@ def start_stack(stack: Stack) -> Stack:
 
     stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
                   "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
-                  "ports": ports, "pid": __import__("os").getpid(), **demo}
+                  "ports": ports, "nodeagent_address": f"127.0.0.1:{ports['nodeagent']}", "pki_dir": str(pki_dir),
+                  "pid": __import__("os").getpid(), **demo}
     write_runtime(state, stack.info)
     if options.ready_file:
         tmp = options.ready_file.with_suffix(".tmp")

@@ -9,6 +9,7 @@ from enum import Enum
 class EndpointHealth(Enum):
     HEALTHY = "healthy"
     DRAINING = "draining"  # in-flight requests finish, no new ones
+    DEGRADED = "degraded"  # used only when the healthy hosts are not enough (latency spike)
     UNHEALTHY = "unhealthy"
 
 
@@ -29,15 +30,24 @@ class Pool:
     region: str
     model: str
     endpoints: tuple[PoolEndpoint, ...] = ()
+    retries: int | None = None  # from the routing policy; None = the gateway default
+    lane: str | None = None  # org id of a reserved lane; None = the shared serverless pool
+    # Failover safety throttle (seed §26.4): at most this share of requests may use the fallback regions.
+    spill_share: float = 1.0
+    local_only: bool = False  # the throttle's second cluster: the region's own nodes only
+
+    @property
+    def route_key(self) -> str:
+        return route_key(self.region, self.model, self.lane)
 
     @property
     def cluster_name(self) -> str:
-        return route_key(self.region, self.model)
+        return self.route_key + ("#local" if self.local_only else "")
 
 
-def route_key(region: str, model: str) -> str:
+def route_key(region: str, model: str, lane: str | None = None) -> str:
     """The value ext_authz puts in x-clp-route and the name of the pool's cluster."""
-    return f"{region}/{model}"
+    return f"{region}/{model}@{lane}" if lane else f"{region}/{model}"
 
 
 @dataclass(frozen=True)

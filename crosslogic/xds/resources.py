@@ -43,6 +43,7 @@ USAGE_METADATA_NAMESPACE = "crosslogic.usage"
 _HEALTH = {
     EndpointHealth.HEALTHY: health_check_pb2.HEALTHY,
     EndpointHealth.DRAINING: health_check_pb2.DRAINING,
+    EndpointHealth.DEGRADED: health_check_pb2.DEGRADED,
     EndpointHealth.UNHEALTHY: health_check_pb2.UNHEALTHY,
 }
 
@@ -213,22 +214,43 @@ def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
     return {
         "name": pool.cluster_name,
         "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
-                                                 "string_match": {"exact": pool.cluster_name}}]},
+                                                 "string_match": {"exact": pool.route_key}}]},
         "route": {
             "cluster": pool.cluster_name,
             "timeout": f"{settings.upstream_timeout_s}s",
             "retry_policy": {
                 # Only failures before the node answered: a generation is never run twice on purpose.
-                "retry_on": "connect-failure,refused-stream,reset-before-request,retriable-status-codes",
+                # `reset` also covers a node that died mid-request before sending response headers (its
+                # output was never delivered nor billed, so running it elsewhere is safe); a stream whose
+                # headers were sent is never retried by Envoy.
+                "retry_on": "connect-failure,refused-stream,reset-before-request,reset,retriable-status-codes",
                 "retriable_status_codes": [503],
-                "num_retries": settings.retries,
+                "num_retries": settings.retries if pool.retries is None else pool.retries,
                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
                                           "typed_config": {"@type": "type.googleapis.com/envoy.extensions"
                                                            ".retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
-                "host_selection_retry_max_attempts": 5,
+                # LEAST_REQUEST favours a just-died node (it has no requests in flight): with 2 hosts a pick
+                # lands on it 3 times in 4, so 5 attempts left 1 retry in 4 on the dead node again.
+                "host_selection_retry_max_attempts": 20,
             },
         },
     }
+
+
+def _pool_routes(pool: Pool, settings: GatewaySettings) -> list[dict]:
+    """One route per pool; a throttled pool (spill share < 1) gets two: that share of requests (at random) may
+    use the fallback regions, the rest only the region's own nodes (503 "no capacity" when it is down)."""
+    if pool.local_only:
+        return []  # reached through the second route of its throttled pool
+    route = _pool_route(pool, settings)
+    if pool.spill_share >= 1.0:
+        return [route]
+    spill = {**route, "name": f"{pool.cluster_name}/spill", "match": {**route["match"], "runtime_fraction": {
+        "default_value": {"numerator": round(pool.spill_share * 10000), "denominator": "TEN_THOUSAND"},
+        "runtime_key": f"clp.spill.{pool.cluster_name}"}}}
+    local = {**route, "name": f"{pool.cluster_name}/local",
+             "route": {**route["route"], "cluster": pool.cluster_name + "#local"}}
+    return [spill, local]
 
 
 def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> route_pb2.RouteConfiguration:
@@ -239,7 +261,7 @@ def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> r
         {"name": "healthz", "match": {"path": "/healthz"}, "typed_per_filter_config": no_authz,
          "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
         {"name": "models", "match": {"prefix": "/v1/models"}, "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
-        *(_pool_route(p, settings) for p in sorted(pools, key=lambda p: p.cluster_name)),
+        *(r for p in sorted(pools, key=lambda p: p.cluster_name) for r in _pool_routes(p, settings)),
         # Authorised, but no pool for this model in the chosen region (yet).
         {"name": "no-pool", "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
                                                                      "present_match": True}]},

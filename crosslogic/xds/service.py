@@ -1,72 +1,125 @@
-"""The xDS process: watch routing state in Postgres, rebuild snapshots, serve ADS to every Envoy."""
+"""The xDS process: watch routing state in Postgres, rebuild snapshots, serve ADS to every Envoy, and serve
+the NodeAgent API to node agents (one process: a registration or a drain reaches Envoy without a hop)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import asyncpg
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from crosslogic.settings import SchedulerSettings
+from crosslogic.xds import node_registry
 from crosslogic.xds.cache import SnapshotCache
 from crosslogic.xds.model import GatewaySettings
+from crosslogic.xds.nodeagent import NodeAgentServicer, add_to_server, server_credentials
+from crosslogic.xds.policy import PolicyRejected, RoutingPolicy, load_policy, record_status
 from crosslogic.xds.registry import load_pools
 from crosslogic.xds.server import AggregatedDiscoveryServicer
 from crosslogic.xds.snapshot import build_snapshot
 
 log = logging.getLogger("crosslogic.xds")
 ROUTING_CHANNEL = "crosslogic_routing"
-# Safety net: rebuild now and then even without a notification (e.g. a missed NOTIFY during a reconnect).
-RESYNC_INTERVAL_S = 10.0
 # Coalesce bursts of changes (a batch of node updates) into one push.
 DEBOUNCE_S = 0.05
 
 
-async def _rebuild(database_url: str, cache: SnapshotCache, gateway: GatewaySettings) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        pools = await load_pools(conn)
-    finally:
-        await conn.close()
-    if cache.set(build_snapshot(pools, gateway)):
-        log.info("pushed snapshot: %d pools", len(pools))
+class Scheduler:
+    """Owns the last accepted routing policy; turns registry state into snapshots."""
 
+    def __init__(self, pool: asyncpg.Pool, cache: SnapshotCache, gateway: GatewaySettings,
+                 settings: SchedulerSettings) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.gateway = gateway
+        self.lifetimes = node_registry.Lifetimes(settings.heartbeat_timeout_s, settings.dead_after_s,
+                                                 settings.drain_ttl_s, settings.remove_after_s)
+        self.tick_s = settings.tick_s
+        self.policy: RoutingPolicy | None = None
+        self._policy_message = ""
+        self.changed = asyncio.Event()
 
-async def watch_routing_state(database_url: str, cache: SnapshotCache, gateway: GatewaySettings) -> None:
-    changed = asyncio.Event()
-    changed.set()
-    while True:
+    async def _refresh_policy(self, conn: asyncpg.Connection) -> None:
         try:
-            listener = await asyncpg.connect(database_url)
-            await listener.add_listener(ROUTING_CHANNEL, lambda *_: changed.set())
+            policy = await load_policy(conn)
+            accepted, message = True, "routing policy accepted"
+        except PolicyRejected as exc:
+            policy, accepted, message = None, False, str(exc)
+        if message != self._policy_message:
+            kept = "" if accepted or self.policy is None else "; keeping the last good one"
+            (log.info if accepted else log.error)("%s%s", message, kept)
+            await record_status(conn, accepted, message)
+            self._policy_message = message
+        if policy is not None:
+            self.policy = policy
+
+    async def rebuild(self) -> None:
+        async with self.pool.acquire() as conn:
+            await node_registry.sweep(conn, self.lifetimes)
+            await self._refresh_policy(conn)
+            if self.policy is None:
+                return  # no valid policy yet: Envoy waits rather than receiving a bad one
+            pools = await load_pools(conn, self.policy, self.lifetimes)
+        if self.cache.set(build_snapshot(pools, self.gateway)):
+            log.info("pushed snapshot: %d pools", len(pools))
+
+    async def run(self, database_url: str) -> None:
+        """Rebuild on every NOTIFY (debounced) and on every tick (liveness, weights); forever."""
+        self.changed.set()
+        while True:
             try:
-                changed.set()  # state may have moved while we were disconnected
-                while not listener.is_closed():
-                    try:
-                        await asyncio.wait_for(changed.wait(), RESYNC_INTERVAL_S)
-                    except TimeoutError:
-                        pass
-                    await asyncio.sleep(DEBOUNCE_S)
-                    changed.clear()
-                    await _rebuild(database_url, cache, gateway)
-            finally:
-                await listener.close()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("routing state unavailable (%s); keeping the last snapshot", exc)
-            await asyncio.sleep(1.0)
+                listener = await asyncpg.connect(database_url)
+                await listener.add_listener(ROUTING_CHANNEL, lambda *_: self.changed.set())
+                try:
+                    self.changed.set()  # state may have moved while we were disconnected
+                    while not listener.is_closed():
+                        try:
+                            await asyncio.wait_for(self.changed.wait(), self.tick_s)
+                            await asyncio.sleep(DEBOUNCE_S)
+                        except TimeoutError:
+                            pass
+                        self.changed.clear()
+                        await self.rebuild()
+                finally:
+                    await listener.close()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("routing state unavailable (%s); keeping the last snapshot", exc)
+                await asyncio.sleep(1.0)
 
 
-async def serve_xds(database_url: str, listen: str, gateway: GatewaySettings) -> None:
+async def serve_xds(database_url: str, listen: str, gateway: GatewaySettings,
+                    settings: SchedulerSettings | None = None, nodeagent_listen: str | None = None) -> None:
+    settings = settings or SchedulerSettings()
     cache = SnapshotCache()
-    watcher = asyncio.create_task(watch_routing_state(database_url, cache, gateway))
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=8)
+    scheduler = Scheduler(pool, cache, gateway, settings)
+    watcher = asyncio.create_task(scheduler.run(database_url))
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscoveryServicer(cache), server)
     server.add_insecure_port(listen)
+    agents = None
+    if nodeagent_listen:
+        tls = bool(settings.pki_dir)
+        agents = grpc.aio.server()
+        add_to_server(agents, NodeAgentServicer(pool, tls=tls, heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                                                metrics_interval_ms=settings.metrics_interval_ms))
+        if tls:
+            agents.add_secure_port(nodeagent_listen, server_credentials(Path(settings.pki_dir)))
+        else:
+            log.warning("NodeAgent API on %s WITHOUT TLS (no CROSSLOGIC_PKI_DIR): development only", nodeagent_listen)
+            agents.add_insecure_port(nodeagent_listen)
+        await agents.start()
     await server.start()
     log.info("xDS listening on %s", listen)
     try:
         await server.wait_for_termination()
     finally:
         watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        if agents is not None:
+            await agents.stop(1)
         await server.stop(1)
+        await pool.close()

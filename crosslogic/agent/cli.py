@@ -1,0 +1,132 @@
+"""`crosslogic agent ...` and `crosslogic pki ...`: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from crosslogic.agent import spot
+from crosslogic.agent.engine import Backoff
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from crosslogic.agent.proto import nodeagent_pb2 as pb
+    from crosslogic.agent.runner import AgentConfig, RegistrationRefused, run_agent
+
+    host, _, port = args.advertise.rpartition(":")
+    registration = pb.RegisterNodeRequest(
+        name=args.name, region=args.region, cloud=args.cloud, spot=args.spot, gpu_type=args.gpu_type,
+        vram_total_gb=args.vram_gb, vram_free_gb=args.vram_gb, throughput_tokens_per_sec=args.tokens_per_sec,
+        models=args.model, endpoint_host=host, endpoint_port=int(port), tailnet_ip=args.tailnet_ip or "",
+        reserved_org_id=args.reserved_org or "", model_version=args.model_version)
+    config = AgentConfig(
+        control_plane=args.control_plane, registration=registration,
+        engine_url=args.engine_url or f"http://{args.advertise}",
+        engine_argv=tuple(shlex.split(args.engine_command)) if args.engine_command else (),
+        heartbeat_interval_s=args.heartbeat_interval, metrics_interval_s=args.metrics_interval,
+        spot_interval_s=args.spot_interval, spot_urls=(args.aws_spot_url, args.gcp_spot_url, args.azure_spot_url),
+        drain_timeout_s=args.drain_timeout, tls_dir=Path(args.tls_dir) if args.tls_dir else None,
+        backoff=Backoff(initial_s=args.restart_backoff))
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await run_agent(config, stopping)
+
+    try:
+        asyncio.run(main())
+    except RegistrationRefused as exc:
+        print(f"crosslogic agent: the control plane refused this node: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _pki_init(args: argparse.Namespace) -> int:
+    from crosslogic import pki
+
+    pki.init_pki(Path(args.dir), args.host)
+    print(f"CA and NodeAgent server certificate in {args.dir} (set CROSSLOGIC_PKI_DIR={args.dir} for `serve xds`)")
+    return 0
+
+
+def _pki_issue(args: argparse.Namespace) -> int:
+    from crosslogic import pki
+
+    out = Path(args.out)
+    pki.write(out, "node", pki.issue_node(pki.load_ca(Path(args.dir)), args.name, args.scope, args.days))
+    (out / "ca.pem").write_bytes((Path(args.dir) / pki.CA_CERT).read_bytes())
+    print(f"node certificate for {args.name} (scope {args.scope}) in {out}: pass --tls-dir {out} to the agent")
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from crosslogic.runtime.state import resolve_settings
+    from crosslogic.xds.node_registry import drain_old_versions
+
+    async def main() -> list[str]:
+        conn = await asyncpg.connect(resolve_settings(Path(args.state_dir)).require_database())
+        try:
+            return await drain_old_versions(conn, args.model, args.version)
+        finally:
+            await conn.close()
+
+    drained = asyncio.run(main())
+    print(f"draining {len(drained)} node(s) of {args.model} not at {args.version}: {', '.join(drained) or '-'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("agent", help="run the node agent beside a vLLM / SGLang engine")
+    a.add_argument("--control-plane", required=True, help="host:port of the NodeAgent API")
+    a.add_argument("--name", required=True)
+    a.add_argument("--region", required=True)
+    a.add_argument("--model", action="append", required=True, help="served model id (repeatable)")
+    a.add_argument("--advertise", required=True, help="host:port where Envoy reaches the engine")
+    a.add_argument("--engine-url", help="where the agent reaches the engine (default: http://ADVERTISE)")
+    a.add_argument("--engine-command", help="start and supervise this command (vLLM / SGLang)")
+    a.add_argument("--cloud", default="onprem")
+    a.add_argument("--spot", action="store_true")
+    a.add_argument("--gpu-type", default="unknown")
+    a.add_argument("--vram-gb", type=int, default=0)
+    a.add_argument("--tokens-per-sec", type=int, default=0, help="expected decode capacity (0 = catalogue)")
+    a.add_argument("--tailnet-ip")
+    a.add_argument("--reserved-org", help="org id this node is dedicated to")
+    a.add_argument("--model-version", default="")
+    a.add_argument("--heartbeat-interval", type=float, help="seconds (default: the control plane's, 5)")
+    a.add_argument("--metrics-interval", type=float, help="seconds (default: the control plane's, 15)")
+    a.add_argument("--spot-interval", type=float, default=5.0)
+    a.add_argument("--aws-spot-url", help=f"poll AWS IMDS spot/instance-action here (on EC2: {spot.AWS_URL})")
+    a.add_argument("--gcp-spot-url")
+    a.add_argument("--azure-spot-url")
+    a.add_argument("--drain-timeout", type=float, default=300.0)
+    a.add_argument("--restart-backoff", type=float, default=1.0, help="first restart delay in seconds")
+    a.add_argument("--tls-dir", help="directory with ca.pem, node.pem, node.key (`crosslogic pki issue-node`)")
+    a.set_defaults(handler=_agent)
+
+    u = sub.add_parser("upgrade", help="model upgrade: drain every node of MODEL not at VERSION, in each region "
+                       "where a node at VERSION is already active (then stop their agents: SIGTERM drains)")
+    u.add_argument("--model", required=True)
+    u.add_argument("--version", required=True)
+    u.set_defaults(handler=_upgrade)
+
+    p = sub.add_parser("pki", help="the control plane's CA for node agents")
+    psub = p.add_subparsers(dest="pki_command", required=True)
+    init = psub.add_parser("init", help="create the CA (once) and the NodeAgent server certificate")
+    init.add_argument("--dir", required=True)
+    init.add_argument("--host", action="append", default=None, help="server DNS name or IP (repeatable)")
+    init.set_defaults(handler=_pki_init)
+    issue = psub.add_parser("issue-node", help="issue a node certificate scoped to a cloud pool or one org")
+    issue.add_argument("--dir", required=True, help="the CA directory")
+    issue.add_argument("--name", required=True)
+    issue.add_argument("--scope", required=True, help="pool:<cloud> or org:<org_id>")
+    issue.add_argument("--out", required=True)
+    issue.add_argument("--days", type=int, default=90)
+    issue.set_defaults(handler=_pki_issue)

@@ -1,0 +1,124 @@
+"""The control plane's own certificate authority, for mutual TLS between node agents and the NodeAgent service.
+
+A node certificate carries its scope as a URI SAN `urn:crosslogic:node-scope:<pool:CLOUD | org:ORG_ID>`;
+the NodeAgent service reads it from the verified peer certificate, so a node can only register inside it.
+Files in the PKI directory: ca.pem / ca.key (keep the key offline in production), server.pem / server.key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+SCOPE_URI_PREFIX = "urn:crosslogic:node-scope:"
+CA_CERT, CA_KEY = "ca.pem", "ca.key"
+SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "CrossLogic"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(subject: str, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer).public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days)))
+
+
+def create_ca(common_name: str = "CrossLogic control plane CA", days: int = 3650) -> Issued:
+    key = _key()
+    cert = (_builder(common_name, _name(common_name), key.public_key(), days)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _leaf(ca: Issued, common_name: str, sans: list[x509.GeneralName], usage: ExtendedKeyUsageOID, days: int) -> Issued:
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    key = _key()
+    cert = (_builder(common_name, ca_cert.subject, key.public_key(), days)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def issue_server(ca: Issued, hosts: list[str], days: int = 825) -> Issued:
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    return _leaf(ca, hosts[0], sans, ExtendedKeyUsageOID.SERVER_AUTH, days)
+
+
+def issue_node(ca: Issued, node_name: str, scope: str, days: int = 90) -> Issued:
+    """`scope` is `pool:<cloud>` (serverless pool nodes of one cloud) or `org:<org_id>` (one org's lane)."""
+    kind, _, value = scope.partition(":")
+    if kind not in ("pool", "org") or not value:
+        raise ValueError(f"node scope must be pool:<cloud> or org:<org_id>, not {scope!r}")
+    return _leaf(ca, node_name, [x509.UniformResourceIdentifier(SCOPE_URI_PREFIX + scope)],
+                 ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
+def scope_of(cert_pem: bytes) -> str | None:
+    """The node scope written in a (verified) certificate, or None."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(SCOPE_URI_PREFIX):
+            return uri.removeprefix(SCOPE_URI_PREFIX)
+    return None
+
+
+def write(directory: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
+    cert.write_bytes(issued.cert_pem)
+    key.touch(mode=0o600)
+    key.write_bytes(issued.key_pem)
+    return cert, key
+
+
+def load_ca(directory: Path) -> Issued:
+    return Issued((directory / CA_CERT).read_bytes(), (directory / CA_KEY).read_bytes())
+
+
+def init_pki(directory: Path, server_hosts: list[str]) -> None:
+    """Creates the CA (once) and a server certificate for the NodeAgent service."""
+    if not (directory / CA_CERT).exists():
+        write(directory, "ca", create_ca())
+    write(directory, "server", issue_server(load_ca(directory), server_hosts))

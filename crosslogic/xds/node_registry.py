@@ -1,0 +1,208 @@
+"""The node registry in Postgres: what agents report (registration, heartbeats, load) and the sweeper.
+
+State machine of an agent-managed node (seed §22-§23):
+
+    active --(spot notice | shutdown | upgrade drain)--> draining --(drain TTL | shutdown done)--> dead
+    active/draining --(no heartbeat for dead_after)--> dead;  dead --(remove_after)--> row deleted
+    (no heartbeat for heartbeat_timeout: still 'active' in the table, but UNHEALTHY in every snapshot)
+
+Nodes added by an operator without an agent (`agent_managed = false`) follow only their status column.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+SQL_REGISTER = """
+INSERT INTO nodes AS n (name, region, cloud, spot, gpu_type, vram_total_gb, vram_free_gb,
+    throughput_tokens_per_sec, model_list, endpoint_host, endpoint_port, tailnet_ip, reserved_org_id,
+    model_version, agent_managed, status, status_reason, last_heartbeat_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULLIF($12, ''), $13::uuid, $14, true, 'active', 'registered',
+    now())
+ON CONFLICT (name) DO UPDATE SET
+    region = EXCLUDED.region, cloud = EXCLUDED.cloud, spot = EXCLUDED.spot, gpu_type = EXCLUDED.gpu_type,
+    vram_total_gb = EXCLUDED.vram_total_gb, vram_free_gb = EXCLUDED.vram_free_gb,
+    throughput_tokens_per_sec = EXCLUDED.throughput_tokens_per_sec, model_list = EXCLUDED.model_list,
+    endpoint_host = EXCLUDED.endpoint_host, endpoint_port = EXCLUDED.endpoint_port,
+    tailnet_ip = EXCLUDED.tailnet_ip, reserved_org_id = EXCLUDED.reserved_org_id,
+    model_version = EXCLUDED.model_version, agent_managed = true, status = 'active',
+    status_reason = 'registered', last_heartbeat_at = now()
+RETURNING node_id::text AS node_id, (xmax = 0) AS created
+"""
+SQL_EXISTING_SCOPE = "SELECT cloud, reserved_org_id::text AS reserved_org_id FROM nodes WHERE name = $1"
+SQL_RESET_LOAD = """
+INSERT INTO node_load (node_id) VALUES ($1::uuid)
+ON CONFLICT (node_id) DO UPDATE SET last_heartbeat_at = now(), engine_healthy = true, requests_running = 0,
+    requests_waiting = 0, kv_cache_usage = 0, generation_tokens_per_sec = 0, metrics_at = NULL
+"""
+SQL_HEARTBEAT = """
+WITH beat AS (UPDATE node_load SET last_heartbeat_at = now(), engine_healthy = $2
+              WHERE node_id = $1::uuid RETURNING node_id)
+SELECT n.status FROM nodes n JOIN beat USING (node_id)
+"""
+# The TTFT baseline moves only outside spikes, so a spike cannot raise its own yardstick.
+SQL_METRICS = """
+UPDATE node_load SET last_heartbeat_at = now(), requests_running = $2, requests_waiting = $3,
+    kv_cache_usage = $4, generation_tokens_per_sec = $5, metrics_at = now(), ttft_s = $6::float8,
+    ttft_baseline_s = CASE
+        WHEN $6::float8 <= 0 THEN ttft_baseline_s
+        WHEN ttft_baseline_s IS NULL THEN $6::float8
+        WHEN $6::float8 > ttft_baseline_s * $7::float8 THEN ttft_baseline_s
+        ELSE ttft_baseline_s * 0.8 + $6::float8 * 0.2 END
+WHERE node_id = $1::uuid
+"""
+LATENCY_SPIKE_FACTOR = 3.0  # seed §22.2: latency > 3x its baseline
+SQL_DRAIN = """
+UPDATE nodes SET status = 'draining', status_reason = $2
+WHERE node_id = $1::uuid AND status = 'active'
+"""
+SQL_SHUTDOWN = "UPDATE nodes SET status = 'dead', status_reason = $2 WHERE node_id = $1::uuid AND status <> 'dead'"
+# The sweeper: one statement each, safe to run from several control-plane replicas at once.
+SQL_SWEEP_SILENT = """
+UPDATE nodes n SET status = 'dead', status_reason = 'no heartbeat'
+FROM node_load l
+WHERE l.node_id = n.node_id AND n.agent_managed AND n.status <> 'dead'
+  AND l.last_heartbeat_at < now() - make_interval(secs => $1)
+"""
+SQL_SWEEP_DRAINED = """
+UPDATE nodes SET status = 'dead', status_reason = 'drain finished'
+WHERE agent_managed AND status = 'draining' AND status_changed_at < now() - make_interval(secs => $1)
+"""
+SQL_SWEEP_REMOVE = """
+DELETE FROM nodes
+WHERE agent_managed AND status = 'dead' AND status_changed_at < now() - make_interval(secs => $1)
+"""
+SQL_SWEEP_DUE = """
+SELECT
+  EXISTS (SELECT 1 FROM nodes n JOIN node_load l USING (node_id) WHERE n.agent_managed AND n.status <> 'dead'
+          AND l.last_heartbeat_at < now() - make_interval(secs => $1)) AS silent,
+  EXISTS (SELECT 1 FROM nodes WHERE agent_managed AND status = 'draining'
+          AND status_changed_at < now() - make_interval(secs => $2)) AS drained,
+  EXISTS (SELECT 1 FROM nodes WHERE agent_managed AND status = 'dead'
+          AND status_changed_at < now() - make_interval(secs => $3)) AS removable
+"""
+SQL_DRAIN_OLD_VERSIONS = """
+UPDATE nodes old SET status = 'draining', status_reason = 'upgrade to ' || $2
+WHERE old.status = 'active' AND $1 = ANY (old.model_list) AND old.model_version <> $2
+  AND EXISTS (SELECT 1 FROM nodes new WHERE new.status = 'active' AND $1 = ANY (new.model_list)
+              AND new.model_version = $2 AND new.region = old.region)
+RETURNING old.name
+"""
+
+
+class ScopeViolation(Exception):
+    """A node certificate's scope does not allow what the registration claims."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    region: str
+    cloud: str
+    spot: bool
+    gpu_type: str
+    vram_total_gb: int
+    vram_free_gb: int
+    throughput_tokens_per_sec: int
+    models: tuple[str, ...]
+    endpoint_host: str
+    endpoint_port: int
+    tailnet_ip: str = ""
+    reserved_org_id: str = ""
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    """Seconds: when a silent node counts as unhealthy, then dead; how long drains and dead rows last."""
+
+    heartbeat_timeout_s: float = 15.0
+    dead_after_s: float = 60.0
+    drain_ttl_s: float = 120.0
+    remove_after_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class NodeScope:
+    """What a node certificate allows: one cloud pool (any region), or the nodes reserved for one org."""
+
+    kind: str  # "pool" or "org"
+    value: str
+
+    @staticmethod
+    def parse(text: str) -> NodeScope:
+        kind, _, value = text.partition(":")
+        if kind not in ("pool", "org") or not value:
+            raise ScopeViolation(f"malformed node scope {text!r}")
+        return NodeScope(kind, value)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+    def allows(self, cloud: str, reserved_org_id: str) -> bool:
+        if self.kind == "org":
+            return reserved_org_id == self.value
+        return not reserved_org_id and cloud == self.value
+
+
+def check_scope(scope: NodeScope | None, reg: Registration, existing: asyncpg.Record | None) -> None:
+    """Raises ScopeViolation when the certificate may not register this node (or take over its name)."""
+    if scope is None:
+        return  # plaintext development mode: no certificates at all
+    if not scope.allows(reg.cloud, reg.reserved_org_id):
+        raise ScopeViolation(f"certificate scope {scope} may not register a node with cloud {reg.cloud!r}"
+                             f" and reserved org {reg.reserved_org_id or 'none'!r}")
+    if existing is not None and not scope.allows(existing["cloud"], existing["reserved_org_id"] or ""):
+        raise ScopeViolation(f"node name {reg.name!r} belongs to another scope")
+
+
+async def register(conn: asyncpg.Connection, reg: Registration, scope: NodeScope | None) -> str:
+    async with conn.transaction():
+        check_scope(scope, reg, await conn.fetchrow(SQL_EXISTING_SCOPE, reg.name))
+        row = await conn.fetchrow(
+            SQL_REGISTER, reg.name, reg.region, reg.cloud, reg.spot, reg.gpu_type, reg.vram_total_gb,
+            reg.vram_free_gb, reg.throughput_tokens_per_sec, list(reg.models), reg.endpoint_host,
+            reg.endpoint_port, reg.tailnet_ip, uuid.UUID(reg.reserved_org_id) if reg.reserved_org_id else None,
+            reg.model_version)
+        await conn.execute(SQL_RESET_LOAD, row["node_id"])
+        return row["node_id"]
+
+
+async def heartbeat(conn: asyncpg.Connection, node_id: str, engine_healthy: bool = True) -> str | None:
+    """Returns the node's registry status, or None when it is unknown (the agent must register again)."""
+    return await conn.fetchval(SQL_HEARTBEAT, node_id, engine_healthy)
+
+
+async def record_metrics(conn: asyncpg.Connection, node_id: str, running: float, waiting: float,
+                         kv_cache_usage: float, tokens_per_sec: float, mean_ttft_s: float = 0.0) -> bool:
+    status = await conn.execute(SQL_METRICS, node_id, running, waiting, kv_cache_usage, tokens_per_sec, mean_ttft_s,
+                                LATENCY_SPIKE_FACTOR)
+    return status != "UPDATE 0"
+
+
+async def drain(conn: asyncpg.Connection, node_id: str, reason: str) -> None:
+    await conn.execute(SQL_DRAIN, node_id, reason)
+
+
+async def shut_down(conn: asyncpg.Connection, node_id: str, reason: str) -> None:
+    await conn.execute(SQL_SHUTDOWN, node_id, reason)
+
+
+async def drain_old_versions(conn: asyncpg.Connection, model: str, version: str) -> list[str]:
+    """Model upgrade (seed §30): drain nodes of other versions wherever a node of `version` is active."""
+    return [r["name"] for r in await conn.fetch(SQL_DRAIN_OLD_VERSIONS, model, version)]
+
+
+async def sweep(conn: asyncpg.Connection, lifetimes: Lifetimes) -> None:
+    """Moves silent and drained nodes on. Checks first: an UPDATE touching no row still fires the
+    statement-level NOTIFY trigger, and every listener would rebuild for nothing."""
+    due = await conn.fetchrow(SQL_SWEEP_DUE, lifetimes.dead_after_s, lifetimes.drain_ttl_s, lifetimes.remove_after_s)
+    if due["silent"]:
+        await conn.execute(SQL_SWEEP_SILENT, lifetimes.dead_after_s)
+    if due["drained"]:
+        await conn.execute(SQL_SWEEP_DRAINED, lifetimes.drain_ttl_s)
+    if due["removable"]:
+        await conn.execute(SQL_SWEEP_REMOVE, lifetimes.remove_after_s)

@@ -1,0 +1,106 @@
+"""The NodeAgent gRPC edge: protocol messages <-> node registry calls. No SQL and no policy here."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+from crosslogic import pki
+from crosslogic.agent.proto import nodeagent_pb2 as pb
+from crosslogic.agent.proto import nodeagent_pb2_grpc as pb_grpc
+from crosslogic.xds import node_registry as registry
+
+log = logging.getLogger("crosslogic.nodeagent")
+
+
+def registration_from(request: pb.RegisterNodeRequest) -> registry.Registration:
+    return registry.Registration(
+        name=request.name, region=request.region, cloud=request.cloud or "onprem", spot=request.spot,
+        gpu_type=request.gpu_type or "unknown", vram_total_gb=request.vram_total_gb,
+        vram_free_gb=request.vram_free_gb, throughput_tokens_per_sec=request.throughput_tokens_per_sec,
+        models=tuple(request.models), endpoint_host=request.endpoint_host, endpoint_port=request.endpoint_port,
+        tailnet_ip=request.tailnet_ip, reserved_org_id=request.reserved_org_id, model_version=request.model_version)
+
+
+def peer_scope(context: grpc.aio.ServicerContext, tls: bool) -> registry.NodeScope | None:
+    """The scope in the verified client certificate; None in plaintext mode."""
+    if not tls:
+        return None
+    pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+    scope = pki.scope_of(pem) if pem else None
+    if scope is None:
+        raise registry.ScopeViolation("the client certificate carries no node scope")
+    return registry.NodeScope.parse(scope)
+
+
+class NodeAgentServicer(pb_grpc.NodeAgentServicer):
+    def __init__(self, pool: asyncpg.Pool, *, tls: bool, heartbeat_interval_ms: int, metrics_interval_ms: int) -> None:
+        self.pool = pool
+        self.tls = tls
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.metrics_interval_ms = metrics_interval_ms
+
+    async def RegisterNode(self, request, context):  # noqa: N802 - gRPC method name
+        reg = registration_from(request)
+        if not reg.name or not reg.region or not reg.models or not reg.endpoint_host or not reg.endpoint_port:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "name, region, models, endpoint_host and endpoint_port are required")
+        try:
+            scope = peer_scope(context, self.tls)
+            async with self.pool.acquire() as conn:
+                node_id = await registry.register(conn, reg, scope)
+        except registry.ScopeViolation as exc:
+            log.warning("refused registration of %s: %s", reg.name, exc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except asyncpg.ForeignKeyViolationError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown region or org: {exc.detail or exc}")
+        log.info("registered node %s (%s) in %s serving %s", reg.name, node_id, reg.region, ",".join(reg.models))
+        return pb.RegisterNodeResponse(node_id=node_id, heartbeat_interval_ms=self.heartbeat_interval_ms,
+                                       metrics_interval_ms=self.metrics_interval_ms)
+
+    async def SendHeartbeat(self, request, context):  # noqa: N802
+        async with self.pool.acquire() as conn:
+            status = await registry.heartbeat(conn, request.node_id, not request.engine_unhealthy)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: register again")
+        return pb.HeartbeatResponse(status=status)
+
+    async def SendMetrics(self, request, context):  # noqa: N802
+        async with self.pool.acquire() as conn:
+            known = await registry.record_metrics(conn, request.node_id, request.requests_running,
+                                                  request.requests_waiting, request.kv_cache_usage,
+                                                  request.generation_tokens_per_sec, request.mean_ttft_s)
+        if not known:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: register again")
+        # No push from here: the scheduler's tick picks the new load up (thousands of agents must not
+        # each trigger a rebuild).
+        return pb.MetricsResponse()
+
+    async def NotifySpotEviction(self, request, context):  # noqa: N802
+        log.warning("spot eviction notice for node %s from %s: %s", request.node_id, request.provider, request.detail)
+        async with self.pool.acquire() as conn:
+            await registry.drain(conn, request.node_id, f"spot eviction ({request.provider})")
+        return pb.SpotEvictionResponse()
+
+    async def Shutdown(self, request, context):  # noqa: N802
+        reason = request.reason or "agent shutdown"
+        async with self.pool.acquire() as conn:
+            if request.final:
+                await registry.shut_down(conn, request.node_id, reason)
+            else:
+                await registry.drain(conn, request.node_id, reason)
+        return pb.ShutdownResponse()
+
+
+def server_credentials(pki_dir: Path) -> grpc.ServerCredentials:
+    """Mutual TLS: only clients with a certificate from the control-plane CA get through the handshake."""
+    return grpc.ssl_server_credentials(
+        [((pki_dir / pki.SERVER_KEY).read_bytes(), (pki_dir / pki.SERVER_CERT).read_bytes())],
+        root_certificates=(pki_dir / pki.CA_CERT).read_bytes(), require_client_auth=True)
+
+
+def add_to_server(server: grpc.aio.Server, servicer: NodeAgentServicer) -> None:
+    pb_grpc.add_NodeAgentServicer_to_server(servicer, server)
