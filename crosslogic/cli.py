@@ -57,7 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
         from crosslogic.xds.service import serve_xds
 
         gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
-                                  max_request_bytes=settings.max_request_bytes)
+                                  max_request_bytes=settings.max_request_bytes,
+                                  usage_log_path=settings.usage_log_path)
         return _run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway))
     raise SystemExit(f"unknown service {args.service}")
 

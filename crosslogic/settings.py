@@ -25,6 +25,8 @@ class Settings:
     # Accounting sink: flush the ledger batch after this many records or seconds.
     ledger_batch_size: int = field(default_factory=lambda: int(_env("LEDGER_BATCH_SIZE", "500")))
     ledger_flush_interval_s: float = field(default_factory=lambda: float(_env("LEDGER_FLUSH_INTERVAL", "0.2")))
+    # Envoy's JSON-lines usage log (the durable backstop); xds tells Envoy to write it, accounting replays it.
+    usage_log_path: str = field(default_factory=lambda: _env("USAGE_LOG", ""))
 
     def require_database(self) -> str:
         if not self.database_url:

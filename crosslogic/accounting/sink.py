@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer
 from crosslogic.accounting.ledger import LedgerWriter
 from crosslogic.accounting.usage import record_from_entry
 from crosslogic.settings import Settings
@@ -29,10 +31,19 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
 
+def _start_backstop(settings: Settings, pool) -> asyncio.Task | None:
+    if not settings.usage_log_path:
+        return None
+    path = Path(settings.usage_log_path)
+    tailer = UsageLogTailer(path, path.with_name(path.name + ".position"))
+    return asyncio.create_task(BackstopReplayer(tailer, pool).run())
+
+
 async def serve_accounting(settings: Settings, listen: str) -> None:
     async with open_pool(settings.require_database(), min_size=1, max_size=4) as pool:
         ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s)
         writer = asyncio.create_task(ledger.run())
+        backstop = _start_backstop(settings, pool)
         server = grpc.aio.server()
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger), server)
         server.add_insecure_port(listen)
@@ -43,6 +54,8 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         finally:
             await server.stop(2)
             writer.cancel()
+            if backstop is not None:
+                backstop.cancel()
             try:
                 await ledger.flush()  # what arrived before shutdown still reaches the ledger
             except Exception as exc:  # noqa: BLE001 - last chance; report what is lost

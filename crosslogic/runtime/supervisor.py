@@ -90,8 +90,11 @@ def start_stack(stack: Stack) -> Stack:
         redis_url = stack.valkey.url
     asyncio.run(migrate(database_url))
 
+    usage_dir = state / "usage"
+    usage_dir.mkdir(parents=True, exist_ok=True)
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
-                      CROSSLOGIC_KEY_SECRET=secret)
+                      CROSSLOGIC_KEY_SECRET=secret,
+                      CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"))
     ports = {name: free_port() for name in ("xds", "authz", "accounting", "api", "admin")}
     for name, argv in (
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
