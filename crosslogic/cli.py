@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         admin_cli = None
     if admin_cli is not None:
         admin_cli.register(sub)
+    from crosslogic import billing_cli
+
+    billing_cli.register(sub)
     return parser
 
 

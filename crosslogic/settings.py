@@ -27,6 +27,13 @@ class Settings:
     ledger_flush_interval_s: float = field(default_factory=lambda: float(_env("LEDGER_FLUSH_INTERVAL", "0.2")))
     # Envoy's JSON-lines usage log (the durable backstop); xds tells Envoy to write it, accounting replays it.
     usage_log_path: str = field(default_factory=lambda: _env("USAGE_LOG", ""))
+    # Billing reporter (runs inside the accounting service when a Stripe key is set).
+    stripe_api_key: str = field(default_factory=lambda: _env("STRIPE_API_KEY", ""))
+    stripe_api_base: str = field(default_factory=lambda: _env("STRIPE_API_BASE", ""))  # "" = api.stripe.com
+    billing_interval_s: int = field(default_factory=lambda: int(_env("BILLING_INTERVAL", "60")))
+    billing_retry_base_s: float = field(default_factory=lambda: float(_env("BILLING_RETRY_BASE", "60")))
+    # Prometheus /metrics of the accounting service; 0 = off.
+    accounting_metrics_port: int = field(default_factory=lambda: int(_env("ACCOUNTING_METRICS_PORT", "0")))
 
     def require_database(self) -> str:
         if not self.database_url:

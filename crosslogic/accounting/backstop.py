@@ -23,6 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
+from crosslogic.accounting import metrics
 from crosslogic.accounting.ledger import PriceBook, write_batch
 from crosslogic.accounting.usage import UsageRecord, record_from_fields
 
@@ -168,6 +169,12 @@ class UsageLogTailer:
     def position(self) -> Position:
         return Position(self._inode, self._offset)
 
+    def backlog_bytes(self) -> int:
+        try:
+            return max(0, os.fstat(self._file.fileno()).st_size - self._offset) if self._file else 0
+        except OSError:
+            return 0
+
     def commit(self, position: Position) -> None:
         """Persist the position durably (after the ledger committed everything before it)."""
         tmp = self.state_path.with_suffix(".tmp")
@@ -194,7 +201,6 @@ class BackstopReplayer:
         self.prices = prices or PriceBook()
         self.replayed = 0
         self.lines_read = 0
-        self.on_replayed = None  # optional callback(count) for metrics
 
     async def step(self) -> int:
         """One batch: read, write, commit. Returns the number of lines consumed (0 = caught up)."""
@@ -216,8 +222,9 @@ class BackstopReplayer:
         self.tailer.commit(position)
         self.replayed += inserted
         self.lines_read += len(lines)
-        if inserted and self.on_replayed is not None:
-            self.on_replayed(inserted)
+        metrics.backstop_replays.inc(inserted)
+        metrics.ledger_lag.set(self.tailer.backlog_bytes())
+        metrics.ledger_rows.labels("backstop").inc(inserted)
         return len(lines)
 
     async def run(self) -> None:

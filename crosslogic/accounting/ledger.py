@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from crosslogic.accounting import metrics
 from crosslogic.accounting.pricing import PPM, ModelPrice, OrgTerms, cost_microdollars, effective_at
 from crosslogic.accounting.usage import UsageRecord
 
@@ -141,7 +142,9 @@ class LedgerWriter:
         while self.pending:
             batch = self.pending[: self.batch_size]
             async with self.pool.acquire() as conn:
-                self.written += await write_batch(conn, batch, self.prices)
+                inserted = await write_batch(conn, batch, self.prices)
+            self.written += inserted
+            metrics.ledger_rows.labels("als").inc(inserted)
             del self.pending[: len(batch)]
 
     async def run(self) -> None:

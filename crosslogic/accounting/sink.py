@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 
 import grpc
+import prometheus_client
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer
 from crosslogic.accounting.ledger import LedgerWriter
+from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import record_from_entry
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
@@ -39,11 +41,24 @@ def _start_backstop(settings: Settings, pool) -> asyncio.Task | None:
     return asyncio.create_task(BackstopReplayer(tailer, pool).run())
 
 
+def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:
+    if not settings.stripe_api_key:
+        log.info("no CROSSLOGIC_STRIPE_API_KEY: usage is recorded but not exported to Stripe")
+        return None
+    reporter = BillingReporter(pool, stripe_client(settings.stripe_api_key, settings.stripe_api_base),
+                               ReporterSettings(interval_s=settings.billing_interval_s,
+                                                retry_base_s=settings.billing_retry_base_s))
+    return asyncio.create_task(reporter.run_forever())
+
+
 async def serve_accounting(settings: Settings, listen: str) -> None:
     async with open_pool(settings.require_database(), min_size=1, max_size=4) as pool:
         ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s)
         writer = asyncio.create_task(ledger.run())
         backstop = _start_backstop(settings, pool)
+        reporter = _start_reporter(settings, pool)
+        if settings.accounting_metrics_port:
+            prometheus_client.start_http_server(settings.accounting_metrics_port, "127.0.0.1")
         server = grpc.aio.server()
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger), server)
         server.add_insecure_port(listen)
@@ -54,8 +69,9 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         finally:
             await server.stop(2)
             writer.cancel()
-            if backstop is not None:
-                backstop.cancel()
+            for task in (backstop, reporter):
+                if task is not None:
+                    task.cancel()
             try:
                 await ledger.flush()  # what arrived before shutdown still reaches the ledger
             except Exception as exc:  # noqa: BLE001 - last chance; report what is lost
