@@ -215,7 +215,7 @@ class BackstopReplayer:
             inserted = 0
             if records:
                 async with self.pool.acquire() as conn:
-                    inserted = await write_batch(conn, records, self.prices)
+                    inserted = await write_batch(conn, records, self.prices, "backstop")
         except BaseException:
             self.tailer.rewind()
             raise

@@ -21,8 +21,8 @@ INSERT_USAGE_SQL = """
 WITH inserted AS (
     INSERT INTO usage_records (request_id, occurred_at, org_id, env_id, key_id, region, model, endpoint,
         streamed, status_code, prompt_tokens, completion_tokens, total_tokens, usage_source, latency_ms,
-        cost_microdollars, node_id, price_version_id)
-    SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
+        cost_microdollars, node_id, price_version_id, written_by)
+    SELECT *, $19::text FROM unnest($1::text[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[],
         $7::text[], $8::text[], $9::bool[], $10::int[], $11::int[], $12::int[], $13::int[], $14::text[],
         $15::int[], $16::bigint[], $17::text[], $18::bigint[])
     ON CONFLICT (request_id) DO NOTHING
@@ -110,7 +110,8 @@ def _columns(records: list[UsageRecord], prices: PriceBook) -> list[list]:
     ]
 
 
-async def write_batch(conn: asyncpg.Connection, records: list[UsageRecord], prices: PriceBook) -> int:
+async def write_batch(conn: asyncpg.Connection, records: list[UsageRecord], prices: PriceBook,
+                      written_by: str = "als") -> int:
     """Inserts the records not yet in the ledger; returns how many were new.
 
     Sorted by request id so two writers inserting overlapping batches (fast path and backstop) take row
@@ -118,7 +119,7 @@ async def write_batch(conn: asyncpg.Connection, records: list[UsageRecord], pric
     """
     await prices.refresh_if_old(conn)
     ordered = sorted(records, key=lambda r: r.request_id)
-    return int(await conn.fetchval(INSERT_USAGE_SQL, *_columns(ordered, prices)))
+    return int(await conn.fetchval(INSERT_USAGE_SQL, *_columns(ordered, prices), written_by))
 
 
 class LedgerWriter:

@@ -68,7 +68,8 @@ ALTER TABLE usage_records
     ADD COLUMN billable_microdollars bigint,                    -- set when exported: cost after free tier/plan
     ADD COLUMN export_id bigint REFERENCES billing_exports(export_id),
     ADD COLUMN billing_failed boolean NOT NULL DEFAULT false,
-    ADD COLUMN retry_count integer NOT NULL DEFAULT 0;
+    ADD COLUMN retry_count integer NOT NULL DEFAULT 0,
+    ADD COLUMN written_by text NOT NULL DEFAULT 'als';          -- 'als' (fast path) or 'backstop' (replay)
 CREATE INDEX usage_records_unexported_idx ON usage_records (recorded_at) WHERE export_id IS NULL;
 CREATE INDEX usage_records_export_idx ON usage_records (export_id);
 
