@@ -32,6 +32,8 @@ class Settings:
     stripe_api_base: str = field(default_factory=lambda: _env("STRIPE_API_BASE", ""))  # "" = api.stripe.com
     billing_interval_s: int = field(default_factory=lambda: int(_env("BILLING_INTERVAL", "60")))
     billing_retry_base_s: float = field(default_factory=lambda: float(_env("BILLING_RETRY_BASE", "60")))
+    # How often the accounting service checks bill caps (alerts, auto-suspend).
+    guardrail_interval_s: float = field(default_factory=lambda: float(_env("GUARDRAIL_INTERVAL", "5")))
     # Prometheus /metrics of the accounting service; 0 = off.
     accounting_metrics_port: int = field(default_factory=lambda: int(_env("ACCOUNTING_METRICS_PORT", "0")))
 

@@ -11,6 +11,7 @@ import prometheus_client
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer
+from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import LedgerWriter
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import record_from_entry
@@ -57,6 +58,7 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         writer = asyncio.create_task(ledger.run())
         backstop = _start_backstop(settings, pool)
         reporter = _start_reporter(settings, pool)
+        guardrails = asyncio.create_task(watch_caps(pool, settings.guardrail_interval_s))
         if settings.accounting_metrics_port:
             prometheus_client.start_http_server(settings.accounting_metrics_port, "127.0.0.1")
         server = grpc.aio.server()
@@ -69,7 +71,7 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         finally:
             await server.stop(2)
             writer.cancel()
-            for task in (backstop, reporter):
+            for task in (backstop, reporter, guardrails):
                 if task is not None:
                     task.cancel()
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crosslogic import errors
+from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.identity import Identity, IdentityResolver
 from crosslogic.extauthz.validation import RequestFacts, endpoint_for, validate_request
@@ -46,7 +47,8 @@ def _usage_mode(facts: RequestFacts) -> str:
 
 class Authorizer:
     def __init__(self, resolver: IdentityResolver, catalogue: ModelCatalogue, secret: bytes,
-                 default_region: str) -> None:
+                 default_region: str, caps: BillCaps | None = None) -> None:
+        self.caps = caps
         self.resolver = resolver
         self.catalogue = catalogue
         self.secret = secret
@@ -63,6 +65,8 @@ class Authorizer:
         if identity is None:
             raise errors.invalid_api_key()
         _check_status(identity)
+        if self.caps is not None and await self.caps.reached(identity.org_id):
+            raise errors.billing_cap_reached()
 
         out = {
             "x-clp-org": identity.org_id,

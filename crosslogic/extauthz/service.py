@@ -13,6 +13,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
 from crosslogic import errors
+from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
@@ -66,7 +67,8 @@ async def serve_authz(settings: Settings, listen: str) -> None:
     async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
         resolver = IdentityResolver(pool, redis, redis_ttl_s=settings.identity_cache_ttl_s)
         catalogue = ModelCatalogue(pool)
-        authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region)
+        authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region,
+                                BillCaps(pool))
         feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
         server = grpc.aio.server()
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)

@@ -111,3 +111,12 @@ CREATE TRIGGER models_price_versions AFTER INSERT OR UPDATE ON models
     FOR EACH ROW EXECUTE FUNCTION crosslogic_version_prices();
 CREATE TRIGGER regions_price_versions AFTER INSERT OR UPDATE ON regions
     FOR EACH ROW EXECUTE FUNCTION crosslogic_version_prices();
+
+-- Alerts already raised (one per org, month and threshold), so a threshold alerts once.
+CREATE TABLE billing_alerts (
+    org_id           uuid NOT NULL,
+    month            date NOT NULL,
+    threshold_pct    integer NOT NULL,
+    raised_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (org_id, month, threshold_pct)
+);
