@@ -34,6 +34,29 @@ def _billing_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _billing_reconcile(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from crosslogic.accounting.reconcile import reconcile
+    from crosslogic.accounting.reporter import month_bounds, stripe_client
+    from crosslogic.store.db import open_pool
+
+    settings = _settings(args)
+    if not settings.stripe_api_key:
+        raise SystemExit("CROSSLOGIC_STRIPE_API_KEY is not set")
+    now = datetime.now(UTC)
+    start = datetime.fromisoformat(args.since) if args.since else month_bounds(now)[0]
+    end = datetime.fromisoformat(args.until) if args.until else now + timedelta(minutes=1)
+
+    async def run() -> dict:
+        async with open_pool(settings.require_database(), min_size=1, max_size=2) as pool:
+            client = stripe_client(settings.stripe_api_key, settings.stripe_api_base)
+            return (await reconcile(pool, client, start, end, requeue_missing=not args.no_requeue)).as_dict()
+
+    print(json.dumps(asyncio.run(run()), indent=2))
+    return 0
+
+
 def _stripe_local(args: argparse.Namespace) -> int:
     from crosslogic.accounting.stripe_local import serve_local_stripe
     from crosslogic.cli import _run_service, _split_listen
@@ -47,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = billing.add_subparsers(dest="billing_command", required=True)
     run = actions.add_parser("run", help="export unbilled usage to Stripe once (safe to repeat)")
     run.set_defaults(handler=_billing_run)
+    rec = actions.add_parser("reconcile", help="ledger vs Stripe vs node counters; re-send missing exports")
+    rec.add_argument("--since", help="window start (ISO 8601, default: start of this month, UTC)")
+    rec.add_argument("--until", help="window end (ISO 8601, default: now)")
+    rec.add_argument("--no-requeue", action="store_true", help="report only; do not re-send missing exports")
+    rec.set_defaults(handler=_billing_reconcile)
     local = actions.add_parser("stripe-local", help="serve a local Stripe-compatible API (tests, demos)")
     local.add_argument("--listen", default="127.0.0.1:12111")
     local.set_defaults(handler=_stripe_local)

@@ -208,10 +208,14 @@ async def _wait_for(check, within_s: float, what: str):
         await asyncio.sleep(0.5)
 
 
-def _billing_run(stack: dict) -> dict:
-    result = subprocess.run([sys.executable, "-m", "crosslogic.cli", "billing", "run"], env=stack["env"],
+def _cli(stack: dict, *argv: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "crosslogic.cli", *argv], env=stack["env"],
                             cwd=repo_root(), capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout)
+
+
+def _billing_run(stack: dict) -> dict:
+    return _cli(stack, "billing", "run")
 
 
 async def test_every_request_is_billed_exactly_once_through_sink_postgres_and_envoy_failures(chaos_stack):
@@ -272,3 +276,11 @@ async def test_every_request_is_billed_exactly_once_through_sink_postgres_and_en
     assert _billing_run(chaos_stack) == {"exports_prepared": 0, "sent": 0, "failed": 0}
     async with aiohttp.ClientSession() as http, http.get(chaos_stack["stripe_url"] + "/_local/events") as r:
         assert len((await r.json())["events"]) == len(events)
+
+    # Reconciliation agrees: no drift against Stripe, node counters ahead only by the cut streams' last tokens.
+    report = _cli(chaos_stack, "billing", "reconcile", "--no-requeue")
+    assert [(o["org_id"], o["drift"], o["not_yet_exported_rows"]) for o in report["orgs"]] == [(customer, 0, 0)]
+    drift = {m["model"]: m for m in report["models"]}
+    assert drift["llama-3-8b"]["node_prompt"] == drift["llama-3-8b"]["ledger_prompt"]
+    assert drift["bge-small"]["node_prompt"] == drift["bge-small"]["ledger_prompt"]
+    assert drift["llama-3-8b"]["node_completion"] - drift["llama-3-8b"]["ledger_completion"] == unseen

@@ -160,3 +160,44 @@ async def test_the_local_stripe_speaks_stripes_error_and_idempotency_rules():
         async with http.post(f"{base}/v1/billing/meter_events", data=event, headers=auth) as r:
             assert r.status == 400 and (await r.json())["error"]["code"] == "resource_already_exists"
         assert len(fake.events) == 1
+
+
+async def test_reconciliation_finds_what_stripe_lost_and_sends_it_again_once(database_url):
+    from crosslogic.accounting.reconcile import reconcile
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
+    try:
+        async with pool.acquire() as conn:
+            org = await _org(conn)
+            await _usage(conn, org, 4)
+        start, end = datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)
+        async with local_stripe() as (fake, base):
+            reporter = _reporter(pool, base)
+            await reporter.run_once()
+            clean = await reconcile(pool, reporter.client, start, end)
+            assert [(o.org_id, o.drift, o.not_yet_exported_rows) for o in clean.orgs] == [(org, 0, 0)]
+            assert clean.requeued_orgs == []
+
+            lost = fake.events.pop()  # Stripe "lost" an event it had accepted
+            fake.identifiers.discard(lost["identifier"])
+            drift = await reconcile(pool, reporter.client, start, end)
+            assert drift.orgs[0].drift == -int(lost["payload"]["value"]) and drift.requeued_orgs == [org]
+            resent = await reporter.run_once()
+            assert resent.failed == 0
+            after = await reconcile(pool, reporter.client, start, end)
+            assert after.orgs[0].drift == 0 and after.orgs[0].stripe_microdollars == 800
+    finally:
+        await pool.close()
+
+
+def test_vllm_token_counters_are_read_per_model():
+    from crosslogic.accounting.reconcile import parse_vllm_token_counters
+
+    text = """# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="llama-3-8b"} 120.0
+vllm:prompt_tokens_created{engine="0",model_name="llama-3-8b"} 1.7e9
+vllm:generation_tokens_total{engine="0",model_name="llama-3-8b"} 45.0
+vllm:prompt_tokens_total{engine="0",model_name="bge-small"} 7.0
+"""
+    assert parse_vllm_token_counters(text) == {"llama-3-8b": (120, 45), "bge-small": (7, 0)}

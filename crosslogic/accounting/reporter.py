@@ -55,7 +55,8 @@ FROM unnest($2::uuid[], $3::int[], $4::bigint[]) AS x(usage_id, free, billable)
 WHERE u.usage_id = x.usage_id
 """
 _DUE_SQL = """
-SELECT export_id, meter, stripe_customer_id, value, tokens, model, identifier, interval_start, retry_count
+SELECT export_id, meter, stripe_customer_id, value, tokens, model, identifier, interval_start, retry_count,
+       regenerations
 FROM billing_exports WHERE status <> 'sent' AND next_attempt_at <= now()
 ORDER BY export_id LIMIT $1
 """
@@ -180,8 +181,10 @@ class BillingReporter:
         params = {"event_name": export["meter"], "identifier": export["identifier"],
                   "timestamp": int(export["interval_start"].timestamp()),
                   "payload": {"stripe_customer_id": export["stripe_customer_id"], "value": str(export["value"])}}
-        await asyncio.to_thread(self.client.v1.billing.meter_events.create, params,
-                                {"idempotency_key": export["identifier"]})
+        # A regenerated export needs a fresh Idempotency-Key (else Stripe replays the old answer and records
+        # nothing); the unchanged identifier still makes Stripe count the event at most once.
+        key = export["identifier"] + (f"-g{export['regenerations']}" if export["regenerations"] else "")
+        await asyncio.to_thread(self.client.v1.billing.meter_events.create, params, {"idempotency_key": key})
 
     async def send_due(self, limit: int = 1000) -> tuple[int, int]:
         async with self.pool.acquire() as conn:

@@ -55,6 +55,7 @@ CREATE TABLE billing_exports (
     identifier       text NOT NULL UNIQUE,
     status           text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
     retry_count      integer NOT NULL DEFAULT 0,
+    regenerations    integer NOT NULL DEFAULT 0,    -- re-sent by reconciliation (new Idempotency-Key, same identifier)
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),
     last_error       text,
     created_at       timestamptz NOT NULL DEFAULT now(),
