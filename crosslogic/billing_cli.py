@@ -65,6 +65,46 @@ def _stripe_local(args: argparse.Namespace) -> int:
     return _run_service(lambda: serve_local_stripe(host, port))
 
 
+def _usd(microdollars: int) -> str:
+    sign = "-" if microdollars < 0 else ""
+    whole, frac = divmod(abs(microdollars), 1_000_000)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+def _finops_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    import asyncpg
+
+    from crosslogic.accounting.finops import load_report
+    from crosslogic.accounting.reporter import month_bounds
+
+    settings = _settings(args)
+    now = datetime.now(UTC)
+    start = datetime.fromisoformat(args.since) if args.since else month_bounds(now)[0]
+    end = datetime.fromisoformat(args.until) if args.until else now + timedelta(minutes=1)
+
+    async def run() -> list[dict]:
+        conn = await asyncpg.connect(settings.require_database())
+        try:
+            return await load_report(conn, start, end)
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(run())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'region':<14}{'model':<16}{'tokens':>12}{'revenue $':>12}{'billed $':>12}{'GPU cost $':>12}"
+          f"{'margin $':>12}{'GPU $/1M tok':>14}")
+    for r in rows:
+        per_1m = r["gpu_cost_per_1m_tokens_microdollars"]
+        print(f"{r['region']:<14}{r['model']:<16}{r['tokens']:>12,}{_usd(r['revenue_microdollars']):>12}"
+              f"{_usd(r['billed_microdollars']):>12}{_usd(r['gpu_cost_microdollars']):>12}"
+              f"{_usd(r['margin_microdollars']):>12}{'-' if per_1m is None else _usd(per_1m):>14}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     billing = sub.add_parser("billing", help="Stripe metering, reconciliation")
     actions = billing.add_subparsers(dest="billing_command", required=True)
@@ -78,3 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     local = actions.add_parser("stripe-local", help="serve a local Stripe-compatible API (tests, demos)")
     local.add_argument("--listen", default="127.0.0.1:12111")
     local.set_defaults(handler=_stripe_local)
+
+    finops = sub.add_parser("finops", help="internal cost model: GPU cost, cost per token, margins")
+    finops_actions = finops.add_subparsers(dest="finops_command", required=True)
+    report = finops_actions.add_parser("report", help="revenue, GPU cost and margin per model and region")
+    report.add_argument("--since", help="window start (ISO 8601, default: start of this month, UTC)")
+    report.add_argument("--until", help="window end (ISO 8601, default: now)")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(handler=_finops_report)

@@ -121,3 +121,12 @@ CREATE TABLE billing_alerts (
     raised_at        timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (org_id, month, threshold_pct)
 );
+
+-- FinOps (seed §43): what a GPU costs us per hour, by type, cloud and spot/on-demand.
+CREATE TABLE gpu_prices (
+    gpu_type         text NOT NULL,
+    cloud            text NOT NULL,
+    spot             boolean NOT NULL,
+    microdollars_per_hour bigint NOT NULL CHECK (microdollars_per_hour >= 0),
+    PRIMARY KEY (gpu_type, cloud, spot)
+);
