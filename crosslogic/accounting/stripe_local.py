@@ -15,6 +15,7 @@ Test-only controls live under /_local/ (fault injection, the events received).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -170,7 +171,6 @@ async def serve_local_stripe(host: str, port: int) -> None:
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     try:
-        while True:
-            await __import__("asyncio").sleep(3600)
+        await asyncio.Event().wait()  # until cancelled (SIGTERM)
     finally:
         await runner.cleanup()
