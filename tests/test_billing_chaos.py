@@ -284,6 +284,15 @@ async def test_every_request_is_billed_exactly_once_through_sink_postgres_and_en
     async with aiohttp.ClientSession() as http, http.get(chaos_stack["stripe_url"] + "/_local/events") as r:
         assert len((await r.json())["events"]) == len(events)
 
+    # The accounting service's own view (its counters restart with it; the last life saw some of everything).
+    metrics_port = chaos_stack["ports"]["accounting_metrics"]
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+        exposed = await r.text()
+    for name in ("billing_tokens_total", "billing_cost_total", "billing_records_pushed_total",
+                 "billing_records_failed_total", "backstop_replayed_total", "ledger_backlog_bytes",
+                 "ledger_rows_written_total"):
+        assert f"# TYPE {name.removesuffix('_total')}" in exposed, name
+
     # Reconciliation agrees: no drift against Stripe, node counters ahead only by the cut streams' last tokens.
     report = _cli(chaos_stack, "billing", "reconcile", "--no-requeue")
     assert [(o["org_id"], o["drift"], o["not_yet_exported_rows"]) for o in report["orgs"]] == [(customer, 0, 0)]

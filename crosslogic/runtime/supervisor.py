@@ -95,7 +95,10 @@ def start_stack(stack: Stack) -> Stack:
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
                       CROSSLOGIC_KEY_SECRET=secret,
                       CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"))
-    ports = {name: free_port() for name in ("xds", "authz", "accounting", "api", "admin")}
+    ports = {name: free_port() for name in ("xds", "authz", "accounting", "api", "admin", "accounting_metrics")}
+    if settings.accounting_metrics_port:
+        ports["accounting_metrics"] = settings.accounting_metrics_port
+    env["CROSSLOGIC_ACCOUNTING_METRICS_PORT"] = str(ports["accounting_metrics"])  # billing metrics (§39)
     for name, argv in (
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
