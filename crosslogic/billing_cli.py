@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
 
@@ -105,6 +106,47 @@ def _finops_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terms_action(args: argparse.Namespace) -> int:
+    """org-terms / price / gpu-price: small writes through crosslogic.store.billing_terms."""
+    import sys
+
+    import asyncpg
+
+    from crosslogic.store import billing_terms
+    from crosslogic.store.tenancy import InvalidArgument, TenancyError
+
+    settings = _settings(args)
+
+    async def run() -> object:
+        conn = await asyncpg.connect(settings.require_database())
+        try:
+            if args.billing_command == "org-terms":
+                terms = await billing_terms.set_org_terms(
+                    conn, args.org, cap_usd=args.cap_usd, clear_cap=args.no_cap, suspend_at_cap=args.suspend_at_cap,
+                    free_tokens=args.free_tokens, discount=args.discount, tier=args.tier,
+                    stripe_customer=args.stripe_customer)
+                return asdict(terms)
+            if args.billing_command == "price":
+                starts = datetime.fromisoformat(args.effective_from) if args.effective_from else None
+                version = await billing_terms.schedule_price(conn, args.model, args.input_usd, args.output_usd, starts)
+                return {"price_version_id": version}
+            await billing_terms.set_gpu_price(conn, args.gpu_type, args.cloud, args.spot, args.usd_per_hour)
+            return {"gpu_type": args.gpu_type, "cloud": args.cloud, "spot": args.spot,
+                    "usd_per_hour": args.usd_per_hour}
+        finally:
+            await conn.close()
+
+    try:
+        print(json.dumps(asyncio.run(run()), default=str))
+    except InvalidArgument as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TenancyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     billing = sub.add_parser("billing", help="Stripe metering, reconciliation")
     actions = billing.add_subparsers(dest="billing_command", required=True)
@@ -115,6 +157,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     rec.add_argument("--until", help="window end (ISO 8601, default: now)")
     rec.add_argument("--no-requeue", action="store_true", help="report only; do not re-send missing exports")
     rec.set_defaults(handler=_billing_reconcile)
+    terms = actions.add_parser("org-terms", help="an org's bill cap, free tier, discount, tier, Stripe customer")
+    terms.add_argument("org", help="org name or id")
+    cap = terms.add_mutually_exclusive_group()
+    cap.add_argument("--cap-usd", help="monthly bill cap in dollars (requests get 403 billing_cap_reached)")
+    cap.add_argument("--no-cap", action="store_true", help="remove the bill cap")
+    terms.add_argument("--suspend-at-cap", action=argparse.BooleanOptionalAction, default=None,
+                       help="suspend the org when it reaches its cap")
+    terms.add_argument("--free-tokens", type=int, help="free tokens per month (serverless plans)")
+    terms.add_argument("--discount", help="fraction off every price, e.g. 0.15")
+    terms.add_argument("--tier", help="pricing tier id")
+    terms.add_argument("--stripe-customer", help="Stripe customer id (cus_…)")
+    terms.set_defaults(handler=_terms_action)
+    price = actions.add_parser("price", help="a new price version for a model (now or later, never earlier)")
+    price.add_argument("model")
+    price.add_argument("--input-usd", required=True, help="dollars per 1M input tokens")
+    price.add_argument("--output-usd", required=True, help="dollars per 1M output tokens")
+    price.add_argument("--from", dest="effective_from", help="ISO 8601 start with time zone (default: now)")
+    price.set_defaults(handler=_terms_action)
+    gpu = actions.add_parser("gpu-price", help="what a GPU costs per hour (FinOps)")
+    gpu.add_argument("gpu_type")
+    gpu.add_argument("cloud")
+    gpu.add_argument("--usd-per-hour", required=True)
+    gpu.add_argument("--spot", action="store_true")
+    gpu.set_defaults(handler=_terms_action)
     local = actions.add_parser("stripe-local", help="serve a local Stripe-compatible API (tests, demos)")
     local.add_argument("--listen", default="127.0.0.1:12111")
     local.set_defaults(handler=_stripe_local)
