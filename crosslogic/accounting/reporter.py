@@ -29,6 +29,9 @@ from crosslogic.accounting.pricing import allocate_allowance
 log = logging.getLogger("crosslogic.accounting.reporter")
 COST_METER = "crosslogic_cost_microdollars"
 PREPARE_LIMIT = 20_000
+# One preparer at a time (the service's loop and a `crosslogic billing run` may overlap): the free tier
+# still left is read from committed exports, so two concurrent preparers could both hand it out.
+_PREPARE_LOCK_SQL = "SELECT pg_advisory_xact_lock(7271005)"
 
 _UNEXPORTED_SQL = """
 SELECT u.usage_id, u.request_id, u.org_id, u.model, u.occurred_at, u.total_tokens, u.cost_microdollars,
@@ -122,6 +125,7 @@ def export_identifier(org_id: str, meter: str, model: str, start: datetime, usag
 
 async def prepare_exports(conn: asyncpg.Connection, settings: ReporterSettings) -> int:
     async with conn.transaction():
+        await conn.execute(_PREPARE_LOCK_SQL)
         rows = await conn.fetch(_UNEXPORTED_SQL, PREPARE_LIMIT)
         by_org_month: dict[tuple, list[asyncpg.Record]] = {}
         for r in rows:
