@@ -27,6 +27,9 @@ class Settings:
     ledger_flush_interval_s: float = field(default_factory=lambda: float(_env("LEDGER_FLUSH_INTERVAL", "0.2")))
     # Envoy's JSON-lines usage log (the durable backstop); xds tells Envoy to write it, accounting replays it.
     usage_log_path: str = field(default_factory=lambda: _env("USAGE_LOG", ""))
+    # Rotate the usage log past this size once replayed (needs Envoy's admin URL to reopen it); 0 = never.
+    usage_log_rotate_bytes: int = field(default_factory=lambda: int(_env("USAGE_LOG_ROTATE_BYTES", str(64 << 20))))
+    envoy_admin_url: str = field(default_factory=lambda: _env("ENVOY_ADMIN_URL", ""))
     # Billing reporter (runs inside the accounting service when a Stripe key is set).
     stripe_api_key: str = field(default_factory=lambda: _env("STRIPE_API_KEY", ""))
     stripe_api_base: str = field(default_factory=lambda: _env("STRIPE_API_BASE", ""))  # "" = api.stripe.com

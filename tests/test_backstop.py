@@ -138,3 +138,29 @@ async def test_usage_stays_spooled_while_postgres_is_unreachable_and_lands_when_
         assert back.replayed == 20
     finally:
         await pool.close()
+
+
+async def test_a_large_log_is_rotated_once_replayed_and_the_finished_file_removed(database_url, tmp_path):
+    log_path, state = tmp_path / "usage.jsonl", tmp_path / "usage.position"
+    append(log_path, *(usage_line(f"a-{i}") for i in range(30)))
+    reopened = []
+
+    def envoy_reopens() -> None:  # what Envoy does on POST /reopen_logs: a new file at the configured path
+        reopened.append(True)
+        append(log_path, *(usage_line(f"b-{i}") for i in range(5)))
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        replayer = BackstopReplayer(UsageLogTailer(log_path, state), pool, rotate_bytes=1000, reopen=envoy_reopens)
+        await replayer.rotate()
+        assert not reopened  # not read yet: never rotated away unread
+        while await replayer.step():
+            pass
+        await replayer.rotate()
+        assert reopened and replayer.rotations == 1
+        while await replayer.step():
+            pass
+        assert replayer.replayed == 35
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("usage.jsonl")) == ["usage.jsonl"]
+    finally:
+        await pool.close()

@@ -44,7 +44,9 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     stripe_port = free_port()
     env = {**os.environ, "CROSSLOGIC_DATABASE_URL": postgres.url, "CROSSLOGIC_STRIPE_API_KEY": API_KEY,
            "CROSSLOGIC_STRIPE_API_BASE": f"http://127.0.0.1:{stripe_port}", "CROSSLOGIC_BILLING_INTERVAL": "2",
-           "CROSSLOGIC_BILLING_RETRY_BASE": "1"}
+           "CROSSLOGIC_BILLING_RETRY_BASE": "1",
+           # ~1.2 MB of usage lines: the log is rotated (and Envoy reopens it) several times under the faults.
+           "CROSSLOGIC_USAGE_LOG_ROTATE_BYTES": "150000"}
     logs = open(state / "up.log", "wb")  # noqa: SIM115 - closed at teardown
     stripe_proc = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "billing", "stripe-local", "--listen",
                                     f"127.0.0.1:{stripe_port}"], stdout=logs, stderr=subprocess.STDOUT,
@@ -261,6 +263,8 @@ async def test_every_request_is_billed_exactly_once_through_sink_postgres_and_en
         # client never received it and the gateway never saw its usage: at most one per cut stream.
         unseen = sim_completion - sum(r["completion_tokens"] for r in rows.values())
         assert 0 <= unseen <= len(cut), (unseen, len(cut), fault_log)
+        usage_dir = chaos_stack["state_dir"] / "usage"
+        assert not list(usage_dir.glob("envoy-usage.jsonl.[0-9]*"))  # rotated logs, all replayed and removed
         by_path = await conn.fetch("SELECT written_by, count(*) FROM usage_records GROUP BY 1")
         print(f"chaos: served={len(served)} refused={out.refused} reconnects={out.retried_connects} "
               f"cut={len(cut)} unseen_tokens={unseen} written_by={dict(map(tuple, by_path))} faults={fault_log}")

@@ -17,6 +17,9 @@ import asyncio
 import json
 import logging
 import os
+import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,7 +101,8 @@ class UsageLogTailer:
             return None
 
     def _find_by_inode(self, inode: int) -> Path | None:
-        candidates = [self.path, *sorted(self.path.parent.glob(self.path.name + ".*"))]
+        # Rotated copies are `<name>.<digits>` (never the .position / .tmp files beside them).
+        candidates = [self.path, *sorted(self.path.parent.glob(self.path.name + ".[0-9]*"))]
         for candidate in candidates:
             try:
                 if candidate.stat().st_ino == inode:
@@ -157,8 +161,14 @@ class UsageLogTailer:
         if end < 0:
             current = self._path_inode()
             if not data and current is not None and current != self._inode:
-                # Renamed away and fully read: continue with the file Envoy now writes.
+                # Renamed away and fully read (everything before was committed): continue with the file
+                # Envoy now writes, and drop the old one.
+                finished = self._find_by_inode(self._inode)
                 self._open(self.path, 0)
+                # Saved before the unlink, so a reused inode number can never resume at the old offset.
+                self.commit(self.position)
+                if finished is not None and finished != self.path:
+                    finished.unlink(missing_ok=True)
                 return self.read_lines(max_bytes)
             return [], Position(self._inode, self._offset)
         lines = [line for line in data[: end + 1].split(b"\n") if line.strip()]
@@ -168,6 +178,16 @@ class UsageLogTailer:
     @property
     def position(self) -> Position:
         return Position(self._inode, self._offset)
+
+    def rotate_if_caught_up(self, max_bytes: int) -> bool:
+        """Rename the log away once it is large and fully read; the caller then has Envoy reopen its logs."""
+        if self._file is None or self._path_inode() != self._inode:
+            return False
+        size = os.fstat(self._file.fileno()).st_size
+        if size < max_bytes or self._offset < size:
+            return False
+        os.rename(self.path, self.path.with_name(f"{self.path.name}.{time.time_ns()}"))
+        return True
 
     def backlog_bytes(self) -> int:
         try:
@@ -195,8 +215,12 @@ class UsageLogTailer:
 class BackstopReplayer:
     """Owns the tail -> ledger loop. `replayed` counts rows it inserted (the fast path had missed them)."""
 
-    def __init__(self, tailer: UsageLogTailer, pool: asyncpg.Pool, prices: PriceBook | None = None) -> None:
+    def __init__(self, tailer: UsageLogTailer, pool: asyncpg.Pool, prices: PriceBook | None = None,
+                 rotate_bytes: int = 0, reopen: Callable[[], None] | None = None) -> None:
         self.tailer = tailer
+        self.rotate_bytes = rotate_bytes
+        self.reopen = reopen
+        self.rotations = 0
         self.pool = pool
         self.prices = prices or PriceBook()
         self.replayed = 0
@@ -227,15 +251,34 @@ class BackstopReplayer:
         metrics.ledger_rows.labels("backstop").inc(inserted)
         return len(lines)
 
+    async def rotate(self) -> None:
+        """Keep the log bounded: rename it once caught up and large, then have Envoy start a new one."""
+        if self.rotate_bytes and self.reopen is not None and self.tailer.rotate_if_caught_up(self.rotate_bytes):
+            self.rotations += 1
+            await asyncio.to_thread(self.reopen)
+            log.info("usage log rotated (%d so far); Envoy reopened %s", self.rotations, self.tailer.path)
+
     async def run(self) -> None:
         backoff = POLL_INTERVAL_S
         while True:
             try:
                 while await self.step():
                     pass
+                await self.rotate()
                 backoff = POLL_INTERVAL_S
                 await asyncio.sleep(POLL_INTERVAL_S)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("ledger unavailable (%s); usage stays spooled in %s", exc, self.tailer.path)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+def envoy_reopen_logs(admin_url: str) -> Callable[[], None]:
+    """Envoy's admin `POST /reopen_logs`: access logs are reopened at their configured path."""
+
+    def reopen() -> None:
+        request = urllib.request.Request(admin_url.rstrip("/") + "/reopen_logs", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+
+    return reopen

@@ -10,7 +10,7 @@ import grpc
 import prometheus_client
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer
+from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs
 from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import LedgerWriter
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
@@ -39,7 +39,9 @@ def _start_backstop(settings: Settings, pool) -> asyncio.Task | None:
         return None
     path = Path(settings.usage_log_path)
     tailer = UsageLogTailer(path, path.with_name(path.name + ".position"))
-    return asyncio.create_task(BackstopReplayer(tailer, pool).run())
+    reopen = envoy_reopen_logs(settings.envoy_admin_url) if settings.envoy_admin_url else None
+    replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen)
+    return asyncio.create_task(replayer.run())
 
 
 def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:

@@ -99,6 +99,8 @@ def start_stack(stack: Stack) -> Stack:
     if settings.accounting_metrics_port:
         ports["accounting_metrics"] = settings.accounting_metrics_port
     env["CROSSLOGIC_ACCOUNTING_METRICS_PORT"] = str(ports["accounting_metrics"])  # billing metrics (§39)
+    # The accounting service rotates Envoy's usage log and asks Envoy to reopen it.
+    env["CROSSLOGIC_ENVOY_ADMIN_URL"] = f"http://127.0.0.1:{ports['admin']}"
     for name, argv in (
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
