@@ -253,10 +253,19 @@ class BackstopReplayer:
 
     async def rotate(self) -> None:
         """Keep the log bounded: rename it once caught up and large, then have Envoy start a new one."""
-        if self.rotate_bytes and self.reopen is not None and self.tailer.rotate_if_caught_up(self.rotate_bytes):
+        if not self.rotate_bytes or self.reopen is None:
+            return
+        if self.tailer.rotate_if_caught_up(self.rotate_bytes):
             self.rotations += 1
+            log.info("usage log rotated (%d so far)", self.rotations)
+        elif self.tailer.path.exists():
+            return
+        # Also retries a reopen that failed (Envoy restarting): until then Envoy writes to the renamed
+        # file, which the tailer keeps reading, so nothing is lost meanwhile.
+        try:
             await asyncio.to_thread(self.reopen)
-            log.info("usage log rotated (%d so far); Envoy reopened %s", self.rotations, self.tailer.path)
+        except OSError as exc:
+            log.debug("Envoy did not reopen its logs yet (%s); retrying", exc)
 
     async def run(self) -> None:
         backoff = POLL_INTERVAL_S
