@@ -31,7 +31,12 @@ def _run_service(make: Callable[[], Awaitable[None]]) -> int:
         except asyncio.CancelledError:
             pass
 
-    asyncio.run(main())
+    try:
+        import uvloop  # a faster event loop where available: the services' hot paths are loop-bound
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
     return 0
 
 
@@ -43,6 +48,10 @@ def _serve(args: argparse.Namespace) -> int:
         from crosslogic.extauthz.service import serve_authz
 
         return _run_service(lambda: serve_authz(settings, args.listen))
+    if args.service == "ratelimit":
+        from crosslogic.ratelimit.service import serve_ratelimit
+
+        return _run_service(lambda: serve_ratelimit(settings, args.listen))
     if args.service == "accounting":
         from crosslogic.accounting.sink import serve_accounting
 
@@ -95,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(handler=_up)
 
     serve = sub.add_parser("serve", help="run one control-plane service")
-    serve.add_argument("service", choices=["authz", "accounting", "api", "xds"])
+    serve.add_argument("service", choices=["authz", "ratelimit", "accounting", "api", "xds"])
     serve.add_argument("--listen", required=True, help="host:port")
     serve.add_argument("--gateway-host", default="127.0.0.1", help="xds: the gateway listener address")
     serve.add_argument("--gateway-port", type=int, default=8080, help="xds: the gateway listener port")

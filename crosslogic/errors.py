@@ -50,6 +50,27 @@ def invalid_request(message: str, param: str | None = None) -> ClientError:
     return ClientError(400, message, "invalid_request_error", "invalid_request_error", param)
 
 
+def request_too_large() -> ClientError:
+    return ClientError(413, "Request body is too large.", "invalid_request_error", "request_too_large")
+
+
 def service_unavailable() -> ClientError:
     return ClientError(503, "The service is temporarily unavailable. Please retry.", "server_error",
                        "service_unavailable")
+
+
+def server_busy(retry_after_s: int) -> ClientError:
+    return ClientError(429, "The service is busy right now. Please retry after "
+                       f"{max(1, retry_after_s)} s.", "server_error", "server_busy")
+
+
+def rate_limit_exceeded(level: str, limit: str, retry_after_s: int) -> ClientError:
+    return ClientError(429, f"Rate limit reached for this {level} on {limit}. "
+                       f"Please retry after {max(1, retry_after_s)} s.",
+                       "rate_limit_error", "rate_limit_exceeded")
+
+
+def quota_exceeded(level: str, period: str) -> ClientError:
+    return ClientError(403, f"This {level} has used its {period} token quota. It resets at the start of the "
+                       "next period (UTC); contact your administrator to raise it.",
+                       "insufficient_quota", "quota_exceeded")

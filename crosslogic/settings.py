@@ -39,6 +39,10 @@ class Settings:
     guardrail_interval_s: float = field(default_factory=lambda: float(_env("GUARDRAIL_INTERVAL", "5")))
     # Prometheus /metrics of the accounting service; 0 = off.
     accounting_metrics_port: int = field(default_factory=lambda: int(_env("ACCOUNTING_METRICS_PORT", "0")))
+    # Rate limiter: limits cached per key this long (a NOTIFY drops them sooner); reservations that are
+    # never settled (lost access-log entries) expire after this long, releasing their leases.
+    limits_cache_ttl_s: float = field(default_factory=lambda: float(_env("LIMITS_CACHE_TTL", "10")))
+    reservation_ttl_ms: int = field(default_factory=lambda: int(_env("RESERVATION_TTL_MS", str(15 * 60_000))))
 
     def require_database(self) -> str:
         if not self.database_url:

@@ -91,3 +91,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Valkey for limiter tests (the gateway stack runs its own)."""
+    from crosslogic.runtime.valkey import EmbeddedValkey
+
+    server = EmbeddedValkey(tmp_path_factory.mktemp("valkey")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()

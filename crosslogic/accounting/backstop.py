@@ -216,8 +216,12 @@ class BackstopReplayer:
     """Owns the tail -> ledger loop. `replayed` counts rows it inserted (the fast path had missed them)."""
 
     def __init__(self, tailer: UsageLogTailer, pool: asyncpg.Pool, prices: PriceBook | None = None,
-                 rotate_bytes: int = 0, reopen: Callable[[], None] | None = None) -> None:
+                 rotate_bytes: int = 0, reopen: Callable[[], None] | None = None,
+                 settle: Callable[[UsageRecord], None] | None = None) -> None:
         self.tailer = tailer
+        # Rate-limit settlement (idempotent per request id): a request whose gRPC entry was lost would
+        # otherwise keep its reservation and concurrency lease until they expire.
+        self.settle = settle
         self.rotate_bytes = rotate_bytes
         self.reopen = reopen
         self.rotations = 0
@@ -235,6 +239,9 @@ class BackstopReplayer:
                 self.tailer.commit(position)
             return 0
         records = [r for r in map(parse_usage_line, lines) if r is not None]
+        if self.settle is not None:  # Redis, not Postgres: settle even while the ledger is away
+            for record in records:
+                self.settle(record)
         try:
             inserted = 0
             if records:

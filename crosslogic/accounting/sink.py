@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,7 @@ from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, env
 from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import LedgerWriter
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
-from crosslogic.accounting.usage import record_from_entry
+from crosslogic.accounting.usage import UsageRecord, record_from_entry
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -22,8 +23,9 @@ log = logging.getLogger("crosslogic.accounting")
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, ledger: LedgerWriter) -> None:
+    def __init__(self, ledger: LedgerWriter, settle: Callable[[UsageRecord], None] | None = None) -> None:
         self.ledger = ledger
+        self.settle = settle  # rate-limit settlement hook (crosslogic.ratelimit.settlement)
 
     async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC name)
         async for message in request_iterator:
@@ -31,16 +33,19 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
                 record = record_from_entry(entry)
                 if record is not None:
                     self.ledger.add(record)
+                    if self.settle is not None:
+                        self.settle(record)
         return als_pb2.StreamAccessLogsResponse()
 
 
-def _start_backstop(settings: Settings, pool) -> asyncio.Task | None:
+def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], None] | None) -> asyncio.Task | None:
     if not settings.usage_log_path:
         return None
     path = Path(settings.usage_log_path)
     tailer = UsageLogTailer(path, path.with_name(path.name + ".position"))
     reopen = envoy_reopen_logs(settings.envoy_admin_url) if settings.envoy_admin_url else None
-    replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen)
+    replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen,
+                                settle=settle)
     return asyncio.create_task(replayer.run())
 
 
@@ -55,16 +60,19 @@ def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:
 
 
 async def serve_accounting(settings: Settings, listen: str) -> None:
-    async with open_pool(settings.require_database(), min_size=1, max_size=4) as pool:
+    from crosslogic.ratelimit.settlement import settlement_hook
+
+    async with open_pool(settings.require_database(), min_size=1, max_size=4) as pool, \
+            settlement_hook(settings) as settle:
         ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s)
         writer = asyncio.create_task(ledger.run())
-        backstop = _start_backstop(settings, pool)
+        backstop = _start_backstop(settings, pool, settle)
         reporter = _start_reporter(settings, pool)
         guardrails = asyncio.create_task(watch_caps(pool, settings.guardrail_interval_s))
         if settings.accounting_metrics_port:
             prometheus_client.start_http_server(settings.accounting_metrics_port, "127.0.0.1")
         server = grpc.aio.server()
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger, settle), server)
         server.add_insecure_port(listen)
         await server.start()
         log.info("access-log sink listening on %s", listen)

@@ -10,6 +10,7 @@ from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.identity import Identity, IdentityResolver
 from crosslogic.extauthz.validation import RequestFacts, endpoint_for, validate_request
 from crosslogic.keys import hash_api_key, looks_like_api_key
+from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.xds.model import route_key
 
 INTERNAL_HEADER_PREFIX = "x-clp-"
@@ -47,8 +48,9 @@ def _usage_mode(facts: RequestFacts) -> str:
 
 class Authorizer:
     def __init__(self, resolver: IdentityResolver, catalogue: ModelCatalogue, secret: bytes,
-                 default_region: str, caps: BillCaps | None = None) -> None:
-        self.caps = caps
+                 default_region: str, quotas: QuotaGuard | None = None, caps: BillCaps | None = None) -> None:
+        self.quotas = quotas  # token quotas per day / hour (crosslogic.ratelimit.quota)
+        self.caps = caps  # monthly bill caps (crosslogic.extauthz.billcap)
         self.resolver = resolver
         self.catalogue = catalogue
         self.secret = secret
@@ -79,12 +81,17 @@ class Authorizer:
         if endpoint is not None and method == "POST":
             models = await self.catalogue.current()
             facts = validate_request(endpoint, body, models, frozenset(identity.allowed_models))
+            if self.quotas is not None:
+                await self.quotas.check(identity.org_id, identity.env_id, len(body), facts.max_tokens)
             region = identity.region or self.default_region
             route = route_key(region, facts.model)
             out.update({"x-clp-model": facts.model, "x-clp-region": region, "x-clp-route": route,
                         "x-clp-usage-mode": _usage_mode(facts)})
             metadata.update({"model": facts.model, "region": region, "endpoint": endpoint.label,
                              "streamed": facts.stream, "max_tokens": facts.max_tokens,
-                             "prompt_estimate": facts.prompt_estimate})
+                             "prompt_estimate": facts.prompt_estimate,
+                             # what crosslogic.ratelimit reserves (a string: Envoy's rate-limit
+                             # metadata action reads string values)
+                             "reserve": str(facts.prompt_estimate + facts.max_tokens)})
         remove = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX) and h not in out)
         return Allowed(headers=out, remove=("authorization", *remove), metadata=metadata)

@@ -17,6 +17,8 @@ from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
+from crosslogic.ratelimit.quota import QuotaGuard
+from crosslogic.ratelimit.store import follow_limit_changes
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -67,9 +69,11 @@ async def serve_authz(settings: Settings, listen: str) -> None:
     async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
         resolver = IdentityResolver(pool, redis, redis_ttl_s=settings.identity_cache_ttl_s)
         catalogue = ModelCatalogue(pool)
-        authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region,
+        quotas = QuotaGuard(pool, redis, ttl_s=settings.limits_cache_ttl_s)
+        authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
                                 BillCaps(pool))
         feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
+        quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, quotas.clear))
         server = grpc.aio.server()
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
         server.add_insecure_port(listen)
@@ -79,5 +83,6 @@ async def serve_authz(settings: Settings, listen: str) -> None:
             await server.wait_for_termination()
         finally:
             feed.cancel()
+            quota_feed.cancel()
             await server.stop(1)
             await redis.aclose()

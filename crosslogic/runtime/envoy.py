@@ -49,6 +49,7 @@ class BootstrapParams:
     authz_port: int
     accounting_port: int
     api_port: int
+    ratelimit_port: int
     host: str = "127.0.0.1"
 
 
@@ -61,6 +62,7 @@ def render_bootstrap(params: BootstrapParams) -> str:
         authz_port=params.authz_port,
         accounting_port=params.accounting_port,
         api_port=params.api_port,
+        ratelimit_port=params.ratelimit_port,
         host=params.host,
     )
 

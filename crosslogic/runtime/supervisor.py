@@ -77,6 +77,8 @@ def start_stack(stack: Stack) -> Stack:
     state = options.state_dir.resolve()
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if port_open(options.host, options.port):
+        raise RuntimeError(f"{options.host}:{options.port} is already in use; pick another with --port")
     settings = Settings()
     secret = settings.key_secret or ensure_key_secret(state)
 
@@ -95,7 +97,8 @@ def start_stack(stack: Stack) -> Stack:
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
                       CROSSLOGIC_KEY_SECRET=secret,
                       CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"))
-    ports = {name: free_port() for name in ("xds", "authz", "accounting", "api", "admin", "accounting_metrics")}
+    ports = {name: free_port() for name in ("xds", "authz", "ratelimit", "accounting", "api", "admin",
+                                            "accounting_metrics")}
     if settings.accounting_metrics_port:
         ports["accounting_metrics"] = settings.accounting_metrics_port
     env["CROSSLOGIC_ACCOUNTING_METRICS_PORT"] = str(ports["accounting_metrics"])  # billing metrics (§39)
@@ -103,6 +106,7 @@ def start_stack(stack: Stack) -> Stack:
     env["CROSSLOGIC_ENVOY_ADMIN_URL"] = f"http://127.0.0.1:{ports['admin']}"
     for name, argv in (
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
+        ("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"]),
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
         ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}"]),
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
@@ -118,7 +122,7 @@ def start_stack(stack: Stack) -> Stack:
 
     stack.envoy = EnvoyProcess(logs, BootstrapParams(
         node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
-        accounting_port=ports["accounting"], api_port=ports["api"])).start()
+        accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"])).start()
     gateway_url = f"http://{options.host}:{options.port}"
     wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", stack.envoy.child.proc)
     if demo:
@@ -207,7 +211,7 @@ def banner(info: dict) -> str:
             "-H 'Content-Type: application/json' "
             "-d '{\"model\": \"llama-3-8b\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
             "",
-            "  python -c \"from openai import OpenAI; "
+            f"  {sys.executable} -c \"from openai import OpenAI; "
             f"c = OpenAI(base_url='{url}', api_key='{key}'); "
             "print(c.chat.completions.create(model='llama-3-8b', "
             "messages=[{'role': 'user', 'content': 'Hello'}]).choices[0].message.content)\"",

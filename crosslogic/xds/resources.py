@@ -20,6 +20,7 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2 as _file_log  # noq
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as _als  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as _ext_authz  # noqa: F401
 from envoy.extensions.filters.http.lua.v3 import lua_pb2 as _lua  # noqa: F401
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2 as _ratelimit  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2 as _router  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2 as _hcm,
@@ -37,6 +38,7 @@ LISTENER_NAME = "gateway"
 AUTHZ_CLUSTER = "crosslogic_authz"
 ACCOUNTING_CLUSTER = "crosslogic_accounting"
 API_CLUSTER = "crosslogic_api"
+RATELIMIT_CLUSTER = "crosslogic_ratelimit"
 USAGE_METADATA_NAMESPACE = "crosslogic.usage"
 
 _HEALTH = {
@@ -60,7 +62,8 @@ def _json_mapper(filter_: dict, status: int, message: str, error_type: str, code
         "filter": filter_,
         "status_code": status,
         "body": {"inline_string": _openai_error_body(message, error_type, code)},
-        "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
+        "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                 "content_type": "application/json"},
     }
 
 
@@ -78,6 +81,9 @@ def _local_reply_config() -> dict:
             _json_mapper({"response_flag_filter": {"flags": upstream_down}},
                 503, "No capacity is available for this model right now. Please retry.",
                 "server_error", "service_unavailable"),
+            _json_mapper({"response_flag_filter": {"flags": ["RLSE"]}},
+                503, "The service is temporarily unavailable. Please retry.", "server_error",
+                "service_unavailable"),
             _json_mapper({"and_filter": {"filters": [
                 {"response_flag_filter": {"flags": ["UAEX"]}},
                 {"status_code_filter": {"comparison": {"op": "EQ", "value": {
@@ -85,6 +91,38 @@ def _local_reply_config() -> dict:
             ]}}, 503, "The service is temporarily unavailable. Please retry.", "server_error",
                 "service_unavailable"),
         ]
+    }
+
+
+def _authz_metadata(key: str) -> dict:
+    return {"metadata": {"descriptor_key": key, "source": "DYNAMIC", "metadata_key": {
+        "key": "envoy.filters.http.ext_authz", "path": [{"key": key}]}}}
+
+
+def _ratelimit_filter(settings: GatewaySettings) -> dict:
+    """Admission in crosslogic.ratelimit: one descriptor per request, from ext_authz's metadata (DESIGN.md §4).
+
+    Requests without a model (e.g. /v1/models) lack `reserve`, so no descriptor and no call is made.
+    """
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": "crosslogic",
+            "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s",
+            # Redis-down policy is decided per layer by the service; when the service itself cannot
+            # answer, refuse with a 503 rather than run unlimited.
+            "failure_mode_deny": True,
+            "disable_x_envoy_ratelimited_header": True,  # no implementation details to clients
+            "status_on_error": {"code": 503},
+            "rate_limit_service": {"grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
+                                   "transport_api_version": "V3"},
+            "rate_limits": [{"actions": [
+                _authz_metadata("org_id"), _authz_metadata("env_id"), _authz_metadata("key_id"),
+                _authz_metadata("reserve"), _authz_metadata("region"),
+                {"request_headers": {"header_name": "x-request-id", "descriptor_key": "request_id"}},
+            ]}],
+        },
     }
 
 
@@ -109,6 +147,7 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
                 "clear_route_cache": True,  # we route on x-clp-route, which authz sets
             },
         },
+        _ratelimit_filter(settings),
         {
             "name": "envoy.filters.http.lua",
             "typed_config": {

@@ -1,0 +1,320 @@
+"""Limiter throughput against one Valkey, and the latency the limiter adds through Envoy.
+
+    /tmp/v/bin/python bench/limiter.py [--seconds 5] [--processes 2] [--concurrency 64] [--requests 300]
+
+1. Decisions/s: `processes` client processes, each `concurrency` coroutines in a closed loop, admit requests
+   for 1,000 tenants with limits at all four layers (org, env, key in one EVALSHA; global in a second),
+   against one embedded Valkey. Also the same with only the tenant scope (one EVALSHA per decision), the
+   tenant scope pipelined 32 per round trip from one process (Valkey's capacity without the Python
+   client's per-call cost), and Valkey's own CPU per script call (INFO commandstats).
+2. Latency through Envoy: `crosslogic up --demo` (ext_authz + rate limit + Lua + ALS) vs a router-only
+   Envoy to the same simulated nodes, sequential requests, same run; plus a bare ShouldRateLimit round trip.
+Only ratios are comparable across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from crosslogic.ratelimit import admission  # noqa: E402
+from crosslogic.ratelimit.engine import Limiter  # noqa: E402
+from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits  # noqa: E402
+from crosslogic.runtime.envoy import envoy_binary  # noqa: E402
+from crosslogic.runtime.processes import free_port, port_open, wait_until  # noqa: E402
+from crosslogic.runtime.valkey import EmbeddedValkey  # noqa: E402
+
+TENANT = TenantLimits(LayerLimits(tokens_per_min=10**9, requests_per_min=10**8),
+                      LayerLimits(tokens_per_min=10**9, requests_per_min=10**8),
+                      LayerLimits(tokens_per_min=10**9, requests_per_min=10**8, concurrency=10**6))
+PLATFORM_4 = PlatformLimits(global_=LayerLimits(tokens_per_min=10**12))
+PLATFORM_3 = PlatformLimits()
+
+
+def _decide_worker(url: str, seconds: float, concurrency: int, four_layers: bool, out) -> None:
+    import redis.asyncio as aioredis
+
+    async def main() -> int:
+        redis = aioredis.from_url(url, max_connections=concurrency)
+        limiter = Limiter(redis, reservation_ttl_ms=60_000)
+        tenants = [(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1000)]
+        platform = PLATFORM_4 if four_layers else PLATFORM_3
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def loop(i: int) -> None:
+            nonlocal done
+            n = i
+            while time.perf_counter() < deadline:
+                org, env, key = tenants[n % len(tenants)]
+                await admission.admit(limiter, org, env, key, "ap-south", uuid.uuid4().hex, 300, TENANT, platform)
+                done += 1
+                n += 7
+
+        await asyncio.gather(*(loop(i) for i in range(concurrency)))
+        await redis.aclose()
+        return done
+
+    out.put(asyncio.run(main()))
+
+
+def _pipelined_worker(url: str, seconds: float, batch: int, out) -> None:
+    """Tenant-scope reservations sent `batch` per round trip: Valkey's capacity without the Python
+    client's per-call cost (what an auto-batching limiter service would send)."""
+    import redis.asyncio as aioredis
+
+    from crosslogic.ratelimit.engine import tenant_scope
+
+    async def main() -> int:
+        redis = aioredis.from_url(url)
+        limiter = Limiter(redis, reservation_ttl_ms=60_000)
+        source = limiter.reserve_command(tenant_scope("a", "b", "c"), "x", 1, TENANT.layers())[0]
+        sha = await redis.script_load(source)
+        tenants = [(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1000)]
+        done, n = 0, 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            pipe = redis.pipeline(transaction=False)
+            for _ in range(batch):
+                org, env, key = tenants[n % len(tenants)]
+                n += 7
+                _, keys, args = limiter.reserve_command(tenant_scope(org, env, key), uuid.uuid4().hex, 300,
+                                                        TENANT.layers())
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            await pipe.execute()
+            done += batch
+        await redis.aclose()
+        return done
+
+    out.put(asyncio.run(main()))
+
+
+def _resp(*parts) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _raw_worker(url: str, seconds: float, four_layers: bool, out) -> None:
+    """Valkey's own capacity: pre-encoded EVALSHA commands written 256 per round trip on a raw socket
+    (hiredis parses the replies), so the Python client adds almost nothing. Reservations live 1 ms, so
+    the 4,096 prepared request ids can be cycled and every call is a full, fresh decision."""
+    import socket
+
+    import hiredis
+    import redis as sync_redis
+
+    from crosslogic.ratelimit.engine import platform_scope, tenant_scope
+
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    client = sync_redis.Redis(host=host, port=int(port))
+    limiter = Limiter(client, reservation_ttl_ms=1)  # only used to build commands
+    source = limiter.reserve_command(tenant_scope("a", "b", "c"), "x", 1, TENANT.layers())[0]
+    sha = client.script_load(source)
+    tenants = [(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1000)]
+    commands = []
+    for i in range(4096):
+        org, env, key = tenants[i % len(tenants)]
+        rid = uuid.uuid4().hex
+        scopes = [(tenant_scope(org, env, key), TENANT.layers())]
+        if four_layers:
+            scopes.append((platform_scope("ap-south"), PLATFORM_4.for_region("ap-south")))
+        commands.append(b"".join(_resp("EVALSHA", sha, len(keys), *keys, *args) for keys, args in (
+            limiter.reserve_command(scope, rid, 300, layers)[1:] for scope, layers in scopes)))
+    per_decision = 2 if four_layers else 1
+    batches = [b"".join(commands[i:i + 256]) for i in range(0, len(commands), 256)]
+    sock = socket.create_connection((host, int(port)))
+    reader = hiredis.Reader()
+    done, n = 0, 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sock.sendall(batches[n % len(batches)])
+        n += 1
+        expected = 256 * per_decision
+        while expected:
+            reader.feed(sock.recv(1 << 20))
+            while expected and (reply := reader.gets()) is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise RuntimeError(reply)
+                expected -= 1
+        done += 256
+    sock.close()
+    out.put(done)
+
+
+def decisions_per_second(url: str, seconds: float, processes: int, concurrency: int, four_layers: bool,
+                         pipelined: bool = False, raw: bool = False) -> float:
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    target, extra = ((_raw_worker, (four_layers,)) if raw else (_pipelined_worker, (32,)) if pipelined
+                     else (_decide_worker, (concurrency, four_layers)))
+    workers = [multiprocessing.Process(target=target, args=(url, seconds, *extra, queue))
+               for _ in range(processes)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    total = sum(queue.get() for _ in workers)
+    for w in workers:
+        w.join()
+    return total / (time.perf_counter() - start)
+
+
+async def script_usec_per_call(url: str) -> float:
+    import redis.asyncio as aioredis
+
+    redis = aioredis.from_url(url)
+    stats = await redis.info("commandstats")
+    await redis.aclose()
+    evalsha = stats.get("cmdstat_evalsha", {})
+    return float(evalsha.get("usec_per_call", float("nan")))
+
+
+PLAIN_ENVOY = """
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: plain
+          route_config:
+            virtual_hosts:
+            - {{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: nodes}}}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: nodes
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: nodes
+      endpoints: [{{lb_endpoints: [{endpoints}]}}]
+"""
+
+
+async def sequential_latency_ms(url: str, api_key: str, requests: int) -> list[float]:
+    import aiohttp
+
+    body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    headers = {"authorization": f"Bearer {api_key}"}
+    out = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(requests + 20):
+            start = time.perf_counter()
+            async with http.post(url, json=body, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"status {response.status}")
+            if i >= 20:  # warm-up
+                out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+async def rls_round_trip_ms(port: int, requests: int, info: dict) -> list[float]:
+    import grpc
+    from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+    from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        out = []
+        for i in range(requests + 20):
+            entries = {"org_id": info["org_id"], "env_id": info["env_id"], "key_id": info["key_id"],
+                       "reserve": "10", "region": "ap-south", "request_id": uuid.uuid4().hex}
+            request = rls_pb2.RateLimitRequest(domain="crosslogic", descriptors=[ratelimit_pb2.RateLimitDescriptor(
+                entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries.items()])])
+            start = time.perf_counter()
+            await stub.ShouldRateLimit(request)
+            if i >= 20:
+                out.append((time.perf_counter() - start) * 1000)
+        return out
+
+
+def through_envoy(state: Path, requests: int) -> dict[str, float]:
+    ready = state / "ready.json"
+    up = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state / "stack"), "up",
+                           "--demo", "--port", str(free_port()), "--ready-file", str(ready)],
+                          stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT)
+    plain = None
+    try:
+        wait_until(ready.exists, 120, "crosslogic up", up)
+        info = json.loads(ready.read_text())
+        chat_nodes = [n["url"].split("//")[1].split(":") for n in info["demo_nodes"] if n["model"] == "llama-3-8b"]
+        port, admin = free_port(), free_port()
+        endpoints = ", ".join(f"{{endpoint: {{address: {{socket_address: {{address: {h}, port_value: {p}}}}}}}}}"
+                              for h, p in chat_nodes)
+        config = state / "plain-envoy.yaml"
+        config.write_text(PLAIN_ENVOY.format(admin=admin, port=port, endpoints=endpoints))
+        plain = subprocess.Popen([str(envoy_binary()), "-c", str(config), "--log-level", "error",
+                                  "--base-id", str(free_port())],
+                                 stdout=open(state / "plain.log", "wb"), stderr=subprocess.STDOUT)
+        wait_until(lambda: port_open("127.0.0.1", port), 30, "plain envoy", plain)
+        baseline = asyncio.run(sequential_latency_ms(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                                     info["api_key"], requests))
+        gateway = asyncio.run(sequential_latency_ms(f"{info['gateway_url']}/chat/completions",
+                                                    info["api_key"], requests))
+        rls = asyncio.run(rls_round_trip_ms(info["ports"]["ratelimit"], requests, info))
+        return {"router_only_p50_ms": statistics.median(baseline), "gateway_p50_ms": statistics.median(gateway),
+                "rls_round_trip_p50_ms": statistics.median(rls)}
+    finally:
+        for proc in (plain, up):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--skip-envoy", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        valkey = EmbeddedValkey(Path(tmp) / "valkey").start()
+        try:
+            three = decisions_per_second(valkey.url, args.seconds, args.processes, args.concurrency, False)
+            four = decisions_per_second(valkey.url, args.seconds, args.processes, args.concurrency, True)
+            usec = asyncio.run(script_usec_per_call(valkey.url))
+            piped = decisions_per_second(valkey.url, args.seconds, 1, 0, False, pipelined=True)
+            raw3 = decisions_per_second(valkey.url, args.seconds, 1, 0, False, raw=True)
+            raw4 = decisions_per_second(valkey.url, args.seconds, 1, 0, True, raw=True)
+        finally:
+            valkey.stop()
+        print(f"decisions/s, tenant scope (org+env+key, 1 EVALSHA):      {three:10.0f}")
+        print(f"decisions/s, four layers (+ global, 2 EVALSHA):          {four:10.0f}")
+        print(f"decisions/s, tenant scope, pipelined 32 per round trip: {piped:10.0f}")
+        print(f"Valkey capacity (pre-encoded, 256 per round trip), tenant scope: {raw3:10.0f} decisions/s")
+        print(f"Valkey capacity (pre-encoded, 256 per round trip), four layers:  {raw4:10.0f} decisions/s")
+        print(f"Valkey CPU per EVALSHA: {usec:.1f} us -> one Valkey core serves ~{1e6 / usec:,.0f} scripts/s "
+              f"(~{1e6 / usec / 2:,.0f} four-layer decisions/s)")
+        if not args.skip_envoy:
+            lat = through_envoy(Path(tmp), args.requests)
+            added = lat["gateway_p50_ms"] - lat["router_only_p50_ms"]
+            print(f"p50 latency, router-only Envoy:  {lat['router_only_p50_ms']:.2f} ms")
+            print(f"p50 latency, full gateway:       {lat['gateway_p50_ms']:.2f} ms "
+                  f"(+{added:.2f} ms, x{lat['gateway_p50_ms'] / lat['router_only_p50_ms']:.2f}; "
+                  "ext_authz + rate limit + Lua + ALS)")
+            print("p50 ShouldRateLimit round trip (gRPC, Python service, Valkey): "
+                  f"{lat['rls_round_trip_p50_ms']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

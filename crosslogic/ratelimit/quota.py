@@ -1,0 +1,136 @@
+"""Token quotas per day and per hour, for environments and orgs: checked by ext_authz (403), counted at settlement.
+Also the per-request caps of an environment (body size -> 413, max_tokens -> 400).
+
+A quota is a spending cap over calendar periods (UTC day, UTC hour), not a rate: counters hold the
+tokens really used (settled usage, so they agree with the ledger) in keys that expire after their
+period. The check refuses once a counter reached its quota; requests already running when it is
+crossed still finish, so a quota can be overshot by what was in flight at that moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from crosslogic import errors
+from crosslogic.ratelimit.engine import org_tag
+
+log = logging.getLogger("crosslogic.ratelimit")
+QUOTAS_SQL = """
+SELECT o.quota_tokens_per_day AS org_day, o.quota_tokens_per_hour AS org_hour,
+       e.quota_tokens_per_day AS env_day, e.quota_tokens_per_hour AS env_hour,
+       e.max_request_bytes, e.max_tokens_per_request
+FROM environments e JOIN orgs o ON o.org_id = e.org_id
+WHERE e.env_id = $1
+"""
+PERIOD_TTL_S = {"d": 2 * 86_400, "h": 2 * 3_600}
+_LEVELS = {"org": "organization", "env": "environment"}
+_PERIODS = {"d": "daily", "h": "hourly"}
+
+
+@dataclass(frozen=True)
+class Quotas:
+    org_day: int | None = None
+    org_hour: int | None = None
+    env_day: int | None = None
+    env_hour: int | None = None
+    max_request_bytes: int | None = None
+    max_tokens_per_request: int | None = None
+
+    def limits(self) -> tuple[tuple[str, str, int | None], ...]:
+        return (("org", "d", self.org_day), ("org", "h", self.org_hour),
+                ("env", "d", self.env_day), ("env", "h", self.env_hour))
+
+    @property
+    def any(self) -> bool:
+        return any(limit is not None for _, _, limit in self.limits())
+
+
+def quota_keys(org_id: str, env_id: str, at: datetime) -> list[str]:
+    """Counters in the order of Quotas.limits(); one hash slot with the org's limiter keys."""
+    tag = org_tag(org_id)
+    day, hour = at.strftime("%Y%m%d"), at.strftime("%Y%m%d%H")
+    return [f"{tag}:quota:org:{org_id}:d:{day}", f"{tag}:quota:org:{org_id}:h:{hour}",
+            f"{tag}:quota:env:{env_id}:d:{day}", f"{tag}:quota:env:{env_id}:h:{hour}"]
+
+
+def exceeded(quotas: Quotas, used: list[int]) -> tuple[str, str] | None:
+    """(level, period) of the first quota that is used up, or None."""
+    for (level, period, limit), spent in zip(quotas.limits(), used, strict=True):
+        if limit is not None and spent >= limit:
+            return level, period
+    return None
+
+
+def cap_violation(quotas: Quotas, body_bytes: int, max_tokens: int) -> errors.ClientError | None:
+    if quotas.max_request_bytes is not None and body_bytes > quotas.max_request_bytes:
+        return errors.request_too_large()
+    if quotas.max_tokens_per_request is not None and max_tokens > quotas.max_tokens_per_request:
+        return errors.invalid_request(f"max_tokens is limited to {quotas.max_tokens_per_request} in this "
+                                      "environment.", "max_tokens")
+    return None
+
+
+class QuotaGuard:
+    """ext_authz's quota check: quotas from Postgres (cached), usage counters from Redis."""
+
+    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, ttl_s: float = 10.0) -> None:
+        self.pool = pool
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, Quotas]] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    async def quotas(self, env_id: str) -> Quotas:
+        now = time.monotonic()
+        hit = self._cache.get(env_id)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        try:
+            row = await self.pool.fetchrow(QUOTAS_SQL, env_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if hit is None:
+                raise
+            # Postgres away: keep admitting on the last known quotas rather than refusing everyone (503).
+            log.warning("quotas not refreshed (%s); using the last known ones", exc)
+            self._cache[env_id] = (now, hit[1])
+            return hit[1]
+        quotas = Quotas(**dict(row)) if row else Quotas()
+        self._cache[env_id] = (now, quotas)
+        return quotas
+
+    async def check(self, org_id: str, env_id: str, body_bytes: int, max_tokens: int) -> None:
+        """Raises the ClientError for a request over its environment's caps (413 / 400), or 403
+        quota_exceeded when a quota is used up. Redis down: quotas allow (logged)."""
+        quotas = await self.quotas(env_id)
+        violation = cap_violation(quotas, body_bytes, max_tokens)
+        if violation is not None:
+            raise violation
+        if not quotas.any:
+            return
+        try:
+            values = await self.redis.mget(quota_keys(org_id, env_id, datetime.now(UTC)))
+        except (OSError, aioredis.RedisError) as exc:
+            log.warning("quota counters unavailable (%s): allowing", exc)
+            return
+        hit = exceeded(quotas, [int(v or 0) for v in values])
+        if hit is not None:
+            raise errors.quota_exceeded(_LEVELS[hit[0]], _PERIODS[hit[1]])
+
+
+async def count_usage(redis: aioredis.Redis, org_id: str, env_id: str, tokens: int, at: datetime) -> None:
+    """Adds settled usage to the period counters (called once per request id, at settlement)."""
+    if tokens <= 0:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in quota_keys(org_id, env_id, at):
+            pipe.incrby(key, tokens)
+            pipe.expire(key, PERIOD_TTL_S[key.rsplit(":", 2)[1]])
+        await pipe.execute()

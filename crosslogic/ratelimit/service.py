@@ -1,0 +1,114 @@
+"""Envoy's envoy.service.ratelimit.v3 protocol <-> limiter decisions. No limit maths here.
+
+Envoy sends one descriptor per request (built in xds/resources.py from ext_authz's dynamic metadata
+and Envoy's own x-request-id): org_id, env_id, key_id, reserve (prompt estimate + max_tokens) and
+request_id (+ region). One EVALSHA decides all org-scoped layers (a second one the platform layers,
+when they limit anything); Postgres is only read on a limit-cache miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import grpc
+import redis.asyncio as aioredis
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from crosslogic.ratelimit.admission import admit
+from crosslogic.ratelimit.engine import Decision, Limiter
+from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
+from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
+from crosslogic.settings import Settings
+from crosslogic.store.db import open_pool
+
+log = logging.getLogger("crosslogic.ratelimit")
+DOMAIN = "crosslogic"
+DESCRIPTOR_KEYS = ("org_id", "env_id", "key_id", "reserve", "request_id")
+_OK = rls_pb2.RateLimitResponse.OK
+_OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
+
+
+class LimiterUnavailable(Exception):
+    """Redis is unreachable and a fail-closed layer applies: Envoy answers 503 (status_on_error)."""
+
+
+def _entries(request: rls_pb2.RateLimitRequest) -> dict[str, str] | None:
+    for descriptor in request.descriptors:
+        entries = {e.key: e.value for e in descriptor.entries}
+        if all(k in entries for k in DESCRIPTOR_KEYS):
+            return entries
+    return None
+
+
+def _headers(values: dict[str, str]) -> list[base_pb2.HeaderValue]:
+    return [base_pb2.HeaderValue(key=k, value=v) for k, v in values.items()]
+
+
+def response_for(decision: Decision) -> rls_pb2.RateLimitResponse:
+    if decision.admitted:
+        return rls_pb2.RateLimitResponse(overall_code=_OK,
+                                         response_headers_to_add=_headers(ratelimit_headers(decision)))
+    return rls_pb2.RateLimitResponse(overall_code=_OVER, raw_body=refusal(decision).body(),
+                                     response_headers_to_add=_headers(refusal_headers(decision)))
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+    def __init__(self, limiter: Limiter, store: LimitStore) -> None:
+        self.limiter = limiter
+        self.store = store
+
+    async def decide(self, entries: dict[str, str]) -> Decision:
+        org, env, key = entries["org_id"], entries["env_id"], entries["key_id"]
+        region = entries.get("region", "")
+        try:
+            limits = await self.store.for_key(key)
+            platform = await self.store.platform()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            limits, platform = self.store.cached(key), self.store.cached_platform()
+            if limits is None or platform is None:
+                log.warning("limits unavailable for key %s (%s)", key, exc)
+                raise LimiterUnavailable from exc
+        try:
+            decision = await admit(self.limiter, org, env, key, region, entries["request_id"],
+                                   int(entries["reserve"]), limits, platform)
+        except (OSError, aioredis.RedisError) as exc:
+            if limits.fail_open() and platform.fail_open(region):
+                log.warning("redis unavailable (%s): admitting (fail-open)", exc)
+                return Decision(admitted=True, degraded=True)
+            log.warning("redis unavailable (%s): refusing (fail-closed)", exc)
+            raise LimiterUnavailable from exc
+        if decision.shadow_layer:
+            log.info("shadow limit would refuse: org=%s env=%s key=%s layer=%s limit=%s", org, env, key,
+                     decision.shadow_layer, decision.shadow_kind)
+        return decision
+
+    async def ShouldRateLimit(self, request, context):  # noqa: N802 (gRPC name)
+        entries = _entries(request)
+        if entries is None:
+            return rls_pb2.RateLimitResponse(overall_code=_OK)
+        try:
+            return response_for(await self.decide(entries))
+        except LimiterUnavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "limiter unavailable")
+
+
+async def serve_ratelimit(settings: Settings, listen: str) -> None:
+    redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
+    async with open_pool(settings.require_database(), min_size=1, max_size=8) as pool:
+        store = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
+        limiter = Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms)
+        feed = asyncio.create_task(follow_limit_changes(settings.database_url, store.clear))
+        server = grpc.aio.server()
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter, store), server)
+        server.add_insecure_port(listen)
+        await server.start()
+        log.info("rate-limit service listening on %s", listen)
+        try:
+            await server.wait_for_termination()
+        finally:
+            feed.cancel()
+            await server.stop(1)
+            await redis.aclose()

@@ -1,0 +1,171 @@
+"""The limiter engine on a real Valkey, with a controlled clock: layers, leases, shadow mode, scripts."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from crosslogic.ratelimit.engine import Limiter
+from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = 5_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+@pytest.fixture
+async def redis(valkey_url):
+    client = aioredis.from_url(valkey_url)
+    yield client
+    await client.aclose()
+
+
+def ids() -> tuple[str, str, str]:
+    return str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_each_layer_trips_on_its_own_limit_and_names_itself(redis):
+    clock = Clock()
+    limiter = Limiter(redis, clock=clock)
+    for layer in ("org", "env", "key"):
+        org, env, key = ids()
+        tight = LayerLimits(tokens_per_min=100)
+        limits = TenantLimits(**{name: tight if name == layer else LayerLimits(tokens_per_min=10_000)
+                                 for name in ("org", "env", "key")})
+        assert (await limiter.reserve(org, env, key, rid(), 80, limits)).admitted
+        refused = await limiter.reserve(org, env, key, rid(), 30, limits)
+        assert not refused.admitted
+        assert (refused.layer, refused.kind) == (layer, "tokens_per_min")
+        # 10 tokens missing at 100 tokens/min: 6 s.
+        assert refused.retry_after_ms == 6_000
+
+
+async def test_refused_request_consumes_nothing_in_any_layer(redis):
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(tokens_per_min=1_000), LayerLimits(tokens_per_min=1_000),
+                          LayerLimits(requests_per_min=1))
+    assert (await limiter.reserve(org, env, key, rid(), 10, limits)).admitted
+    refused = await limiter.reserve(org, env, key, rid(), 10, limits)
+    assert (refused.admitted, refused.layer, refused.kind) == (False, "key", "requests_per_min")
+    assert await limiter.charged(org, "org", org) == 10
+    assert refused.tightest("tokens_per_min").level == 990
+
+
+async def test_a_key_at_its_limit_does_not_affect_another_key_of_the_same_env(redis):
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key_a = ids()
+    key_b = str(uuid.uuid4())
+    limits = TenantLimits(LayerLimits(tokens_per_min=10_000), LayerLimits(tokens_per_min=10_000),
+                          LayerLimits(tokens_per_min=100))
+    assert (await limiter.reserve(org, env, key_a, rid(), 100, limits)).admitted
+    assert not (await limiter.reserve(org, env, key_a, rid(), 1, limits)).admitted
+    assert (await limiter.reserve(org, env, key_b, rid(), 100, limits)).admitted
+
+
+async def test_settlement_refunds_unused_tokens_exactly_once(redis):
+    clock = Clock()
+    limiter = Limiter(redis, clock=clock)
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
+    request = rid()
+    assert (await limiter.reserve(org, env, key, request, 900, limits)).admitted
+    assert not (await limiter.reserve(org, env, key, rid(), 200, limits)).admitted
+    assert await limiter.settle(org, env, key, request, 150)
+    assert not await limiter.settle(org, env, key, request, 150)  # a replayed log entry changes nothing
+    assert await limiter.charged(org, "key", key) == 150
+    assert (await limiter.reserve(org, env, key, rid(), 800, limits)).admitted
+
+
+async def test_settlement_debits_usage_beyond_the_reservation(redis):
+    clock = Clock()
+    limiter = Limiter(redis, clock=clock)
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=600))
+    request = rid()
+    assert (await limiter.reserve(org, env, key, request, 100, limits)).admitted
+    assert await limiter.settle(org, env, key, request, 700)  # the prompt estimate was far too low
+    assert await limiter.charged(org, "key", key) == 700
+    refused = await limiter.reserve(org, env, key, rid(), 1, limits)
+    # 100 tokens of debt + 1 at 10 tokens/s: the key waits 10.1 s.
+    assert not refused.admitted and refused.retry_after_ms == 10_100
+
+
+async def test_repeated_reservation_of_one_request_id_charges_once(redis):
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
+    request = rid()
+    assert (await limiter.reserve(org, env, key, request, 300, limits)).admitted
+    again = await limiter.reserve(org, env, key, request, 300, limits)
+    assert again.admitted and again.repeated
+    assert await limiter.charged(org, "key", key) == 300
+
+
+async def test_concurrency_leases_are_released_at_settlement_and_expire_on_their_own(redis):
+    clock = Clock()
+    limiter = Limiter(redis, clock=clock, reservation_ttl_ms=30_000)
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(concurrency=2), LayerLimits())
+    first, second = rid(), rid()
+    assert (await limiter.reserve(org, env, key, first, 1, limits)).admitted
+    assert (await limiter.reserve(org, env, key, second, 1, limits)).admitted
+    refused = await limiter.reserve(org, env, key, rid(), 1, limits)
+    assert (refused.admitted, refused.layer, refused.kind) == (False, "env", "concurrency")
+    assert await limiter.settle(org, env, key, first, 1)
+    assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+    # Two leases held, never settled (lost log entries): the lease TTL frees them.
+    assert not (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+    clock.ms += 30_001
+    assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+
+
+async def test_shadow_layer_reports_but_never_refuses(redis):
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(tokens_per_min=100, shadow=True), LayerLimits(), LayerLimits())
+    assert (await limiter.reserve(org, env, key, rid(), 100, limits)).admitted
+    over = await limiter.reserve(org, env, key, rid(), 50, limits)
+    assert over.admitted and (over.shadow_layer, over.shadow_kind) == ("org", "tokens_per_min")
+
+
+async def test_scripts_are_reloaded_after_redis_forgets_them(redis):
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
+    assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+    await redis.script_flush()  # what a Redis restart does to the script cache
+    assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+    assert await limiter.charged(org, "key", key) == 2
+
+
+async def test_org_keys_share_one_cluster_hash_slot(redis):
+    from redis.crc import key_slot
+
+    from crosslogic.ratelimit.engine import request_keys
+
+    org, env, key = ids()
+    slots = {key_slot(k.encode()) for k in request_keys(org, env, key, rid())}
+    assert len(slots) == 1
+
+
+async def test_tokens_per_second_bucket_smooths_bursts_within_a_minute_limit(redis):
+    clock = Clock()
+    limiter = Limiter(redis, clock=clock)
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_sec=100, tokens_per_min=6_000))
+    assert (await limiter.reserve(org, env, key, rid(), 100, limits)).admitted
+    burst = await limiter.reserve(org, env, key, rid(), 50, limits)
+    assert (burst.admitted, burst.layer, burst.kind, burst.retry_after_ms) == (False, "key", "tokens_per_sec", 500)
+    clock.ms += 500
+    assert (await limiter.reserve(org, env, key, rid(), 50, limits)).admitted
