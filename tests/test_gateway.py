@@ -291,3 +291,31 @@ async def test_errors_never_leak_node_addresses(gateway):
                 text = await r.text()
             for node in gateway["demo_nodes"]:
                 assert node["url"].split("//")[1] not in text
+
+
+async def test_a_model_and_node_added_while_running_become_routable(gateway):
+    from crosslogic.sim.server import SimulatorConfig, running_simulator
+
+    async with running_simulator(SimulatorConfig(models=("late-model",), node_name="late-1"),
+                                 host="127.0.0.1") as sim:
+        conn = await asyncpg.connect(gateway["database_url"])
+        try:
+            await tenancy.add_model(conn, "late-model", kind="chat", max_output_tokens=64, default_max_tokens=8)
+            await tenancy.add_node(conn, "late-1", "ap-south", "127.0.0.1", sim.port, ["late-model"])
+        finally:
+            await conn.close()
+        api = client(gateway)
+        deadline = time.monotonic() + 15
+        while True:  # new cluster + its endpoints must reach Envoy over ADS, without a restart
+            try:
+                completion = await api.chat.completions.create(model="late-model", messages=MESSAGES, max_tokens=2)
+                break
+            except (openai.InternalServerError, openai.NotFoundError):
+                assert time.monotonic() < deadline, "the new pool never became routable"
+                await asyncio.sleep(0.05)
+        assert completion.usage.completion_tokens == 2
+        conn = await asyncpg.connect(gateway["database_url"])
+        try:
+            await conn.execute("UPDATE nodes SET status = 'dead' WHERE name = 'late-1'")
+        finally:
+            await conn.close()

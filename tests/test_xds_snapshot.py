@@ -107,3 +107,16 @@ def test_a_new_snapshot_pushes_changed_types_and_resends_endpoints_with_clusters
         stream.response(type_url, old)
     due = stream.on_snapshot(new_cluster)
     assert due[:2] == [CLUSTER_TYPE, ENDPOINT_TYPE]
+
+
+def test_a_subscription_change_sent_with_a_stale_nonce_is_answered_after_the_ack():
+    # Envoy asks for the CLAs of new clusters while our next EDS push is in flight (so with an old nonce),
+    # then ACKs that push: the new names must still get an answer, or the clusters stay warming forever.
+    snapshot = build_snapshot([pool(1)], SETTINGS)
+    stream = _Stream(cache=None)
+    stream.on_request(_request(ENDPOINT_TYPE, names=("a",)), snapshot)
+    first = stream.response(ENDPOINT_TYPE, snapshot)
+    stream.on_request(_request(ENDPOINT_TYPE, first.nonce, ("a",)), snapshot)
+    pushed = stream.response(ENDPOINT_TYPE, snapshot)  # e.g. after a snapshot change
+    assert stream.on_request(_request(ENDPOINT_TYPE, first.nonce, ("a", "b")), snapshot) == []  # stale
+    assert stream.on_request(_request(ENDPOINT_TYPE, pushed.nonce, ("a", "b")), snapshot) == [ENDPOINT_TYPE]

@@ -176,6 +176,28 @@ class Limiter:
                                  [self.clock(), request_id, max(-1, actual_tokens), "1" if rollback else "0"])
         return int(out[0]) == 1
 
+    async def settle_scopes(self, settlements: list[tuple[Scope, str, int]]) -> list[bool]:
+        """Many settle_scope calls in one pipelined round trip (the accounting sink settles in batches)."""
+        if not settlements:
+            return []
+        script = self._settle
+        if script.sha is None:
+            script.sha = await self.redis.script_load(script.source)
+        now = self.clock()
+        for attempt in range(2):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for scope, request_id, actual in settlements:
+                        keys = scope.keys(request_id)
+                        pipe.evalsha(script.sha, len(keys), *keys, now, request_id, max(-1, actual), "0")
+                    results = await pipe.execute()
+                return [int(out[0]) == 1 for out in results]
+            except NoScriptError:  # Redis restarted without its script cache; settling twice is a no-op
+                if attempt:
+                    raise
+                script.sha = await self.redis.script_load(script.source)
+        raise AssertionError("unreachable")
+
     async def reserve(self, org_id: str, env_id: str, key_id: str, request_id: str, tokens: int,
                       limits: TenantLimits) -> Decision:
         return await self.reserve_scope(tenant_scope(org_id, env_id, key_id), request_id, tokens, limits.layers())

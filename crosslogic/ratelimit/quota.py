@@ -125,12 +125,15 @@ class QuotaGuard:
             raise errors.quota_exceeded(_LEVELS[hit[0]], _PERIODS[hit[1]])
 
 
-async def count_usage(redis: aioredis.Redis, org_id: str, env_id: str, tokens: int, at: datetime) -> None:
-    """Adds settled usage to the period counters (called once per request id, at settlement)."""
-    if tokens <= 0:
+async def count_usage_many(redis: aioredis.Redis, usages: list[tuple[str, str, int, datetime]]) -> None:
+    """count_usage for many settled requests (org, env, tokens, when) in one round trip."""
+    usages = [u for u in usages if u[2] > 0]
+    if not usages:
         return
     async with redis.pipeline(transaction=False) as pipe:
-        for key in quota_keys(org_id, env_id, at):
-            pipe.incrby(key, tokens)
-            pipe.expire(key, PERIOD_TTL_S[key.rsplit(":", 2)[1]])
+        for org_id, env_id, tokens, at in usages:
+            for key in quota_keys(org_id, env_id, at):
+                pipe.incrby(key, tokens)
+                pipe.expire(key, PERIOD_TTL_S[key.rsplit(":", 2)[1]])
         await pipe.execute()
+

@@ -15,9 +15,8 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 
 from crosslogic.accounting.usage import UsageRecord
-from crosslogic.ratelimit import admission
-from crosslogic.ratelimit.engine import Limiter
-from crosslogic.ratelimit.quota import count_usage
+from crosslogic.ratelimit.engine import Limiter, lane_scope, platform_scope, tenant_scope
+from crosslogic.ratelimit.quota import count_usage_many
 from crosslogic.settings import Settings
 
 log = logging.getLogger("crosslogic.ratelimit")
@@ -39,9 +38,12 @@ def settled_tokens(record: UsageRecord) -> int:
 
 
 class Settler:
-    def __init__(self, limiter: Limiter, max_pending: int = 100_000, workers: int = 8) -> None:
+    """Settles queued records in batches: one pipelined round trip per scope kind and batch, instead of
+    four round trips per request (measured: settlement was the accounting service's largest cost)."""
+
+    def __init__(self, limiter: Limiter, max_pending: int = 100_000, batch_size: int = 256) -> None:
         self.limiter = limiter
-        self.workers = workers  # settlements are independent: several in flight hide Redis round trips
+        self.batch_size = batch_size
         self.queue: asyncio.Queue[UsageRecord] = asyncio.Queue(max_pending)
         self.settled = 0
 
@@ -51,27 +53,37 @@ class Settler:
         except asyncio.QueueFull:  # the reservation expires on its own; the ledger still has the row
             log.warning("settlement queue full; request %s left to expire", record.request_id)
 
+    async def settle_batch(self, records: list[UsageRecord]) -> list[bool]:
+        """Settles every record in each scope it was reserved in; True where the tenant scope settled now.
+
+        Idempotent per request id (the settle script), so a batch may be retried whole after a fault.
+        """
+        amounts = [settled_tokens(r) for r in records]
+        pairs = list(zip(records, amounts, strict=True))
+        first = await self.limiter.settle_scopes(
+            [(tenant_scope(r.org_id, r.env_id, r.key_id), r.request_id, a) for r, a in pairs])
+        fresh = [(r, a) for r, a, ok in zip(records, amounts, first, strict=True) if ok]
+        await self.limiter.settle_scopes(
+            [(scope, r.request_id, a) for r, a in fresh for scope in (lane_scope(r.org_id), platform_scope(r.region))])
+        await count_usage_many(self.limiter.redis, [(r.org_id, r.env_id, r.total_tokens, r.occurred_at)
+                                                    for r, _ in fresh])
+        return first
+
     async def settle(self, record: UsageRecord) -> bool:
-        settled = await admission.settle(self.limiter, record.org_id, record.env_id, record.key_id, record.region,
-                                         record.request_id, settled_tokens(record))
-        if settled:  # first settlement of this request id: count it against quotas, once
-            await count_usage(self.limiter.redis, record.org_id, record.env_id, record.total_tokens,
-                              record.occurred_at)
-        return settled
+        return (await self.settle_batch([record]))[0]
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._work() for _ in range(self.workers)))
-
-    async def _work(self) -> None:
         while True:
-            record = await self.queue.get()
+            batch = [await self.queue.get()]
+            while len(batch) < self.batch_size and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
             while True:
                 try:
-                    await self.settle(record)
-                    self.settled += 1
+                    await self.settle_batch(batch)
+                    self.settled += len(batch)
                     break
                 except (OSError, aioredis.RedisError) as exc:
-                    log.warning("cannot settle %s yet (%s); retrying", record.request_id, exc)
+                    log.warning("cannot settle %d requests yet (%s); retrying", len(batch), exc)
                     await asyncio.sleep(0.5)
 
 

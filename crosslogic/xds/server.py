@@ -18,7 +18,8 @@ _nonces = itertools.count(1)
 
 @dataclass
 class _TypeState:
-    names: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # the latest subscription Envoy asked for
+    sent_names: list[str] = field(default_factory=list)  # the subscription our last response answered
     sent_version: str | None = None
     sent_nonce: str = ""
     acked: bool = False
@@ -36,6 +37,7 @@ class _Stream:
         state = self.types[type_url]
         nonce = str(next(_nonces))
         state.sent_version = snapshot.version(type_url)
+        state.sent_names = list(state.names)
         state.sent_nonce = nonce
         state.acked = False
         return discovery_pb2.DiscoveryResponse(
@@ -51,7 +53,8 @@ class _Stream:
             self.node_id = request.node.id
         type_url = request.type_url
         state = self.types.setdefault(type_url, _TypeState())
-        names_changed = list(request.resource_names) != state.names
+        # Recorded even from a stale request: a new subscription (new clusters' CLAs) sent while our next
+        # response was in flight must still be answered once Envoy ACKs that response.
         state.names = list(request.resource_names)
         if request.HasField("error_detail"):
             log.warning("NACK from %s for %s version %s: %s", self.node_id, type_url,
@@ -67,7 +70,7 @@ class _Stream:
             # a cluster was re-sent); answering is what avoids its 15 s stall (DESIGN.md §4).
             return [type_url]
         state.acked = True
-        if names_changed or state.sent_version != snapshot.version(type_url):
+        if state.names != state.sent_names or state.sent_version != snapshot.version(type_url):
             return [type_url]
         return []
 
