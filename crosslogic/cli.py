@@ -66,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
         from crosslogic.xds.service import serve_xds
 
         gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
-                                  max_request_bytes=settings.max_request_bytes)
+                                  max_request_bytes=settings.max_request_bytes,
+                                  usage_log_path=settings.usage_log_path)
         return _run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen))
     raise SystemExit(f"unknown service {args.service}")
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         admin_cli = None
     if admin_cli is not None:
         admin_cli.register(sub)
+    from crosslogic import billing_cli
+
+    billing_cli.register(sub)
     return parser
 
 

@@ -36,6 +36,11 @@ def tenant_suspended(level: str) -> ClientError:
                        "permission_error", "tenant_suspended")
 
 
+def billing_cap_reached() -> ClientError:
+    return ClientError(403, "Your organization has reached its monthly spending cap. Raise the cap or wait for "
+                       "the next billing month.", "insufficient_quota", "billing_cap_reached")
+
+
 def model_not_found(model: str) -> ClientError:
     return ClientError(404, f"The model `{model}` does not exist or you do not have access to it.",
                        "invalid_request_error", "model_not_found", "model")

@@ -25,6 +25,20 @@ class Settings:
     # Accounting sink: flush the ledger batch after this many records or seconds.
     ledger_batch_size: int = field(default_factory=lambda: int(_env("LEDGER_BATCH_SIZE", "500")))
     ledger_flush_interval_s: float = field(default_factory=lambda: float(_env("LEDGER_FLUSH_INTERVAL", "0.2")))
+    # Envoy's JSON-lines usage log (the durable backstop); xds tells Envoy to write it, accounting replays it.
+    usage_log_path: str = field(default_factory=lambda: _env("USAGE_LOG", ""))
+    # Rotate the usage log past this size once replayed (needs Envoy's admin URL to reopen it); 0 = never.
+    usage_log_rotate_bytes: int = field(default_factory=lambda: int(_env("USAGE_LOG_ROTATE_BYTES", str(64 << 20))))
+    envoy_admin_url: str = field(default_factory=lambda: _env("ENVOY_ADMIN_URL", ""))
+    # Billing reporter (runs inside the accounting service when a Stripe key is set).
+    stripe_api_key: str = field(default_factory=lambda: _env("STRIPE_API_KEY", ""))
+    stripe_api_base: str = field(default_factory=lambda: _env("STRIPE_API_BASE", ""))  # "" = api.stripe.com
+    billing_interval_s: int = field(default_factory=lambda: int(_env("BILLING_INTERVAL", "60")))
+    billing_retry_base_s: float = field(default_factory=lambda: float(_env("BILLING_RETRY_BASE", "60")))
+    # How often the accounting service checks bill caps (alerts, auto-suspend).
+    guardrail_interval_s: float = field(default_factory=lambda: float(_env("GUARDRAIL_INTERVAL", "5")))
+    # Prometheus /metrics of the accounting service; 0 = off.
+    accounting_metrics_port: int = field(default_factory=lambda: int(_env("ACCOUNTING_METRICS_PORT", "0")))
     # Rate limiter: limits cached per key this long (a NOTIFY drops them sooner); reservations that are
     # never settled (lost access-log entries) expire after this long, releasing their leases.
     limits_cache_ttl_s: float = field(default_factory=lambda: float(_env("LIMITS_CACHE_TTL", "10")))

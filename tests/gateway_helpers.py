@@ -35,3 +35,37 @@ def client(gateway: dict, api_key: str | None = None, **kwargs) -> openai.AsyncO
 
 def expected_chat_prompt_tokens(messages: list[dict]) -> int:
     return tokens.chat_prompt_tokens(messages)
+
+
+def child_pids(parent_pid: int, needle: str) -> list[int]:
+    """Processes started by `parent_pid` (e.g. `crosslogic up`) whose command line contains `needle`."""
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent_pid and needle in cmdline:
+            found.append(int(entry))
+    return found
+
+
+async def ledger_rows(database_url: str, request_ids: list[str], wait_s: float = 60.0) -> dict[str, asyncpg.Record]:
+    """Ledger rows of many requests, polling until all are there or the deadline passes."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            rows = await conn.fetch("SELECT * FROM usage_records WHERE request_id = ANY($1::text[])", request_ids)
+            if len(rows) == len(set(request_ids)) or time.monotonic() > deadline:
+                return {r["request_id"]: r for r in rows}
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()

@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
+import prometheus_client
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs
+from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import LedgerWriter
+from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import UsageRecord, record_from_entry
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
@@ -33,6 +38,27 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
 
+def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], None] | None) -> asyncio.Task | None:
+    if not settings.usage_log_path:
+        return None
+    path = Path(settings.usage_log_path)
+    tailer = UsageLogTailer(path, path.with_name(path.name + ".position"))
+    reopen = envoy_reopen_logs(settings.envoy_admin_url) if settings.envoy_admin_url else None
+    replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen,
+                                settle=settle)
+    return asyncio.create_task(replayer.run())
+
+
+def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:
+    if not settings.stripe_api_key:
+        log.info("no CROSSLOGIC_STRIPE_API_KEY: usage is recorded but not exported to Stripe")
+        return None
+    reporter = BillingReporter(pool, stripe_client(settings.stripe_api_key, settings.stripe_api_base),
+                               ReporterSettings(interval_s=settings.billing_interval_s,
+                                                retry_base_s=settings.billing_retry_base_s))
+    return asyncio.create_task(reporter.run_forever())
+
+
 async def serve_accounting(settings: Settings, listen: str) -> None:
     from crosslogic.ratelimit.settlement import settlement_hook
 
@@ -40,6 +66,11 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
             settlement_hook(settings) as settle:
         ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s)
         writer = asyncio.create_task(ledger.run())
+        backstop = _start_backstop(settings, pool, settle)
+        reporter = _start_reporter(settings, pool)
+        guardrails = asyncio.create_task(watch_caps(pool, settings.guardrail_interval_s))
+        if settings.accounting_metrics_port:
+            prometheus_client.start_http_server(settings.accounting_metrics_port, "127.0.0.1")
         server = grpc.aio.server()
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger, settle), server)
         server.add_insecure_port(listen)
@@ -50,6 +81,9 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         finally:
             await server.stop(2)
             writer.cancel()
+            for task in (backstop, reporter, guardrails):
+                if task is not None:
+                    task.cancel()
             try:
                 await ledger.flush()  # what arrived before shutdown still reaches the ledger
             except Exception as exc:  # noqa: BLE001 - last chance; report what is lost

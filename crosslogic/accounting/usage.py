@@ -44,13 +44,14 @@ def _address(address) -> str | None:
     return f"{socket.address}:{socket.port_value}" if socket.address else None
 
 
-def record_from_entry(entry) -> UsageRecord | None:
-    """None for requests that never passed authorisation or named no model (nothing to bill)."""
-    authz = _struct(entry, AUTHZ_NAMESPACE)
-    if not authz.get("model") or not authz.get("org_id"):
+def record_from_fields(request_id: str, occurred_at: datetime, authz: dict, usage: dict, status_code: int,
+                       latency_ms: int, node: str | None) -> UsageRecord | None:
+    """The one place that turns log fields into a record; the gRPC and the file access log both use it.
+
+    None for requests that never passed authorisation or named no model (nothing to bill).
+    """
+    if not authz.get("model") or not authz.get("org_id") or not request_id:
         return None
-    usage = _struct(entry, USAGE_NAMESPACE)
-    props = entry.common_properties
     prompt = int(usage.get("prompt_tokens", 0))
     completion = int(usage.get("completion_tokens", 0))
     has_usage = "prompt_tokens" in usage or "completion_tokens" in usage
@@ -60,16 +61,26 @@ def record_from_entry(entry) -> UsageRecord | None:
         source = "reported"
     else:
         source = "partial"
-    latency = props.time_to_last_downstream_tx_byte
     return UsageRecord(
+        request_id=request_id, occurred_at=occurred_at,
+        org_id=authz["org_id"], env_id=authz["env_id"], key_id=authz["key_id"],
+        region=authz.get("region", ""), model=authz["model"], endpoint=authz.get("endpoint", ""),
+        streamed=bool(authz.get("streamed", False)), status_code=status_code,
+        prompt_tokens=prompt, completion_tokens=completion, usage_source=source,
+        latency_ms=latency_ms, node=node,
+    )
+
+
+def record_from_entry(entry) -> UsageRecord | None:
+    """One gRPC access-log entry (HTTPAccessLogEntry) -> a record."""
+    props = entry.common_properties
+    latency = props.time_to_last_downstream_tx_byte
+    return record_from_fields(
         request_id=entry.request.request_id,
         occurred_at=props.start_time.ToDatetime(tzinfo=UTC) if props.HasField("start_time")
         else datetime.now(UTC),
-        org_id=authz["org_id"], env_id=authz["env_id"], key_id=authz["key_id"],
-        region=authz.get("region", ""), model=authz["model"], endpoint=authz.get("endpoint", ""),
-        streamed=bool(authz.get("streamed", False)),
+        authz=_struct(entry, AUTHZ_NAMESPACE), usage=_struct(entry, USAGE_NAMESPACE),
         status_code=entry.response.response_code.value,
-        prompt_tokens=prompt, completion_tokens=completion, usage_source=source,
         latency_ms=latency.seconds * 1000 + latency.nanos // 1_000_000,
         node=_address(props.upstream_remote_address),
     )

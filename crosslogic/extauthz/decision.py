@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crosslogic import errors
+from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.identity import Identity, IdentityResolver
 from crosslogic.extauthz.validation import RequestFacts, endpoint_for, validate_request
@@ -47,8 +48,9 @@ def _usage_mode(facts: RequestFacts) -> str:
 
 class Authorizer:
     def __init__(self, resolver: IdentityResolver, catalogue: ModelCatalogue, secret: bytes,
-                 default_region: str, quotas: QuotaGuard | None = None) -> None:
+                 default_region: str, quotas: QuotaGuard | None = None, caps: BillCaps | None = None) -> None:
         self.quotas = quotas  # token quotas per day / hour (crosslogic.ratelimit.quota)
+        self.caps = caps  # monthly bill caps (crosslogic.extauthz.billcap)
         self.resolver = resolver
         self.catalogue = catalogue
         self.secret = secret
@@ -65,6 +67,8 @@ class Authorizer:
         if identity is None:
             raise errors.invalid_api_key()
         _check_status(identity)
+        if self.caps is not None and await self.caps.reached(identity.org_id):
+            raise errors.billing_cap_reached()
 
         out = {
             "x-clp-org": identity.org_id,

@@ -13,6 +13,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
 from crosslogic import errors
+from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
@@ -69,7 +70,8 @@ async def serve_authz(settings: Settings, listen: str) -> None:
         resolver = IdentityResolver(pool, redis, redis_ttl_s=settings.identity_cache_ttl_s)
         catalogue = ModelCatalogue(pool)
         quotas = QuotaGuard(pool, redis, ttl_s=settings.limits_cache_ttl_s)
-        authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas)
+        authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
+                                BillCaps(pool))
         feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
         quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, quotas.clear))
         server = grpc.aio.server()

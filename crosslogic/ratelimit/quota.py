@@ -93,7 +93,15 @@ class QuotaGuard:
         hit = self._cache.get(env_id)
         if hit is not None and now - hit[0] < self.ttl_s:
             return hit[1]
-        row = await self.pool.fetchrow(QUOTAS_SQL, env_id)
+        try:
+            row = await self.pool.fetchrow(QUOTAS_SQL, env_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if hit is None:
+                raise
+            # Postgres away: keep admitting on the last known quotas rather than refusing everyone (503).
+            log.warning("quotas not refreshed (%s); using the last known ones", exc)
+            self._cache[env_id] = (now, hit[1])
+            return hit[1]
         quotas = Quotas(**dict(row)) if row else Quotas()
         self._cache[env_id] = (now, quotas)
         return quotas

@@ -82,6 +82,8 @@ class EnvoyProcess:
             "envoy",
             [str(envoy_binary()), "-c", str(config), "--log-level", "warning",
              "--base-id", str(self.base_id), "--drain-time-s", "2", "--concurrency", "2",
+             # The usage log is the billing backstop: write it out within 100 ms, not the default 10 s.
+             "--file-flush-interval-msec", "100",
              "--service-node", self.params.node_id, "--service-cluster", "crosslogic-gateway"],
             self.work_dir / f"envoy-{self.params.node_id}.log",
         ).start()

@@ -97,9 +97,18 @@ def start_stack(stack: Stack) -> Stack:
     pki_dir = Path(settings_pki_dir) if (settings_pki_dir := SchedulerSettings().pki_dir) else state / "pki"
     if not (pki_dir / "server.pem").exists():
         init_pki(pki_dir, ["127.0.0.1", "localhost"])
+    usage_dir = state / "usage"
+    usage_dir.mkdir(parents=True, exist_ok=True)
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
-                      CROSSLOGIC_KEY_SECRET=secret, CROSSLOGIC_PKI_DIR=str(pki_dir))
-    ports = {name: free_port() for name in ("xds", "authz", "ratelimit", "accounting", "api", "admin", "nodeagent")}
+                      CROSSLOGIC_KEY_SECRET=secret, CROSSLOGIC_PKI_DIR=str(pki_dir),
+                      CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"))
+    ports = {name: free_port() for name in ("xds", "authz", "ratelimit", "accounting", "api", "admin", "nodeagent",
+                                            "accounting_metrics")}
+    if settings.accounting_metrics_port:
+        ports["accounting_metrics"] = settings.accounting_metrics_port
+    env["CROSSLOGIC_ACCOUNTING_METRICS_PORT"] = str(ports["accounting_metrics"])  # billing metrics (§39)
+    # The accounting service rotates Envoy's usage log and asks Envoy to reopen it.
+    env["CROSSLOGIC_ENVOY_ADMIN_URL"] = f"http://127.0.0.1:{ports['admin']}"
     for name, argv in (
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
         ("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"]),

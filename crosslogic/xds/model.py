@@ -60,3 +60,6 @@ class GatewaySettings:
     retries: int = 2
     als_flush_interval_ms: int = 100
     extra_listeners: tuple[tuple[str, int], ...] = field(default=())
+    # Durable usage backstop: Envoy also appends every finished request here as one JSON line, which the
+    # accounting service replays into the ledger (crosslogic/accounting/backstop.py). "" = off.
+    usage_log_path: str = ""

@@ -16,6 +16,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 
 # Registers every type the dict-built resources name in "@type".
+from envoy.extensions.access_loggers.file.v3 import file_pb2 as _file_log  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as _als  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as _ext_authz  # noqa: F401
 from envoy.extensions.filters.http.lua.v3 import lua_pb2 as _lua  # noqa: F401
@@ -162,8 +163,36 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
     ]
 
 
+# The durable backstop's line format: the same fields the gRPC entry carries (DESIGN.md §4: the ALS alone
+# loses entries). Parsed by crosslogic.accounting.backstop.parse_usage_line; change both together.
+USAGE_LOG_FORMAT = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "start_time": "%START_TIME(%s.%6f)%",
+    "status": "%RESPONSE_CODE%",
+    "duration_ms": "%DURATION%",
+    "upstream": "%UPSTREAM_HOST%",
+    "authz": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%",
+    "usage": f"%DYNAMIC_METADATA({USAGE_METADATA_NAMESPACE})%",
+}
+
+
+def _usage_file_log(path: str) -> dict:
+    return {
+        "name": "envoy.access_loggers.file",
+        # Only requests ext_authz let through carry something to bill.
+        "filter": {"metadata_filter": {"matcher": {"filter": "envoy.filters.http.ext_authz", "path": [
+            {"key": "org_id"}], "value": {"present_match": True}}, "match_if_key_not_found": False}},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": USAGE_LOG_FORMAT},
+        },
+    }
+
+
 def _access_log(settings: GatewaySettings) -> list[dict]:
-    return [{
+    file_log = [_usage_file_log(settings.usage_log_path)] if settings.usage_log_path else []
+    return file_log + [{
         "name": "envoy.access_loggers.http_grpc",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",

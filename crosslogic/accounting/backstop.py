@@ -1,0 +1,300 @@
+"""The durable backstop: replay Envoy's JSON-lines usage log into the ledger, idempotently by request id.
+
+Envoy's gRPC access log is the fast path but drops entries while the sink is away (DESIGN.md §4). Envoy
+also appends every authorised request to a local file (same fields, written at log time, so the usage
+values are as final as the ALS's). This tailer reads that file from a persisted position, writes batches
+with the ledger's `ON CONFLICT (request_id) DO NOTHING`, and only then moves the position on: the file is
+the on-disk spool, so a Postgres outage or a crash of this process loses nothing; it only delays.
+
+Rotation: rename the file (e.g. `usage.jsonl` -> `usage.jsonl.<n>`), then ask Envoy to reopen its logs
+(admin `POST /reopen_logs`). The tailer finishes the renamed file through its open descriptor, then moves
+to the new one; after a restart it finds the renamed file again by inode. A truncated file restarts at 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+
+from crosslogic.accounting import metrics
+from crosslogic.accounting.ledger import PriceBook, write_batch
+from crosslogic.accounting.usage import UsageRecord, record_from_fields
+
+log = logging.getLogger("crosslogic.accounting.backstop")
+READ_CHUNK_BYTES = 1 << 20
+POLL_INTERVAL_S = 0.2
+
+
+def _as_dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _start_time(value: object) -> datetime:
+    """Envoy's `%START_TIME(%s.%6f)%`: epoch seconds and microseconds, parsed without floats."""
+    text = str(value)
+    seconds, _, micros = text.partition(".")
+    try:
+        return datetime.fromtimestamp(int(seconds), UTC).replace(microsecond=int((micros or "0")[:6].ljust(6, "0")))
+    except ValueError:
+        return datetime.now(UTC)
+
+
+def _int(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def parse_usage_line(line: bytes) -> UsageRecord | None:
+    """One JSON line (format: crosslogic.xds.resources.USAGE_LOG_FORMAT) -> a record; None if not billable."""
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        log.error("unreadable usage log line skipped: %.200r", line)
+        return None
+    if not isinstance(fields, dict):
+        return None
+    upstream = fields.get("upstream")
+    return record_from_fields(
+        request_id=str(fields.get("request_id") or ""),
+        occurred_at=_start_time(fields.get("start_time")),
+        authz=_as_dict(fields.get("authz")), usage=_as_dict(fields.get("usage")),
+        status_code=_int(fields.get("status")), latency_ms=_int(fields.get("duration_ms")),
+        node=upstream if isinstance(upstream, str) and upstream not in ("", "-") else None,
+    )
+
+
+@dataclass(frozen=True)
+class Position:
+    inode: int
+    offset: int
+
+
+class UsageLogTailer:
+    """Reads whole lines from the usage log, following renames; the position is committed by the caller."""
+
+    def __init__(self, path: Path, state_path: Path) -> None:
+        self.path = path
+        self.state_path = state_path
+        self._file = None
+        self._inode = 0
+        self._offset = 0
+        self._read_start = 0
+        self._opened = False
+
+    def _load_position(self) -> Position | None:
+        try:
+            data = json.loads(self.state_path.read_text())
+            return Position(int(data["inode"]), int(data["offset"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _find_by_inode(self, inode: int) -> Path | None:
+        # Rotated copies are `<name>.<digits>` (never the .position / .tmp files beside them).
+        candidates = [self.path, *sorted(self.path.parent.glob(self.path.name + ".[0-9]*"))]
+        for candidate in candidates:
+            try:
+                if candidate.stat().st_ino == inode:
+                    return candidate
+            except OSError:
+                continue
+        return None
+
+    def _open(self, path: Path, offset: int) -> bool:
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - held across reads, closed in _close
+        except OSError:
+            return False
+        self._close()
+        self._file = handle
+        self._inode = os.fstat(handle.fileno()).st_ino
+        size = os.fstat(handle.fileno()).st_size
+        self._offset = offset if offset <= size else 0  # truncated under us: start again
+        handle.seek(self._offset)
+        return True
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _ensure_open(self) -> bool:
+        if self._file is not None:
+            return True
+        if not self._opened:
+            self._opened = True
+            saved = self._load_position()
+            if saved is not None:
+                found = self._find_by_inode(saved.inode)
+                if found is not None:
+                    return self._open(found, saved.offset)
+        return self._open(self.path, 0)
+
+    def _path_inode(self) -> int | None:
+        try:
+            return self.path.stat().st_ino
+        except OSError:
+            return None
+
+    def read_lines(self, max_bytes: int = READ_CHUNK_BYTES) -> tuple[list[bytes], Position]:
+        """Complete lines after the current position (never a half-written one) and the position after them."""
+        if not self._ensure_open():
+            return [], Position(0, 0)
+        assert self._file is not None
+        if os.fstat(self._file.fileno()).st_size < self._offset:  # copy-truncated
+            self._offset = 0
+        self._read_start = self._offset
+        self._file.seek(self._offset)
+        data = self._file.read(max_bytes)
+        end = data.rfind(b"\n")
+        if end < 0:
+            current = self._path_inode()
+            if not data and current is not None and current != self._inode:
+                # Renamed away and fully read (everything before was committed): continue with the file
+                # Envoy now writes, and drop the old one.
+                finished = self._find_by_inode(self._inode)
+                self._open(self.path, 0)
+                # Saved before the unlink, so a reused inode number can never resume at the old offset.
+                self.commit(self.position)
+                if finished is not None and finished != self.path:
+                    finished.unlink(missing_ok=True)
+                return self.read_lines(max_bytes)
+            return [], Position(self._inode, self._offset)
+        lines = [line for line in data[: end + 1].split(b"\n") if line.strip()]
+        self._offset += end + 1
+        return lines, Position(self._inode, self._offset)
+
+    @property
+    def position(self) -> Position:
+        return Position(self._inode, self._offset)
+
+    def rotate_if_caught_up(self, max_bytes: int) -> bool:
+        """Rename the log away once it is large and fully read; the caller then has Envoy reopen its logs."""
+        if self._file is None or self._path_inode() != self._inode:
+            return False
+        size = os.fstat(self._file.fileno()).st_size
+        if size < max_bytes or self._offset < size:
+            return False
+        os.rename(self.path, self.path.with_name(f"{self.path.name}.{time.time_ns()}"))
+        return True
+
+    def backlog_bytes(self) -> int:
+        try:
+            return max(0, os.fstat(self._file.fileno()).st_size - self._offset) if self._file else 0
+        except OSError:
+            return 0
+
+    def commit(self, position: Position) -> None:
+        """Persist the position durably (after the ledger committed everything before it)."""
+        tmp = self.state_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"inode": position.inode, "offset": position.offset}))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.state_path)
+
+    def rewind(self) -> None:
+        """Undo the last read_lines (the ledger did not take those lines): they are read again next time."""
+        self._offset = self._read_start
+
+    def close(self) -> None:
+        self._close()
+
+
+class BackstopReplayer:
+    """Owns the tail -> ledger loop. `replayed` counts rows it inserted (the fast path had missed them)."""
+
+    def __init__(self, tailer: UsageLogTailer, pool: asyncpg.Pool, prices: PriceBook | None = None,
+                 rotate_bytes: int = 0, reopen: Callable[[], None] | None = None,
+                 settle: Callable[[UsageRecord], None] | None = None) -> None:
+        self.tailer = tailer
+        # Rate-limit settlement (idempotent per request id): a request whose gRPC entry was lost would
+        # otherwise keep its reservation and concurrency lease until they expire.
+        self.settle = settle
+        self.rotate_bytes = rotate_bytes
+        self.reopen = reopen
+        self.rotations = 0
+        self.pool = pool
+        self.prices = prices or PriceBook()
+        self.replayed = 0
+        self.lines_read = 0
+
+    async def step(self) -> int:
+        """One batch: read, write, commit. Returns the number of lines consumed (0 = caught up)."""
+        before = self.tailer.position
+        lines, position = self.tailer.read_lines()
+        if not lines:
+            if position.inode and position != before:
+                self.tailer.commit(position)
+            return 0
+        records = [r for r in map(parse_usage_line, lines) if r is not None]
+        if self.settle is not None:  # Redis, not Postgres: settle even while the ledger is away
+            for record in records:
+                self.settle(record)
+        try:
+            inserted = 0
+            if records:
+                async with self.pool.acquire() as conn:
+                    inserted = await write_batch(conn, records, self.prices, "backstop")
+        except BaseException:
+            self.tailer.rewind()
+            raise
+        self.tailer.commit(position)
+        self.replayed += inserted
+        self.lines_read += len(lines)
+        metrics.backstop_replays.inc(inserted)
+        metrics.ledger_lag.set(self.tailer.backlog_bytes())
+        metrics.ledger_rows.labels("backstop").inc(inserted)
+        return len(lines)
+
+    async def rotate(self) -> None:
+        """Keep the log bounded: rename it once caught up and large, then have Envoy start a new one."""
+        if not self.rotate_bytes or self.reopen is None:
+            return
+        if self.tailer.rotate_if_caught_up(self.rotate_bytes):
+            self.rotations += 1
+            log.info("usage log rotated (%d so far)", self.rotations)
+        elif self.tailer.path.exists():
+            return
+        # Also retries a reopen that failed (Envoy restarting): until then Envoy writes to the renamed
+        # file, which the tailer keeps reading, so nothing is lost meanwhile.
+        try:
+            await asyncio.to_thread(self.reopen)
+        except OSError as exc:
+            log.debug("Envoy did not reopen its logs yet (%s); retrying", exc)
+
+    async def run(self) -> None:
+        backoff = POLL_INTERVAL_S
+        while True:
+            try:
+                while await self.step():
+                    pass
+                await self.rotate()
+                backoff = POLL_INTERVAL_S
+                await asyncio.sleep(POLL_INTERVAL_S)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("ledger unavailable (%s); usage stays spooled in %s", exc, self.tailer.path)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+def envoy_reopen_logs(admin_url: str) -> Callable[[], None]:
+    """Envoy's admin `POST /reopen_logs`: access logs are reopened at their configured path."""
+
+    def reopen() -> None:
+        request = urllib.request.Request(admin_url.rstrip("/") + "/reopen_logs", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+
+    return reopen
