@@ -118,8 +118,9 @@ async def test_node_killed_under_load_costs_no_non_streaming_request(fleet):
     killer = asyncio.create_task(kill_when_busy())
     results = await _send_many(client, fleet.model, 200, concurrency=8)
     await killer
-    errors = [r for r in results if not isinstance(r, str)]
-    assert errors == [], await fleet.envoy_stats("r")
+    errors = [f"{type(r).__name__}: {getattr(r, 'status_code', '')} {getattr(r, 'body', r)}"
+              for r in results if not isinstance(r, str)]
+    assert errors == [], (errors, await fleet.envoy_stats("r"))
     # The agent reports the dead engine: Envoy stops considering the node at all.
     await fleet.wait_envoy("r", lambda h: h.get(doomed.address, {}).get("health_flags", "healthy") != "healthy",
                            "the killed node unhealthy")
