@@ -130,6 +130,19 @@ async def test_concurrency_leases_are_released_at_settlement_and_expire_on_their
     assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
 
 
+async def test_a_reservation_arriving_after_its_settlement_holds_nothing(redis):
+    # Envoy gave up waiting for the rate-limit service, answered and logged the request (settled: nothing
+    # was reserved yet), then the service's reservation ran late. It must not hold tokens or a lease.
+    limiter = Limiter(redis, clock=Clock(), reservation_ttl_ms=30_000)
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(concurrency=1, tokens_per_min=100), LayerLimits())
+    late = rid()
+    assert not await limiter.settle(org, env, key, late, 0)
+    assert (await limiter.reserve(org, env, key, late, 100, limits)).repeated
+    assert (await limiter.reserve(org, env, key, rid(), 100, limits)).admitted  # lease and tokens still free
+    assert not await limiter.settle(org, env, key, late, 0)
+
+
 async def test_shadow_layer_reports_but_never_refuses(redis):
     limiter = Limiter(redis, clock=Clock())
     org, env, key = ids()

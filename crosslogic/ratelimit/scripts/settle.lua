@@ -1,5 +1,8 @@
--- Settlement of one request id, exactly once: the reservation is deleted by the first call; a later
--- call (a replayed access-log entry) or one after the reservation expired changes nothing.
+-- Settlement of one request id, exactly once: the first call replaces the reservation with a tombstone;
+-- a later call (a replayed access-log entry) or one after the reservation expired changes nothing.
+-- The tombstone also answers a reservation that arrives AFTER its settlement (Envoy gave up waiting for
+-- the rate-limit service, answered and logged the request, and the service reserved late): reserve.lua
+-- sees the key and charges nothing, so no tokens or concurrency lease are held until the TTL.
 -- KEYS  the same layout as reserve.lua
 -- ARGV  now_ms, request_id, actual_tokens (-1: charge what was reserved),
 --       rollback ('1': the request was refused by a later scope; its request slots come back too)
@@ -13,11 +16,15 @@ local windows = {1000, 60000, 60000, 86400000}
 local fields = {'s', 'm', 'r', 'd'}
 local times = {'st', 'mt', 'rt', 'dt'}
 
+local TOMBSTONE, TOMBSTONE_TTL_MS = 'settled', 600000
 local held = redis.call('GET', KEYS[1])
-if not held then
+if not held or held == TOMBSTONE then
+  if not held then
+    redis.call('SET', KEYS[1], TOMBSTONE, 'PX', TOMBSTONE_TTL_MS)
+  end
   return {0, 0}
 end
-redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[1], TOMBSTONE, 'PX', TOMBSTONE_TTL_MS)
 local reserved_s, buckets, leases = string.match(held, '^(%d+)|([^|]*)|(.*)$')
 local reserved = tonumber(reserved_s)
 if actual < 0 then
