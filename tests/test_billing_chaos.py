@@ -59,15 +59,8 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         wait_until(lambda: port_open("127.0.0.1", stripe_port), 30, "local stripe", stripe_proc)
         wait_until(ready.exists, 120, "crosslogic up (chaos stack)", up)
         info = json.loads(ready.read_text())
-        # This stack proves billing, not the limiter: with the sink killed and Postgres away, the limiter's
-        # concurrency leases of some requests are only released when their reservations expire, and the
-        # demo org's 256-lease limit refused hundreds of requests (429) in the merged tree. Lift it here.
-        subprocess.run([sys.executable, "-c", "import asyncio, asyncpg, sys\n"
-                        "async def main():\n"
-                        "    c = await asyncpg.connect(sys.argv[1])\n"
-                        "    await c.execute('UPDATE orgs SET concurrency_limit = 100000')\n"
-                        "    await c.close()\n"
-                        "asyncio.run(main())", postgres.url], check=True, timeout=30)
+        # The demo org keeps its plan's limits (256 concurrent requests): settlement must keep releasing
+        # leases through every fault below, or the run is refused with 429s.
         info.update(postgres=postgres, stripe_url=f"http://127.0.0.1:{stripe_port}", env=env, state_dir=state)
         yield info
     finally:
