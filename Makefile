@@ -23,6 +23,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/gateway_overhead.py
+	$(BIN)/python bench/limiter.py
+	$(BIN)/python bench/scheduler.py
+	$(BIN)/python bench/ledger.py
 
 clean:
 	rm -rf $(VENV) .state
