@@ -5,7 +5,8 @@ load generator; only the ratios are meaningful across machines.
 
     .venv/bin/python bench/gateway_overhead.py [--seconds 8] [--concurrency 1 16]
 
-Full chain = Envoy + ext_authz (Python gRPC: key lookup, payload validation) + Lua usage extraction +
+Full chain = Envoy + ext_authz (Python gRPC: key lookup, payload validation, rate-limit reservation in Valkey;
+CROSSLOGIC_ADMISSION=rls measures the older two-hop chain with `serve ratelimit`) + Lua usage extraction +
 gRPC access log -> accounting sink -> Postgres ledger. Baseline = Envoy with a static route only.
 """
 

@@ -67,7 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
                                   max_request_bytes=settings.max_request_bytes,
-                                  usage_log_path=settings.usage_log_path)
+                                  usage_log_path=settings.usage_log_path,
+                                  admission=args.admission or settings.admission)
         return _run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen))
     raise SystemExit(f"unknown service {args.service}")
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", required=True, help="host:port")
     serve.add_argument("--gateway-host", default="127.0.0.1", help="xds: the gateway listener address")
     serve.add_argument("--gateway-port", type=int, default=8080, help="xds: the gateway listener port")
+    serve.add_argument("--admission", choices=["authz", "rls"],
+                       help="xds: where rate-limit admission happens (default: CROSSLOGIC_ADMISSION, else authz)")
     serve.add_argument("--nodeagent-listen", help="xds: also serve the NodeAgent API to node agents (host:port)")
     serve.set_defaults(handler=_serve)
 

@@ -10,6 +10,9 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"CROSSLOGIC_{name}", default)
 
 
+ADMISSION_MODES = ("authz", "rls")
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(default_factory=lambda: _env("DATABASE_URL", ""))
@@ -43,6 +46,14 @@ class Settings:
     # never settled (lost access-log entries) expire after this long, releasing their leases.
     limits_cache_ttl_s: float = field(default_factory=lambda: float(_env("LIMITS_CACHE_TTL", "10")))
     reservation_ttl_ms: int = field(default_factory=lambda: int(_env("RESERVATION_TTL_MS", str(15 * 60_000))))
+    # Where the rate-limit reservation is made: "authz" = inside the ext_authz Check call (one Python hop
+    # per request), "rls" = Envoy's ratelimit filter calling `crosslogic serve ratelimit` (standard protocol).
+    admission: str = field(default_factory=lambda: _env("ADMISSION", "authz"))
+
+    def __post_init__(self) -> None:
+        if self.admission not in ADMISSION_MODES:
+            raise SystemExit(f"CROSSLOGIC_ADMISSION must be one of {', '.join(ADMISSION_MODES)}, "
+                             f"not {self.admission!r}")
 
     def require_database(self) -> str:
         if not self.database_url:

@@ -56,10 +56,10 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """The whole stack as a user runs it: `crosslogic up --demo` (real Envoy, Postgres, Valkey, simulators)."""
+def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str) -> Iterator[dict]:
+    """`crosslogic up --demo` with CROSSLOGIC_ADMISSION=`admission`, until the session ends."""
     import json
+    import os
     import signal
     import subprocess
     import sys
@@ -73,7 +73,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
          "--port", str(free_port()), "--ready-file", str(ready)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=repo_root(),
+        stdout=log, stderr=subprocess.STDOUT, cwd=repo_root(), env={**os.environ, "CROSSLOGIC_ADMISSION": admission},
     )
     try:
         deadline = time.monotonic() + 120
@@ -91,6 +91,19 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The whole stack as a user runs it: `crosslogic up --demo` (real Envoy, Postgres, Valkey, simulators);
+    rate-limit admission inside ext_authz (the default)."""
+    yield from _run_stack(tmp_path_factory, "authz")
+
+
+@pytest.fixture(scope="session")
+def rls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The same stack with admission "rls": Envoy's ratelimit filter calls `crosslogic serve ratelimit`."""
+    yield from _run_stack(tmp_path_factory, "rls")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Limits through the real gateway: Envoy -> ext_authz -> crosslogic.ratelimit (Valkey) -> simulator -> ledger."""
+"""Limits through the real gateway: Envoy -> ext_authz (+ crosslogic.ratelimit's gate on Valkey) -> simulator
+-> ledger; and the same admission through Envoy's ratelimit filter and `serve ratelimit` (admission "rls")."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+import redis.asyncio as aioredis
 
 from tests.gateway_helpers import client
 from tests.ratelimit_helpers import (
@@ -240,10 +242,12 @@ def _service_pid(port: int) -> int:
     return int(out[0])
 
 
-async def test_unanswering_rate_limiter_fails_closed_with_openai_503(gateway):
+async def test_unanswering_rate_limit_service_fails_closed_with_openai_503(rls_gateway):
+    """Admission "rls": Envoy's ratelimit filter times out on the service -> 503 (failure_mode_deny)."""
     import os
     import signal
 
+    gateway = rls_gateway
     tenant = await limited_tenant(gateway)
     pid = _service_pid(gateway["ports"]["ratelimit"])
     os.kill(pid, signal.SIGSTOP)  # the service hangs: Envoy's call times out
@@ -258,6 +262,45 @@ async def test_unanswering_rate_limiter_fails_closed_with_openai_503(gateway):
         return (await _raw_chat(gateway, tenant["keys"][0]["api_key"], 5))[0] == 200
 
     await wait_for(flows_again, "the rate limiter to answer again")
+
+
+async def test_rls_admission_refuses_with_the_same_429_and_headers(rls_gateway):
+    """Admission "rls" keeps working: x-ratelimit-* on success, the layer-naming 429 with retry-after."""
+    gateway = rls_gateway
+    tenant = await limited_tenant(gateway, key=(200, None, None))
+    api_key = tenant["keys"][0]["api_key"]
+    status, headers, _ = await _raw_chat(gateway, api_key, 150)
+    assert status == 200 and headers["x-ratelimit-limit-tokens"] == "200"
+    status, headers, body = await _raw_chat(gateway, api_key, 150)
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded" and "API key" in body["error"]["message"]
+    assert int(headers["retry-after"]) >= 1 and headers["x-ratelimit-limit-tokens"] == "200"
+
+
+async def test_redis_unavailable_with_a_fail_closed_layer_is_refused_with_openai_503(gateway):
+    """Admission in ext_authz: the limiter cannot reach Redis and a layer that limits this key is fail-closed
+    -> 503 (the same answer Envoy gave when `serve ratelimit` could not answer)."""
+    tenant = await limited_tenant(gateway, key=(100_000, None, None))
+    api_key = tenant["keys"][0]["api_key"]
+    assert (await _raw_chat(gateway, api_key, 5))[0] == 200  # identity now cached in authz's process
+    await execute(gateway, "UPDATE rate_limit_layers SET fail_open = false WHERE layer = $1", "key")
+    redis = aioredis.from_url(gateway["redis_url"])
+    try:
+        async def refused():
+            await redis.execute_command("CLIENT", "PAUSE", 1500, "ALL")  # Redis stops answering clients
+            status, _, body = await _raw_chat(gateway, api_key, 5)
+            await redis.execute_command("CLIENT", "UNPAUSE")
+            return body if status == 503 else None
+
+        body = await wait_for(refused, "the fail-closed policy to apply")
+        assert body["error"]["code"] == "service_unavailable" and body["error"]["type"] == "server_error"
+    finally:
+        await execute(gateway, "UPDATE rate_limit_layers SET fail_open = true WHERE layer = $1", "key")
+        await redis.aclose()
+
+    async def flows_again():
+        return (await _raw_chat(gateway, api_key, 5))[0] == 200
+
+    await wait_for(flows_again, "the limiter to answer again")
 
 
 async def test_environment_caps_request_size_and_max_tokens_per_request(gateway):
@@ -286,7 +329,8 @@ async def test_shadowed_key_limit_is_logged_but_never_refuses(gateway):
     api_key = tenant["keys"][0]["api_key"]
     for _ in range(3):  # 1 request/min, shadowed: all pass
         assert (await _chat(gateway, api_key, 5)).http_response.status_code == 200
-    log = (Path(gateway["state_dir"]) / "logs" / "ratelimit.log").read_text()
+    # The gate logs in the process that decides: ext_authz (admission "authz", the default here).
+    log = (Path(gateway["state_dir"]) / "logs" / "authz.log").read_text()
     assert f"key={tenant['keys'][0]['key_id']} layer=key limit=requests_per_min" in log
 
 

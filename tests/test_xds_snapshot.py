@@ -123,3 +123,21 @@ def test_a_subscription_change_sent_with_a_stale_nonce_is_answered_after_the_ack
     pushed = stream.response(ENDPOINT_TYPE, snapshot)  # e.g. after a snapshot change
     assert stream.on_request(_request(ENDPOINT_TYPE, first.nonce, ("a", "b")), snapshot) == []  # stale
     assert stream.on_request(_request(ENDPOINT_TYPE, pushed.nonce, ("a", "b")), snapshot) == [ENDPOINT_TYPE]
+
+
+def test_ratelimit_filter_only_in_rls_admission_mode():
+    from dataclasses import replace
+
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+
+    from crosslogic.xds.resources import build_listener
+
+    def filters(settings: GatewaySettings) -> list[str]:
+        hcm = http_connection_manager_pb2.HttpConnectionManager()
+        build_listener(settings).filter_chains[0].filters[0].typed_config.Unpack(hcm)
+        return [f.name for f in hcm.http_filters]
+
+    assert "envoy.filters.http.ratelimit" not in filters(SETTINGS)  # default: ext_authz reserves
+    assert filters(replace(SETTINGS, admission="rls")) == [
+        "envoy.filters.http.ext_authz", "envoy.filters.http.ratelimit", "envoy.filters.http.lua",
+        "envoy.filters.http.router"]

@@ -10,6 +10,8 @@ from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.identity import Identity, IdentityResolver
 from crosslogic.extauthz.validation import RequestFacts, endpoint_for, validate_request
 from crosslogic.keys import hash_api_key, looks_like_api_key
+from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
+from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.xds.model import route_key
 
@@ -21,6 +23,19 @@ class Allowed:
     headers: dict[str, str]  # set on the upstream request, overwriting anything the client sent
     remove: tuple[str, ...]  # client-sent headers that must not travel on
     metadata: dict[str, object] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)  # added to the client's response
+
+
+class Refused(Exception):
+    """A limiter refusal (429 with retry-after and x-ratelimit-*, or 503 when it cannot decide). It carries the
+    request's metadata too, so the access log and the ledger record it as they did when the Envoy ratelimit
+    filter refused after ext_authz had allowed (Envoy emits ext_authz metadata on denials as well)."""
+
+    def __init__(self, error: errors.ClientError, headers: dict[str, str], metadata: dict[str, object]) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.headers = headers
+        self.metadata = metadata
 
 
 def _bearer_token(headers: dict[str, str]) -> str | None:
@@ -48,7 +63,11 @@ def _usage_mode(facts: RequestFacts) -> str:
 
 class Authorizer:
     def __init__(self, resolver: IdentityResolver, catalogue: ModelCatalogue, secret: bytes,
-                 default_region: str, quotas: QuotaGuard | None = None, caps: BillCaps | None = None) -> None:
+                 default_region: str, quotas: QuotaGuard | None = None, caps: BillCaps | None = None,
+                 gate: AdmissionGate | None = None) -> None:
+        # Rate-limit admission (crosslogic.ratelimit.gate), made here so a request costs one Python hop;
+        # None when Envoy's ratelimit filter calls `crosslogic serve ratelimit` instead (admission "rls").
+        self.gate = gate
         self.quotas = quotas  # token quotas per day / hour (crosslogic.ratelimit.quota)
         self.caps = caps  # monthly bill caps (crosslogic.extauthz.billcap)
         self.resolver = resolver
@@ -57,7 +76,7 @@ class Authorizer:
         self.default_region = default_region
 
     async def decide(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Allowed:
-        """Raises ClientError for every refusal; returns what to tell Envoy otherwise."""
+        """Raises ClientError (or Refused) for every refusal; returns what to tell Envoy otherwise."""
         token = _bearer_token(headers)
         if token is None:
             raise errors.missing_api_key()
@@ -94,5 +113,25 @@ class Authorizer:
                              # what crosslogic.ratelimit reserves (a string: Envoy's rate-limit
                              # metadata action reads string values)
                              "reserve": str(facts.prompt_estimate + facts.max_tokens)})
+        response_headers: dict[str, str] = {}
+        if "reserve" in metadata and self.gate is not None:
+            response_headers = await self._admit(identity, region, headers.get("x-request-id", ""),
+                                                 facts.prompt_estimate + facts.max_tokens, metadata)
         remove = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX) and h not in out)
-        return Allowed(headers=out, remove=("authorization", *remove), metadata=metadata)
+        return Allowed(headers=out, remove=("authorization", *remove), metadata=metadata,
+                       response_headers=response_headers)
+
+    async def _admit(self, identity: Identity, region: str, request_id: str, reserve: int,
+                     metadata: dict[str, object]) -> dict[str, str]:
+        """The reservation the RLS descriptor would carry, keyed by Envoy's x-request-id (settlement uses the
+        same id). Last step of the decision: nothing after it can refuse, so no reservation is left behind."""
+        if not request_id:  # Envoy always sets it (preserve_external_request_id: false)
+            raise errors.service_unavailable()
+        try:
+            decision = await self.gate.decide(identity.org_id, identity.env_id, identity.key_id, region,
+                                              request_id, reserve)
+        except LimiterUnavailable:
+            raise Refused(errors.service_unavailable(), {}, metadata) from None
+        if not decision.admitted:
+            raise Refused(refusal(decision), refusal_headers(decision), metadata)
+        return ratelimit_headers(decision)

@@ -15,10 +15,12 @@ from google.rpc import code_pb2, status_pb2
 from crosslogic import errors
 from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
-from crosslogic.extauthz.decision import Allowed, Authorizer
+from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
+from crosslogic.ratelimit.engine import Limiter
+from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.quota import QuotaGuard
-from crosslogic.ratelimit.store import follow_limit_changes
+from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -35,16 +37,18 @@ def allowed_response(allowed: Allowed) -> external_auth_pb2.CheckResponse:
     response = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
     response.ok_response.headers.extend(_header(k, v) for k, v in allowed.headers.items())
     response.ok_response.headers_to_remove.extend(allowed.remove)
+    response.ok_response.response_headers_to_add.extend(_header(k, v) for k, v in allowed.response_headers.items())
     response.dynamic_metadata.update(allowed.metadata)
     return response
 
 
-def denied_response(error: errors.ClientError) -> external_auth_pb2.CheckResponse:
+def denied_response(error: errors.ClientError,
+                    headers: dict[str, str] | None = None) -> external_auth_pb2.CheckResponse:
     response = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED))
     denied = response.denied_response
     denied.status.code = error.status
     denied.body = error.body().decode()
-    denied.headers.append(_header("content-type", "application/json"))
+    denied.headers.extend(_header(k, v) for k, v in {"content-type": "application/json", **(headers or {})}.items())
     return response
 
 
@@ -58,6 +62,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             allowed = await self.authorizer.decide(http.method, http.path, dict(http.headers), http.raw_body)
         except errors.ClientError as error:
             return denied_response(error)
+        except Refused as refused:
+            response = denied_response(refused.error, refused.headers)
+            response.dynamic_metadata.update(refused.metadata)
+            return response
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError) as exc:
             log.warning("authorisation backend unavailable: %s", exc)
             return denied_response(errors.service_unavailable())
@@ -65,15 +73,26 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
 
 async def serve_authz(settings: Settings, listen: str) -> None:
+    """`settings.admission == "authz"` (default): the rate-limit reservation is made in Check too."""
     redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
     async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
         resolver = IdentityResolver(pool, redis, redis_ttl_s=settings.identity_cache_ttl_s)
         catalogue = ModelCatalogue(pool)
         quotas = QuotaGuard(pool, redis, ttl_s=settings.limits_cache_ttl_s)
+        gate = limits = None
+        if settings.admission == "authz":
+            limits = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
+            gate = AdmissionGate(Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms), limits)
         authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
-                                BillCaps(pool))
+                                BillCaps(pool), gate)
+
+        def limits_changed() -> None:
+            quotas.clear()
+            if limits is not None:
+                limits.clear()
+
         feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
-        quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, quotas.clear))
+        quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, limits_changed))
         server = grpc.aio.server()
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
         server.add_insecure_port(listen)

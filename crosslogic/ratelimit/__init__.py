@@ -18,5 +18,8 @@ Pieces, one job each:
 - `quota.py`     tokens per day / hour per env and org, checked by ext_authz (403 quota_exceeded).
 - `store.py`     limits from Postgres (plan defaults, org/env/key overrides, per-layer policy), cached per
                  key, dropped on NOTIFY crosslogic_limits.
-- `service.py`   Envoy's envoy.service.ratelimit.v3 <-> decisions; `protocol.py` OpenAI headers and bodies.
+- `gate.py`      the admission decision without a protocol (limits, admit, Redis-down policy, shadow logs):
+                 called by ext_authz in its Check (admission "authz", default) and by `service.py`.
+- `service.py`   Envoy's envoy.service.ratelimit.v3 <-> the gate (admission "rls"); `protocol.py` OpenAI
+                 headers and bodies.
 """

@@ -11,28 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import asyncpg
 import grpc
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from crosslogic.ratelimit.admission import admit
 from crosslogic.ratelimit.engine import Decision, Limiter
+from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
+__all__ = ["LimiterUnavailable", "RateLimitServicer", "response_for", "serve_ratelimit"]
 log = logging.getLogger("crosslogic.ratelimit")
 DOMAIN = "crosslogic"
 DESCRIPTOR_KEYS = ("org_id", "env_id", "key_id", "reserve", "request_id")
 _OK = rls_pb2.RateLimitResponse.OK
 _OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
-
-
-class LimiterUnavailable(Exception):
-    """Redis is unreachable and a fail-closed layer applies: Envoy answers 503 (status_on_error)."""
 
 
 def _entries(request: rls_pb2.RateLimitRequest) -> dict[str, str] | None:
@@ -57,33 +53,11 @@ def response_for(decision: Decision) -> rls_pb2.RateLimitResponse:
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, limiter: Limiter, store: LimitStore) -> None:
-        self.limiter = limiter
-        self.store = store
+        self.gate = AdmissionGate(limiter, store)
 
     async def decide(self, entries: dict[str, str]) -> Decision:
-        org, env, key = entries["org_id"], entries["env_id"], entries["key_id"]
-        region = entries.get("region", "")
-        try:
-            limits = await self.store.for_key(key)
-            platform = await self.store.platform()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            limits, platform = self.store.cached(key), self.store.cached_platform()
-            if limits is None or platform is None:
-                log.warning("limits unavailable for key %s (%s)", key, exc)
-                raise LimiterUnavailable from exc
-        try:
-            decision = await admit(self.limiter, org, env, key, region, entries["request_id"],
-                                   int(entries["reserve"]), limits, platform)
-        except (OSError, aioredis.RedisError) as exc:
-            if limits.fail_open() and platform.fail_open(region):
-                log.warning("redis unavailable (%s): admitting (fail-open)", exc)
-                return Decision(admitted=True, degraded=True)
-            log.warning("redis unavailable (%s): refusing (fail-closed)", exc)
-            raise LimiterUnavailable from exc
-        if decision.shadow_layer:
-            log.info("shadow limit would refuse: org=%s env=%s key=%s layer=%s limit=%s", org, env, key,
-                     decision.shadow_layer, decision.shadow_kind)
-        return decision
+        return await self.gate.decide(entries["org_id"], entries["env_id"], entries["key_id"],
+                                      entries.get("region", ""), entries["request_id"], int(entries["reserve"]))
 
     async def ShouldRateLimit(self, request, context):  # noqa: N802 (gRPC name)
         entries = _entries(request)

@@ -109,13 +109,18 @@ def start_stack(stack: Stack) -> Stack:
     env["CROSSLOGIC_ACCOUNTING_METRICS_PORT"] = str(ports["accounting_metrics"])  # billing metrics (§39)
     # The accounting service rotates Envoy's usage log and asks Envoy to reopen it.
     env["CROSSLOGIC_ENVOY_ADMIN_URL"] = f"http://127.0.0.1:{ports['admin']}"
+    # Rate-limit admission: inside ext_authz (default), or Envoy's ratelimit filter + `serve ratelimit`.
+    env["CROSSLOGIC_ADMISSION"] = settings.admission
+    rls = [("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"])] \
+        if settings.admission == "rls" else []
     for name, argv in (
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
-        ("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"]),
+        *rls,
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
         ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}"]),
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
-                 "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}"]),
+                 "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}",
+                 "--admission", settings.admission]),
     ):
         child = _service(name, argv, logs, env)
         stack.services.append(child)
@@ -136,7 +141,7 @@ def start_stack(stack: Stack) -> Stack:
     stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
                   "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
                   "ports": ports, "nodeagent_address": f"127.0.0.1:{ports['nodeagent']}", "pki_dir": str(pki_dir),
-                  "pid": __import__("os").getpid(), **demo}
+                  "pid": __import__("os").getpid(), "admission": settings.admission, **demo}
     write_runtime(state, stack.info)
     if options.ready_file:
         tmp = options.ready_file.with_suffix(".tmp")

@@ -63,3 +63,6 @@ class GatewaySettings:
     # Durable usage backstop: Envoy also appends every finished request here as one JSON line, which the
     # accounting service replays into the ledger (crosslogic/accounting/backstop.py). "" = off.
     usage_log_path: str = ""
+    # Rate-limit admission: "authz" = ext_authz reserves in its Check call (no ratelimit filter);
+    # "rls" = Envoy's ratelimit filter calls `crosslogic serve ratelimit` (crosslogic.settings.admission).
+    admission: str = "authz"

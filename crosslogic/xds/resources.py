@@ -101,7 +101,8 @@ def _authz_metadata(key: str) -> dict:
 
 
 def _ratelimit_filter(settings: GatewaySettings) -> dict:
-    """Admission in crosslogic.ratelimit: one descriptor per request, from ext_authz's metadata (DESIGN.md §4).
+    """Admission "rls" only (by default ext_authz reserves itself, one hop instead of two): one descriptor per
+    request to `crosslogic serve ratelimit`, from ext_authz's metadata (DESIGN.md §4).
 
     Requests without a model (e.g. /v1/models) lack `reserve`, so no descriptor and no call is made.
     """
@@ -148,7 +149,7 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
                 "clear_route_cache": True,  # we route on x-clp-route, which authz sets
             },
         },
-        _ratelimit_filter(settings),
+        *([_ratelimit_filter(settings)] if settings.admission == "rls" else []),
         {
             "name": "envoy.filters.http.lua",
             "typed_config": {

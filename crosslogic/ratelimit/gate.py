@@ -1,0 +1,52 @@
+"""The admission decision, free of any protocol: limits from the LimitStore, `admission.admit`, the
+Redis-down policy (fail-open / fail-closed per layer) and shadow logging.
+
+Used by ext_authz (the default: the reservation is made inside the one Check call, DESIGN.md §4) and by
+the Envoy rate-limit service (`service.py`, for deployments that want Envoy's standard protocol).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from crosslogic.ratelimit.admission import admit
+from crosslogic.ratelimit.engine import Decision, Limiter
+from crosslogic.ratelimit.store import LimitStore
+
+log = logging.getLogger("crosslogic.ratelimit")
+
+
+class LimiterUnavailable(Exception):
+    """Redis is unreachable and a fail-closed layer applies (or the limits cannot be read): refuse with 503."""
+
+
+class AdmissionGate:
+    def __init__(self, limiter: Limiter, store: LimitStore) -> None:
+        self.limiter = limiter
+        self.store = store
+
+    async def decide(self, org: str, env: str, key: str, region: str, request_id: str, reserve: int) -> Decision:
+        """Reserves `reserve` tokens for `request_id` in every layer, or refuses; raises LimiterUnavailable."""
+        try:
+            limits = await self.store.for_key(key)
+            platform = await self.store.platform()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            limits, platform = self.store.cached(key), self.store.cached_platform()
+            if limits is None or platform is None:
+                log.warning("limits unavailable for key %s (%s)", key, exc)
+                raise LimiterUnavailable from exc
+        try:
+            decision = await admit(self.limiter, org, env, key, region, request_id, reserve, limits, platform)
+        except (OSError, aioredis.RedisError) as exc:
+            if limits.fail_open() and platform.fail_open(region):
+                log.warning("redis unavailable (%s): admitting (fail-open)", exc)
+                return Decision(admitted=True, degraded=True)
+            log.warning("redis unavailable (%s): refusing (fail-closed)", exc)
+            raise LimiterUnavailable from exc
+        if decision.shadow_layer:
+            log.info("shadow limit would refuse: org=%s env=%s key=%s layer=%s limit=%s", org, env, key,
+                     decision.shadow_layer, decision.shadow_kind)
+        return decision
