@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/limiter.py
 	$(BIN)/python bench/scheduler.py
 	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/cpu_per_request.py
 
 clean:
 	rm -rf $(VENV) .state

@@ -28,7 +28,12 @@ async def ledger_row(database_url: str, request_id: str) -> asyncpg.Record:
         await conn.close()
 
 
+# No request in these tests takes more than a few seconds; a hang fails fast instead of after the SDK's 600 s.
+CLIENT_TIMEOUT_S = 60.0
+
+
 def client(gateway: dict, api_key: str | None = None, **kwargs) -> openai.AsyncOpenAI:
+    kwargs.setdefault("timeout", CLIENT_TIMEOUT_S)
     return openai.AsyncOpenAI(base_url=gateway["gateway_url"], api_key=api_key or gateway["api_key"],
                               max_retries=0, **kwargs)
 
