@@ -55,11 +55,11 @@ static_resources:
 """
 
 
-def start_stack(state: Path, port: int) -> tuple[subprocess.Popen, dict]:
+def start_stack(state: Path, port: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     ready = state / "ready.json"
     proc = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
                              "--port", str(port), "--ready-file", str(ready)],
-                            stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT)
+                            stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT, env=env)
     wait_until(ready.exists, 120, "crosslogic up", proc)
     info = json.loads(ready.read_text())
     asyncio.run(_lift_plan_limits(info["database_url"]))

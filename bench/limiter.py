@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gateway_overhead import start_plain_envoy, start_stack  # noqa: E402
 from crosslogic.ratelimit import admission  # noqa: E402
 from crosslogic.ratelimit.engine import Limiter  # noqa: E402
 from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits  # noqa: E402
-from crosslogic.runtime.envoy import envoy_binary  # noqa: E402
-from crosslogic.runtime.processes import free_port, port_open, wait_until  # noqa: E402
+from crosslogic.runtime.processes import free_port  # noqa: E402
 from crosslogic.runtime.valkey import EmbeddedValkey  # noqa: E402
 
 TENANT = TenantLimits(LayerLimits(tokens_per_min=10**9, requests_per_min=10**8),
@@ -180,34 +179,6 @@ async def script_usec_per_call(url: str) -> float:
     evalsha = stats.get("cmdstat_evalsha", {})
     return float(evalsha.get("usec_per_call", float("nan")))
 
-
-PLAIN_ENVOY = """
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: plain
-          route_config:
-            virtual_hosts:
-            - {{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: nodes}}}}]}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: nodes
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: nodes
-      endpoints: [{{lb_endpoints: [{endpoints}]}}]
-"""
-
-
 async def sequential_latency_ms(url: str, api_key: str, requests: int) -> list[float]:
     import aiohttp
 
@@ -247,24 +218,14 @@ async def rls_round_trip_ms(port: int, requests: int, info: dict) -> list[float]
 
 
 def through_envoy(state: Path, requests: int) -> dict[str, float]:
-    ready = state / "ready.json"
-    up = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state / "stack"), "up",
-                           "--demo", "--port", str(free_port()), "--ready-file", str(ready)],
-                          stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT)
+    """Sequential p50 through plain Envoy and through the gateway; the stack runs in `rls` admission mode so
+    the Envoy rate-limit protocol's own round trip can be measured too."""
+    state.mkdir(parents=True, exist_ok=True)
+    up, info = start_stack(state, free_port(), env={**os.environ, "CROSSLOGIC_ADMISSION": "rls"})
     plain = None
     try:
-        wait_until(ready.exists, 120, "crosslogic up", up)
-        info = json.loads(ready.read_text())
-        chat_nodes = [n["url"].split("//")[1].split(":") for n in info["demo_nodes"] if n["model"] == "llama-3-8b"]
-        port, admin = free_port(), free_port()
-        endpoints = ", ".join(f"{{endpoint: {{address: {{socket_address: {{address: {h}, port_value: {p}}}}}}}}}"
-                              for h, p in chat_nodes)
-        config = state / "plain-envoy.yaml"
-        config.write_text(PLAIN_ENVOY.format(admin=admin, port=port, endpoints=endpoints))
-        plain = subprocess.Popen([str(envoy_binary()), "-c", str(config), "--log-level", "error",
-                                  "--base-id", str(free_port())],
-                                 stdout=open(state / "plain.log", "wb"), stderr=subprocess.STDOUT)
-        wait_until(lambda: port_open("127.0.0.1", port), 30, "plain envoy", plain)
+        chat_nodes = [n["url"] for n in info["demo_nodes"] if n["model"] == "llama-3-8b"]
+        plain, port = start_plain_envoy(state, chat_nodes)
         baseline = asyncio.run(sequential_latency_ms(f"http://127.0.0.1:{port}/v1/chat/completions",
                                                      info["api_key"], requests))
         gateway = asyncio.run(sequential_latency_ms(f"{info['gateway_url']}/chat/completions",
