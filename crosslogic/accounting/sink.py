@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import prometheus_client
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
@@ -16,6 +15,7 @@ from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import LedgerWriter
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import UsageRecord, record_from_entry
+from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -74,15 +74,12 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         guardrails = asyncio.create_task(watch_caps(pool, settings.guardrail_interval_s))
         if settings.accounting_metrics_port:
             prometheus_client.start_http_server(settings.accounting_metrics_port, "127.0.0.1")
-        server = grpc.aio.server()
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(ledger, settle), server)
-        server.add_insecure_port(listen)
-        await server.start()
-        log.info("access-log sink listening on %s", listen)
+        sink = AccessLogSink(ledger, settle)
         try:
-            await server.wait_for_termination()
-        finally:
-            await server.stop(2)
+            async with grpc_server(listen, lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(sink, s),
+                                   "access-log sink", grace_s=2) as server:
+                await server.wait_for_termination()
+        finally:  # after the server stopped: every entry that arrived is in `ledger`
             writer.cancel()
             for task in (backstop, reporter, guardrails):
                 if task is not None:

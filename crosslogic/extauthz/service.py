@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 import asyncpg
-import grpc
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -21,6 +20,7 @@ from crosslogic.ratelimit.engine import Limiter
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
+from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -93,15 +93,12 @@ async def serve_authz(settings: Settings, listen: str) -> None:
 
         feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
         quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, limits_changed))
-        server = grpc.aio.server()
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
-        server.add_insecure_port(listen)
-        await server.start()
-        log.info("ext_authz listening on %s", listen)
+        servicer = AuthorizationServicer(authorizer)
         try:
-            await server.wait_for_termination()
+            async with grpc_server(listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+                    servicer, s), "ext_authz") as server:
+                await server.wait_for_termination()
         finally:
             feed.cancel()
             quota_feed.cancel()
-            await server.stop(1)
             await redis.aclose()

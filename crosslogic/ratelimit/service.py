@@ -20,6 +20,7 @@ from crosslogic.ratelimit.engine import Decision, Limiter
 from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
+from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -75,14 +76,11 @@ async def serve_ratelimit(settings: Settings, listen: str) -> None:
         store = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
         limiter = Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms)
         feed = asyncio.create_task(follow_limit_changes(settings.database_url, store.clear))
-        server = grpc.aio.server()
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(limiter, store), server)
-        server.add_insecure_port(listen)
-        await server.start()
-        log.info("rate-limit service listening on %s", listen)
+        servicer = RateLimitServicer(limiter, store)
         try:
-            await server.wait_for_termination()
+            async with grpc_server(listen, lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, s),
+                                   "rate-limit service") as server:
+                await server.wait_for_termination()
         finally:
             feed.cancel()
-            await server.stop(1)
             await redis.aclose()
