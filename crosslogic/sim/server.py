@@ -521,6 +521,21 @@ class _Handlers:
             "ec_transfer_params": None, "metrics": None,
         })
 
+    async def _stream(self, sse: _SseWriter, flags: StreamFlags, seqs: list[_Seq], prompt_tokens: int,
+                      on_token: Callable[[int, list[_Seq]], Awaitable[None]], head: dict[str, Any],
+                      sent: dict[int, int]) -> web.StreamResponse:
+        """Drives one SSE response: chunks from `on_token`, then vLLM's usage chunk and `[DONE]`."""
+        try:
+            await sse.start()
+            await self.engine.generate(seqs, prompt_tokens, on_token)
+            if flags.include_usage:
+                await sse.send({**head, "choices": [], "usage": _usage(prompt_tokens, sum(sent.values())),
+                                "system_fingerprint": self.fingerprint})
+            await sse.done()
+        except ConnectionResetError:  # the client went away; the engine already counted what it made
+            pass
+        return sse.response
+
     async def _chat_stream(self, request: web.Request, flags: StreamFlags, seqs: list[_Seq], rid: str,
                            created: int, model: str) -> web.StreamResponse:
         sse = _SseWriter(request)
@@ -555,16 +570,7 @@ class _Handlers:
                     chunk["system_fingerprint"] = self.fingerprint
                 await sse.send(chunk)
 
-        try:
-            await sse.start()
-            await self.engine.generate(seqs, prompt_tokens, on_token)
-            if flags.include_usage:
-                await sse.send({**head, "choices": [], "usage": _usage(prompt_tokens, sum(sent.values())),
-                                "system_fingerprint": self.fingerprint})
-            await sse.done()
-        except ConnectionResetError:  # the client went away; the engine already counted what it made
-            pass
-        return sse.response
+        return await self._stream(sse, flags, seqs, prompt_tokens, on_token, head, sent)
 
     # -- /v1/completions
 
@@ -616,16 +622,7 @@ class _Handlers:
                     chunk["system_fingerprint"] = self.fingerprint
                 await sse.send(chunk)
 
-        try:
-            await sse.start()
-            await self.engine.generate(seqs, prompt_tokens, on_token)
-            if flags.include_usage:
-                await sse.send({**head, "choices": [], "usage": _usage(prompt_tokens, sum(sent.values())),
-                                "system_fingerprint": self.fingerprint})
-            await sse.done()
-        except ConnectionResetError:
-            pass
-        return sse.response
+        return await self._stream(sse, flags, seqs, prompt_tokens, on_token, head, sent)
 
     # -- /v1/embeddings
 
