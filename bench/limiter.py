@@ -3,10 +3,11 @@
     /tmp/v/bin/python bench/limiter.py [--seconds 5] [--processes 2] [--concurrency 64] [--requests 300]
 
 1. Decisions/s: `processes` client processes, each `concurrency` coroutines in a closed loop, admit requests
-   for 1,000 tenants with limits at all four layers (org, env, key in one EVALSHA; global in a second),
-   against one embedded Valkey. Also the same with only the tenant scope (one EVALSHA per decision), the
-   tenant scope pipelined 32 per round trip from one process (Valkey's capacity without the Python
-   client's per-call cost), and Valkey's own CPU per script call (INFO commandstats).
+   for 1,000 tenants with limits at all four layers (org, env, key, global: one EVALSHA on one Valkey),
+   against one embedded Valkey (AOF on, as `crosslogic up` runs it). Also: the same with split scopes
+   (Redis Cluster: tenant and platform are two calls); four layers pipelined 32 per round trip from one
+   process; Valkey's capacity with pre-encoded commands (the Python client costs almost nothing); and
+   Valkey's own CPU per script call (INFO commandstats).
 2. Latency through Envoy: `crosslogic up --demo` (ext_authz + rate limit + Lua + ALS) vs a router-only
    Envoy to the same simulated nodes, sequential requests, same run; plus a bare ShouldRateLimit round trip.
 Only ratios are comparable across machines.
@@ -41,12 +42,12 @@ PLATFORM_4 = PlatformLimits(global_=LayerLimits(tokens_per_min=10**12))
 PLATFORM_3 = PlatformLimits()
 
 
-def _decide_worker(url: str, seconds: float, concurrency: int, four_layers: bool, out) -> None:
+def _decide_worker(url: str, seconds: float, concurrency: int, four_layers: bool, split: bool, out) -> None:
     import redis.asyncio as aioredis
 
     async def main() -> int:
         redis = aioredis.from_url(url, max_connections=concurrency)
-        limiter = Limiter(redis, reservation_ttl_ms=60_000)
+        limiter = Limiter(redis, reservation_ttl_ms=60_000, split_scopes=split)
         tenants = [(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1000)]
         platform = PLATFORM_4 if four_layers else PLATFORM_3
         done = 0
@@ -69,17 +70,13 @@ def _decide_worker(url: str, seconds: float, concurrency: int, four_layers: bool
 
 
 def _pipelined_worker(url: str, seconds: float, batch: int, out) -> None:
-    """Tenant-scope reservations sent `batch` per round trip: Valkey's capacity without the Python
-    client's per-call cost (what an auto-batching limiter service would send)."""
+    """Four-layer reservations sent `batch` per round trip: what an auto-batching limiter would send."""
     import redis.asyncio as aioredis
-
-    from crosslogic.ratelimit.engine import tenant_scope
 
     async def main() -> int:
         redis = aioredis.from_url(url)
         limiter = Limiter(redis, reservation_ttl_ms=60_000)
-        source = limiter.reserve_command(tenant_scope("a", "b", "c"), "x", 1, TENANT.layers())[0]
-        sha = await redis.script_load(source)
+        sha = await redis.script_load(limiter.reserve_command(_stages("a", "b", "c", True), "x", 1)[0])
         tenants = [(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1000)]
         done, n = 0, 0
         deadline = time.perf_counter() + seconds
@@ -88,8 +85,7 @@ def _pipelined_worker(url: str, seconds: float, batch: int, out) -> None:
             for _ in range(batch):
                 org, env, key = tenants[n % len(tenants)]
                 n += 7
-                _, keys, args = limiter.reserve_command(tenant_scope(org, env, key), uuid.uuid4().hex, 300,
-                                                        TENANT.layers())
+                _, keys, args = limiter.reserve_command(_stages(org, env, key, True), uuid.uuid4().hex, 300)
                 pipe.evalsha(sha, len(keys), *keys, *args)
             await pipe.execute()
             done += batch
@@ -97,6 +93,11 @@ def _pipelined_worker(url: str, seconds: float, batch: int, out) -> None:
         return done
 
     out.put(asyncio.run(main()))
+
+
+def _stages(org: str, env: str, key: str, four_layers: bool) -> list:
+    plan = admission.stages(org, env, key, "ap-south", TENANT, PLATFORM_4 if four_layers else PLATFORM_3)
+    return plan if four_layers else plan[:1]
 
 
 def _resp(*parts) -> bytes:
@@ -116,24 +117,16 @@ def _raw_worker(url: str, seconds: float, four_layers: bool, out) -> None:
     import hiredis
     import redis as sync_redis
 
-    from crosslogic.ratelimit.engine import platform_scope, tenant_scope
-
     host, port = url.split("//")[1].split("/")[0].split(":")
     client = sync_redis.Redis(host=host, port=int(port))
-    limiter = Limiter(client, reservation_ttl_ms=1)  # only used to build commands
-    source = limiter.reserve_command(tenant_scope("a", "b", "c"), "x", 1, TENANT.layers())[0]
-    sha = client.script_load(source)
+    limiter = Limiter(client, reservation_ttl_ms=1, lease_ttl_ms=1)  # only used to build commands
+    sha = client.script_load(limiter.reserve_command(_stages("a", "b", "c", True), "x", 1)[0])
     tenants = [(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(1000)]
     commands = []
     for i in range(4096):
         org, env, key = tenants[i % len(tenants)]
-        rid = uuid.uuid4().hex
-        scopes = [(tenant_scope(org, env, key), TENANT.layers())]
-        if four_layers:
-            scopes.append((platform_scope("ap-south"), PLATFORM_4.for_region("ap-south")))
-        commands.append(b"".join(_resp("EVALSHA", sha, len(keys), *keys, *args) for keys, args in (
-            limiter.reserve_command(scope, rid, 300, layers)[1:] for scope, layers in scopes)))
-    per_decision = 2 if four_layers else 1
+        _, keys, args = limiter.reserve_command(_stages(org, env, key, four_layers), uuid.uuid4().hex, 300)
+        commands.append(_resp("EVALSHA", sha, len(keys), *keys, *args))
     batches = [b"".join(commands[i:i + 256]) for i in range(0, len(commands), 256)]
     sock = socket.create_connection((host, int(port)))
     reader = hiredis.Reader()
@@ -142,7 +135,7 @@ def _raw_worker(url: str, seconds: float, four_layers: bool, out) -> None:
     while time.perf_counter() < deadline:
         sock.sendall(batches[n % len(batches)])
         n += 1
-        expected = 256 * per_decision
+        expected = 256
         while expected:
             reader.feed(sock.recv(1 << 20))
             while expected and (reply := reader.gets()) is not False:
@@ -155,10 +148,10 @@ def _raw_worker(url: str, seconds: float, four_layers: bool, out) -> None:
 
 
 def decisions_per_second(url: str, seconds: float, processes: int, concurrency: int, four_layers: bool,
-                         pipelined: bool = False, raw: bool = False) -> float:
+                         pipelined: bool = False, raw: bool = False, split: bool = False) -> float:
     queue: multiprocessing.Queue = multiprocessing.Queue()
     target, extra = ((_raw_worker, (four_layers,)) if raw else (_pipelined_worker, (32,)) if pipelined
-                     else (_decide_worker, (concurrency, four_layers)))
+                     else (_decide_worker, (concurrency, four_layers, split)))
     workers = [multiprocessing.Process(target=target, args=(url, seconds, *extra, queue))
                for _ in range(processes)]
     start = time.perf_counter()
@@ -168,6 +161,14 @@ def decisions_per_second(url: str, seconds: float, processes: int, concurrency: 
     for w in workers:
         w.join()
     return total / (time.perf_counter() - start)
+
+
+async def reset_stats(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    redis = aioredis.from_url(url)
+    await redis.config_resetstat()
+    await redis.aclose()
 
 
 async def script_usec_per_call(url: str) -> float:
@@ -251,21 +252,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         valkey = EmbeddedValkey(Path(tmp) / "valkey").start()
         try:
-            three = decisions_per_second(valkey.url, args.seconds, args.processes, args.concurrency, False)
+            split = decisions_per_second(valkey.url, args.seconds, args.processes, args.concurrency, True,
+                                         split=True)
+            asyncio.run(reset_stats(valkey.url))
             four = decisions_per_second(valkey.url, args.seconds, args.processes, args.concurrency, True)
             usec = asyncio.run(script_usec_per_call(valkey.url))
-            piped = decisions_per_second(valkey.url, args.seconds, 1, 0, False, pipelined=True)
+            three = decisions_per_second(valkey.url, args.seconds, args.processes, args.concurrency, False)
+            piped = decisions_per_second(valkey.url, args.seconds, 1, 0, True, pipelined=True)
             raw3 = decisions_per_second(valkey.url, args.seconds, 1, 0, False, raw=True)
             raw4 = decisions_per_second(valkey.url, args.seconds, 1, 0, True, raw=True)
         finally:
             valkey.stop()
-        print(f"decisions/s, tenant scope (org+env+key, 1 EVALSHA):      {three:10.0f}")
-        print(f"decisions/s, four layers (+ global, 2 EVALSHA):          {four:10.0f}")
-        print(f"decisions/s, tenant scope, pipelined 32 per round trip: {piped:10.0f}")
-        print(f"Valkey capacity (pre-encoded, 256 per round trip), tenant scope: {raw3:10.0f} decisions/s")
+        print(f"decisions/s, four layers (org+env+key+global, 1 EVALSHA):     {four:10.0f}")
+        print(f"decisions/s, four layers, split scopes (Cluster, 2 EVALSHA):  {split:10.0f}")
+        print(f"decisions/s, tenant scope only (org+env+key):                 {three:10.0f}")
+        print(f"decisions/s, four layers, pipelined 32 per round trip:        {piped:10.0f}")
         print(f"Valkey capacity (pre-encoded, 256 per round trip), four layers:  {raw4:10.0f} decisions/s")
-        print(f"Valkey CPU per EVALSHA: {usec:.1f} us -> one Valkey core serves ~{1e6 / usec:,.0f} scripts/s "
-              f"(~{1e6 / usec / 2:,.0f} four-layer decisions/s)")
+        print(f"Valkey capacity (pre-encoded, 256 per round trip), tenant scope: {raw3:10.0f} decisions/s")
+        print(f"Valkey CPU per four-layer EVALSHA: {usec:.1f} us -> one Valkey core serves "
+              f"~{1e6 / usec:,.0f} four-layer decisions/s")
         if not args.skip_envoy:
             lat = through_envoy(Path(tmp), args.requests)
             added = lat["gateway_p50_ms"] - lat["router_only_p50_ms"]

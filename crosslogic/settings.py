@@ -46,6 +46,11 @@ class Settings:
     # never settled (lost access-log entries) expire after this long, releasing their leases.
     limits_cache_ttl_s: float = field(default_factory=lambda: float(_env("LIMITS_CACHE_TTL", "10")))
     reservation_ttl_ms: int = field(default_factory=lambda: int(_env("RESERVATION_TTL_MS", str(15 * 60_000))))
+    # Concurrency leases of such requests are freed sooner: after the longest request (the route's 600 s
+    # upstream timeout) plus a minute.
+    lease_ttl_ms: int = field(default_factory=lambda: int(_env("LEASE_TTL_MS", str(11 * 60_000))))
+    # Redis Cluster: one limiter script call per scope (each in one hash slot) instead of one per request.
+    limiter_split_scopes: bool = field(default_factory=lambda: _env("LIMITER_SPLIT_SCOPES", "0") == "1")
     # Where the rate-limit reservation is made: "authz" = inside the ext_authz Check call (one Python hop
     # per request), "rls" = Envoy's ratelimit filter calling `crosslogic serve ratelimit` (standard protocol).
     admission: str = field(default_factory=lambda: _env("ADMISSION", "authz"))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crosslogic.ratelimit import admission
 from crosslogic.ratelimit.engine import Limiter
@@ -14,16 +17,22 @@ from crosslogic.ratelimit.protocol import refusal
 
 
 class Clock:
-    ms = 9_000_000
+    """A fixed clock, a day later for each test: the platform's global bucket is shared by all of them."""
+
+    start = 9_000_000
+
+    def __init__(self) -> None:
+        Clock.start += 86_400_000
+        self.ms = Clock.start
 
     def __call__(self) -> int:
         return self.ms
 
 
-@pytest.fixture
-async def limiter(valkey_url):
+@pytest.fixture(params=[False, True], ids=["one-call", "split-scopes"])
+async def limiter(valkey_url, request):
     client = aioredis.from_url(valkey_url)
-    yield Limiter(client, clock=Clock())
+    yield Limiter(client, clock=Clock(), split_scopes=request.param)
     await client.aclose()
 
 
@@ -45,6 +54,7 @@ async def test_saturated_region_sheds_serverless_with_server_busy_and_rolls_the_
     assert not shed.admitted and shed.layer == "region"
     assert refusal(shed).code == "server_busy" and refusal(shed).status == 429
     # The refused request consumed nothing of the tenant: tokens, and its request slot.
+    assert await admission.settle(limiter, org, env, key, region, "a", 900)
     assert await limiter.charged(org, "org", org) == 900
     after = await admission.admit(limiter, org, env, key, region, uuid.uuid4().hex, 1, SERVERLESS, PlatformLimits())
     assert after.tightest("requests_per_min").level == 48  # 50 - the two admitted; the shed one came back
@@ -76,3 +86,48 @@ async def test_settlement_reaches_every_scope_the_request_was_reserved_in(limite
     # The region got its 800 unused tokens back too.
     assert (await admission.admit(limiter, org, env, key, region, uuid.uuid4().hex, 900, SERVERLESS,
                                   platform)).admitted
+
+
+# --- one call per request (one Valkey) == one call per scope (Redis Cluster) ---------------------------
+
+admissions = st.lists(st.tuples(st.sampled_from(["admit", "settle"]), st.integers(0, 20_000),
+                                st.integers(0, 1_500)), min_size=1, max_size=20)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.booleans(), admissions)
+def test_one_call_and_scope_by_scope_admission_decide_alike(valkey_url, reserved_per_sec, lane, sequence):
+    async def scenario() -> None:
+        client = aioredis.from_url(valkey_url)
+        clock = Clock()
+        limiters = [Limiter(client, clock=clock), Limiter(client, clock=clock, split_scopes=True)]
+        tenants = [(*_ids(), "r-" + uuid.uuid4().hex[:8]) for _ in limiters]
+        tenant = TenantLimits(LayerLimits(tokens_per_min=5_000), LayerLimits(requests_per_min=12),
+                              LayerLimits(tokens_per_sec=400, concurrency=4),
+                              reserved_tokens_per_sec=reserved_per_sec if lane else 0)
+        open_requests: list[list[str]] = [[], []]
+        try:
+            for op, gap, amount in sequence:
+                clock.ms += gap
+                answers = []
+                for i, (limiter, (org, env, key, region)) in enumerate(zip(limiters, tenants, strict=True)):
+                    platform = PlatformLimits(regions={region: LayerLimits(tokens_per_min=1_000)})
+                    if op == "admit":
+                        request = uuid.uuid4().hex
+                        d = await admission.admit(limiter, org, env, key, region, request, amount, tenant, platform)
+                        if d.admitted:
+                            open_requests[i].append(request)
+                        # Levels after an admission (after a refusal, split scopes report them before rollback).
+                        levels = [v.level for v in d.buckets] if d.admitted else []
+                        answers.append((d.admitted, d.layer, d.kind, d.retry_after_ms, tuple(levels)))
+                    elif open_requests[i]:
+                        request = open_requests[i].pop(0)
+                        answers.append(await admission.settle(limiter, org, env, key, region, request, amount))
+                assert len(set(answers)) <= 1, answers
+            charged = [await limiter.charged(org, "env", env)
+                       for limiter, (org, env, _, _) in zip(limiters, tenants, strict=True)]
+            assert charged[0] == charged[1]
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())

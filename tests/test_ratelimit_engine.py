@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from crosslogic.ratelimit.engine import Limiter
+from crosslogic.ratelimit.engine import Limiter, tenant_scope
 from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
 
 
@@ -55,11 +55,13 @@ async def test_refused_request_consumes_nothing_in_any_layer(redis):
     org, env, key = ids()
     limits = TenantLimits(LayerLimits(tokens_per_min=1_000), LayerLimits(tokens_per_min=1_000),
                           LayerLimits(requests_per_min=1))
-    assert (await limiter.reserve(org, env, key, rid(), 10, limits)).admitted
+    first = rid()
+    assert (await limiter.reserve(org, env, key, first, 10, limits)).admitted
     refused = await limiter.reserve(org, env, key, rid(), 10, limits)
     assert (refused.admitted, refused.layer, refused.kind) == (False, "key", "requests_per_min")
-    assert await limiter.charged(org, "org", org) == 10
     assert refused.tightest("tokens_per_min").level == 990
+    assert await limiter.settle(org, env, key, first, 10)
+    assert await limiter.charged(org, "org", org) == 10
 
 
 async def test_a_key_at_its_limit_does_not_affect_another_key_of_the_same_env(redis):
@@ -109,6 +111,8 @@ async def test_repeated_reservation_of_one_request_id_charges_once(redis):
     assert (await limiter.reserve(org, env, key, request, 300, limits)).admitted
     again = await limiter.reserve(org, env, key, request, 300, limits)
     assert again.admitted and again.repeated
+    assert (await limiter.reserve(org, env, key, rid(), 700, limits)).admitted  # 300 held once, not twice
+    assert await limiter.settle(org, env, key, request, 300)
     assert await limiter.charged(org, "key", key) == 300
 
 
@@ -128,6 +132,19 @@ async def test_concurrency_leases_are_released_at_settlement_and_expire_on_their
     assert not (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
     clock.ms += 30_001
     assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+
+
+async def test_a_lease_can_expire_before_its_reservation(redis):
+    clock = Clock()
+    limiter = Limiter(redis, clock=clock, reservation_ttl_ms=60_000, lease_ttl_ms=20_000)
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(concurrency=1, tokens_per_min=1_000))
+    lost = rid()
+    assert (await limiter.reserve(org, env, key, lost, 600, limits)).admitted
+    clock.ms += 20_001
+    # The lease of the never-settled request is free again; its 600 tokens are still reserved (refill aside).
+    assert (await limiter.reserve(org, env, key, rid(), 100, limits)).admitted
+    assert await limiter.settle(org, env, key, lost, 600)  # settling late still works, exactly once
 
 
 async def test_a_reservation_arriving_after_its_settlement_holds_nothing(redis):
@@ -152,13 +169,49 @@ async def test_shadow_layer_reports_but_never_refuses(redis):
     assert over.admitted and (over.shadow_layer, over.shadow_kind) == ("org", "tokens_per_min")
 
 
+async def test_one_limit_in_shadow_mode_while_the_others_of_its_layer_refuse(redis):
+    # Rolling out a new tokens/min rule for a key whose requests/min limit is already enforced.
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    rule = LayerLimits(tokens_per_min=100, requests_per_min=3, shadow_kinds=frozenset({"tokens_per_min"}))
+    limits = TenantLimits(LayerLimits(), LayerLimits(), rule)
+    assert (await limiter.reserve(org, env, key, rid(), 100, limits)).admitted
+    over = await limiter.reserve(org, env, key, rid(), 100, limits)
+    assert over.admitted and (over.shadow_layer, over.shadow_kind) == ("key", "tokens_per_min")
+    assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+    refused = await limiter.reserve(org, env, key, rid(), 1, limits)
+    assert (refused.admitted, refused.layer, refused.kind) == (False, "key", "requests_per_min")
+    assert limits.fail_open() and rule.enforced
+
+
+async def test_settling_with_other_scopes_than_reserved_is_refused_and_changes_nothing(redis):
+    from redis.exceptions import ResponseError
+
+    from crosslogic.ratelimit import admission
+    from crosslogic.ratelimit.limits import PlatformLimits
+
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    region = "r-" + uuid.uuid4().hex[:6]
+    platform = PlatformLimits(regions={region: LayerLimits(tokens_per_min=1_000)})
+    request = rid()
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
+    assert (await admission.admit(limiter, org, env, key, region, request, 500, limits, platform)).admitted
+    with pytest.raises(ResponseError, match="do not match"):
+        await limiter.settle(org, env, key, request, 10)  # tenant scope only: the region's keys are missing
+    assert await admission.settle(limiter, org, env, key, region, request, 10)  # still unsettled
+
+
 async def test_scripts_are_reloaded_after_redis_forgets_them(redis):
     limiter = Limiter(redis, clock=Clock())
     org, env, key = ids()
     limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
-    assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+    before, after = rid(), rid()
+    assert (await limiter.reserve(org, env, key, before, 1, limits)).admitted
     await redis.script_flush()  # what a Redis restart does to the script cache
-    assert (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+    assert (await limiter.reserve(org, env, key, after, 1, limits)).admitted
+    await redis.script_flush()
+    assert await limiter.settle_many([([tenant_scope(org, env, key)], r, 1) for r in (before, after)]) == [True] * 2
     assert await limiter.charged(org, "key", key) == 2
 
 

@@ -334,6 +334,21 @@ async def test_shadowed_key_limit_is_logged_but_never_refuses(gateway):
     assert f"key={tenant['keys'][0]['key_id']} layer=key limit=requests_per_min" in log
 
 
+async def test_one_rule_in_shadow_mode_is_logged_while_its_layer_keeps_refusing(gateway):
+    # Rolling out a new 100 tokens/min rule on a key whose 3 requests/min limit is already enforced.
+    tenant = await limited_tenant(gateway, key=(100, 3, None))
+    key_id = tenant["keys"][0]["key_id"]
+    await execute(gateway, "UPDATE api_keys SET rate_limit_shadow_limits = '{tokens_per_min}' WHERE key_id = $1",
+                  uuid.UUID(key_id))
+    api_key = tenant["keys"][0]["api_key"]
+    for _ in range(3):  # ~60 tokens reserved each: over 100 tokens/min from the second on, yet admitted
+        assert (await _chat(gateway, api_key, 50)).http_response.status_code == 200
+    status, _, body = await _raw_chat(gateway, api_key, 50)
+    assert status == 429 and "requests per minute" in body["error"]["message"]
+    log = (Path(gateway["state_dir"]) / "logs" / "authz.log").read_text()
+    assert f"key={key_id} layer=key limit=tokens_per_min" in log
+
+
 async def _set_chat_nodes(gateway: dict, **config) -> None:
     async with aiohttp.ClientSession() as http:
         for node in gateway["demo_nodes"]:

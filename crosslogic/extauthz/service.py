@@ -16,7 +16,7 @@ from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
-from crosslogic.ratelimit.engine import Limiter
+from crosslogic.ratelimit.engine import limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
@@ -82,7 +82,7 @@ async def serve_authz(settings: Settings, listen: str) -> None:
         gate = limits = None
         if settings.admission == "authz":
             limits = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
-            gate = AdmissionGate(Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms), limits)
+            gate = AdmissionGate(limiter_from_settings(redis, settings), limits)
         authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
                                 BillCaps(pool), gate)
 

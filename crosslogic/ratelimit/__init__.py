@@ -4,16 +4,17 @@ Pieces, one job each:
 - `buckets.py`   token-bucket maths, pure (property-tested); `scripts/reserve.lua` and `settle.lua` do the
                  same steps atomically in Redis/Valkey, loaded once and called with EVALSHA (reloaded on
                  NOSCRIPT, e.g. after a Redis restart).
-- `engine.py`    key scheme and script calls. A *scope* is the set of layers one script call decides:
-                 tenant scope `{o:<org>}` = org, env, key (one hash slot, so it works on Redis Cluster);
-                 reserved lane `{o:<org>}`; platform scope `{g}` = global, region (a second call, made
-                 only when a platform limit is configured).
+- `engine.py`    key scheme and script calls. A *scope* is the set of layers in one hash slot: tenant
+                 scope `{o:<org>}` = org, env, key; reserved lane `{o:<org>}`; platform scope `{g}` =
+                 global, region. On one Valkey a request's scopes are decided in one script call; on
+                 Redis Cluster (split_scopes) one call per scope.
 - `admission.py` one request: tenant scope, then the org's reserved lane (bypasses the platform) or the
-                 platform scope; a platform refusal sheds the request (429 server_busy) and rolls the
-                 tenant reservation back, so refused requests consume nothing.
+                 platform scope; a platform refusal sheds the request (429 server_busy); refused
+                 requests consume nothing.
 - `settlement.py` two-phase accounting: the accounting sink hands each UsageRecord to the Settler, which
                  refunds/debits the difference between reservation and real usage, exactly once per
-                 request id (the settle script deletes the reservation), and releases leases.
+                 request id (the settle script tombstones the reservation), releases leases and adds the
+                 real usage to each layer's settled-tokens counter.
                  Reservations never settled (lost log entries) expire after RESERVATION_TTL_MS.
 - `quota.py`     tokens per day / hour per env and org, checked by ext_authz (403 quota_exceeded).
 - `store.py`     limits from Postgres (plan defaults, org/env/key overrides, per-layer policy), cached per

@@ -1,47 +1,97 @@
 """One request's admission across the scopes: tenant, then reserved lane or platform.
 
-1. Tenant scope (org, env, key) in one atomic call: refusal -> 429 rate_limit_exceeded.
+1. Tenant scope (org, env, key): refusal -> 429 rate_limit_exceeded.
 2. If the platform (global / region) limits anything: an org with reserved capacity first tries its
    lane; traffic within it bypasses the platform layers (seed §17). Otherwise, or above the lane, the
-   platform scope decides; its refusal sheds the request (429 server_busy, seed §28) and the tenant
-   reservation is rolled back, so a refused request consumes nothing.
-Settlement calls every scope; a scope that holds no reservation for the request id ignores it.
+   platform scope decides; its refusal sheds the request (429 server_busy, seed §28). A refused request
+   consumes nothing in any scope.
+On one Valkey all of it is one script call (reserve.lua runs the stages in this order). With
+`split_scopes` (Redis Cluster) each scope is a call of its own and a platform refusal rolls the tenant
+reservation back.
+Settlement names the same scopes in the same order, so one call settles the request everywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from crosslogic.ratelimit.engine import Decision, Limiter, lane_scope, platform_scope, tenant_scope
-from crosslogic.ratelimit.limits import PlatformLimits, TenantLimits
+from crosslogic.ratelimit.engine import (
+    LANE,
+    NEED,
+    SHARED,
+    SKIP,
+    Decision,
+    Limiter,
+    Scope,
+    Stage,
+    lane_scope,
+    platform_scope,
+    tenant_scope,
+)
+from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
+
+
+def request_scopes(org_id: str, env_id: str, key_id: str, region: str) -> tuple[Scope, Scope, Scope]:
+    """Every scope a request may be reserved in, in the scripts' order: tenant, lane, platform."""
+    return tenant_scope(org_id, env_id, key_id), lane_scope(org_id), platform_scope(region)
+
+
+def stages(org_id: str, env_id: str, key_id: str, region: str, tenant: TenantLimits,
+           platform: PlatformLimits) -> list[Stage]:
+    tenant_s, lane_s, platform_s = request_scopes(org_id, env_id, key_id, region)
+    shared = platform.limited(region)
+    lane = tenant.lane()
+    return [Stage(tenant_s, tenant.layers(), NEED),
+            Stage(lane_s, (lane or LayerLimits(),), LANE if shared and lane else SKIP),
+            Stage(platform_s, platform.for_region(region), SHARED if shared else SKIP)]
 
 
 async def admit(limiter: Limiter, org_id: str, env_id: str, key_id: str, region: str, request_id: str,
                 tokens: int, tenant: TenantLimits, platform: PlatformLimits) -> Decision:
-    scope = tenant_scope(org_id, env_id, key_id)
-    decision = await limiter.reserve_scope(scope, request_id, tokens, tenant.layers())
-    if not decision.admitted or decision.repeated or not platform.limited(region):
+    plan = stages(org_id, env_id, key_id, region, tenant, platform)
+    if not limiter.split_scopes:
+        return await limiter.reserve_stages(plan, request_id, tokens)
+    return await _admit_scope_by_scope(limiter, plan, request_id, tokens)
+
+
+async def _admit_scope_by_scope(limiter: Limiter, plan: list[Stage], request_id: str, tokens: int) -> Decision:
+    first, *later = plan
+    decision = await limiter.reserve_stages([first], request_id, tokens)
+    if not decision.admitted or decision.repeated:
         return decision
-    lane = tenant.lane()
-    if lane is not None:
-        in_lane = await limiter.reserve_scope(lane_scope(org_id), request_id, tokens, (lane,))
-        if in_lane.admitted:
-            return decision
-    shared = await limiter.reserve_scope(platform_scope(region), request_id, tokens, platform.for_region(region))
-    if shared.admitted:
-        if shared.shadow_layer and not decision.shadow_layer:
-            return replace(decision, shadow_layer=shared.shadow_layer, shadow_kind=shared.shadow_kind)
-        return decision
-    await limiter.settle_scope(scope, request_id, 0, rollback=True)
-    # The client sees its own limits in the headers, never the platform's capacity.
-    return replace(shared, buckets=decision.buckets)
+    for stage in later:
+        if stage.role == SKIP:
+            continue
+        answer = await limiter.reserve_stages([replace(stage, role=NEED)], request_id, tokens)
+        if answer.admitted:
+            if answer.shadow_layer and not decision.shadow_layer:
+                decision = replace(decision, shadow_layer=answer.shadow_layer, shadow_kind=answer.shadow_kind)
+            if stage.role == LANE:
+                return decision
+            continue
+        if stage.role == LANE:
+            continue
+        await limiter.settle_stages([first.scope], request_id, 0, rollback=True)
+        # The client sees its own limits in the headers, never the platform's capacity.
+        return replace(answer, buckets=decision.buckets)
+    return decision
+
+
+def settlement_calls(limiter: Limiter, org_id: str, env_id: str, key_id: str, region: str
+                     ) -> tuple[list[Scope], list[list[Scope]]]:
+    """(the call that settles the tenant, the calls to make once it did): one call on one Valkey."""
+    scopes = list(request_scopes(org_id, env_id, key_id, region))
+    if not limiter.split_scopes:
+        return scopes, []
+    return scopes[:1], [[scope] for scope in scopes[1:]]
 
 
 async def settle(limiter: Limiter, org_id: str, env_id: str, key_id: str, region: str, request_id: str,
                  actual_tokens: int) -> bool:
-    """Settles the request in every scope it was reserved in; True if the tenant scope settled now."""
-    settled = await limiter.settle_scope(tenant_scope(org_id, env_id, key_id), request_id, actual_tokens)
+    """Settles the request in every scope it was reserved in; True if it settled now (not before)."""
+    first, then = settlement_calls(limiter, org_id, env_id, key_id, region)
+    settled = await limiter.settle_stages(first, request_id, actual_tokens)
     if settled:
-        await limiter.settle_scope(lane_scope(org_id), request_id, actual_tokens)
-        await limiter.settle_scope(platform_scope(region), request_id, actual_tokens)
+        for scopes in then:
+            await limiter.settle_stages(scopes, request_id, actual_tokens)
     return settled

@@ -1,25 +1,30 @@
 """The limiter: reserve at admission, settle after the request, in Redis via two Lua scripts.
 
-Key scheme: a *scope* is the set of layers one script call decides atomically; all its keys share one
-hash tag, so they live in one Redis Cluster slot. The tenant scope (`{o:<org_id>}`: org, env, key) and
-an org's reserved lane (`{o:<org_id>}`, reservation named apart) are per org; the platform scope
-(`{g}`: global, region) is shared by everyone and is a separate call.
+Key scheme: a *scope* is a group of layers with one hash tag, so its keys live in one Redis Cluster
+slot. The tenant scope (`{o:<org_id>}`: org, env, key) and an org's reserved lane (`{o:<org_id>}`,
+reservation named apart) are per org; the platform scope (`{g}`: global, region) is shared by everyone.
+
+On one Valkey (the default) a request's scopes are decided in ONE script call, atomically: the
+admission costs one round trip and one script run whatever the number of layers (bench/limiter.py).
+On Redis Cluster (`split_scopes=True`) each scope is its own call and a later scope's refusal rolls the
+earlier ones back (admission.py); the scripts are the same.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from crosslogic.ratelimit.limits import LAYERS, LayerLimits, TenantLimits
+from crosslogic.ratelimit.limits import LAYERS, LIMIT_KINDS, LayerLimits, TenantLimits
+from crosslogic.settings import Settings
 
 Clock = Callable[[], int]  # milliseconds
-KINDS = ("tokens_per_sec", "tokens_per_min", "requests_per_min", "tokens_per_day", "concurrency")
+KINDS = LIMIT_KINDS
 BUCKET_KINDS = KINDS[:4]
 WINDOW_MS = {"tokens_per_sec": 1_000, "tokens_per_min": 60_000, "requests_per_min": 60_000,
              "tokens_per_day": 86_400_000}
@@ -69,7 +74,7 @@ def request_keys(org_id: str, env_id: str, key_id: str, request_id: str) -> list
 
 
 def charged_key(org_id: str, layer: str, ident: str) -> str:
-    """Total tokens charged to one layer instance (reservations, corrected by settlements)."""
+    """Tokens charged to one layer instance by settlements: once every request settled, the ledger's total."""
     return f"{org_tag(org_id)}:{layer}:{ident}:charged"
 
 
@@ -104,11 +109,21 @@ class Decision:
         return min(views, key=lambda b: (b.level, b.capacity)) if views else None
 
 
-def _slot(scope: Scope, slot: int) -> tuple[str | None, str | None]:
-    if slot <= 0:
-        return None, None
-    layer, kind = divmod(slot - 1, len(KINDS))
-    return scope.layers[layer][0], KINDS[kind]
+NEED, LANE, SHARED, SKIP = "need", "lane", "shared", "skip"  # a stage's role (see reserve.lua)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One scope of an admission with the limits of its layers and its role."""
+
+    scope: Scope
+    limits: tuple[LayerLimits, ...]
+    role: str = NEED
+
+
+def _layer_args(layer: LayerLimits) -> list[int]:
+    return [layer.tokens_per_sec or 0, layer.tokens_per_min or 0, layer.requests_per_min or 0,
+            layer.tokens_per_day or 0, layer.concurrency or 0, layer.shadow_mask()]
 
 
 def _script(name: str) -> str:
@@ -132,52 +147,71 @@ class LuaScript:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
 
+def stage_keys(scopes: Sequence[Scope], request_id: str) -> list[str]:
+    """KEYS of a call over these scopes: the first scope's reservation, then 3 per layer of every scope."""
+    keys = scopes[0].keys(request_id)
+    for scope in scopes[1:]:
+        keys += scope.keys(request_id)[1:]
+    return keys
+
+
 class Limiter:
     def __init__(self, redis: aioredis.Redis, clock: Clock = wall_clock_ms,
-                 reservation_ttl_ms: int = DEFAULT_RESERVATION_TTL_MS) -> None:
+                 reservation_ttl_ms: int = DEFAULT_RESERVATION_TTL_MS, lease_ttl_ms: int | None = None,
+                 split_scopes: bool = False) -> None:
         self.redis = redis
         self.clock = clock
         self.reservation_ttl_ms = reservation_ttl_ms
+        # A concurrency lease outlives any request; a shorter TTL than the reservation's frees the slot
+        # of a request whose settlement was lost sooner (tokens stay reserved until the reservation ends).
+        self.lease_ttl_ms = min(lease_ttl_ms or reservation_ttl_ms, reservation_ttl_ms)
+        self.split_scopes = split_scopes  # Redis Cluster: one call per scope (admission.py)
         self._reserve = LuaScript(_script("reserve.lua"))
         self._settle = LuaScript(_script("settle.lua"))
 
-    def reserve_command(self, scope: Scope, request_id: str, tokens: int,
-                        limits: tuple[LayerLimits, ...]) -> tuple[str, list[str], list]:
-        """(script source, KEYS, ARGV) of one reservation (what reserve_scope sends; bench pipelines it)."""
-        args: list = [self.clock(), request_id, self.reservation_ttl_ms, max(0, tokens)]
-        for layer in limits:
-            args += [layer.tokens_per_sec or 0, layer.tokens_per_min or 0, layer.requests_per_min or 0,
-                     layer.tokens_per_day or 0, layer.concurrency or 0, 1 if layer.shadow else 0]
-        return self._reserve.source, scope.keys(request_id), args
+    def reserve_command(self, stages: Sequence[Stage], request_id: str, tokens: int) -> tuple[str, list[str], list]:
+        """(script source, KEYS, ARGV) of one reservation (what reserve_stages sends; the bench pipelines it)."""
+        args: list = [self.clock(), request_id, self.reservation_ttl_ms, self.lease_ttl_ms, max(0, tokens)]
+        for stage in stages:
+            args += [stage.role, len(stage.limits)]
+            for layer in stage.limits:
+                args += _layer_args(layer)
+        return self._reserve.source, stage_keys([s.scope for s in stages], request_id), args
 
-    async def reserve_scope(self, scope: Scope, request_id: str, tokens: int,
-                            limits: tuple[LayerLimits, ...]) -> Decision:
-        _, keys, args = self.reserve_command(scope, request_id, tokens, limits)
+    async def reserve_stages(self, stages: Sequence[Stage], request_id: str, tokens: int) -> Decision:
+        """One atomic decision over the stages; the buckets reported are the first stage's (the tenant's)."""
+        _, keys, args = self.reserve_command(stages, request_id, tokens)
         out = await self._reserve(self.redis, keys, args)
         status, failed, retry, shadow = (int(v) for v in out[:4])
         if status == 2:
             return Decision(admitted=True, repeated=True)
+        names = [layer for stage in stages for layer, _ in stage.scope.layers]
+        first = stages[0]
         views = []
-        for i, layer in enumerate(limits):
+        for i, layer in enumerate(first.limits):
             for b, kind in enumerate(BUCKET_KINDS):
                 capacity = getattr(layer, kind)
                 if capacity:
-                    views.append(BucketView(scope.layers[i][0], kind, capacity, int(out[4 + i * 4 + b])))
-        layer_name, kind = _slot(scope, failed)
-        shadow_layer, shadow_kind = _slot(scope, shadow)
+                    views.append(BucketView(names[i], kind, capacity, int(out[4 + i * 4 + b])))
+        layer_name, kind = _slot(names, failed)
+        shadow_layer, shadow_kind = _slot(names, shadow)
         return Decision(admitted=status == 1, retry_after_ms=retry, layer=layer_name, kind=kind,
                         shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=tuple(views))
 
-    async def settle_scope(self, scope: Scope, request_id: str, actual_tokens: int, rollback: bool = False) -> bool:
-        """Refund or debit the difference to the reservation; False if already settled, expired or
-        never made in this scope. actual_tokens < 0 charges what was reserved (usage unknown);
-        rollback (a later scope refused the request) also gives its request slots back."""
-        out = await self._settle(self.redis, scope.keys(request_id),
-                                 [self.clock(), request_id, max(-1, actual_tokens), "1" if rollback else "0"])
+    def _settle_args(self, request_id: str, actual_tokens: int, rollback: bool, now: int) -> list:
+        return [now, request_id, max(-1, actual_tokens), "1" if rollback else "0"]
+
+    async def settle_stages(self, scopes: Sequence[Scope], request_id: str, actual_tokens: int,
+                            rollback: bool = False) -> bool:
+        """Refund or debit the difference to the reservation made over these scopes (the same ones, in the
+        same order); False if already settled, expired or never made. actual_tokens < 0 charges what was
+        reserved (usage unknown); rollback (a later scope refused the request) also gives request slots back."""
+        out = await self._settle(self.redis, stage_keys(scopes, request_id),
+                                 self._settle_args(request_id, actual_tokens, rollback, self.clock()))
         return int(out[0]) == 1
 
-    async def settle_scopes(self, settlements: list[tuple[Scope, str, int]]) -> list[bool]:
-        """Many settle_scope calls in one pipelined round trip (the accounting sink settles in batches)."""
+    async def settle_many(self, settlements: Sequence[tuple[Sequence[Scope], str, int]]) -> list[bool]:
+        """Many settle_stages calls in one pipelined round trip (the accounting sink settles in batches)."""
         if not settlements:
             return []
         script = self._settle
@@ -187,9 +221,9 @@ class Limiter:
         for attempt in range(2):
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for scope, request_id, actual in settlements:
-                        keys = scope.keys(request_id)
-                        pipe.evalsha(script.sha, len(keys), *keys, now, request_id, max(-1, actual), "0")
+                    for scopes, request_id, actual in settlements:
+                        keys = stage_keys(scopes, request_id)
+                        pipe.evalsha(script.sha, len(keys), *keys, *self._settle_args(request_id, actual, False, now))
                     results = await pipe.execute()
                 return [int(out[0]) == 1 for out in results]
             except NoScriptError:  # Redis restarted without its script cache; settling twice is a no-op
@@ -200,11 +234,25 @@ class Limiter:
 
     async def reserve(self, org_id: str, env_id: str, key_id: str, request_id: str, tokens: int,
                       limits: TenantLimits) -> Decision:
-        return await self.reserve_scope(tenant_scope(org_id, env_id, key_id), request_id, tokens, limits.layers())
+        """The tenant scope alone (no platform layers); settle with `settle`."""
+        return await self.reserve_stages([Stage(tenant_scope(org_id, env_id, key_id), limits.layers())],
+                                         request_id, tokens)
 
     async def settle(self, org_id: str, env_id: str, key_id: str, request_id: str, actual_tokens: int) -> bool:
-        return await self.settle_scope(tenant_scope(org_id, env_id, key_id), request_id, actual_tokens)
+        return await self.settle_stages([tenant_scope(org_id, env_id, key_id)], request_id, actual_tokens)
 
     async def charged(self, org_id: str, layer: str, ident: str) -> int:
         value = await self.redis.get(charged_key(org_id, layer, ident))
         return int(value or 0)
+
+
+def limiter_from_settings(redis: aioredis.Redis, settings: Settings) -> Limiter:
+    return Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms, lease_ttl_ms=settings.lease_ttl_ms,
+                   split_scopes=settings.limiter_split_scopes)
+
+
+def _slot(names: Sequence[str], slot: int) -> tuple[str | None, str | None]:
+    if slot <= 0:
+        return None, None
+    layer, kind = divmod(slot - 1, len(KINDS))
+    return names[layer], KINDS[kind]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 LAYERS = ("org", "env", "key")  # the org-scoped layers, in the order the scripts see them
+LIMIT_KINDS = ("tokens_per_sec", "tokens_per_min", "requests_per_min", "tokens_per_day", "concurrency")
 
 
 @dataclass(frozen=True)
@@ -14,13 +15,27 @@ class LayerLimits:
     requests_per_min: int | None = None
     tokens_per_day: int | None = None
     concurrency: int | None = None
-    shadow: bool = False  # decide and log, never refuse
+    shadow: bool = False  # every limit of the layer: decide and log, never refuse
+    shadow_kinds: frozenset[str] = frozenset()  # only these limits (LIMIT_KINDS) in shadow mode: one rule
     fail_open: bool = True  # when Redis is unreachable
+
+    def set_kinds(self) -> frozenset[str]:
+        return frozenset(kind for kind in LIMIT_KINDS if getattr(self, kind) is not None)
 
     @property
     def limited(self) -> bool:
-        return any(v is not None for v in (self.tokens_per_sec, self.tokens_per_min, self.requests_per_min,
-                                            self.tokens_per_day, self.concurrency))
+        return bool(self.set_kinds())
+
+    @property
+    def enforced(self) -> bool:
+        """Some limit of this layer may refuse (it is set and not in shadow mode)."""
+        return not self.shadow and bool(self.set_kinds() - self.shadow_kinds)
+
+    def shadow_mask(self) -> int:
+        """The scripts' shadow bitmask: bit k set = LIMIT_KINDS[k] only observes."""
+        if self.shadow:
+            return (1 << len(LIMIT_KINDS)) - 1
+        return sum(1 << i for i, kind in enumerate(LIMIT_KINDS) if kind in self.shadow_kinds)
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,7 @@ class TenantLimits:
 
     def fail_open(self) -> bool:
         """Redis is down: admit only if every layer that limits anything (and is enforced) fails open."""
-        return all(layer.fail_open for layer in self.layers() if layer.limited and not layer.shadow)
+        return all(layer.fail_open for layer in self.layers() if layer.enforced)
 
 
 UNLIMITED = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits())
@@ -61,4 +76,4 @@ class PlatformLimits:
         return any(layer.limited for layer in self.for_region(region))
 
     def fail_open(self, region: str) -> bool:
-        return all(layer.fail_open for layer in self.for_region(region) if layer.limited and not layer.shadow)
+        return all(layer.fail_open for layer in self.for_region(region) if layer.enforced)

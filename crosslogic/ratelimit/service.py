@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from crosslogic.ratelimit.engine import Decision, Limiter
+from crosslogic.ratelimit.engine import Decision, Limiter, limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
@@ -74,7 +74,7 @@ async def serve_ratelimit(settings: Settings, listen: str) -> None:
     redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
     async with open_pool(settings.require_database(), min_size=1, max_size=8) as pool:
         store = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
-        limiter = Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms)
+        limiter = limiter_from_settings(redis, settings)
         feed = asyncio.create_task(follow_limit_changes(settings.database_url, store.clear))
         servicer = RateLimitServicer(limiter, store)
         try:

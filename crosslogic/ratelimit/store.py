@@ -29,7 +29,9 @@ SELECT o.rate_limit_tokens_per_sec AS org_tps, e.rate_limit_tokens_per_sec AS en
        e.concurrency_limit AS env_conc,
        k.rate_limit_tokens_per_min AS key_tpm, k.rate_limit_requests_per_min AS key_rpm,
        k.concurrency_limit AS key_conc, o.reserved_capacity_tokens_per_sec AS reserved_tps,
-       o.rate_limit_shadow AS org_shadow, e.rate_limit_shadow AS env_shadow, k.rate_limit_shadow AS key_shadow
+       o.rate_limit_shadow AS org_shadow, e.rate_limit_shadow AS env_shadow, k.rate_limit_shadow AS key_shadow,
+       o.rate_limit_shadow_limits AS org_shadow_limits, e.rate_limit_shadow_limits AS env_shadow_limits,
+       k.rate_limit_shadow_limits AS key_shadow_limits
 FROM api_keys k
 JOIN environments e ON e.env_id = k.env_id
 JOIN orgs o ON o.org_id = k.org_id
@@ -56,6 +58,7 @@ def tenant_limits(row: asyncpg.Record | dict, policy: dict[str, tuple[bool, bool
                            requests_per_min=row[f"{name}_rpm"],
                            tokens_per_day=tpd, concurrency=row[f"{name}_conc"],
                            shadow=shadow or row[f"{name}_shadow"],
+                           shadow_kinds=frozenset(row[f"{name}_shadow_limits"] or ()),
                            fail_open=fail_open)
 
     return TenantLimits(org=layer("org", row["org_tpd"]), env=layer("env"), key=layer("key"),

@@ -1,46 +1,60 @@
--- Admission: one atomic decision across the layers of one scope (see buckets.py for the maths).
--- KEYS[1]    reservation of this request id
+-- Admission: one atomic decision for one request across its scopes (buckets.py has the maths).
+-- A scope is a group of layers with a role:
+--   need    (tenant: org, env, key)     its refusal refuses the request
+--   lane    (an org's reserved lane)    if it admits, later scopes are not asked; its refusal moves on
+--   shared  (platform: global, region)  its refusal sheds the request
+--   skip    in KEYS only so that settlement sees the same layout; not decided now
+-- Nothing is written unless the request is admitted, so a refused request consumes nothing anywhere.
+-- On one Valkey a call carries every scope; on Redis Cluster one scope per call (one hash tag each).
+--
+-- KEYS[1]    the reservation of this request id
 -- KEYS[2..]  per layer 3 keys: bucket hash (fields s/st tokens-per-second, m/mt tokens-per-minute,
---            r/rt requests-per-minute, d/dt tokens-per-day: level and last update), concurrency
---            lease set, tokens-charged counter
--- ARGV       now_ms, request_id, ttl_ms, tokens, then per layer 6 values:
---            tps, tpm, rpm, tpd, concurrency (0 = no limit), shadow (1 = decide and report, never refuse)
+--            r/rt requests-per-minute, d/dt tokens-per-day: level and last update; x: when the hash
+--            expires), concurrency lease set, settled-tokens counter (only settle.lua writes it)
+-- ARGV       now_ms, request_id, reservation_ttl_ms, lease_ttl_ms, tokens, then per scope: role, layer
+--            count, then per layer 6 values: tps, tpm, rpm, tpd, concurrency (0 = no limit), shadow
+--            (bitmask: bit k-1 set = limit kind k only observes: decide and report, never refuse)
 -- Returns    {status, failed_slot, retry_after_ms, shadow_slot, level_1 .. level_4L}
---            status 1 admitted, 0 refused, 2 already reserved (a repeated call admits, charges nothing)
+--            status 1 admitted, 0 refused, 2 already reserved or settled (admits, charges nothing)
 --            slot = layer*5 + kind (kind 1 tps, 2 tpm, 3 rpm, 4 tpd, 5 concurrency), 0 = none
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local ttl = tonumber(ARGV[3])
-local tokens = tonumber(ARGV[4])
-local layers = (#KEYS - 1) / 3
-local windows = {1000, 60000, 60000, 86400000}
-local fields = {'s', 'm', 'r', 'd'}
-local times = {'st', 'mt', 'rt', 'dt'}
+local lease_ttl = tonumber(ARGV[4])
+local tokens = tonumber(ARGV[5])
+local WINDOWS = {1000, 60000, 60000, 86400000}
+local FIELDS = {'s', 'm', 'r', 'd'}
+local TIMES = {'st', 'mt', 'rt', 'dt'}
+-- A bucket's TTL is pushed out in steps of this much, so most calls need no PEXPIRE (stored in 'x').
+local EXPIRY_STEP_MS = 60000
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {2, 0, 0, 0}
 end
 
-local levels, costs, caps = {}, {}, {}
-local failed, retry, shadow_hit = 0, 0, 0
-for l = 0, layers - 1 do
-  local base = 4 + l * 6
-  local shadow = ARGV[base + 6] == '1'
-  local st = nil
+local levels, costs, caps, stored = {}, {}, {}, {}
+local shadow_hit = 0
+
+-- Decides layer l (0-based) whose 6 values start at ARGV[a]: {failed slot or 0, retry-after ms}.
+local function decide(l, a)
+  local failed, retry = 0, 0
+  local shadow = tonumber(ARGV[a + 5])
   for b = 1, 4 do
-    local cap = tonumber(ARGV[base + b])
+    local cap = tonumber(ARGV[a + b - 1])
     local i = l * 4 + b
     caps[i] = cap
     levels[i] = 0
     if cap > 0 then
+      local st = stored[l]
       if st == nil then
-        st = redis.call('HMGET', KEYS[2 + l * 3], 's', 'st', 'm', 'mt', 'r', 'rt', 'd', 'dt')
+        st = redis.call('HMGET', KEYS[2 + l * 3], 's', 'st', 'm', 'mt', 'r', 'rt', 'd', 'dt', 'x')
+        stored[l] = st
       end
       local level = cap
       if st[2 * b - 1] then
         local elapsed = now - tonumber(st[2 * b])
         if elapsed < 0 then elapsed = 0 end
-        level = tonumber(st[2 * b - 1]) + elapsed * cap / windows[b]
+        level = tonumber(st[2 * b - 1]) + elapsed * cap / WINDOWS[b]
         if level > cap then level = cap end
       end
       local cost = tokens
@@ -49,22 +63,26 @@ for l = 0, layers - 1 do
       levels[i] = level
       costs[i] = cost
       if level < cost then
-        if shadow then
+        if bit.band(shadow, 2 ^ (b - 1)) ~= 0 then
           if shadow_hit == 0 then shadow_hit = l * 5 + b end
         else
-          local wait = math.ceil((cost - level) * windows[b] / cap)
+          local wait = math.ceil((cost - level) * WINDOWS[b] / cap)
           if wait > retry then retry = wait end
           if failed == 0 then failed = l * 5 + b end
         end
       end
     end
   end
-  local limit = tonumber(ARGV[base + 5])
+  local limit = tonumber(ARGV[a + 4])
   if limit > 0 then
     local lease = KEYS[3 + l * 3]
-    redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
-    if redis.call('ZCARD', lease) >= limit then
-      if shadow then
+    local held = redis.call('ZCARD', lease)
+    if held >= limit then  -- only now drop leases whose safety-net TTL passed (settlements were lost)
+      redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
+      held = redis.call('ZCARD', lease)
+    end
+    if held >= limit then
+      if bit.band(shadow, 16) ~= 0 then
         if shadow_hit == 0 then shadow_hit = l * 5 + 5 end
       else
         if retry < 1000 then retry = 1000 end
@@ -72,45 +90,83 @@ for l = 0, layers - 1 do
       end
     end
   end
+  return failed, retry
+end
+
+local chosen = {}  -- scopes to charge: {first layer, layer count, ARGV index of its first value}
+local failed, retry = 0, 0
+local a, l, asked = 6, 0, true
+while a <= #ARGV do
+  local role, count = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  if role ~= 'skip' and asked then
+    local scope_failed, scope_retry = 0, 0
+    for j = 0, count - 1 do
+      local f, r = decide(l + j, a + j * 6)
+      if scope_failed == 0 then scope_failed = f end
+      if r > scope_retry then scope_retry = r end
+    end
+    if scope_failed == 0 then
+      table.insert(chosen, {l, count, a})
+      if role == 'lane' then asked = false end
+    elseif role ~= 'lane' then
+      failed, retry = scope_failed, scope_retry
+      break
+    end
+  end
+  l = l + count
+  a = a + count * 6
 end
 
 local out = {0, failed, retry, shadow_hit}
 if failed == 0 then
   out[1] = 1
-  local held, leases = {}, {}
-  for l = 0, layers - 1 do
-    local update, expire = {}, 0
-    for b = 1, 4 do
-      local i = l * 4 + b
-      if caps[i] > 0 then
-        local level = levels[i] - costs[i]
-        levels[i] = level
-        table.insert(update, fields[b])
-        table.insert(update, string.format('%.17g', level))
-        table.insert(update, times[b])
-        table.insert(update, now)
-        local full = math.ceil((caps[i] - level) * windows[b] / caps[i])
-        if full > expire then expire = full end
-        table.insert(held, i .. ':' .. caps[i] .. ':' .. costs[i])
+  local held, leases, charged = {}, {}, {}
+  for _, scope in ipairs(chosen) do
+    for j = 0, scope[2] - 1 do
+      local ll, la = scope[1] + j, scope[3] + j * 6
+      local update, full = {}, 0
+      for b = 1, 4 do
+        local i = ll * 4 + b
+        if caps[i] > 0 then
+          local level = levels[i] - costs[i]
+          levels[i] = level
+          update[#update + 1] = FIELDS[b]
+          update[#update + 1] = string.format('%.17g', level)
+          update[#update + 1] = TIMES[b]
+          update[#update + 1] = now
+          local until_full = math.ceil((caps[i] - level) * WINDOWS[b] / caps[i])
+          if until_full > full then full = until_full end
+          held[#held + 1] = i .. ':' .. caps[i] .. ':' .. costs[i]
+        end
       end
+      if #update > 0 then
+        local key = KEYS[2 + ll * 3]
+        local expires = stored[ll][9]
+        local needed = now + full + 1000  -- the bucket may vanish only once it is full again
+        if not expires or tonumber(expires) < needed then
+          update[#update + 1] = 'x'
+          update[#update + 1] = needed + EXPIRY_STEP_MS
+          redis.call('HSET', key, unpack(update))
+          redis.call('PEXPIRE', key, needed + EXPIRY_STEP_MS - now)
+        else
+          redis.call('HSET', key, unpack(update))
+        end
+      end
+      if tonumber(ARGV[la + 4]) > 0 then
+        local lease = KEYS[3 + ll * 3]
+        redis.call('ZADD', lease, now + lease_ttl, rid)
+        redis.call('PEXPIRE', lease, lease_ttl)
+        leases[#leases + 1] = ll
+      end
+      charged[#charged + 1] = ll
     end
-    if #update > 0 then
-      redis.call('HSET', KEYS[2 + l * 3], unpack(update))
-      redis.call('PEXPIRE', KEYS[2 + l * 3], expire + 1000)
-    end
-    if tonumber(ARGV[4 + l * 6 + 5]) > 0 then
-      local lease = KEYS[3 + l * 3]
-      redis.call('ZADD', lease, now + ttl, rid)
-      redis.call('PEXPIRE', lease, ttl)
-      table.insert(leases, l)
-    end
-    redis.call('INCRBY', KEYS[4 + l * 3], tokens)
   end
-  -- "tokens|bucket:capacity:cost,...|lease layers": all settlement needs, in one string.
-  redis.call('SET', KEYS[1], tokens .. '|' .. table.concat(held, ',') .. '|' .. table.concat(leases, ','),
-             'PX', ttl)
+  -- "tokens|bucket:capacity:cost,...|lease layers|charged layers": all settlement needs, in one string.
+  redis.call('SET', KEYS[1], tokens .. '|' .. table.concat(held, ',') .. '|' .. table.concat(leases, ',')
+             .. '|' .. table.concat(charged, ','), 'PX', ttl)
 end
-for i = 1, layers * 4 do
-  out[4 + i] = math.floor(levels[i])
+for i = 1, (#KEYS - 1) / 3 * 4 do
+  out[4 + i] = math.floor(levels[i] or 0)
 end
 return out

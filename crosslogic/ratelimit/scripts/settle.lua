@@ -1,9 +1,9 @@
 -- Settlement of one request id, exactly once: the first call replaces the reservation with a tombstone;
 -- a later call (a replayed access-log entry) or one after the reservation expired changes nothing.
 -- The tombstone also answers a reservation that arrives AFTER its settlement (Envoy gave up waiting for
--- the rate-limit service, answered and logged the request, and the service reserved late): reserve.lua
--- sees the key and charges nothing, so no tokens or concurrency lease are held until the TTL.
--- KEYS  the same layout as reserve.lua
+-- the limiter, answered and logged the request, and the reservation was made late): reserve.lua sees
+-- the key and charges nothing, so no tokens or concurrency lease are held until the TTL.
+-- KEYS  the same layout as the reserve.lua call that made the reservation
 -- ARGV  now_ms, request_id, actual_tokens (-1: charge what was reserved),
 --       rollback ('1': the request was refused by a later scope; its request slots come back too)
 -- Returns {settled (1/0), reserved_tokens}
@@ -11,10 +11,10 @@ local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local actual = tonumber(ARGV[3])
 local rollback = ARGV[4] == '1'
-local layers = (#KEYS - 1) / 3
-local windows = {1000, 60000, 60000, 86400000}
-local fields = {'s', 'm', 'r', 'd'}
-local times = {'st', 'mt', 'rt', 'dt'}
+local WINDOWS = {1000, 60000, 60000, 86400000}
+local FIELDS = {'s', 'm', 'r', 'd'}
+local TIMES = {'st', 'mt', 'rt', 'dt'}
+local EXPIRY_STEP_MS = 60000  -- as in reserve.lua
 
 local TOMBSTONE, TOMBSTONE_TTL_MS = 'settled', 600000
 local held = redis.call('GET', KEYS[1])
@@ -24,8 +24,24 @@ if not held or held == TOMBSTONE then
   end
   return {0, 0}
 end
+local reserved_s, buckets, leases, charged = string.match(held, '^(%d+)|([^|]*)|([^|]*)|(.*)$')
+if not reserved_s then  -- made before settled-tokens counters moved to settlement (3 fields)
+  reserved_s, buckets, leases = string.match(held, '^(%d+)|([^|]*)|(.*)$')
+  charged = ''
+end
+-- Scripts are not rolled back on error: check the layout before the first write.
+local layers = (#KEYS - 1) / 3
+for l_s in string.gmatch(leases .. ',' .. charged, '%d+') do
+  if tonumber(l_s) >= layers then
+    return redis.error_reply('settle: the keys do not match the reservation of ' .. rid)
+  end
+end
+for i_s in string.gmatch(buckets, '(%d+):%d+:%d+') do
+  if math.floor((tonumber(i_s) - 1) / 4) >= layers then
+    return redis.error_reply('settle: the keys do not match the reservation of ' .. rid)
+  end
+end
 redis.call('SET', KEYS[1], TOMBSTONE, 'PX', TOMBSTONE_TTL_MS)
-local reserved_s, buckets, leases = string.match(held, '^(%d+)|([^|]*)|(.*)$')
 local reserved = tonumber(reserved_s)
 if actual < 0 then
   actual = reserved  -- no usage known: charge what was reserved
@@ -43,8 +59,8 @@ for i_s, cap_s, cost_s in string.gmatch(buckets, '(%d+):(%d+):(%d+)') do
 end
 for l, items in pairs(by_layer) do
   local key = KEYS[2 + l * 3]
-  local st = redis.call('HMGET', key, 's', 'st', 'm', 'mt', 'r', 'rt', 'd', 'dt')
-  local update, expire = {}, 0
+  local st = redis.call('HMGET', key, 's', 'st', 'm', 'mt', 'r', 'rt', 'd', 'dt', 'x')
+  local update, full = {}, 0
   for _, item in ipairs(items) do
     local b, cap, cost = item[1], item[2], item[3]
     local delta = cost - actual
@@ -53,30 +69,34 @@ for l, items in pairs(by_layer) do
     if st[2 * b - 1] then
       local elapsed = now - tonumber(st[2 * b])
       if elapsed < 0 then elapsed = 0 end
-      level = tonumber(st[2 * b - 1]) + elapsed * cap / windows[b]
+      level = tonumber(st[2 * b - 1]) + elapsed * cap / WINDOWS[b]
       if level > cap then level = cap end
     end
     level = level + delta
     if level > cap then level = cap end
-    table.insert(update, fields[b])
-    table.insert(update, string.format('%.17g', level))
-    table.insert(update, times[b])
-    table.insert(update, now)
-    local full = math.ceil((cap - level) * windows[b] / cap)
-    if full > expire then expire = full end
+    update[#update + 1] = FIELDS[b]
+    update[#update + 1] = string.format('%.17g', level)
+    update[#update + 1] = TIMES[b]
+    update[#update + 1] = now
+    local until_full = math.ceil((cap - level) * WINDOWS[b] / cap)
+    if until_full > full then full = until_full end
   end
-  redis.call('HSET', key, unpack(update))
-  local current = redis.call('PTTL', key)
-  if current < expire + 1000 then
-    redis.call('PEXPIRE', key, expire + 1000)
+  local needed = now + full + 1000
+  if not st[9] or tonumber(st[9]) < needed then  -- a debit can push "full again" further out
+    update[#update + 1] = 'x'
+    update[#update + 1] = needed + EXPIRY_STEP_MS
+    redis.call('HSET', key, unpack(update))
+    redis.call('PEXPIRE', key, needed + EXPIRY_STEP_MS - now)
+  else
+    redis.call('HSET', key, unpack(update))
   end
 end
 for l_s in string.gmatch(leases, '%d+') do
   redis.call('ZREM', KEYS[3 + tonumber(l_s) * 3], rid)
 end
-if actual ~= reserved then
-  for l = 0, layers - 1 do
-    redis.call('INCRBY', KEYS[4 + l * 3], actual - reserved)
+if actual > 0 then  -- the layers' settled-tokens counters: after settlement they equal the ledger
+  for l_s in string.gmatch(charged, '%d+') do
+    redis.call('INCRBY', KEYS[4 + tonumber(l_s) * 3], actual)
   end
 end
 return {1, reserved}
