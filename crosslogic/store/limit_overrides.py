@@ -22,6 +22,8 @@ INT4_MAX = 2**31 - 1
 INT8_MAX = 2**63 - 1
 RATE_KINDS = ("tokens_per_sec", "tokens_per_min", "requests_per_min", "tokens_per_day", "concurrency")
 POLICY_LAYERS = ("global", "region", "org", "env", "key")  # rate_limit_layers' rows
+SQL_ORG_PLAN = "SELECT billing_plan FROM orgs WHERE org_id = $1"
+SQL_LAYER_POLICY = "SELECT layer, fail_open, shadow FROM rate_limit_layers"
 Value = int | bool | None
 
 
@@ -216,9 +218,9 @@ async def read_overrides(db: Db, org_id: str, env_id: str | None = None, key_id:
         if ident is not None:
             row = await db.fetchrow(TARGETS[layer].select_sql(), uuid.UUID(str(ident)))
             rows[layer] = dict(row) if row else {}
-    plan = await db.fetchval("SELECT billing_plan FROM orgs WHERE org_id = $1", uuid.UUID(str(org_id)))
+    plan = await db.fetchval(SQL_ORG_PLAN, uuid.UUID(str(org_id)))
     plan_row = await db.fetchrow(TARGETS["plan"].select_sql(), plan)
     rows["plan"] = dict(plan_row) if plan_row else {}
-    policy_rows = await db.fetch("SELECT layer, fail_open, shadow FROM rate_limit_layers")
+    policy_rows = await db.fetch(SQL_LAYER_POLICY)
     return Overrides(plan, rows, {r["layer"]: {"fail_open": r["fail_open"], "shadow": r["shadow"]}
                                   for r in policy_rows})
