@@ -125,6 +125,7 @@ NODE_COLS = [_col("name"), _col("region"), _col("status"),
 class Ctx:
     actor: str
     secret: bytes | None
+    redis_url: str = ""  # for commands that read live limiter state
 
 
 Action = Callable[[Any, argparse.Namespace, Ctx], Awaitable[Output]]
@@ -150,7 +151,7 @@ def _handler(action: Action, *, needs_secret: bool = False) -> Callable[[argpars
             return _fail("no key secret: set CROSSLOGIC_KEY_SECRET or use the stack's --state-dir", 2)
         actor = args.actor or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
         try:
-            out = asyncio.run(_run(settings.database_url, action, args, Ctx(actor, secret)))
+            out = asyncio.run(_run(settings.database_url, action, args, Ctx(actor, secret, settings.redis_url)))
         except t.InvalidArgument as e:
             return _fail(str(e), 2)
         except t.TenancyError as e:

@@ -130,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         admin_cli = None
     if admin_cli is not None:
         admin_cli.register(sub)
-    from crosslogic import billing_cli
+    from crosslogic import billing_cli, limits_cli
 
     billing_cli.register(sub)
+    limits_cli.register(sub)
     return parser
 
 

@@ -42,6 +42,9 @@ class Settings:
     guardrail_interval_s: float = field(default_factory=lambda: float(_env("GUARDRAIL_INTERVAL", "5")))
     # Prometheus /metrics of the accounting service; 0 = off.
     accounting_metrics_port: int = field(default_factory=lambda: int(_env("ACCOUNTING_METRICS_PORT", "0")))
+    # Prometheus /metrics (admission decisions, limiter latency) of ext_authz and of `serve ratelimit`; 0 = off.
+    authz_metrics_port: int = field(default_factory=lambda: int(_env("AUTHZ_METRICS_PORT", "0")))
+    ratelimit_metrics_port: int = field(default_factory=lambda: int(_env("RATELIMIT_METRICS_PORT", "0")))
     # Rate limiter: limits cached per key this long (a NOTIFY drops them sooner); reservations that are
     # never settled (lost access-log entries) expire after this long, releasing their leases.
     limits_cache_ttl_s: float = field(default_factory=lambda: float(_env("LIMITS_CACHE_TTL", "10")))

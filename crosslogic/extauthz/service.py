@@ -21,6 +21,7 @@ from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.runtime.grpc_server import grpc_server
+from crosslogic.runtime.metrics_server import metrics_server
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -95,9 +96,10 @@ async def serve_authz(settings: Settings, listen: str) -> None:
         quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, limits_changed))
         servicer = AuthorizationServicer(authorizer)
         try:
-            async with grpc_server(listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-                    servicer, s), "ext_authz") as server:
-                await server.wait_for_termination()
+            with metrics_server(settings.authz_metrics_port, "ext_authz"):  # admission metrics (ratelimit/metrics.py)
+                async with grpc_server(listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+                        servicer, s), "ext_authz") as server:
+                    await server.wait_for_termination()
         finally:
             feed.cancel()
             quota_feed.cancel()

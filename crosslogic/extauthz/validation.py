@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from crosslogic import errors
+from crosslogic.extauthz import estimate
 
 
 class Endpoint(Enum):
@@ -39,21 +40,11 @@ class RequestFacts:
     stream: bool
     client_wants_usage: bool  # stream_options.include_usage as the client sent it
     max_tokens: int  # what the request may generate at most (a model default when absent)
-    prompt_estimate: int  # rough prompt tokens, for reservations; the node's count is what we bill
+    prompt_estimate: int  # prompt tokens for reservations (estimate.py); the node's count is what we bill
 
 
 def endpoint_for(path: str) -> Endpoint | None:
     return ENDPOINTS_BY_PATH.get(path.split("?", 1)[0].rstrip("/"))
-
-
-def _text_chars(value: object) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_chars(v) if not isinstance(v, int) else 4 for v in value)
-    if isinstance(value, dict):
-        return sum(_text_chars(v) for v in value.values())
-    return 0
 
 
 def _require_present(body: dict, field: str, endpoint: Endpoint) -> object:
@@ -104,11 +95,10 @@ def validate_request(
         messages = _require_present(body, "messages", endpoint)
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise errors.invalid_request("'messages' must be a list of objects with a 'role'.", "messages")
-        prompt = messages
-    elif endpoint is Endpoint.COMPLETIONS:
-        prompt = _require_present(body, "prompt", endpoint)
+        prompt_estimate = estimate.chat_prompt_tokens(messages, body)
     else:
-        prompt = _require_present(body, "input", endpoint)
+        field = "prompt" if endpoint is Endpoint.COMPLETIONS else "input"
+        prompt_estimate = estimate.text_prompt_tokens(_require_present(body, field, endpoint))
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -120,7 +110,6 @@ def validate_request(
         raise errors.invalid_request("'stream_options' must be an object.", "stream_options")
     wants_usage = bool(options and options.get("include_usage") is True)
     max_tokens = 0 if endpoint is Endpoint.EMBEDDINGS else _max_tokens(body, spec)
-    prompt_estimate = _text_chars(prompt) // 4 + 1
     if prompt_estimate + max_tokens > spec.context_length * 4:
         raise errors.invalid_request("The prompt is longer than this model's context window.", "messages")
     return RequestFacts(endpoint=endpoint, model=model, stream=stream, client_wants_usage=wants_usage,

@@ -23,4 +23,7 @@ Pieces, one job each:
                  called by ext_authz in its Check (admission "authz", default) and by `service.py`.
 - `service.py`   Envoy's envoy.service.ratelimit.v3 <-> the gate (admission "rls"); `protocol.py` OpenAI
                  headers and bodies.
+- `metrics.py`   admission counters and the limiter latency histogram (recorded by the gate).
+- `explain.py`, `live.py`  `crosslogic limits show` (the store's limits and their sources) and `limits usage`
+                 (live bucket levels, leases, charged tokens); read-only.
 """

@@ -1,5 +1,5 @@
 """The admission decision, free of any protocol: limits from the LimitStore, `admission.admit`, the
-Redis-down policy (fail-open / fail-closed per layer) and shadow logging.
+Redis-down policy (fail-open / fail-closed per layer), shadow logging and the admission metrics.
 
 Used by ext_authz (the default: the reservation is made inside the one Check call, DESIGN.md §4) and by
 the Envoy rate-limit service (`service.py`, for deployments that want Envoy's standard protocol).
@@ -8,10 +8,12 @@ the Envoy rate-limit service (`service.py`, for deployments that want Envoy's st
 from __future__ import annotations
 
 import logging
+import time
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from crosslogic.ratelimit import metrics
 from crosslogic.ratelimit.admission import admit
 from crosslogic.ratelimit.engine import Decision, Limiter
 from crosslogic.ratelimit.store import LimitStore
@@ -37,15 +39,22 @@ class AdmissionGate:
             limits, platform = self.store.cached(key), self.store.cached_platform()
             if limits is None or platform is None:
                 log.warning("limits unavailable for key %s (%s)", key, exc)
+                metrics.record_degraded(False, "limits_unavailable")
                 raise LimiterUnavailable from exc
+        started = time.perf_counter()
         try:
             decision = await admit(self.limiter, org, env, key, region, request_id, reserve, limits, platform)
         except (OSError, aioredis.RedisError) as exc:
+            # Failed calls are timed too: a hanging Redis shows up as the socket timeout in the histogram.
+            metrics.limiter_seconds.observe(time.perf_counter() - started)
             if limits.fail_open() and platform.fail_open(region):
                 log.warning("redis unavailable (%s): admitting (fail-open)", exc)
+                metrics.record_degraded(True, "redis_unavailable")
                 return Decision(admitted=True, degraded=True)
             log.warning("redis unavailable (%s): refusing (fail-closed)", exc)
+            metrics.record_degraded(False, "redis_unavailable")
             raise LimiterUnavailable from exc
+        metrics.record(decision, time.perf_counter() - started)
         if decision.shadow_layer:
             log.info("shadow limit would refuse: org=%s env=%s key=%s layer=%s limit=%s", org, env, key,
                      decision.shadow_layer, decision.shadow_kind)

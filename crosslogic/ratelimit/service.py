@@ -21,6 +21,7 @@ from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.runtime.grpc_server import grpc_server
+from crosslogic.runtime.metrics_server import metrics_server
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -78,9 +79,10 @@ async def serve_ratelimit(settings: Settings, listen: str) -> None:
         feed = asyncio.create_task(follow_limit_changes(settings.database_url, store.clear))
         servicer = RateLimitServicer(limiter, store)
         try:
-            async with grpc_server(listen, lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, s),
-                                   "rate-limit service") as server:
-                await server.wait_for_termination()
+            with metrics_server(settings.ratelimit_metrics_port, "rate-limit service"):
+                async with grpc_server(listen, lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+                        servicer, s), "rate-limit service") as server:
+                    await server.wait_for_termination()
         finally:
             feed.cancel()
             await redis.aclose()

@@ -103,10 +103,13 @@ def start_stack(stack: Stack) -> Stack:
                       CROSSLOGIC_KEY_SECRET=secret, CROSSLOGIC_PKI_DIR=str(pki_dir),
                       CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"))
     ports = {name: free_port() for name in ("xds", "authz", "ratelimit", "accounting", "api", "admin", "nodeagent",
-                                            "accounting_metrics")}
-    if settings.accounting_metrics_port:
-        ports["accounting_metrics"] = settings.accounting_metrics_port
-    env["CROSSLOGIC_ACCOUNTING_METRICS_PORT"] = str(ports["accounting_metrics"])  # billing metrics (§39)
+                                            "accounting_metrics", "authz_metrics", "ratelimit_metrics")}
+    # Prometheus /metrics: billing (§39) in accounting, admission in ext_authz (or `serve ratelimit` with "rls").
+    for name, configured in (("accounting_metrics", settings.accounting_metrics_port),
+                             ("authz_metrics", settings.authz_metrics_port),
+                             ("ratelimit_metrics", settings.ratelimit_metrics_port)):
+        ports[name] = configured or ports[name]
+        env[f"CROSSLOGIC_{name.upper()}_PORT"] = str(ports[name])
     # The accounting service rotates Envoy's usage log and asks Envoy to reopen it.
     env["CROSSLOGIC_ENVOY_ADMIN_URL"] = f"http://127.0.0.1:{ports['admin']}"
     # Rate-limit admission: inside ext_authz (default), or Envoy's ratelimit filter + `serve ratelimit`.
