@@ -4,7 +4,8 @@
     crosslogic limits set TARGET [--tokens-per-sec N] [--tokens-per-min N] [--requests-per-min N]
                                  [--tokens-per-day N] [--concurrency N] [--reserved-tokens-per-sec N]
                                  [--quota-tokens-per-day N] [--quota-tokens-per-hour N] [--max-request-bytes N]
-                                 [--max-tokens-per-request N] [--shadow | --no-shadow] [--fail-open | --fail-closed]
+                                 [--max-tokens-per-request N] [--shadow | --no-shadow] [--shadow-limits KIND,...]
+                                 [--fail-open | --fail-closed]
     crosslogic limits clear TARGET (SETTING... | --all)
     crosslogic limits usage --key KEY
 
@@ -34,8 +35,9 @@ from crosslogic.store import tenancy as t
 
 # Every numeric setting any target has (one --flag each; the target decides which it accepts).
 NUMBER_SETTINGS = tuple(dict.fromkeys(name for target in lo.TARGETS.values()
-                                      for name, column in target.settings.items() if not column.flag))
-FLAG_SETTINGS = ("shadow", "fail_open")
+                                      for name, column in target.settings.items()
+                                      if not (column.flag or column.kinds)))
+FLAG_SETTINGS = ("shadow", "shadow_limits", "fail_open")
 TARGET_FLAGS = ("key", "env", "org", "global_", "region", "plan", "layer")
 
 
@@ -112,7 +114,8 @@ async def _subject(db: Any, a: argparse.Namespace, c: Ctx, *, key_only: bool = F
 LIMIT_COLS = [("LAYER", lambda r: r["layer"]), ("ID", lambda r: r["id"]), ("KIND", lambda r: r["kind"]),
               ("LIMIT", lambda r: r["value"]), ("SOURCE", lambda r: r["source"])]
 POLICY_COLS = [("LAYER", lambda v: v.layer), ("SHADOW", lambda v: v.shadow),
-               ("SHADOW_SOURCE", lambda v: v.shadow_source), ("FAIL_OPEN", lambda v: v.fail_open)]
+               ("SHADOW_SOURCE", lambda v: v.shadow_source),
+               ("SHADOW_LIMITS", lambda v: ",".join(v.shadow_limits) or "-"), ("FAIL_OPEN", lambda v: v.fail_open)]
 QUOTA_COLS = [("LEVEL", lambda q: q[0]), ("SETTING", lambda q: q[1].kind), ("VALUE", lambda q: q[1].value),
               ("SOURCE", lambda q: q[1].source)]
 
@@ -189,6 +192,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for setting in NUMBER_SETTINGS:
         p.add_argument(f"--{setting.replace('_', '-')}", dest=setting, type=int, metavar="N")
     p.add_argument("--shadow", action=argparse.BooleanOptionalAction, help="decide and log, never refuse")
+    p.add_argument("--shadow-limits", dest="shadow_limits", metavar="KIND[,KIND]",
+                   type=lambda v: [k for k in v.split(",") if k],
+                   help="only these limits in shadow mode (one rule), e.g. tokens_per_day; '' for none")
     policy = p.add_mutually_exclusive_group()
     policy.add_argument("--fail-open", dest="fail_open", action="store_const", const=True,
                         help="admit while Redis is unreachable (--layer only)")

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from crosslogic import limits_cli
 from crosslogic.ratelimit import live
 from crosslogic.ratelimit.engine import KINDS, Limiter, tenant_scope
-from crosslogic.ratelimit.limits import LayerLimits
+from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.store import limit_overrides, tenancy
 from crosslogic.store.db import open_pool
@@ -302,22 +302,23 @@ async def test_live_reader_matches_the_levels_the_engine_reports(valkey_url):
     limits = (LayerLimits(tokens_per_min=10_000, tokens_per_day=1_000_000, requests_per_min=60),
               LayerLimits(tokens_per_sec=500, concurrency=4), LayerLimits(tokens_per_min=3_000))
     scope = tenant_scope(org, env, key)
+    tenant = TenantLimits(*limits)
     try:
-        first = await limiter.reserve_scope(scope, "r1", 1_234, limits)
+        first = await limiter.reserve(org, env, key, "r1", 1_234, tenant)
         usage = await live.scope_usage(redis, scope, limits, now[0])
         by_kind = {(u.layer, b.kind): b.level for u in usage for b in u.buckets}
         assert by_kind == {(b.layer, b.kind): b.level for b in first.buckets}
-        assert [(u.layer, u.leases, u.charged) for u in usage] == [("org", None, 1_234), ("env", 1, 1_234),
-                                                                   ("key", None, 1_234)]
+        # Charged = settled tokens: nothing before settlement.
+        assert [(u.layer, u.leases, u.charged) for u in usage] == [("org", None, 0), ("env", 1, 0), ("key", None, 0)]
         now[0] += 7_777  # refilled since: the reader refills as the next decision will
         seen = {(u.layer, b.kind): b.level for u in await live.scope_usage(redis, scope, limits, now[0])
                 for b in u.buckets}
-        second = await limiter.reserve_scope(scope, "r2", 100, limits)
+        second = await limiter.reserve(org, env, key, "r2", 100, tenant)
         for b in second.buckets:
             assert b.level == seen[(b.layer, b.kind)] - (1 if b.kind == "requests_per_min" else min(100, b.capacity))
-        assert await limiter.settle_scope(scope, "r1", 1_000)
+        assert await limiter.settle(org, env, key, "r1", 1_000)
         after = await live.scope_usage(redis, scope, limits, now[0])
-        assert [(u.leases, u.charged) for u in after][1] == (1, 1_100)  # r2 still holds its lease
+        assert [(u.leases, u.charged) for u in after][1] == (1, 1_000)  # r2 still holds its lease
     finally:
         await redis.aclose()
 
@@ -331,8 +332,11 @@ def test_usage_shows_live_buckets_leases_charged_and_quotas(cli, acme, valkey_ur
         try:
             async with open_pool(database_url) as pool:
                 tenant = await LimitStore(pool).for_key(acme["key"])
-            scope = tenant_scope(acme["org"], acme["env"], acme["key"])
-            assert (await Limiter(redis).reserve_scope(scope, uuid.uuid4().hex, 400, tenant.layers())).admitted
+            limiter, ids = Limiter(redis), (acme["org"], acme["env"], acme["key"])
+            settled, held = uuid.uuid4().hex, uuid.uuid4().hex
+            assert (await limiter.reserve(*ids, settled, 400, tenant)).admitted
+            assert await limiter.settle(*ids, settled, 400)
+            assert (await limiter.reserve(*ids, held, 400, tenant)).admitted
         finally:
             await redis.aclose()
 
@@ -404,3 +408,14 @@ async def test_an_edit_reaches_the_running_gateway_and_usage_agrees_with_the_led
         return not await limited()
 
     await wait_for(flows_again, "the cleared limit to stop refusing")
+
+
+def test_one_rule_in_shadow_mode_is_set_shown_and_cleared(cli, acme, database_url):
+    ok(cli("limits", "set", "--key", acme["prefix"], "--tokens-per-min", "500", "--requests-per-min", "5",
+           "--shadow-limits", "tokens_per_min"))
+    key = next(v for v in ok(cli("limits", "show", "--key", acme["prefix"], "--json")).json()["layers"]
+               if v["layer"] == "key")
+    assert (key["shadow"], key["shadow_limits"]) == (False, ["tokens_per_min"])
+    refused(cli("limits", "set", "--key", acme["prefix"], "--shadow-limits", "tokens_per_week"), 2, "limit kinds")
+    ok(cli("limits", "clear", "--key", acme["prefix"], "shadow_limits"))
+    assert sql(database_url, "SELECT rate_limit_shadow_limits FROM api_keys")[0]["rate_limit_shadow_limits"] == []

@@ -70,6 +70,7 @@ class LayerView:
     shadow: bool
     shadow_source: str
     fail_open: bool
+    shadow_limits: tuple[str, ...] = ()  # single rules in shadow mode (the layer's other limits refuse)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def _tenant_view(layer: str, ident: str, limits: LayerLimits, ov: Overrides) -> 
     values = tuple(Limit(k, getattr(limits, k), attribute(getattr(limits, k), candidates(k)))
                    for k in _kinds(layer, limits))
     shadow_source = ", ".join(shadow_sources) or ("unattributed" if limits.shadow else "-")
-    return LayerView(layer, ident, values, limits.shadow, shadow_source, limits.fail_open)
+    return LayerView(layer, ident, values, limits.shadow, shadow_source, limits.fail_open,
+                     tuple(k for k in RATE_KINDS if k in limits.shadow_kinds))
 
 
 def _platform_view(layer: str, ident: str, limits: LayerLimits, ov: Overrides) -> LayerView:

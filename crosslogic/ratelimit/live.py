@@ -40,7 +40,7 @@ class LayerUsage:
     buckets: tuple[BucketLevel, ...]
     leases: int | None  # requests in flight; None where no concurrency limit applies (then none are tracked)
     concurrency: int | None
-    charged: int  # tokens charged to this layer instance: reservations, corrected by settlement
+    charged: int  # tokens settled to this layer instance: once every request settled, the ledger's total
 
 
 @dataclass(frozen=True)

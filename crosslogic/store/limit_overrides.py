@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from crosslogic.ratelimit.limits import LIMIT_KINDS
 from crosslogic.store import tenancy
 from crosslogic.store.tenancy import Db, InvalidArgument, NotFound
 
@@ -34,8 +35,13 @@ class Column:
     minimum: int = 1  # 0 where zero means something (a quota of 0 tokens, no reserved capacity)
     cleared: Value = None  # what `clear` writes: NULL, or the default of a NOT NULL column
     flag: bool = False  # a boolean, not a number
+    kinds: bool = False  # a list of limit kinds (text[]), not a number
 
     def check(self, setting: str, value: Value) -> None:
+        if self.kinds:
+            if not isinstance(value, list) or not set(value) <= set(LIMIT_KINDS):
+                raise InvalidArgument(f"{setting} lists limit kinds ({', '.join(LIMIT_KINDS)}), not {value!r}")
+            return
         if self.flag:
             if not isinstance(value, bool):
                 raise InvalidArgument(f"{setting} is on or off, not {value!r}")
@@ -71,6 +77,8 @@ class Target:
         return f"UPDATE {self.table} SET {assignments} WHERE {self.key_column} = $1"
 
 
+# One rule in shadow mode (migration 005): e.g. a new tokens_per_day limit observes, the others refuse.
+_SHADOW_LIMITS = {"shadow_limits": Column("rate_limit_shadow_limits", kinds=True, cleared=[])}
 _TENANT_RATES = {"tokens_per_sec": Column("rate_limit_tokens_per_sec"),
                  "tokens_per_min": Column("rate_limit_tokens_per_min"),
                  "requests_per_min": Column("rate_limit_requests_per_min"),
@@ -81,15 +89,16 @@ TARGETS: dict[str, Target] = {t.layer: t for t in (
         "reserved_tokens_per_sec": Column("reserved_capacity_tokens_per_sec", minimum=0, cleared=0),
         "quota_tokens_per_day": Column("quota_tokens_per_day", bigint=True, minimum=0),
         "quota_tokens_per_hour": Column("quota_tokens_per_hour", bigint=True, minimum=0),
-        "shadow": _flag("rate_limit_shadow", False)}),
+        "shadow": _flag("rate_limit_shadow", False), **_SHADOW_LIMITS}),
     Target("env", "environments", "env_id", "environment", {
         **_TENANT_RATES,
         "quota_tokens_per_day": Column("quota_tokens_per_day", minimum=0),
         "quota_tokens_per_hour": Column("quota_tokens_per_hour", bigint=True, minimum=0),
         "max_request_bytes": Column("max_request_bytes"),
         "max_tokens_per_request": Column("max_tokens_per_request"),
-        "shadow": _flag("rate_limit_shadow", False)}),
-    Target("key", "api_keys", "key_id", "api_key", {**_TENANT_RATES, "shadow": _flag("rate_limit_shadow", False)}),
+        "shadow": _flag("rate_limit_shadow", False), **_SHADOW_LIMITS}),
+    Target("key", "api_keys", "key_id", "api_key", {**_TENANT_RATES, "shadow": _flag("rate_limit_shadow", False),
+                                                    **_SHADOW_LIMITS}),
     Target("global", "global_limits", "singleton", "global_limits", {
         "tokens_per_sec": Column("tokens_per_sec", bigint=True),
         "tokens_per_min": Column("tokens_per_min", bigint=True),
