@@ -109,7 +109,7 @@ def _resp(*parts) -> bytes:
 
 
 def _raw_worker(url: str, seconds: float, four_layers: bool, out) -> None:
-    """Valkey's own capacity: pre-encoded EVALSHA commands written 256 per round trip on a raw socket
+    """Valkey's own capacity: pre-encoded EVALSHA commands written 256 per round trip on raw sockets
     (hiredis parses the replies), so the Python client adds almost nothing. Reservations live 1 ms, so
     the 4,096 prepared request ids can be cycled and every call is a full, fresh decision."""
     import socket
@@ -128,13 +128,17 @@ def _raw_worker(url: str, seconds: float, four_layers: bool, out) -> None:
         _, keys, args = limiter.reserve_command(_stages(org, env, key, four_layers), uuid.uuid4().hex, 300)
         commands.append(_resp("EVALSHA", sha, len(keys), *keys, *args))
     batches = [b"".join(commands[i:i + 256]) for i in range(0, len(commands), 256)]
-    sock = socket.create_connection((host, int(port)))
-    reader = hiredis.Reader()
-    done, n = 0, 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    # Two connections, one batch always queued in Valkey while the other's replies are read: Valkey never
+    # waits for this client, so the number is Valkey's (its single thread) and not the ping-pong's.
+    links = [(socket.create_connection((host, int(port))), hiredis.Reader()) for _ in range(2)]
+    n = 0
+
+    def send(sock: socket.socket) -> None:
+        nonlocal n
         sock.sendall(batches[n % len(batches)])
         n += 1
+
+    def receive(sock: socket.socket, reader) -> None:
         expected = 256
         while expected:
             reader.feed(sock.recv(1 << 20))
@@ -142,8 +146,19 @@ def _raw_worker(url: str, seconds: float, four_layers: bool, out) -> None:
                 if isinstance(reply, hiredis.ReplyError):
                     raise RuntimeError(reply)
                 expected -= 1
-        done += 256
-    sock.close()
+
+    for sock, _ in links:
+        send(sock)
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for sock, reader in links:
+            receive(sock, reader)
+            done += 256
+            send(sock)
+    for sock, reader in links:
+        receive(sock, reader)
+        sock.close()
     out.put(done)
 
 

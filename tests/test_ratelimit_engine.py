@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from crosslogic.ratelimit.engine import Limiter, tenant_scope
+from crosslogic.ratelimit.engine import SETTLED, Limiter, tenant_scope
 from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
 
 
@@ -211,7 +211,7 @@ async def test_scripts_are_reloaded_after_redis_forgets_them(redis):
     await redis.script_flush()  # what a Redis restart does to the script cache
     assert (await limiter.reserve(org, env, key, after, 1, limits)).admitted
     await redis.script_flush()
-    assert await limiter.settle_many([([tenant_scope(org, env, key)], r, 1) for r in (before, after)]) == [True] * 2
+    assert await limiter.settle_many([([tenant_scope(org, env, key)], r, 1) for r in (before, after)]) == [SETTLED] * 2
     assert await limiter.charged(org, "key", key) == 2
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from crosslogic.ratelimit.batching import ScriptBatcher
 from crosslogic.ratelimit.limits import LAYERS, LIMIT_KINDS, LayerLimits, TenantLimits
+from crosslogic.ratelimit.lua import LuaScript, script_source
 from crosslogic.settings import Settings
 
 Clock = Callable[[], int]  # milliseconds
@@ -110,6 +111,10 @@ class Decision:
 
 
 NEED, LANE, SHARED, SKIP = "need", "lane", "shared", "skip"  # a stage's role (see reserve.lua)
+# What settle.lua found: the reservation (settled now), nothing at all (first sight of the request id:
+# admitted without a reservation, e.g. fail-open while Redis was down, or the reservation expired), or
+# the tombstone of an earlier settlement (a replayed log entry).
+ALREADY_SETTLED, SETTLED, UNRESERVED = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -124,27 +129,6 @@ class Stage:
 def _layer_args(layer: LayerLimits) -> list[int]:
     return [layer.tokens_per_sec or 0, layer.tokens_per_min or 0, layer.requests_per_min or 0,
             layer.tokens_per_day or 0, layer.concurrency or 0, layer.shadow_mask()]
-
-
-def _script(name: str) -> str:
-    return (resources.files("crosslogic.ratelimit") / "scripts" / name).read_text()
-
-
-class LuaScript:
-    """EVALSHA, loading the script again when Redis answers NOSCRIPT (e.g. after a restart)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha: str | None = None
-
-    async def __call__(self, redis: aioredis.Redis, keys: list[str], args: list) -> list:
-        if self.sha is None:
-            self.sha = await redis.script_load(self.source)
-        try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            self.sha = await redis.script_load(self.source)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
 
 def stage_keys(scopes: Sequence[Scope], request_id: str) -> list[str]:
@@ -166,8 +150,9 @@ class Limiter:
         # of a request whose settlement was lost sooner (tokens stay reserved until the reservation ends).
         self.lease_ttl_ms = min(lease_ttl_ms or reservation_ttl_ms, reservation_ttl_ms)
         self.split_scopes = split_scopes  # Redis Cluster: one call per scope (admission.py)
-        self._reserve = LuaScript(_script("reserve.lua"))
-        self._settle = LuaScript(_script("settle.lua"))
+        self._reserve = LuaScript(script_source("reserve.lua"))
+        self._settle = LuaScript(script_source("settle.lua"))
+        self._reserve_batched = ScriptBatcher(redis, self._reserve)  # concurrent admissions share round trips
 
     def reserve_command(self, stages: Sequence[Stage], request_id: str, tokens: int) -> tuple[str, list[str], list]:
         """(script source, KEYS, ARGV) of one reservation (what reserve_stages sends; the bench pipelines it)."""
@@ -181,7 +166,7 @@ class Limiter:
     async def reserve_stages(self, stages: Sequence[Stage], request_id: str, tokens: int) -> Decision:
         """One atomic decision over the stages; the buckets reported are the first stage's (the tenant's)."""
         _, keys, args = self.reserve_command(stages, request_id, tokens)
-        out = await self._reserve(self.redis, keys, args)
+        out = await self._reserve_batched(keys, args)
         status, failed, retry, shadow = (int(v) for v in out[:4])
         if status == 2:
             return Decision(admitted=True, repeated=True)
@@ -208,28 +193,27 @@ class Limiter:
         reserved (usage unknown); rollback (a later scope refused the request) also gives request slots back."""
         out = await self._settle(self.redis, stage_keys(scopes, request_id),
                                  self._settle_args(request_id, actual_tokens, rollback, self.clock()))
-        return int(out[0]) == 1
+        return int(out[0]) == SETTLED
 
-    async def settle_many(self, settlements: Sequence[tuple[Sequence[Scope], str, int]]) -> list[bool]:
-        """Many settle_stages calls in one pipelined round trip (the accounting sink settles in batches)."""
+    async def settle_many(self, settlements: Sequence[tuple[Sequence[Scope], str, int]]) -> list[int]:
+        """Many settle_stages calls in one pipelined round trip (the accounting sink settles in batches):
+        per call SETTLED, UNRESERVED (first seen, nothing was reserved) or ALREADY_SETTLED."""
         if not settlements:
             return []
         script = self._settle
-        if script.sha is None:
-            script.sha = await self.redis.script_load(script.source)
         now = self.clock()
         for attempt in range(2):
+            sha = await script.load(self.redis, again=attempt > 0)
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for scopes, request_id, actual in settlements:
                         keys = stage_keys(scopes, request_id)
-                        pipe.evalsha(script.sha, len(keys), *keys, *self._settle_args(request_id, actual, False, now))
+                        pipe.evalsha(sha, len(keys), *keys, *self._settle_args(request_id, actual, False, now))
                     results = await pipe.execute()
-                return [int(out[0]) == 1 for out in results]
+                return [int(out[0]) for out in results]
             except NoScriptError:  # Redis restarted without its script cache; settling twice is a no-op
                 if attempt:
                     raise
-                script.sha = await self.redis.script_load(script.source)
         raise AssertionError("unreachable")
 
     async def reserve(self, org_id: str, env_id: str, key_id: str, request_id: str, tokens: int,

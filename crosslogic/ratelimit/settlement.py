@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from crosslogic.accounting.usage import UsageRecord
 from crosslogic.ratelimit.admission import settlement_calls
-from crosslogic.ratelimit.engine import Limiter, limiter_from_settings
+from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, Limiter, limiter_from_settings
 from crosslogic.ratelimit.quota import count_usage_many
 from crosslogic.settings import Settings
 
@@ -58,16 +58,20 @@ class Settler:
         """Settles every record in each scope it was reserved in; True where it settled now.
 
         Idempotent per request id (the settle script), so a batch may be retried whole after a fault.
+        Quota counters take every request the first time it is seen, reserved or not: a request admitted
+        fail-open while Redis was down still counts against its quotas.
         """
         amounts = [settled_tokens(r) for r in records]
         calls = [settlement_calls(self.limiter, r.org_id, r.env_id, r.key_id, r.region) for r in records]
         first = await self.limiter.settle_many(
             [(scopes, r.request_id, a) for r, a, (scopes, _) in zip(records, amounts, calls, strict=True)])
-        fresh = [(r, a, then) for r, a, (_, then), ok in zip(records, amounts, calls, first, strict=True) if ok]
-        await self.limiter.settle_many([(scopes, r.request_id, a) for r, a, then in fresh for scopes in then])
-        await count_usage_many(self.limiter.redis, [(r.org_id, r.env_id, r.total_tokens, r.occurred_at)
-                                                    for r, _, _ in fresh])
-        return first
+        settled = [(r, a, then) for r, a, (_, then), status in zip(records, amounts, calls, first, strict=True)
+                   if status == SETTLED]
+        await self.limiter.settle_many([(scopes, r.request_id, a) for r, a, then in settled for scopes in then])
+        await count_usage_many(self.limiter.redis, [
+            (r.org_id, r.env_id, r.total_tokens, r.occurred_at)
+            for r, status in zip(records, first, strict=True) if status != ALREADY_SETTLED])
+        return [status == SETTLED for status in first]
 
     async def settle(self, record: UsageRecord) -> bool:
         return (await self.settle_batch([record]))[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -10,11 +11,37 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+LISTEN_PORTS_FLOOR = 20_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port to listen on, chosen BELOW the kernel's ephemeral range: a port from bind(0) lies inside it,
+    and between this call and the child's bind any outgoing connection may take it as its local port
+    (seen: Envoy's admin port "already in use" while tests opened thousands of client connections)."""
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(LISTEN_PORTS_FLOOR, low) if low - LISTEN_PORTS_FLOOR > 1_000 else 0
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise OSError("no free port to listen on")
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:

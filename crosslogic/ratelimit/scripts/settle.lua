@@ -6,7 +6,8 @@
 -- KEYS  the same layout as the reserve.lua call that made the reservation
 -- ARGV  now_ms, request_id, actual_tokens (-1: charge what was reserved),
 --       rollback ('1': the request was refused by a later scope; its request slots come back too)
--- Returns {settled (1/0), reserved_tokens}
+-- Returns {status, reserved_tokens}: status 1 settled now, 2 first sight of this request id but nothing
+--         was reserved (admitted fail-open, or the reservation expired), 0 settled before (a replay)
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local actual = tonumber(ARGV[3])
@@ -18,10 +19,11 @@ local EXPIRY_STEP_MS = 60000  -- as in reserve.lua
 
 local TOMBSTONE, TOMBSTONE_TTL_MS = 'settled', 600000
 local held = redis.call('GET', KEYS[1])
-if not held or held == TOMBSTONE then
-  if not held then
-    redis.call('SET', KEYS[1], TOMBSTONE, 'PX', TOMBSTONE_TTL_MS)
-  end
+if not held then
+  redis.call('SET', KEYS[1], TOMBSTONE, 'PX', TOMBSTONE_TTL_MS)
+  return {2, 0}
+end
+if held == TOMBSTONE then
   return {0, 0}
 end
 local reserved_s, buckets, leases, charged = string.match(held, '^(%d+)|([^|]*)|([^|]*)|(.*)$')

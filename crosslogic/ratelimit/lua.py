@@ -1,0 +1,30 @@
+"""A Lua script called by SHA: loaded once, loaded again when Redis answers NOSCRIPT (e.g. after a restart)."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+
+def script_source(name: str) -> str:
+    return (resources.files("crosslogic.ratelimit") / "scripts" / name).read_text()
+
+
+class LuaScript:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha: str | None = None
+
+    async def load(self, redis: aioredis.Redis, again: bool = False) -> str:
+        if self.sha is None or again:
+            self.sha = await redis.script_load(self.source)
+        return self.sha
+
+    async def __call__(self, redis: aioredis.Redis, keys: list[str], args: list) -> list:
+        sha = await self.load(redis)
+        try:
+            return await redis.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await redis.evalsha(await self.load(redis, again=True), len(keys), *keys, *args)

@@ -1,0 +1,98 @@
+"""Settlement and admission batching on a real Valkey: exactly once, quotas for every request, exactness
+when concurrent admissions share a pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import redis.asyncio as aioredis
+
+from crosslogic.accounting.usage import UsageRecord
+from crosslogic.ratelimit import admission
+from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, UNRESERVED, Limiter, tenant_scope
+from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
+from crosslogic.ratelimit.quota import quota_keys
+from crosslogic.ratelimit.settlement import Settler
+
+
+@pytest.fixture
+async def redis(valkey_url):
+    client = aioredis.from_url(valkey_url)
+    yield client
+    await client.aclose()
+
+
+def _record(org: str, env: str, key: str, request_id: str, tokens: int) -> UsageRecord:
+    return UsageRecord(request_id=request_id, occurred_at=datetime.now(UTC), org_id=org, env_id=env, key_id=key,
+                       region="ap-south", model="llama-3-8b", endpoint="chat.completions", streamed=False,
+                       status_code=200, prompt_tokens=tokens - 1, completion_tokens=1, usage_source="reported",
+                       latency_ms=5, node=None)
+
+
+async def test_settle_tells_a_settlement_from_a_request_never_reserved_and_from_a_replay(redis):
+    limiter = Limiter(redis)
+    org, env, key = (str(uuid.uuid4()) for _ in range(3))
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
+    reserved, unreserved = uuid.uuid4().hex, uuid.uuid4().hex
+    assert (await limiter.reserve(org, env, key, reserved, 100, limits)).admitted
+    scopes = [tenant_scope(org, env, key)]
+    calls = [(scopes, reserved, 40), (scopes, unreserved, 40)]
+    assert await limiter.settle_many(calls) == [SETTLED, UNRESERVED]
+    assert await limiter.settle_many(calls) == [ALREADY_SETTLED, ALREADY_SETTLED]
+
+
+async def test_requests_admitted_without_a_reservation_count_against_quotas_once(redis):
+    # e.g. admitted fail-open while Redis was down: nothing reserved, yet the tokens were spent.
+    limiter = Limiter(redis)
+    settler = Settler(limiter)
+    org, env, key = (str(uuid.uuid4()) for _ in range(3))
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
+    reserved = uuid.uuid4().hex
+    assert (await admission.admit(limiter, org, env, key, "ap-south", reserved, 100, limits,
+                                  PlatformLimits())).admitted
+    records = [_record(org, env, key, reserved, 70), _record(org, env, key, uuid.uuid4().hex, 30)]
+    assert await settler.settle_batch(records) == [True, False]
+    assert await settler.settle_batch(records) == [False, False]  # the durable log replays both
+    counters = [int(v or 0) for v in await redis.mget(quota_keys(org, env, records[0].occurred_at))]
+    assert counters == [100, 100, 100, 100]  # org/env x day/hour: each request counted once
+    assert await limiter.charged(org, "key", key) == 70  # the limiter only settles what it reserved
+
+
+async def test_concurrent_admissions_batched_into_one_pipeline_stay_exact(redis):
+    limiter = Limiter(redis)
+    org, env, key = (str(uuid.uuid4()) for _ in range(3))
+    limits = TenantLimits(LayerLimits(), LayerLimits(requests_per_min=37), LayerLimits(concurrency=50))
+    round_trips: list[str] = []
+    pipeline, evalsha = redis.pipeline, redis.evalsha
+
+    def counting_pipeline(*args, **kwargs):
+        round_trips.append("pipeline")
+        return pipeline(*args, **kwargs)
+
+    async def counting_evalsha(*args, **kwargs):
+        round_trips.append("evalsha")
+        return await evalsha(*args, **kwargs)
+
+    redis.pipeline, redis.evalsha = counting_pipeline, counting_evalsha
+    decisions = await asyncio.gather(*(limiter.reserve(org, env, key, uuid.uuid4().hex, 10, limits)
+                                       for _ in range(100)))
+    assert sum(d.admitted for d in decisions) == 37  # the request limit, exactly
+    refused = [d for d in decisions if not d.admitted]
+    assert {(d.layer, d.kind) for d in refused} == {("env", "requests_per_min")}
+    assert len(round_trips) < 10, round_trips  # 100 concurrent calls, a few pipelines: not 100 round trips
+
+
+async def test_a_batch_survives_redis_forgetting_the_script_and_a_cancelled_caller(redis):
+    limiter = Limiter(redis)
+    org, env, key = (str(uuid.uuid4()) for _ in range(3))
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
+    assert (await limiter.reserve(org, env, key, uuid.uuid4().hex, 1, limits)).admitted
+    await redis.script_flush()  # what a Redis restart does to the script cache
+    calls = [asyncio.ensure_future(limiter.reserve(org, env, key, uuid.uuid4().hex, 1, limits)) for _ in range(20)]
+    calls[3].cancel()  # Envoy gave up on one Check: the others still get their answers
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(done[3], asyncio.CancelledError)
+    assert all(d.admitted for i, d in enumerate(done) if i != 3)
