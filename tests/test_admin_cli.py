@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +16,9 @@ from crosslogic.admin_cli import register
 from crosslogic.keys import hash_api_key
 from crosslogic.store import tenancy
 from crosslogic.store.demo import seed_demo
+from tests.cli_helpers import Run
 
 KEY_RE = re.compile(r"clsk_live_[0-9a-f]{32}")
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
 
 
 def _parser(state_dir: Path) -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import sys
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -23,18 +22,9 @@ from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.store import limit_overrides, tenancy
 from crosslogic.store.db import open_pool
+from tests.cli_helpers import Run
 from tests.gateway_helpers import client
 from tests.ratelimit_helpers import ledger_for_key, limited_tenant, wait_for
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
 
 
 @pytest.fixture

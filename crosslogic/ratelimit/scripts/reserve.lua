@@ -8,9 +8,8 @@
 -- On one Valkey a call carries every scope; on Redis Cluster one scope per call (one hash tag each).
 --
 -- KEYS[1]    the reservation of this request id
--- KEYS[2..]  per layer 3 keys: bucket hash (fields s/st tokens-per-second, m/mt tokens-per-minute,
---            r/rt requests-per-minute, d/dt tokens-per-day: level and last update; x: when the hash
---            expires), concurrency lease set, settled-tokens counter (only settle.lua writes it)
+-- KEYS[2..]  per layer 3 keys: bucket hash (buckets.lua), concurrency lease set, settled-tokens counter
+--            (only settle.lua writes it)
 -- ARGV       now_ms, request_id, reservation_ttl_ms, lease_ttl_ms, tokens, then per scope: role, layer
 --            count, then per layer 6 values: tps, tpm, rpm, tpd, concurrency (0 = no limit), shadow
 --            (bitmask: bit k-1 set = limit kind k only observes: decide and report, never refuse)
@@ -22,11 +21,6 @@ local rid = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local lease_ttl = tonumber(ARGV[4])
 local tokens = tonumber(ARGV[5])
-local WINDOWS = {1000, 60000, 60000, 86400000}
-local FIELDS = {'s', 'm', 'r', 'd'}
-local TIMES = {'st', 'mt', 'rt', 'dt'}
--- A bucket's TTL is pushed out in steps of this much, so most calls need no PEXPIRE (stored in 'x').
-local EXPIRY_STEP_MS = 60000
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {2, 0, 0, 0}
@@ -47,16 +41,10 @@ local function decide(l, a)
     if cap > 0 then
       local st = stored[l]
       if st == nil then
-        st = redis.call('HMGET', KEYS[2 + l * 3], 's', 'st', 'm', 'mt', 'r', 'rt', 'd', 'dt', 'x')
+        st = redis.call('HMGET', KEYS[2 + l * 3], unpack(BUCKET_FIELDS))
         stored[l] = st
       end
-      local level = cap
-      if st[2 * b - 1] then
-        local elapsed = now - tonumber(st[2 * b])
-        if elapsed < 0 then elapsed = 0 end
-        level = tonumber(st[2 * b - 1]) + elapsed * cap / WINDOWS[b]
-        if level > cap then level = cap end
-      end
+      local level = refilled(st, b, cap, now)
       local cost = tokens
       if b == 3 then cost = 1 end
       if cost > cap then cost = cap end
@@ -131,27 +119,13 @@ if failed == 0 then
         if caps[i] > 0 then
           local level = levels[i] - costs[i]
           levels[i] = level
-          update[#update + 1] = FIELDS[b]
-          update[#update + 1] = string.format('%.17g', level)
-          update[#update + 1] = TIMES[b]
-          update[#update + 1] = now
-          local until_full = math.ceil((caps[i] - level) * WINDOWS[b] / caps[i])
-          if until_full > full then full = until_full end
+          add_level(update, b, level, now)
+          full = math.max(full, until_full(b, caps[i], level))
           held[#held + 1] = i .. ':' .. caps[i] .. ':' .. costs[i]
         end
       end
       if #update > 0 then
-        local key = KEYS[2 + ll * 3]
-        local expires = stored[ll][9]
-        local needed = now + full + 1000  -- the bucket may vanish only once it is full again
-        if not expires or tonumber(expires) < needed then
-          update[#update + 1] = 'x'
-          update[#update + 1] = needed + EXPIRY_STEP_MS
-          redis.call('HSET', key, unpack(update))
-          redis.call('PEXPIRE', key, needed + EXPIRY_STEP_MS - now)
-        else
-          redis.call('HSET', key, unpack(update))
-        end
+        write_buckets(KEYS[2 + ll * 3], update, full, stored[ll][9], now)
       end
       if tonumber(ARGV[la + 4]) > 0 then
         local lease = KEYS[3 + ll * 3]

@@ -12,10 +12,6 @@ local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local actual = tonumber(ARGV[3])
 local rollback = ARGV[4] == '1'
-local WINDOWS = {1000, 60000, 60000, 86400000}
-local FIELDS = {'s', 'm', 'r', 'd'}
-local TIMES = {'st', 'mt', 'rt', 'dt'}
-local EXPIRY_STEP_MS = 60000  -- as in reserve.lua
 
 local TOMBSTONE, TOMBSTONE_TTL_MS = 'settled', 600000
 local held = redis.call('GET', KEYS[1])
@@ -61,37 +57,18 @@ for i_s, cap_s, cost_s in string.gmatch(buckets, '(%d+):(%d+):(%d+)') do
 end
 for l, items in pairs(by_layer) do
   local key = KEYS[2 + l * 3]
-  local st = redis.call('HMGET', key, 's', 'st', 'm', 'mt', 'r', 'rt', 'd', 'dt', 'x')
+  local st = redis.call('HMGET', key, unpack(BUCKET_FIELDS))
   local update, full = {}, 0
   for _, item in ipairs(items) do
     local b, cap, cost = item[1], item[2], item[3]
     local delta = cost - actual
     if b == 3 then delta = 1 end
-    local level = cap
-    if st[2 * b - 1] then
-      local elapsed = now - tonumber(st[2 * b])
-      if elapsed < 0 then elapsed = 0 end
-      level = tonumber(st[2 * b - 1]) + elapsed * cap / WINDOWS[b]
-      if level > cap then level = cap end
-    end
-    level = level + delta
+    local level = refilled(st, b, cap, now) + delta
     if level > cap then level = cap end
-    update[#update + 1] = FIELDS[b]
-    update[#update + 1] = string.format('%.17g', level)
-    update[#update + 1] = TIMES[b]
-    update[#update + 1] = now
-    local until_full = math.ceil((cap - level) * WINDOWS[b] / cap)
-    if until_full > full then full = until_full end
+    add_level(update, b, level, now)
+    full = math.max(full, until_full(b, cap, level))
   end
-  local needed = now + full + 1000
-  if not st[9] or tonumber(st[9]) < needed then  -- a debit can push "full again" further out
-    update[#update + 1] = 'x'
-    update[#update + 1] = needed + EXPIRY_STEP_MS
-    redis.call('HSET', key, unpack(update))
-    redis.call('PEXPIRE', key, needed + EXPIRY_STEP_MS - now)
-  else
-    redis.call('HSET', key, unpack(update))
-  end
+  write_buckets(key, update, full, st[9], now)  -- a debit can push "full again" further out
 end
 for l_s in string.gmatch(leases, '%d+') do
   redis.call('ZREM', KEYS[3 + tonumber(l_s) * 3], rid)
