@@ -25,12 +25,12 @@ local function until_full(b, cap, level)
   return math.ceil((cap - level) * WINDOWS[b] / cap)
 end
 
--- Appends bucket kind b's new level (at now) to an HSET argument list.
-local function add_level(update, b, level, now)
+-- Appends bucket kind b's new level to an HSET argument list; now_s: the time as the caller's string.
+local function add_level(update, b, level, now_s)
   update[#update + 1] = FIELDS[b]
   update[#update + 1] = string.format('%.17g', level)
   update[#update + 1] = TIMES[b]
-  update[#update + 1] = now
+  update[#update + 1] = now_s
 end
 
 -- Writes the levels; extends the hash's TTL (in steps) if a bucket is full again only after `full` ms.

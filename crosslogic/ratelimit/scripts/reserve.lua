@@ -13,11 +13,11 @@
 -- ARGV       now_ms, request_id, reservation_ttl_ms, lease_ttl_ms, tokens, then per scope: role, layer
 --            count, then per layer 6 values: tps, tpm, rpm, tpd, concurrency (0 = no limit), shadow
 --            (bitmask: bit k-1 set = limit kind k only observes: decide and report, never refuse)
--- Returns    {status, failed_slot, retry_after_ms, shadow_slot, level_1 .. level_4L}
+-- Returns    {status, failed_slot, retry_after_ms, shadow_slot, level_1 .. level_4L of the first scope}
 --            status 1 admitted, 0 refused, 2 already reserved or settled (admits, charges nothing)
 --            slot = layer*5 + kind (kind 1 tps, 2 tpm, 3 rpm, 4 tpd, 5 concurrency), 0 = none
-local now = tonumber(ARGV[1])
-local rid = ARGV[2]
+local now_s, rid = ARGV[1], ARGV[2]  -- now_s: written as given, no number formatting
+local now = tonumber(now_s)
 local ttl = tonumber(ARGV[3])
 local lease_ttl = tonumber(ARGV[4])
 local tokens = tonumber(ARGV[5])
@@ -26,32 +26,37 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return {2, 0, 0, 0}
 end
 
-local levels, costs, caps, stored = {}, {}, {}, {}
+-- Per bucket i = layer*4 + kind: level, cost (numbers), and their strings for the reservation record.
+-- String compares against '0' skip unset limits without converting them (most values are 0).
+local levels, costs, caps, cost_s, cap_s, stored = {}, {}, {}, {}, {}, {}
 local shadow_hit = 0
 
 -- Decides layer l (0-based) whose 6 values start at ARGV[a]: {failed slot or 0, retry-after ms}.
 local function decide(l, a)
   local failed, retry = 0, 0
-  local shadow = tonumber(ARGV[a + 5])
+  local shadow = 0
+  if ARGV[a + 5] ~= '0' then shadow = tonumber(ARGV[a + 5]) end
   for b = 1, 4 do
-    local cap = tonumber(ARGV[a + b - 1])
     local i = l * 4 + b
-    caps[i] = cap
+    caps[i] = 0
     levels[i] = 0
-    if cap > 0 then
+    local raw = ARGV[a + b - 1]
+    if raw ~= '0' then
+      local cap = tonumber(raw)
+      caps[i], cap_s[i] = cap, raw
       local st = stored[l]
       if st == nil then
         st = redis.call('HMGET', KEYS[2 + l * 3], unpack(BUCKET_FIELDS))
         stored[l] = st
       end
       local level = refilled(st, b, cap, now)
-      local cost = tokens
-      if b == 3 then cost = 1 end
-      if cost > cap then cost = cap end
+      local cost, cost_str = tokens, ARGV[5]
+      if b == 3 then cost, cost_str = 1, '1' end
+      if cost > cap then cost, cost_str = cap, raw end
       levels[i] = level
-      costs[i] = cost
+      costs[i], cost_s[i] = cost, cost_str
       if level < cost then
-        if bit.band(shadow, 2 ^ (b - 1)) ~= 0 then
+        if shadow ~= 0 and bit.band(shadow, 2 ^ (b - 1)) ~= 0 then
           if shadow_hit == 0 then shadow_hit = l * 5 + b end
         else
           local wait = math.ceil((cost - level) * WINDOWS[b] / cap)
@@ -61,8 +66,8 @@ local function decide(l, a)
       end
     end
   end
-  local limit = tonumber(ARGV[a + 4])
-  if limit > 0 then
+  if ARGV[a + 4] ~= '0' then
+    local limit = tonumber(ARGV[a + 4])
     local lease = KEYS[3 + l * 3]
     local held = redis.call('ZCARD', lease)
     if held >= limit then  -- only now drop leases whose safety-net TTL passed (settlements were lost)
@@ -81,6 +86,7 @@ local function decide(l, a)
   return failed, retry
 end
 
+local first_layers = tonumber(ARGV[7])
 local chosen = {}  -- scopes to charge: {first layer, layer count, ARGV index of its first value}
 local failed, retry = 0, 0
 local a, l, asked = 6, 0, true
@@ -119,15 +125,15 @@ if failed == 0 then
         if caps[i] > 0 then
           local level = levels[i] - costs[i]
           levels[i] = level
-          add_level(update, b, level, now)
+          add_level(update, b, level, now_s)
           full = math.max(full, until_full(b, caps[i], level))
-          held[#held + 1] = i .. ':' .. caps[i] .. ':' .. costs[i]
+          held[#held + 1] = i .. ':' .. cap_s[i] .. ':' .. cost_s[i]
         end
       end
       if #update > 0 then
         write_buckets(KEYS[2 + ll * 3], update, full, stored[ll][9], now)
       end
-      if tonumber(ARGV[la + 4]) > 0 then
+      if ARGV[la + 4] ~= '0' then
         local lease = KEYS[3 + ll * 3]
         redis.call('ZADD', lease, now + lease_ttl, rid)
         redis.call('PEXPIRE', lease, lease_ttl)
@@ -137,10 +143,10 @@ if failed == 0 then
     end
   end
   -- "tokens|bucket:capacity:cost,...|lease layers|charged layers": all settlement needs, in one string.
-  redis.call('SET', KEYS[1], tokens .. '|' .. table.concat(held, ',') .. '|' .. table.concat(leases, ',')
+  redis.call('SET', KEYS[1], ARGV[5] .. '|' .. table.concat(held, ',') .. '|' .. table.concat(leases, ',')
              .. '|' .. table.concat(charged, ','), 'PX', ttl)
 end
-for i = 1, (#KEYS - 1) / 3 * 4 do
-  out[4 + i] = math.floor(levels[i] or 0)
+for i = 1, first_layers * 4 do  -- the first scope's levels: what the client's headers show
+  out[4 + i] = math.floor(levels[i])
 end
 return out

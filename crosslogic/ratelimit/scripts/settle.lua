@@ -65,7 +65,7 @@ for l, items in pairs(by_layer) do
     if b == 3 then delta = 1 end
     local level = refilled(st, b, cap, now) + delta
     if level > cap then level = cap end
-    add_level(update, b, level, now)
+    add_level(update, b, level, ARGV[1])
     full = math.max(full, until_full(b, cap, level))
   end
   write_buckets(key, update, full, st[9], now)  -- a debit can push "full again" further out
