@@ -19,6 +19,7 @@ import openai
 from crosslogic import pki
 from crosslogic.runtime.processes import free_port
 from crosslogic.store import tenancy as t
+from tests.gateway_helpers import client as gateway_client
 
 WAIT_S = 30.0  # generous deadlines: the machine is shared; tests poll, never sleep a fixed time
 
@@ -89,8 +90,7 @@ class Fleet:
             _, key = await t.create_key(conn, secret, org.org_id, env.env_id, "k")
         finally:
             await conn.close()
-        client = openai.AsyncOpenAI(base_url=self.gateway["gateway_url"], api_key=key, max_retries=0, timeout=60)
-        return org.org_id, client
+        return org.org_id, gateway_client(self.gateway, key)
 
     def start_node(self, short: str, region: str, *, sim_args: tuple[str, ...] = (), agent_args: tuple[str, ...] = (),
                    scope: str = "pool:aws", cloud: str = "aws", supervised: bool = False) -> SimNode:
