@@ -129,6 +129,7 @@ async def run_ttft_bench(count: int) -> dict[str, dict[str, float]]:
                 fast = await _requests_total(urls["fast"]) - before
                 results[name] = {"p50": statistics.median(ttfts), "p99": _percentile(ttfts, 0.99),
                                  "fast_share": fast / count}
+            await client.close()
             await conn.close()
             return results
         finally:

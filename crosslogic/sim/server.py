@@ -349,8 +349,13 @@ class _Engine:
             self.stats.requests_waiting -= k
 
     async def _release(self, k: int) -> None:
+        # The slots come back at once, before any await: a handler cancelled again while waiting for the
+        # lock below must not leak them. Waking the waiters is shielded from that cancellation too.
+        self.stats.requests_running -= k
+        await asyncio.shield(self._wake_waiters())
+
+    async def _wake_waiters(self) -> None:
         async with self._capacity:
-            self.stats.requests_running -= k
             self._capacity.notify_all()
 
     async def generate(self, seqs: list[_Seq], prompt_tokens: int, on_token: OnToken | None = None) -> None:
