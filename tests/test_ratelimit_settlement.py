@@ -96,3 +96,33 @@ async def test_a_batch_survives_redis_forgetting_the_script_and_a_cancelled_call
     done = await asyncio.gather(*calls, return_exceptions=True)
     assert isinstance(done[3], asyncio.CancelledError)
     assert all(d.admitted for i, d in enumerate(done) if i != 3)
+
+
+async def test_after_a_valkey_restart_a_bucket_hands_back_at_most_a_minute_of_refill(tmp_path):
+    # Bucket levels reach the AOF only when their TTL moves (buckets.lua): between two such writes at most
+    # a minute of refill is consumed, so a restart may lose at most that much of a bucket's consumption.
+    from crosslogic.runtime.valkey import EmbeddedValkey
+
+    server = EmbeddedValkey(tmp_path / "valkey").start()
+    now = {"ms": 7_000_000}
+    org, env, key = (str(uuid.uuid4()) for _ in range(3))
+    per_day = 1_440_000  # refills 1,000 tokens a minute
+    limits = TenantLimits(LayerLimits(tokens_per_day=per_day), LayerLimits(), LayerLimits())
+    redis = aioredis.from_url(server.url)
+    limiter = Limiter(redis, clock=lambda: now["ms"])
+    for _ in range(250):  # 10 tokens each: the moment "full again" moves 0.6 s per request
+        assert (await limiter.reserve(org, env, key, uuid.uuid4().hex, 10, limits)).admitted
+    before = (await limiter.reserve(org, env, key, uuid.uuid4().hex, 0, limits)).tightest("tokens_per_day").level
+    await redis.aclose()
+    server.stop()
+    server = EmbeddedValkey(tmp_path / "valkey", port=server.port).start()
+    redis = aioredis.from_url(server.url)
+    try:
+        limiter = Limiter(redis, clock=lambda: now["ms"])
+        after = (await limiter.reserve(org, env, key, uuid.uuid4().hex, 0, limits)).tightest("tokens_per_day").level
+        assert before == per_day - 2_500
+        assert before <= after <= before + 1_000  # at most a minute of refill handed back
+        assert after < per_day  # the bucket itself survived the restart
+    finally:
+        await redis.aclose()
+        server.stop()
