@@ -16,7 +16,7 @@ from crosslogic.admin_cli import register
 from crosslogic.keys import hash_api_key
 from crosslogic.store import tenancy
 from crosslogic.store.demo import seed_demo
-from tests.cli_helpers import Run
+from tests.cli_helpers import Run, runner
 
 KEY_RE = re.compile(r"clsk_live_[0-9a-f]{32}")
 
@@ -36,13 +36,7 @@ def cli(database_url, key_secret, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("USER", "test-operator")
     parser = _parser(tmp_path / "state")
 
-    def run(*argv: str) -> Run:
-        args = parser.parse_args(argv)
-        code = args.handler(args)
-        captured = capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    return run
+    return runner(parser, capsys)
 
 
 def sql(database_url: str, query: str, *params: Any) -> list[asyncpg.Record]:

@@ -110,11 +110,14 @@ async def _refusal_scraped(port: int, before: float) -> str:
     return await wait_for(counted, f"the refusal on :{port}/metrics")
 
 
-async def test_ext_authz_serves_admission_metrics_without_tenant_ids(gateway):
-    tenant = await limited_tenant(gateway, key=(None, 1, None))
-    port = gateway["ports"]["authz_metrics"]
+@pytest.mark.parametrize(("stack", "metrics_port"), [("gateway", "authz_metrics"),  # admission in ext_authz
+                                                     ("rls_gateway", "ratelimit_metrics")])  # `serve ratelimit`
+async def test_the_deciding_process_serves_admission_metrics_without_tenant_ids(stack, metrics_port, request):
+    stack = request.getfixturevalue(stack)
+    tenant = await limited_tenant(stack, key=(None, 1, None))
+    port = stack["ports"][metrics_port]
     before = _refusals(_scrape(port))
-    api = client(gateway, tenant["keys"][0]["api_key"])
+    api = client(stack, tenant["keys"][0]["api_key"])
     await api.chat.completions.create(model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     with pytest.raises(openai.RateLimitError, match="requests per minute"):
         await api.chat.completions.create(model="llama-3-8b", messages=[{"role": "user", "content": "hi"}],
@@ -123,15 +126,3 @@ async def test_ext_authz_serves_admission_metrics_without_tenant_ids(gateway):
     assert "ratelimit_limiter_seconds_bucket" in text
     for ident in (tenant["org_id"], tenant["env_id"], tenant["keys"][0]["key_id"]):
         assert ident not in text
-
-
-async def test_rate_limit_service_serves_the_same_metrics_in_rls_mode(rls_gateway):
-    tenant = await limited_tenant(rls_gateway, key=(None, 1, None))
-    port = rls_gateway["ports"]["ratelimit_metrics"]
-    before = _refusals(_scrape(port))
-    api = client(rls_gateway, tenant["keys"][0]["api_key"])
-    await api.chat.completions.create(model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    with pytest.raises(openai.RateLimitError):
-        await api.chat.completions.create(model="llama-3-8b", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=2)
-    await _refusal_scraped(port, before)

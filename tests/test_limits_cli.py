@@ -22,7 +22,7 @@ from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.store import limit_overrides, tenancy
 from crosslogic.store.db import open_pool
-from tests.cli_helpers import Run
+from tests.cli_helpers import Run, runner
 from tests.gateway_helpers import client
 from tests.ratelimit_helpers import ledger_for_key, limited_tenant, wait_for
 
@@ -37,13 +37,7 @@ def cli(database_url, key_secret, valkey_url, monkeypatch, tmp_path, capsys):
     parser.add_argument("--state-dir", default=str(tmp_path / "state"))
     limits_cli.register(parser.add_subparsers(dest="command", required=True))
 
-    def run(*argv: str) -> Run:
-        args = parser.parse_args(argv)
-        code = args.handler(args)
-        captured = capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    return run
+    return runner(parser, capsys)
 
 
 def ok(run: Run) -> Run:
