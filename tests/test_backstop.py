@@ -94,6 +94,41 @@ async def test_rows_the_fast_path_already_wrote_are_not_written_twice(database_u
         await pool.close()
 
 
+async def test_lines_the_fast_path_committed_are_skipped_and_the_rest_written_and_settled(database_url, tmp_path):
+    from crosslogic.accounting.ledger import LedgerWriter, PriceBook, write_batch
+    from crosslogic.accounting.recent import RecentIds
+
+    log_path = tmp_path / "usage.jsonl"
+    append(log_path, *(usage_line(f"s-{i}") for i in range(10)))
+    committed, settled = RecentIds(), []
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        # The gRPC fast path got (and committed) requests 0-5; entries 6-9 were lost on the way.
+        fast = LedgerWriter(pool, batch_size=100, flush_interval_s=1, committed=committed)
+        for record in [parse_usage_line(usage_line(f"s-{i}")) for i in range(6)]:
+            fast.add(record)
+        await fast.flush()
+        replayer = BackstopReplayer(UsageLogTailer(log_path, tmp_path / "p.position"), pool,
+                                    settle=settled.append, committed=committed)
+        while await replayer.step():
+            pass
+        assert (replayer.skipped, replayer.replayed) == (6, 4)
+        assert sorted(r.request_id for r in settled) == [f"s-{i}" for i in range(6, 10)]
+        async with pool.acquire() as conn:
+            assert await ledger_totals(conn) == (10, 150)
+            assert await write_batch(conn, [parse_usage_line(usage_line("s-0"))], PriceBook()) == 0
+    finally:
+        await pool.close()
+
+
+def test_recent_ids_forget_the_oldest_beyond_their_capacity():
+    from crosslogic.accounting.recent import RecentIds
+
+    recent = RecentIds(capacity=3)
+    recent.add_many(["a", "b", "c", "d"])
+    assert ("a" in recent, "d" in recent, len(recent)) == (False, True, 3)
+
+
 async def test_a_rotated_log_is_finished_before_the_new_one_even_across_a_restart(database_url, tmp_path):
     log_path, state = tmp_path / "usage.jsonl", tmp_path / "usage.position"
     append(log_path, *(usage_line(f"a-{i}") for i in range(5)))

@@ -11,6 +11,7 @@ import asyncpg
 
 from crosslogic.accounting import metrics
 from crosslogic.accounting.pricing import PPM, ModelPrice, OrgTerms, cost_microdollars, effective_at
+from crosslogic.accounting.recent import RecentIds
 from crosslogic.accounting.usage import UsageRecord
 
 log = logging.getLogger("crosslogic.accounting")
@@ -125,8 +126,10 @@ async def write_batch(conn: asyncpg.Connection, records: list[UsageRecord], pric
 class LedgerWriter:
     """Collects records and flushes them in batches; keeps them (and retries) while Postgres is away."""
 
-    def __init__(self, pool: asyncpg.Pool, batch_size: int, flush_interval_s: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, batch_size: int, flush_interval_s: float,
+                 committed: RecentIds | None = None) -> None:
         self.pool = pool
+        self.committed = committed  # ids now in the ledger, for the backstop to skip
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.pending: list[UsageRecord] = []
@@ -144,6 +147,8 @@ class LedgerWriter:
             batch = self.pending[: self.batch_size]
             async with self.pool.acquire() as conn:
                 inserted = await write_batch(conn, batch, self.prices)
+            if self.committed is not None:  # inserted now or before: either way in the ledger
+                self.committed.add_many(r.request_id for r in batch)
             self.written += inserted
             metrics.ledger_rows.labels("als").inc(inserted)
             del self.pending[: len(batch)]

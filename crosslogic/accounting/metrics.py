@@ -11,5 +11,7 @@ records_failed = Counter("billing_records_failed_total", "Meter event sends that
 ledger_rows = Counter("ledger_rows_written_total", "Usage rows inserted into the ledger", ["path"])
 backstop_replays = Counter("backstop_replayed_total",
                            "Usage rows the durable backstop wrote because the gRPC access log had missed them")
+backstop_skipped = Counter("backstop_skipped_total",
+                           "Usage-log lines the backstop skipped: the gRPC access log had already committed them")
 ledger_lag = Gauge("ledger_backlog_bytes", "Bytes of Envoy's usage log not yet committed to the ledger")
 unexported_rows = Gauge("billing_unexported_rows", "Ledger rows not yet exported to Stripe")

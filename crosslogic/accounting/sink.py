@@ -13,6 +13,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs
 from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import LedgerWriter
+from crosslogic.accounting.recent import RecentIds
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import UsageRecord, record_from_entry
 from crosslogic.runtime.grpc_server import grpc_server
@@ -38,14 +39,15 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
 
-def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], None] | None) -> asyncio.Task | None:
+def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], None] | None,
+                    committed: RecentIds) -> asyncio.Task | None:
     if not settings.usage_log_path:
         return None
     path = Path(settings.usage_log_path)
     tailer = UsageLogTailer(path, path.with_name(path.name + ".position"))
     reopen = envoy_reopen_logs(settings.envoy_admin_url) if settings.envoy_admin_url else None
     replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen,
-                                settle=settle)
+                                settle=settle, committed=committed)
     return asyncio.create_task(replayer.run())
 
 
@@ -67,9 +69,10 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
     # spurious 429s in the chaos test); ledger writes retry until Postgres is back.
     async with open_pool(settings.require_database(), min_size=0, max_size=4) as pool, \
             settlement_hook(settings) as settle:
-        ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s)
+        committed = RecentIds()
+        ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s, committed)
         writer = asyncio.create_task(ledger.run())
-        backstop = _start_backstop(settings, pool, settle)
+        backstop = _start_backstop(settings, pool, settle, committed)
         reporter = _start_reporter(settings, pool)
         guardrails = asyncio.create_task(watch_caps(pool, settings.guardrail_interval_s))
         if settings.accounting_metrics_port:
