@@ -115,6 +115,7 @@ NEED, LANE, SHARED, SKIP = "need", "lane", "shared", "skip"  # a stage's role (s
 # admitted without a reservation, e.g. fail-open while Redis was down, or the reservation expired), or
 # the tombstone of an earlier settlement (a replayed log entry).
 ALREADY_SETTLED, SETTLED, UNRESERVED = 0, 1, 2
+REFUSED, ADMITTED, REPEATED = 0, 1, 2  # reserve.lua's status: REPEATED = reserved or settled before
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class Limiter:
         _, keys, args = self.reserve_command(stages, request_id, tokens)
         out = await self._reserve_batched(keys, args)
         status, failed, retry, shadow = (int(v) for v in out[:4])
-        if status == 2:
+        if status == REPEATED:
             return Decision(admitted=True, repeated=True)
         names = [layer for stage in stages for layer, _ in stage.scope.layers]
         first = stages[0]
@@ -180,7 +181,7 @@ class Limiter:
                     views.append(BucketView(names[i], kind, capacity, int(out[4 + i * 4 + b])))
         layer_name, kind = _slot(names, failed)
         shadow_layer, shadow_kind = _slot(names, shadow)
-        return Decision(admitted=status == 1, retry_after_ms=retry, layer=layer_name, kind=kind,
+        return Decision(admitted=status == ADMITTED, retry_after_ms=retry, layer=layer_name, kind=kind,
                         shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=tuple(views))
 
     def _settle_args(self, request_id: str, actual_tokens: int, rollback: bool, now: int) -> list:
