@@ -12,10 +12,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import asyncpg
 import redis.asyncio as aioredis
+
+from crosslogic.store.db import follow_notifications
 
 log = logging.getLogger("crosslogic.extauthz")
 TENANCY_CHANNEL = "crosslogic_tenancy"
@@ -156,35 +159,25 @@ class IdentityResolver:
 
 
 async def follow_tenancy_changes(database_url: str, resolver: IdentityResolver,
-                                 on_catalogue_change=None) -> None:
+                                 on_catalogue_change: Callable[[], None] | None = None) -> None:
     """LISTEN for tenancy changes forever; reconnects, and clears local caches after every reconnect."""
     pending: set[asyncio.Task] = set()
-    while True:
-        try:
-            conn = await asyncpg.connect(database_url)
 
-            def on_notify(_conn, _pid: int, channel: str, payload: str) -> None:
-                if channel != TENANCY_CHANNEL:
-                    if on_catalogue_change is not None:
-                        on_catalogue_change()
-                    return
-                table, _, entity_id = payload.partition(":")
-                resolver.clear_local()  # synchronously: no request may see the old state after this
-                task = asyncio.ensure_future(resolver.invalidate(table, entity_id))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-
-            await conn.add_listener(TENANCY_CHANNEL, on_notify)
-            await conn.add_listener("crosslogic_routing", on_notify)
-            resolver.clear_local()
+    def on_notify(channel: str, payload: str) -> None:
+        if channel != TENANCY_CHANNEL:
             if on_catalogue_change is not None:
                 on_catalogue_change()
-            try:
-                while not conn.is_closed():  # noqa: ASYNC110 - asyncpg offers no close event to await
-                    await asyncio.sleep(1.0)
-            finally:
-                await conn.close()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("tenancy change feed unavailable (%s); retrying", exc)
-            resolver.clear_local()
-            await asyncio.sleep(1.0)
+            return
+        table, _, entity_id = payload.partition(":")
+        resolver.clear_local()  # synchronously: no request may see the old state after this
+        task = asyncio.ensure_future(resolver.invalidate(table, entity_id))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    def on_connected() -> None:
+        resolver.clear_local()
+        if on_catalogue_change is not None:
+            on_catalogue_change()
+
+    await follow_notifications(database_url, [TENANCY_CHANNEL, "crosslogic_routing"], on_notify, on_connected,
+                               "tenancy change feed", on_lost=resolver.clear_local)

@@ -6,7 +6,6 @@ drops the whole cache at once, so a new limit applies within one round trip of t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from collections.abc import Callable
 import asyncpg
 
 from crosslogic.ratelimit.limits import UNLIMITED, LayerLimits, PlatformLimits, TenantLimits
+from crosslogic.store.db import follow_notifications
 
 log = logging.getLogger("crosslogic.ratelimit")
 LIMITS_CHANNEL = "crosslogic_limits"
@@ -125,17 +125,7 @@ class LimitStore:
 
 
 async def follow_limit_changes(database_url: str, clear: Callable[[], None]) -> None:
-    """LISTEN for limit changes until cancelled (calling `clear` on each), reconnecting when Postgres goes away."""
-    while True:
-        try:
-            conn = await asyncpg.connect(database_url)
-            try:
-                await conn.add_listener(LIMITS_CHANNEL, lambda *_: clear())
-                clear()  # changes made while we were not listening
-                while not conn.is_closed():  # noqa: ASYNC110 - asyncpg offers no close event to await
-                    await asyncio.sleep(1.0)
-            finally:
-                await conn.close()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("limit change feed interrupted (%s); retrying", exc)
-            await asyncio.sleep(1.0)
+    """LISTEN for limit changes until cancelled (calling `clear` on each), reconnecting when Postgres goes away.
+    The cache is kept while the feed is down: it is what the failure policy falls back on."""
+    await follow_notifications(database_url, [LIMITS_CHANNEL], lambda _channel, _payload: clear(), clear,
+                               "limit change feed")

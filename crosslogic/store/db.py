@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 
 import asyncpg
+
+log = logging.getLogger("crosslogic.store")
 
 _MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -54,3 +58,29 @@ async def open_pool(database_url: str, *, min_size: int = 1, max_size: int = 8) 
         yield pool
     finally:
         await pool.close()
+
+
+async def follow_notifications(database_url: str, channels: Sequence[str],
+                               on_notify: Callable[[str, str], None], on_connected: Callable[[], None],
+                               what: str, on_lost: Callable[[], None] | None = None) -> None:
+    """LISTEN on `channels` until cancelled, calling on_notify(channel, payload) for each NOTIFY.
+
+    Reconnects when Postgres goes away. `on_connected` runs after every (re)connect, since changes made
+    while nobody listened were missed; `on_lost` when the feed breaks.
+    """
+    while True:
+        try:
+            conn = await asyncpg.connect(database_url)
+            try:
+                for channel in channels:
+                    await conn.add_listener(channel, lambda _conn, _pid, chan, payload: on_notify(chan, payload))
+                on_connected()
+                while not conn.is_closed():  # noqa: ASYNC110 - asyncpg offers no close event to await
+                    await asyncio.sleep(1.0)
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("%s unavailable (%s); retrying", what, exc)
+            if on_lost is not None:
+                on_lost()
+            await asyncio.sleep(1.0)

@@ -466,12 +466,17 @@ async def list_orgs(db: Db) -> list[Org]:
     return [_org(r) for r in await db.fetch(SQL_SELECT_ORGS)]
 
 
+async def _fetch_one(db: Db, not_found: str, sql: str, *args: Any) -> asyncpg.Record:
+    """The one row `sql` finds, or NotFound(not_found)."""
+    row = await db.fetchrow(sql, *args)
+    if row is None:
+        raise NotFound(not_found)
+    return row
+
+
 async def get_org(db: Db, ref: str) -> Org:
     """An org by UUID or by name."""
-    row = await db.fetchrow(SQL_SELECT_ORG_BY_REF, ref, _as_uuid(ref))
-    if row is None:
-        raise NotFound(f"org {ref!r} not found")
-    return _org(row)
+    return _org(await _fetch_one(db, f"org {ref!r} not found", SQL_SELECT_ORG_BY_REF, ref, _as_uuid(ref)))
 
 
 @_db_errors
@@ -517,20 +522,15 @@ async def get_env(db: Db, env: str, org: str | None = None) -> Environment:
     """An environment by UUID, or by name within `org` (names are unique only inside one org)."""
     env_uuid = _as_uuid(env)
     if env_uuid is not None:
-        row = await db.fetchrow(SQL_SELECT_ENV_BY_ID, env_uuid)
-        if row is None:
-            raise NotFound(f"environment {env!r} not found")
-        found = _env(row)
+        found = _env(await _fetch_one(db, f"environment {env!r} not found", SQL_SELECT_ENV_BY_ID, env_uuid))
         if org is not None and (await get_org(db, org)).org_id != found.org_id:
             raise NotFound(f"environment {env!r} does not belong to org {org!r}")
         return found
     if org is None:
         raise InvalidArgument(f"environment {env!r} is a name: give its org too (--org)")
     owner = await get_org(db, org)
-    row = await db.fetchrow(SQL_SELECT_ENV_BY_NAME, uuid.UUID(owner.org_id), env)
-    if row is None:
-        raise NotFound(f"environment {env!r} not found in org {owner.name!r}")
-    return _env(row)
+    return _env(await _fetch_one(db, f"environment {env!r} not found in org {owner.name!r}",
+                                 SQL_SELECT_ENV_BY_NAME, uuid.UUID(owner.org_id), env))
 
 
 async def list_envs(db: Db, org: str | None = None) -> list[Environment]:
@@ -715,10 +715,7 @@ async def list_models(db: Db) -> list[Model]:
 
 
 async def get_model(db: Db, model_id: str) -> Model:
-    row = await db.fetchrow(SQL_SELECT_MODEL, model_id)
-    if row is None:
-        raise NotFound(f"model {model_id!r} not found")
-    return _model(row)
+    return _model(await _fetch_one(db, f"model {model_id!r} not found", SQL_SELECT_MODEL, model_id))
 
 
 @_db_errors
@@ -776,10 +773,7 @@ async def list_regions(db: Db) -> list[Region]:
 
 
 async def get_region(db: Db, region_id: str) -> Region:
-    row = await db.fetchrow(SQL_SELECT_REGION, region_id)
-    if row is None:
-        raise NotFound(f"region {region_id!r} not found")
-    return _region(row)
+    return _region(await _fetch_one(db, f"region {region_id!r} not found", SQL_SELECT_REGION, region_id))
 
 
 @_db_errors
@@ -817,10 +811,7 @@ async def list_nodes(db: Db, region: str | None = None) -> list[Node]:
 
 async def get_node(db: Db, ref: str) -> Node:
     """A node by name or UUID."""
-    row = await db.fetchrow(SQL_SELECT_NODE_BY_REF, ref, _as_uuid(ref))
-    if row is None:
-        raise NotFound(f"node {ref!r} not found")
-    return _node(row)
+    return _node(await _fetch_one(db, f"node {ref!r} not found", SQL_SELECT_NODE_BY_REF, ref, _as_uuid(ref)))
 
 
 @_db_errors
