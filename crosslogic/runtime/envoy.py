@@ -10,7 +10,7 @@ import importlib.util
 import os
 import shutil
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from string import Template
 
@@ -54,17 +54,7 @@ class BootstrapParams:
 
 
 def render_bootstrap(params: BootstrapParams) -> str:
-    template = Template(envoy_asset("bootstrap.yaml.tmpl"))
-    return template.substitute(
-        node_id=params.node_id,
-        admin_port=params.admin_port,
-        xds_port=params.xds_port,
-        authz_port=params.authz_port,
-        accounting_port=params.accounting_port,
-        api_port=params.api_port,
-        ratelimit_port=params.ratelimit_port,
-        host=params.host,
-    )
+    return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(asdict(params))
 
 
 class EnvoyProcess:
