@@ -50,6 +50,8 @@ async def admit(limiter: Limiter, org_id: str, env_id: str, key_id: str, region:
                 tokens: int, tenant: TenantLimits, platform: PlatformLimits) -> Decision:
     plan = stages(org_id, env_id, key_id, region, tenant, platform)
     if not limiter.split_scopes:
+        while plan[-1].role == SKIP:  # trailing skipped scopes only lengthen the call (settling tolerates it)
+            plan.pop()
         return await limiter.reserve_stages(plan, request_id, tokens)
     return await _admit_scope_by_scope(limiter, plan, request_id, tokens)
 
