@@ -26,7 +26,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return {2, 0, 0, 0}
 end
 
--- Per bucket i = layer*4 + kind: level, cost (numbers), and their strings for the reservation record.
+-- Per bucket i = layer*4 + kind: level, cost (numbers), and the caller's digits of capacity and cost for the
+-- reservation record (Lua would print a number of 10^15 or more as "1e+15", which settle.lua cannot read).
 -- String compares against '0' skip unset limits without converting them (most values are 0).
 local levels, costs, caps, cost_s, cap_s, stored = {}, {}, {}, {}, {}, {}
 local shadow_hit = 0
