@@ -235,3 +235,15 @@ async def test_tokens_per_second_bucket_smooths_bursts_within_a_minute_limit(red
     assert (burst.admitted, burst.layer, burst.kind, burst.retry_after_ms) == (False, "key", "tokens_per_sec", 500)
     clock.ms += 500
     assert (await limiter.reserve(org, env, key, rid(), 50, limits)).admitted
+
+
+async def test_limits_of_any_size_settle(redis):
+    # Capacities travel in the reservation record as the caller's digits, so 10^15 does not become "1e+15".
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    huge = LayerLimits(tokens_per_day=10**15, tokens_per_min=2 * 10**15)
+    limits = TenantLimits(huge, LayerLimits(), LayerLimits())
+    request = rid()
+    assert (await limiter.reserve(org, env, key, request, 10**15, limits)).admitted
+    assert await limiter.settle(org, env, key, request, 7)
+    assert (await limiter.reserve(org, env, key, rid(), 10**15 - 7, limits)).admitted  # the refund came back
