@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -159,18 +161,36 @@ def _client_creds(ca_dir: Path, node: pki.Issued | None) -> grpc.ChannelCredenti
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=node.key_pem, certificate_chain=node.cert_pem)
 
 
-async def test_nodeagent_api_over_mutual_tls_admits_only_certificates_of_our_ca_within_their_scope(
-        database_url, tmp_path):
+@dataclasses.dataclass(frozen=True)
+class MtlsServer:
+    pool: asyncpg.Pool
+    port: int
+    ca: pki.Issued
+    org_id: str
+
+
+@contextlib.asynccontextmanager
+async def _mtls_server(database_url: str, tmp_path: Path) -> AsyncIterator[MtlsServer]:
+    """The NodeAgent API over real mutual TLS, in process, with the catalogue of _catalogue."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     server = grpc.aio.server()
     try:
         async with pool.acquire() as conn:
             org_id = await _catalogue(conn)
         pki.init_pki(tmp_path / "pki", ["127.0.0.1"])
-        ca = pki.load_ca(tmp_path / "pki")
         add_to_server(server, NodeAgentServicer(pool, tls=True, heartbeat_interval_ms=5000, metrics_interval_ms=15000))
         port = server.add_secure_port("127.0.0.1:0", server_credentials(tmp_path / "pki"))
         await server.start()
+        yield MtlsServer(pool, port, pki.load_ca(tmp_path / "pki"), org_id)
+    finally:
+        await server.stop(0)
+        await pool.close()
+
+
+async def test_nodeagent_api_over_mutual_tls_admits_only_certificates_of_our_ca_within_their_scope(
+        database_url, tmp_path):
+    async with _mtls_server(database_url, tmp_path) as srv:
+        pool, port, ca, org_id = srv.pool, srv.port, srv.ca, srv.org_id
         request = pb.RegisterNodeRequest(name="n1", region="eu-central", cloud="aws", models=["m1"],
                                          endpoint_host="10.0.0.5", endpoint_port=8000)
 
@@ -191,9 +211,6 @@ async def test_nodeagent_api_over_mutual_tls_admits_only_certificates_of_our_ca_
         assert answer.node_id and answer.heartbeat_interval_ms == 5000
         async with pool.acquire() as conn:
             assert await _status(conn, "n1") == "active"
-    finally:
-        await server.stop(0)
-        await pool.close()
 
 
 async def test_ttft_baseline_follows_normal_latency_but_not_spikes(database_url):
@@ -221,16 +238,8 @@ FROM nodes n JOIN node_load l USING (node_id) WHERE n.node_id = $1::uuid"""
 async def test_a_certificate_of_one_scope_cannot_act_for_a_node_of_another_scope(database_url, tmp_path):
     """Issue 9 item 14: every NodeAgent call checks the node against the caller's certificate, not only
     RegisterNode. A pool:gcp certificate, and an org lane certificate, try each call on an aws pool node."""
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    server = grpc.aio.server()
-    try:
-        async with pool.acquire() as conn:
-            org_id = await _catalogue(conn)
-        pki.init_pki(tmp_path / "pki", ["127.0.0.1"])
-        ca = pki.load_ca(tmp_path / "pki")
-        add_to_server(server, NodeAgentServicer(pool, tls=True, heartbeat_interval_ms=5000, metrics_interval_ms=15000))
-        port = server.add_secure_port("127.0.0.1:0", server_credentials(tmp_path / "pki"))
-        await server.start()
+    async with _mtls_server(database_url, tmp_path) as srv:
+        pool, port, ca, org_id = srv.pool, srv.port, srv.ca, srv.org_id
         owner, gcp, lane = (pki.issue_node(ca, "n", scope) for scope in ("pool:aws", "pool:gcp", f"org:{org_id}"))
 
         def channel(cert: pki.Issued) -> grpc.aio.Channel:
@@ -280,9 +289,6 @@ async def test_a_certificate_of_one_scope_cannot_act_for_a_node_of_another_scope
                 assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         async with pool.acquire() as conn:
             assert (await conn.fetchrow(_SNAPSHOT, node_id))["status"] == "dead"
-    finally:
-        await server.stop(0)
-        await pool.close()
 
 
 async def test_registry_calls_pin_the_write_to_the_owner_the_scope_allowed(database_url):

@@ -513,7 +513,7 @@ def validate_request(
     p.string_value(model, "model")
     spec = models.get(model)
     if spec is None or spec.kind not in endpoint.model_kinds or (allowed_models and model not in allowed_models):
-        raise errors.model_not_found(model)
+        raise errors.model_not_found(model if len(model) <= 256 else model[:256] + "...")  # no 1 MB echo
 
     if endpoint is Endpoint.EMBEDDINGS:
         return RequestFacts(endpoint=endpoint, model=model, stream=False, client_wants_usage=False, max_tokens=0,
