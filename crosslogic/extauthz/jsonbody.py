@@ -52,12 +52,9 @@ def _no_constant(name: str) -> float:
                    "finite decimals.")
 
 
-def _integer(text: str) -> int:
-    digits = len(text.lstrip("-"))
-    if digits > MAX_INT_DIGITS:
-        raise _Refused(f"The JSON body of your request contains an integer with {digits} digits; at most "
-                       f"{MAX_INT_DIGITS} are accepted.")
-    return int(text)
+# One decoder for every request (json.loads with hooks builds a new one per call). parse_constant is called
+# only for the NaN / Infinity literals, so it costs ordinary bodies nothing.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def parse_object(raw: bytes) -> dict:
@@ -69,10 +66,15 @@ def parse_object(raw: bytes) -> dict:
         raise errors.invalid_param(f"The JSON body of your request is nested too deeply ({depth} levels); at most "
                                    f"{MAX_DEPTH} levels of arrays and objects are accepted.", None, None)
     try:
-        body = json.loads(raw, parse_constant=_no_constant, parse_int=_integer)
+        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # what json.loads does
     except _Refused as refused:
         raise errors.invalid_param(str(refused), None, None) from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+        if "integer string conversion" in str(exc):  # Python's int-conversion limit (CVE-2020-10735)
+            raise errors.invalid_param(f"The JSON body of your request contains an integer longer than "
+                                       f"{MAX_INT_DIGITS} digits.", None, None) from None
+        raise errors.invalid_param(_NOT_JSON, None, None) from None
+    except RecursionError:
         raise errors.invalid_param(_NOT_JSON, None, None) from None
     if not isinstance(body, dict):
         raise errors.invalid_param("The request body must be a JSON object.", None, None)
