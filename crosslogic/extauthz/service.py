@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AsyncExitStack
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -16,6 +17,7 @@ from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
+from crosslogic.extauthz.release import release_server
 from crosslogic.ratelimit.engine import limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.quota import QuotaGuard
@@ -73,17 +75,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return allowed_response(allowed)
 
 
-async def serve_authz(settings: Settings, listen: str) -> None:
-    """`settings.admission == "authz"` (default): the rate-limit reservation is made in Check too."""
+async def serve_authz(settings: Settings, listen: str, release_listen: str | None = None) -> None:
+    """`settings.admission == "authz"` (default): the rate-limit reservation is made in Check too, and
+    `release_listen` (host:port) serves `POST /release` for Envoy's Lua filter (release.py)."""
     redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
     async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
         resolver = IdentityResolver(pool, redis, redis_ttl_s=settings.identity_cache_ttl_s)
         catalogue = ModelCatalogue(pool)
         quotas = QuotaGuard(pool, redis, ttl_s=settings.limits_cache_ttl_s)
         gate = limits = None
+        limiter = limiter_from_settings(redis, settings)
         if settings.admission == "authz":
             limits = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
-            gate = AdmissionGate(limiter_from_settings(redis, settings), limits)
+            gate = AdmissionGate(limiter, limits)
         authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
                                 BillCaps(pool), gate)
 
@@ -97,8 +101,12 @@ async def serve_authz(settings: Settings, listen: str) -> None:
         servicer = AuthorizationServicer(authorizer)
         try:
             with metrics_server(settings.authz_metrics_port, "ext_authz"):  # admission metrics (ratelimit/metrics.py)
-                async with grpc_server(listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-                        servicer, s), "ext_authz") as server:
+                async with AsyncExitStack() as stack:
+                    if release_listen and gate is not None:
+                        await stack.enter_async_context(release_server(release_listen, limiter))
+                    server = await stack.enter_async_context(grpc_server(
+                        listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
+                        "ext_authz"))
                     await server.wait_for_termination()
         finally:
             feed.cancel()

@@ -41,6 +41,8 @@ class RequestFacts:
     client_wants_usage: bool  # stream_options.include_usage as the client sent it
     max_tokens: int  # what the request may generate at most (a model default when absent)
     prompt_estimate: int  # prompt tokens for reservations (estimate.py); the node's count is what we bill
+    # stream_options.continuous_usage_stats (vLLM's extension, honoured only with include_usage, as vLLM does)
+    client_wants_continuous_usage: bool = False
 
 
 def endpoint_for(path: str) -> Endpoint | None:
@@ -109,8 +111,10 @@ def validate_request(
     if options is not None and not isinstance(options, dict):
         raise errors.invalid_request("'stream_options' must be an object.", "stream_options")
     wants_usage = bool(options and options.get("include_usage") is True)
+    wants_continuous = wants_usage and options.get("continuous_usage_stats") is True
     max_tokens = 0 if endpoint is Endpoint.EMBEDDINGS else _max_tokens(body, spec)
     if prompt_estimate + max_tokens > spec.context_length * 4:
         raise errors.invalid_request("The prompt is longer than this model's context window.", "messages")
     return RequestFacts(endpoint=endpoint, model=model, stream=stream, client_wants_usage=wants_usage,
-                        max_tokens=max_tokens, prompt_estimate=prompt_estimate)
+                        max_tokens=max_tokens, prompt_estimate=prompt_estimate,
+                        client_wants_continuous_usage=wants_continuous)
