@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
 import tempfile
@@ -21,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cpu_per_request import cpu_by_role  # noqa: E402
+from bench.cpu_per_request import cpu_by_role, one_token_chat  # noqa: E402
 from bench.gateway_overhead import start_stack  # noqa: E402
-from bench.loadgen import build_request, run_load  # noqa: E402
+from bench.loadgen import run_load  # noqa: E402
 from crosslogic.runtime.processes import free_port  # noqa: E402
 
 ROLES = ("envoy", "authz", "accounting", "valkey")
@@ -56,11 +55,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="clp-release-") as tmp:
         stack, info = start_stack(Path(tmp), free_port())
         try:
-            port = int(info["gateway_base"].rsplit(":", 1)[1])
-            body = json.dumps({"model": "llama-3-8b", "messages": [{"role": "user", "content": "Hello there"}],
-                               "max_tokens": 1}).encode()
-            request = build_request("127.0.0.1", port, "/v1/chat/completions", body,
-                                    {"authorization": f"Bearer {info['api_key']}"})
+            port, request = one_token_chat(info)
             asyncio.run(run_load("127.0.0.1", port, request, 4, 2, warmup_s=0))  # warm caches
             results: dict[tuple[int, str], list[dict]] = {}
             for concurrency in args.concurrency:

@@ -17,6 +17,7 @@ Kept apart from the gRPC servicer so it can move when ext_authz's transport beco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -67,6 +68,10 @@ def _response(status: int, body: dict) -> bytes:
             f"content-length: {len(payload)}\r\n\r\n").encode() + payload
 
 
+class _LengthRequired(ValueError):
+    """A chunked body: Envoy sends content-length; anything else is refused with 411."""
+
+
 def _request_head(head: bytes) -> tuple[str, str, int]:
     """(method, path, content length) of an HTTP/1.1 request head; ValueError if it cannot be served."""
     request_line, *lines = head.decode("latin-1").split("\r\n")
@@ -78,7 +83,7 @@ def _request_head(head: bytes) -> tuple[str, str, int]:
         if name == "content-length":
             length = int(value)
         elif name == "transfer-encoding":
-            raise ValueError("chunked bodies are not accepted")
+            raise _LengthRequired("chunked bodies are not accepted")
     if not 0 <= length <= MAX_BODY_BYTES:
         raise ValueError(f"the body must be at most {MAX_BODY_BYTES} bytes")
     return method, path, length
@@ -91,6 +96,7 @@ class ReleaseEndpoint:
 
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
+        self.connections: set[asyncio.StreamWriter] = set()  # closed on shutdown: Envoy keeps them alive
 
     async def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
         if (method, path.split("?", 1)[0]) != ("POST", RELEASE_PATH):
@@ -109,19 +115,21 @@ class ReleaseEndpoint:
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Requests one after another on a keep-alive connection (Envoy's pool never pipelines)."""
+        self.connections.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 try:
                     method, path, length = _request_head(head)
                 except ValueError as exc:
-                    writer.write(_response(411 if "chunked" in str(exc) else 400, {"error": str(exc)}))
+                    writer.write(_response(411 if isinstance(exc, _LengthRequired) else 400, {"error": str(exc)}))
                     break
                 status, answer = await self.answer(method, path, await reader.readexactly(length))
                 writer.write(_response(status, answer))
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # the peer went away, or sent a head over MAX_HEAD_BYTES
         finally:
+            self.connections.discard(writer)
             writer.close()
 
 
@@ -138,4 +146,7 @@ async def release_server(listen: str, limiter: Limiter) -> AsyncIterator[int]:
         yield bound
     finally:
         server.close()
-        await server.wait_closed()
+        for writer in list(endpoint.connections):
+            writer.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 1.0)
