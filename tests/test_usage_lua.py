@@ -125,10 +125,12 @@ MODES = st.sampled_from(["sse-strip", "sse-null", "sse-keep"])
 
 
 @settings(max_examples=300, deadline=None)
-@given(node_streams(), MODES, st.lists(st.integers(0, 10_000), max_size=40), st.booleans())
-def test_any_chunking_of_the_node_stream_gives_openai_events_and_exact_usage(stream, mode, cuts, at_events):
+@given(node_streams(), MODES, st.lists(st.integers(0, 10_000), max_size=40), st.booleans(), st.booleans())
+def test_any_chunking_of_the_node_stream_gives_openai_events_and_exact_usage(stream, mode, cuts, at_events,
+                                                                             arrive_during_call):
     whole = FILTER.respond(200, SSE, [stream["body"]], mode, authz=LEASE)
-    chunked = FILTER.respond(200, SSE, split(stream["body"], cuts, at_events), mode, authz=LEASE)
+    chunked = FILTER.respond(200, SSE, split(stream["body"], cuts, at_events), mode, authz=LEASE,
+                             arrive_during_call=arrive_during_call)
     assert chunked.body == whole.body  # the chunking never changes what the client gets
     got = events_of(chunked.body)
     want = expected_events(stream, mode)

@@ -46,7 +46,7 @@ local function wrapper(methods)
   return object
 end
 
-function run_response(header_table, chunk_list, metadata, call_status)
+function run_response(header_table, chunk_list, metadata, call_status, arrive_during_call)
   local record = {calls = {}, chunks = {}, body = nil}
   local handle = {}
   local current, streamed = 0, false
@@ -92,6 +92,15 @@ function run_response(header_table, chunk_list, metadata, call_status)
                                        timeout = timeout}
     yield()  -- the call yields: the held chunk is no longer ours
     if record.body ~= nil then record.body.dead = true end
+    if arrive_during_call then
+      -- The rest of the stream arrives while the call is in flight: Envoy buffers it and sends it on after
+      -- the call without showing it to the script (filters/http/lua: onData in state HttpCall).
+      while current < #chunk_list do
+        current = current + 1
+        chunks[current] = buffer(chunk_list[current])
+        chunks[current].dead = true
+      end
+    end
     return {[":status"] = call_status}, '{"released": 1}'
   end
   envoy_on_response(handle)
@@ -174,7 +183,7 @@ class UsageFilter:
 
     def respond(self, status: int, content_type: str | None, chunks: list[bytes], mode: str | None = "json",
                 authz: dict | None = None, extra_headers: dict[str, str] | None = None,
-                release_status: str = "200") -> Response:
+                release_status: str = "200", arrive_during_call: bool = False) -> Response:
         headers = {":status": str(status), **(extra_headers or {})}
         if content_type is not None:
             headers["content-type"] = content_type
@@ -186,7 +195,7 @@ class UsageFilter:
         lua_headers = _lua_value(self.lua, headers)
         lua_meta = _lua_value(self.lua, metadata)
         record = self.lua.globals().run_response(lua_headers, self.lua.table_from(list(chunks)), lua_meta,
-                                                 release_status.encode())
+                                                 release_status.encode(), arrive_during_call)
         out_headers = _py(dict(lua_headers.items()))
         if record.body is not None:
             sent = [record.body.data]

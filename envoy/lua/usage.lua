@@ -377,29 +377,37 @@ local function rewrite_payload(p, mode, usage)
   return p, empty_choices, false
 end
 
--- Rewrites the complete events of s; returns (what to send, the unfinished rest, node finished, [DONE] seen).
-local function rewrite_events(s, mode, usage)
-  local out, pos, over, done = {}, 1, false, false
+-- Rewrites the complete events of s. Returns (what to send now, what to hold back, the unfinished rest,
+-- [DONE] seen). Once an event says the node finished generating (the usage-only chunk, an error event), it
+-- and everything after it are held back until [DONE]: the release runs while [DONE] is held, and it must be
+-- the last event, because body data that arrives while the release call is in flight goes on without
+-- passing through this script (Envoy buffers it for us, and never shows it to the script).
+local function rewrite_events(s, mode, usage, holding)
+  local now, later, pos, done = {}, {}, 1, false
   local crlf = s:find("\r", 1, true) ~= nil
   while true do
     local blank, stop = event_end(s, pos, crlf)
     if blank == nil then
       break
     end
+    local text
     local payload = s:sub(pos, blank - 1):match("^data: ?(.*)$")
     if payload == nil or payload:find("\n", 1, true) then  -- not one data line: not ours to change
-      out[#out + 1] = s:sub(pos, stop)
+      text = s:sub(pos, stop)
     else
-      local sent, finished, is_done = rewrite_payload(payload, mode, usage)
-      over = over or finished
+      local sent, over, is_done = rewrite_payload(payload, mode, usage)
+      holding = holding or over
       done = done or is_done
-      if sent ~= nil then
-        out[#out + 1] = "data: " .. sent .. s:sub(blank, stop)
-      end
+      text = sent and ("data: " .. sent .. s:sub(blank, stop)) or ""
+    end
+    if holding then
+      later[#later + 1] = text
+    else
+      now[#now + 1] = text
     end
     pos = stop + 1
   end
-  return table.concat(out), s:sub(pos), over, done
+  return table.concat(now), table.concat(later), s:sub(pos), done, holding
 end
 
 local function totals(usage)
@@ -414,20 +422,25 @@ local function totals(usage)
 end
 
 -- Streams the events through one by one, holding back only an unfinished event (it may be split across body
--- chunks anywhere); frees the leases before the end of the generation reaches the client.
+-- chunks anywhere) and the end of the generation until [DONE]; frees the leases while [DONE] is held.
 local function stream_body(handle, mode, lease)
   local usage = {per_choice = {}}
   local shown_prompt, shown_completion = nil, nil
-  local pending = ""
+  local pending, held, holding = "", "", false
   local finished, released = false, lease == nil
   local last, last_sent = nil, ""
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
     local data = size > 0 and chunk:getBytes(0, size) or ""
     local carried = pending
-    local sent, rest, over, done = rewrite_events(carried .. data, mode, usage)
-    if #rest > MAX_CARRY then
-      sent, rest = sent .. rest, ""
+    local sent, later, rest, done
+    sent, later, rest, done, holding = rewrite_events(carried .. data, mode, usage, holding)
+    held = held .. later
+    if #rest > MAX_CARRY or #held > MAX_CARRY then  -- no longer a model's stream: let it all go
+      sent, held, rest = sent .. held .. rest, "", ""
+    end
+    if done then
+      sent, held = sent .. held, ""
     end
     pending = rest
     if carried ~= "" or rest ~= "" or sent ~= data then
@@ -447,18 +460,26 @@ local function stream_body(handle, mode, lease)
       end
       shown_prompt, shown_completion = prompt, completion
     end
-    if over and not released then
-      released = true
-      release(handle, lease)
-      last = nil  -- this chunk is gone once the call yielded
+    if done then
+      handle:streamInfo():dynamicMetadata():set(NS, "finished", true)
+      if not released then
+        released = true
+        release(handle, lease)
+        last = nil  -- this chunk is gone once the call yielded
+      end
     end
   end
-  if pending ~= "" and last ~= nil then
-    -- The stream ended inside an event: its bytes go on as they came (a client drops an unfinished event).
-    pcall(last.setBytes, last, last_sent .. pending)
+  if held ~= "" or pending ~= "" then
+    -- The stream ended without [DONE], or inside an event: its bytes go on as they came (a client drops an
+    -- unfinished event).
+    if last ~= nil then
+      pcall(last.setBytes, last, last_sent .. held .. pending)
+    end
   end
-  handle:streamInfo():dynamicMetadata():set(NS, "finished", finished)
-  if not released then  -- ended without the node saying it finished: still holding the last chunk
+  if not finished then
+    handle:streamInfo():dynamicMetadata():set(NS, "finished", false)
+  end
+  if not released then  -- ended without [DONE]: still holding the last chunk
     release(handle, lease)
   end
 end
