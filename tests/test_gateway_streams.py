@@ -255,6 +255,10 @@ async def test_whatever_a_broken_node_answers_the_client_gets_openai_json(gatewa
                 assert address not in raw.decode() and "Traceback" not in raw.decode() and "nginx" not in raw.decode()
                 if want_status == 429:
                     assert headers["retry-after"] == "1"
+                row = await ledger_row(gateway["database_url"], headers["x-request-id"])
+                # The ledger records what the client saw, and bills nothing for it.
+                assert (row["status_code"], row["usage_source"], row["cost_microdollars"]) == (want_status, "none",
+                                                                                               0), behaviour
 
 
 # ------------------------------------------------------------------------------------------------ leases
