@@ -53,6 +53,15 @@ def cpu_by_role(root_pid: int) -> dict[str, float]:
     return totals
 
 
+def one_token_chat(info: dict) -> tuple[int, bytes]:
+    """(gateway port, raw HTTP request) of a one-token chat completion with the demo key of a started stack."""
+    port = int(info["gateway_base"].rsplit(":", 1)[1])
+    body = json.dumps({"model": "llama-3-8b", "messages": [{"role": "user", "content": "Hello there"}],
+                       "max_tokens": 1}).encode()
+    return port, build_request("127.0.0.1", port, "/v1/chat/completions", body,
+                               {"authorization": f"Bearer {info['api_key']}"})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=6.0)
@@ -61,11 +70,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="clp-cpu-") as tmp:
         stack, info = start_stack(Path(tmp), free_port())
         try:
-            port = int(info["gateway_base"].rsplit(":", 1)[1])
-            body = json.dumps({"model": "llama-3-8b", "messages": [{"role": "user", "content": "Hello there"}],
-                               "max_tokens": 1}).encode()
-            request = build_request("127.0.0.1", port, "/v1/chat/completions", body,
-                                    {"authorization": f"Bearer {info['api_key']}"})
+            port, request = one_token_chat(info)
             asyncio.run(run_load("127.0.0.1", port, request, args.concurrency, 2, warmup_s=0))  # warm caches
             before, own_before = cpu_by_role(stack.pid), time.process_time()
             result = asyncio.run(run_load("127.0.0.1", port, request, args.concurrency, args.seconds, warmup_s=0))

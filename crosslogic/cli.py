@@ -47,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.service == "authz":
         from crosslogic.extauthz.service import serve_authz
 
-        return _run_service(lambda: serve_authz(settings, args.listen))
+        return _run_service(lambda: serve_authz(settings, args.listen, args.release_listen))
     if args.service == "ratelimit":
         from crosslogic.ratelimit.service import serve_ratelimit
 
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gateway-port", type=int, default=8080, help="xds: the gateway listener port")
     serve.add_argument("--admission", choices=["authz", "rls"],
                        help="xds: where rate-limit admission happens (default: CROSSLOGIC_ADMISSION, else authz)")
+    serve.add_argument("--release-listen",
+                       help="authz: also serve POST /release (concurrency leases freed as a response ends), host:port")
     serve.add_argument("--nodeagent-listen", help="xds: also serve the NodeAgent API to node agents (host:port)")
     serve.set_defaults(handler=_serve)
 

@@ -7,6 +7,7 @@ import gc
 import time
 import warnings
 
+import aiohttp
 import asyncpg
 import openai
 
@@ -108,3 +109,12 @@ async def ledger_rows(database_url: str, request_ids: list[str], wait_s: float =
             await asyncio.sleep(0.2)
     finally:
         await conn.close()
+
+
+async def set_chat_nodes(gateway: dict, **config) -> None:
+    """Changes the runtime config (POST /sim/config) of every demo chat node."""
+    async with aiohttp.ClientSession() as http:
+        for node in gateway["demo_nodes"]:
+            if node["model"] == "llama-3-8b":
+                async with http.post(f"{node['url']}/sim/config", json=config) as response:
+                    assert response.status == 200, await response.text()

@@ -131,3 +131,23 @@ def test_one_call_and_scope_by_scope_admission_decide_alike(valkey_url, reserved
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+async def test_releasing_leases_reaches_every_scope_and_keeps_tokens_for_settlement(limiter):
+    region = "r-" + uuid.uuid4().hex[:6]
+    platform = PlatformLimits(regions={region: LayerLimits(concurrency=1, tokens_per_min=1_000)})
+    tenant = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(concurrency=1))
+    org, env, key = _ids()
+    request = uuid.uuid4().hex
+    held = await admission.admit(limiter, org, env, key, region, request, 900, tenant, platform)
+    assert held.admitted and held.leases == 2  # the key's and the region's
+    assert not (await admission.admit(limiter, org, env, key, region, uuid.uuid4().hex, 1, tenant,
+                                      platform)).admitted
+    assert await admission.release_leases(limiter, org, env, key, region, request) == 2
+    assert await admission.release_leases(limiter, org, env, key, region, request) == 0
+    # Both slots are free; the region's 900 tokens are still reserved until settlement.
+    tokens_left = await admission.admit(limiter, org, env, key, region, uuid.uuid4().hex, 200, tenant, platform)
+    assert not tokens_left.admitted and (tokens_left.layer, tokens_left.kind) == ("region", "tokens_per_min")
+    assert await admission.settle(limiter, org, env, key, region, request, 100)
+    assert (await admission.admit(limiter, org, env, key, region, uuid.uuid4().hex, 800, tenant,
+                                  platform)).admitted

@@ -247,3 +247,37 @@ async def test_limits_of_any_size_settle(redis):
     assert (await limiter.reserve(org, env, key, request, 10**15, limits)).admitted
     assert await limiter.settle(org, env, key, request, 7)
     assert (await limiter.reserve(org, env, key, rid(), 10**15 - 7, limits)).admitted  # the refund came back
+
+
+async def test_releasing_a_lease_frees_the_slot_at_once_and_leaves_the_tokens_to_settlement(redis):
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(concurrency=3), LayerLimits(), LayerLimits(concurrency=1, tokens_per_min=1_000))
+    first = rid()
+    taken = await limiter.reserve(org, env, key, first, 600, limits)
+    assert taken.admitted and taken.leases == 2  # org and key
+    assert not (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted  # key: one at a time
+    scopes = [tenant_scope(org, env, key)]
+    assert await limiter.release_leases(scopes, first) == 2
+    assert await limiter.release_leases(scopes, first) == 0  # idempotent
+    # The slot is free, the 600 tokens are still held until settlement.
+    refused = await limiter.reserve(org, env, key, rid(), 500, limits)
+    assert (refused.admitted, refused.kind) == (False, "tokens_per_min")
+    second = rid()
+    assert (await limiter.reserve(org, env, key, second, 300, limits)).admitted
+    assert await limiter.settle(org, env, key, first, 100)  # refunds 500, exactly once
+    assert await limiter.charged(org, "key", key) == 100
+    assert await limiter.release_leases(scopes, first) == 0  # after settlement: nothing
+    # The second request still holds its lease: releasing the first never touched it.
+    assert not (await limiter.reserve(org, env, key, rid(), 1, limits)).admitted
+
+
+async def test_a_request_without_a_concurrency_limit_takes_no_lease(redis):
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    decision = await limiter.reserve(org, env, key, rid(), 10, TenantLimits(LayerLimits(tokens_per_min=100),
+                                                                           LayerLimits(), LayerLimits()))
+    assert decision.admitted and decision.leases == 0
+    refused = await limiter.reserve(org, env, key, rid(), 1_000, TenantLimits(
+        LayerLimits(tokens_per_min=100, concurrency=5), LayerLimits(), LayerLimits()))
+    assert not refused.admitted and refused.leases == 0

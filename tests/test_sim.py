@@ -400,3 +400,51 @@ async def test_x_request_id_header_becomes_the_response_id(sim: RunningSimulator
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1}
     async with http.post(f"{sim.base_url}/chat/completions", json=body, headers={"X-Request-Id": "r42"}) as resp:
         assert (await resp.json())["id"] == "chatcmpl-r42"
+
+
+# ------------------------------------------------------------------------- test-only stream behaviours
+
+
+async def test_fragmented_writes_split_events_but_keep_the_bytes(sim: RunningSimulator, http):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with http.post(f"{sim.base_url}/chat/completions", json=body, headers={"X-Request-Id": "r1"}) as resp:
+        whole = await resp.read()
+    sim.set_config(sse_fragment_bytes=7)
+    async with http.post(f"{sim.base_url}/chat/completions", json=body, headers={"X-Request-Id": "r1"}) as resp:
+        pieces = [piece async for piece in resp.content.iter_any()]
+    assert len(pieces) > whole.count(b"\n\n")  # the reader saw events split
+    # Same events (only "created" may differ between the two requests).
+    strip = [json.loads(e) | {"created": 0} if e.startswith("{") else e
+             for e in b"".join(pieces).decode().replace("data: ", "").split("\n\n")[:-1]]
+    assert strip == [json.loads(e) | {"created": 0} if e.startswith("{") else e
+                     for e in whole.decode().replace("data: ", "").split("\n\n")[:-1]]
+
+
+async def test_an_engine_error_mid_stream_sends_vllm_error_event_then_done(sim: RunningSimulator, http):
+    sim.set_config(engine_error_after_tokens=2)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with http.post(f"{sim.base_url}/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        events = await sse_events(resp)
+    assert events[-1] == "[DONE]"
+    # vLLM: json.dumps(ErrorResponse) with its default separators, no usage chunk after it.
+    assert events[-2] == ('{"error": {"message": "Internal server error", "type": "InternalServerError", '
+                          '"param": null, "code": 500}}')
+    chunks = [json.loads(e) for e in events[:-2]]
+    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["", "tok0 ", "tok1 "]
+    assert sim.stats.finished["error"] == 1 and sim.stats.completion_tokens == 2
+
+
+async def test_an_engine_error_without_streaming_is_vllm_500(sim: RunningSimulator, http):
+    async with http.post(f"{sim.url}/sim/config", json={"engine_error_after_tokens": 0}) as resp:
+        assert resp.status == 200
+    async with http.post(f"{sim.base_url}/chat/completions", json={"model": MODEL, "messages": MESSAGES}) as resp:
+        assert resp.status == 500
+        assert await resp.json() == {"error": {"message": "Internal server error", "type": "InternalServerError",
+                                               "param": None, "code": 500}}
+    async with http.post(f"{sim.url}/sim/config", json={"engine_error_after_tokens": None}) as resp:
+        assert (await resp.json())["engine_error_after_tokens"] is None
+    async with http.post(f"{sim.base_url}/chat/completions", json={"model": MODEL, "messages": MESSAGES}) as resp:
+        assert resp.status == 200

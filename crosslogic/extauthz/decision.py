@@ -76,9 +76,14 @@ def _validated(endpoint: Endpoint, body: bytes, models: dict[str, ModelSpec],
 
 
 def _usage_mode(facts: RequestFacts) -> str:
+    """How usage.lua shows a stream the node was asked to put cumulative usage on every chunk of: as sent
+    (the client asked for vLLM's continuous_usage_stats), `"usage": null` on every chunk but the usage-only
+    final one (include_usage, OpenAI's contract), or no usage anywhere (neither)."""
     if not facts.stream:
         return "json"
-    return "sse-keep" if facts.client_wants_usage else "sse-strip"
+    if not facts.client_wants_usage:
+        return "sse-strip"
+    return "sse-keep" if facts.client_wants_continuous_usage else "sse-null"
 
 
 class Authorizer:
@@ -155,4 +160,8 @@ class Authorizer:
             raise Refused(errors.service_unavailable(), {}, metadata) from None
         if not decision.admitted:
             raise Refused(refusal(decision), refusal_headers(decision), metadata)
+        if decision.leases:
+            # usage.lua frees the leases as the response ends (extauthz/release.py), not ~100 ms later at
+            # settlement; requests that took none cost no release call.
+            metadata["lease"] = request_id
         return ratelimit_headers(decision)

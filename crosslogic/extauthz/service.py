@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from contextlib import AsyncExitStack
 
-import asyncpg
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -17,6 +17,7 @@ from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
+from crosslogic.extauthz.release import release_server
 from crosslogic.ratelimit.engine import limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.quota import QuotaGuard
@@ -24,7 +25,7 @@ from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.metrics_server import metrics_server
 from crosslogic.settings import Settings
-from crosslogic.store.db import open_pool
+from crosslogic.store.db import POSTGRES_UNAVAILABLE, open_pool
 
 log = logging.getLogger("crosslogic.extauthz")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -68,7 +69,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             response = denied_response(refused.error, refused.headers)
             response.dynamic_metadata.update(refused.metadata)
             return response
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError) as exc:
+        except (*POSTGRES_UNAVAILABLE, aioredis.RedisError) as exc:
             log.warning("authorisation backend unavailable: %s", exc)
             return denied_response(errors.service_unavailable())
         except Exception as exc:  # noqa: BLE001 - the last resort: Envoy must always get an answer
@@ -90,17 +91,19 @@ def _unexpected(exc: BaseException, method: str, path: str) -> errors.ClientErro
     return errors.internal_error()
 
 
-async def serve_authz(settings: Settings, listen: str) -> None:
-    """`settings.admission == "authz"` (default): the rate-limit reservation is made in Check too."""
+async def serve_authz(settings: Settings, listen: str, release_listen: str | None = None) -> None:
+    """`settings.admission == "authz"` (default): the rate-limit reservation is made in Check too, and
+    `release_listen` (host:port) serves `POST /release` for Envoy's Lua filter (release.py)."""
     redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
     async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
         resolver = IdentityResolver(pool, redis, redis_ttl_s=settings.identity_cache_ttl_s)
         catalogue = ModelCatalogue(pool)
         quotas = QuotaGuard(pool, redis, ttl_s=settings.limits_cache_ttl_s)
         gate = limits = None
+        limiter = limiter_from_settings(redis, settings)
         if settings.admission == "authz":
             limits = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
-            gate = AdmissionGate(limiter_from_settings(redis, settings), limits)
+            gate = AdmissionGate(limiter, limits)
         authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
                                 BillCaps(pool), gate)
 
@@ -114,8 +117,12 @@ async def serve_authz(settings: Settings, listen: str) -> None:
         servicer = AuthorizationServicer(authorizer)
         try:
             with metrics_server(settings.authz_metrics_port, "ext_authz"):  # admission metrics (ratelimit/metrics.py)
-                async with grpc_server(listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-                        servicer, s), "ext_authz") as server:
+                async with AsyncExitStack() as stack:
+                    if release_listen and gate is not None:
+                        await stack.enter_async_context(release_server(release_listen, limiter))
+                    server = await stack.enter_async_context(grpc_server(
+                        listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
+                        "ext_authz"))
                     await server.wait_for_termination()
         finally:
             feed.cancel()

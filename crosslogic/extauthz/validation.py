@@ -58,6 +58,8 @@ class RequestFacts:
     max_tokens: int  # what ONE sequence may generate at most (a model default when absent)
     prompt_estimate: int  # prompt tokens for reservations (estimate.py); the node's count is what we bill
     sequences: int = 1  # sequences the node generates: n, or best_of for completions
+    # stream_options.continuous_usage_stats (vLLM's extension, honoured only with include_usage, as vLLM does)
+    client_wants_continuous_usage: bool = False
 
     @property
     def completion_budget(self) -> int:
@@ -124,17 +126,19 @@ def _logit_bias(body: dict) -> None:
         p.decimal_value(value, f"logit_bias.{token}", -100, 100)
 
 
-def _streaming(body: dict) -> tuple[bool, bool]:
-    """(stream, client wants usage). OpenAI refuses any stream_options, even {}, without stream."""
+def _streaming(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, client wants usage, client wants vLLM's continuous usage too). OpenAI refuses any
+    stream_options, even {}, without stream."""
     stream = bool(p.boolean(body, "stream"))
     options = p.obj(body, "stream_options")
     if options is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         raise p.only_with("stream_options", "'stream' is enabled")
     for flag in ("include_usage", "continuous_usage_stats", "include_obfuscation"):
         p.boolean(options, flag, f"stream_options.{flag}")
-    return stream, options.get("include_usage") is True
+    wants_usage = options.get("include_usage") is True
+    return stream, wants_usage, wants_usage and options.get("continuous_usage_stats") is True
 
 
 def _sequences(body: dict, spec: ModelSpec) -> int:
@@ -518,10 +522,11 @@ def validate_request(
     if endpoint is Endpoint.EMBEDDINGS:
         return RequestFacts(endpoint=endpoint, model=model, stream=False, client_wants_usage=False, max_tokens=0,
                             prompt_estimate=_embedding(body, spec), sequences=0)
-    stream, wants_usage = _streaming(body)
+    stream, wants_usage, wants_continuous = _streaming(body)
     if endpoint is Endpoint.CHAT:
         prompt_estimate, max_tokens, sequences = _chat(body, spec)
     else:
         prompt_estimate, max_tokens, sequences = _completion(body, spec, stream)
     return RequestFacts(endpoint=endpoint, model=model, stream=stream, client_wants_usage=wants_usage,
-                        max_tokens=max_tokens, prompt_estimate=prompt_estimate, sequences=sequences)
+                        max_tokens=max_tokens, prompt_estimate=prompt_estimate, sequences=sequences,
+                        client_wants_continuous_usage=wants_continuous)

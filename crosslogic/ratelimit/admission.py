@@ -66,6 +66,7 @@ async def _admit_scope_by_scope(limiter: Limiter, plan: list[Stage], request_id:
             continue
         answer = await limiter.reserve_stages([replace(stage, role=NEED)], request_id, tokens)
         if answer.admitted:
+            decision = replace(decision, leases=decision.leases + answer.leases)
             if answer.shadow_layer and not decision.shadow_layer:
                 decision = replace(decision, shadow_layer=answer.shadow_layer, shadow_kind=answer.shadow_kind)
             if stage.role == LANE:
@@ -97,3 +98,14 @@ async def settle(limiter: Limiter, org_id: str, env_id: str, key_id: str, region
         for scopes in then:
             await limiter.settle_stages(scopes, request_id, actual_tokens)
     return settled
+
+
+async def release_leases(limiter: Limiter, org_id: str, env_id: str, key_id: str, region: str,
+                         request_id: str) -> int:
+    """Frees the request's concurrency leases in every scope, tokens untouched (settlement still settles them
+    exactly once); idempotent. Returns how many leases were freed now."""
+    first, then = settlement_calls(limiter, org_id, env_id, key_id, region)
+    freed = 0
+    for scopes in (first, *then):
+        freed += await limiter.release_leases(scopes, request_id)
+    return freed

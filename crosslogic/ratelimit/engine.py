@@ -104,6 +104,7 @@ class Decision:
     buckets: tuple[BucketView, ...] = ()
     repeated: bool = False  # this request id was already reserved
     degraded: bool = False  # decided without Redis (failure policy)
+    leases: int = 0  # concurrency leases taken: the response's end should free them (release_leases)
 
     def tightest(self, kind: str) -> BucketView | None:
         views = [b for b in self.buckets if b.kind == kind]
@@ -153,7 +154,9 @@ class Limiter:
         self.split_scopes = split_scopes  # Redis Cluster: one call per scope (admission.py)
         self._reserve = LuaScript(script_source("reserve.lua"))
         self._settle = LuaScript(script_source("settle.lua"))
+        self._release = LuaScript(script_source("release.lua", prelude=None))
         self._reserve_batched = ScriptBatcher(redis, self._reserve)  # concurrent admissions share round trips
+        self._release_batched = ScriptBatcher(redis, self._release)
 
     def reserve_command(self, stages: Sequence[Stage], request_id: str, tokens: int) -> tuple[str, list[str], list]:
         """(script source, KEYS, ARGV) of one reservation (what reserve_stages sends; the bench pipelines it)."""
@@ -181,8 +184,10 @@ class Limiter:
                     views.append(BucketView(names[i], kind, capacity, int(out[4 + i * 4 + b])))
         layer_name, kind = _slot(names, failed)
         shadow_layer, shadow_kind = _slot(names, shadow)
+        leases_at = 4 + 4 * len(first.limits)
+        leases = int(out[leases_at]) if len(out) > leases_at else 0
         return Decision(admitted=status == ADMITTED, retry_after_ms=retry, layer=layer_name, kind=kind,
-                        shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=tuple(views))
+                        shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=tuple(views), leases=leases)
 
     def _settle_args(self, request_id: str, actual_tokens: int, rollback: bool, now: int) -> list:
         return [now, request_id, max(-1, actual_tokens), "1" if rollback else "0"]
@@ -216,6 +221,11 @@ class Limiter:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+    async def release_leases(self, scopes: Sequence[Scope], request_id: str) -> int:
+        """Frees the concurrency leases of the reservation made over these scopes (the same ones, in the same
+        order), leaving its tokens to settlement; idempotent. Returns how many leases were freed now."""
+        return int(await self._release_batched(stage_keys(scopes, request_id), [request_id]))
 
     async def reserve(self, org_id: str, env_id: str, key_id: str, request_id: str, tokens: int,
                       limits: TenantLimits) -> Decision:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 
-import asyncpg
 import redis.asyncio as aioredis
 
 from crosslogic.ratelimit import metrics
 from crosslogic.ratelimit.admission import admit
 from crosslogic.ratelimit.engine import Decision, Limiter
 from crosslogic.ratelimit.store import LimitStore
+from crosslogic.store.db import POSTGRES_UNAVAILABLE
 
 log = logging.getLogger("crosslogic.ratelimit")
 
@@ -35,7 +35,7 @@ class AdmissionGate:
         try:
             limits = await self.store.for_key(key)
             platform = await self.store.platform()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except POSTGRES_UNAVAILABLE as exc:
             limits, platform = self.store.cached(key), self.store.cached_platform()
             if limits is None or platform is None:
                 log.warning("limits unavailable for key %s (%s)", key, exc)

@@ -8,10 +8,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 
-def script_source(name: str, prelude: str = "buckets.lua") -> str:
-    """A script as sent to Redis: the shared prelude (Lua scripts cannot import), then the script."""
+def script_source(name: str, prelude: str | None = "buckets.lua") -> str:
+    """A script as sent to Redis: the shared prelude (Lua scripts cannot import), if any, then the script."""
     scripts = resources.files("crosslogic.ratelimit") / "scripts"
-    return (scripts / prelude).read_text() + (scripts / name).read_text()
+    return ((scripts / prelude).read_text() if prelude else "") + (scripts / name).read_text()
 
 
 class LuaScript:

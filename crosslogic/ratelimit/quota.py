@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from crosslogic import errors
 from crosslogic.ratelimit.engine import org_tag
+from crosslogic.store.db import POSTGRES_UNAVAILABLE
 
 log = logging.getLogger("crosslogic.ratelimit")
 QUOTAS_SQL = """
@@ -97,7 +98,7 @@ class QuotaGuard:
             return hit[1]
         try:
             row = await self.pool.fetchrow(QUOTAS_SQL, env_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except POSTGRES_UNAVAILABLE as exc:
             if hit is None:
                 raise
             # Postgres away: keep admitting on the last known quotas rather than refusing everyone (503).

@@ -50,6 +50,7 @@ class BootstrapParams:
     accounting_port: int
     api_port: int
     ratelimit_port: int
+    release_port: int = 0  # ext_authz's POST /release (usage.lua); 0: none, leases are freed at settlement
     host: str = "127.0.0.1"
 
 

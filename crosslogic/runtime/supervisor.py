@@ -102,8 +102,8 @@ def start_stack(stack: Stack) -> Stack:
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
                       CROSSLOGIC_KEY_SECRET=secret, CROSSLOGIC_PKI_DIR=str(pki_dir),
                       CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"))
-    ports = {name: free_port() for name in ("xds", "authz", "ratelimit", "accounting", "api", "admin", "nodeagent",
-                                            "accounting_metrics", "authz_metrics", "ratelimit_metrics")}
+    ports = {name: free_port() for name in ("xds", "authz", "release", "ratelimit", "accounting", "api", "admin",
+                                            "nodeagent", "accounting_metrics", "authz_metrics", "ratelimit_metrics")}
     # Prometheus /metrics: billing (§39) in accounting, admission in ext_authz (or `serve ratelimit` with "rls").
     for name, configured in (("accounting_metrics", settings.accounting_metrics_port),
                              ("authz_metrics", settings.authz_metrics_port),
@@ -117,7 +117,8 @@ def start_stack(stack: Stack) -> Stack:
     rls = [("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"])] \
         if settings.admission == "rls" else []
     for name, argv in (
-        ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}"]),
+        ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}",
+                   "--release-listen", f"127.0.0.1:{ports['release']}"]),
         *rls,
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
         ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}"]),
@@ -135,6 +136,7 @@ def start_stack(stack: Stack) -> Stack:
 
     stack.envoy = EnvoyProcess(logs, BootstrapParams(
         node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
+        release_port=ports["release"],
         accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"])).start()
     gateway_url = f"http://{options.host}:{options.port}"
     wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", stack.envoy.child.proc)

@@ -20,7 +20,12 @@ Test-only control endpoints (not in vLLM):
 
 * ``GET /sim/config`` -> the current runtime config.
 * ``POST /sim/config`` with any of ``ttft_ms``, ``tokens_per_sec``, ``default_completion_tokens``,
-  ``healthy`` -> changes them for requests admitted from then on; answers the new config.
+  ``healthy``, ``sse_fragment_bytes``, ``engine_error_after_tokens`` -> changes them for requests admitted from
+  then on; answers the new config. The last two exercise the gateway's stream handling, never vLLM's own:
+  ``sse_fragment_bytes`` > 0 writes every SSE event in pieces of that many bytes, one TCP write each (a proxy
+  sees events split anywhere); ``engine_error_after_tokens`` = k makes each sequence fail after k tokens as
+  when vLLM's engine reports finish reason "error": a stream gets vLLM's error event and ``[DONE]``, a
+  non-streamed request a 500 ``InternalServerError`` (null = never).
 * ``GET /sim/stats`` -> totals: requests, prompt/completion tokens, running/waiting, finish reasons.
 """
 
@@ -52,7 +57,9 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0, 960.0, 1920.0, 7680.0)
-RUNTIME_FIELDS = ("ttft_ms", "tokens_per_sec", "default_completion_tokens", "healthy")
+RUNTIME_FIELDS = ("ttft_ms", "tokens_per_sec", "default_completion_tokens", "healthy", "sse_fragment_bytes",
+                  "engine_error_after_tokens")
+_OPTIONAL_FIELDS = ("engine_error_after_tokens",)  # may be set to null
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class SimulatorConfig:
     kv_cache_tokens: int = 131072  # capacity behind vllm:kv_cache_usage_perc
     model_path: str | None = None  # /v1/models "root"; defaults to the first served name
     healthy: bool = True
+    sse_fragment_bytes: int = 0  # test-only: > 0 writes each SSE event in pieces this big
+    engine_error_after_tokens: int | None = None  # test-only: each sequence fails (finish "error") after k tokens
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -327,6 +336,12 @@ class _Seq:
 OnToken = Callable[[int, list[_Seq]], Awaitable[None]]
 
 
+class EngineError(Exception):
+    """A sequence finished with reason "error" (vLLM's GenerationError: "Internal server error", HTTP 500)."""
+
+    message = "Internal server error"
+
+
 class _Engine:
     """Admission, timing, token accounting and metrics for generated sequences."""
 
@@ -370,6 +385,7 @@ class _Engine:
         await self._admit(len(seqs))
         done = dict.fromkeys((s.index for s in seqs), 0)
         kv_tokens = 0
+        failed = False
         try:
             if config.ttft_ms > 0:
                 await asyncio.sleep(config.ttft_ms / 1000)
@@ -381,6 +397,9 @@ class _Engine:
             for i in range(max(s.plan.tokens for s in seqs)):
                 if i and config.tokens_per_sec > 0:
                     await asyncio.sleep(1 / config.tokens_per_sec)
+                if i == config.engine_error_after_tokens:
+                    failed = True
+                    raise EngineError
                 active = [s for s in seqs if s.plan.tokens > i]
                 for s in active:
                     done[s.index] += 1
@@ -394,7 +413,7 @@ class _Engine:
             self.stats.kv_tokens_in_use -= kv_tokens
             elapsed = time.monotonic() - arrival
             for s in seqs:
-                reason = s.plan.finish_reason if done[s.index] == s.plan.tokens else "abort"
+                reason = s.plan.finish_reason if done[s.index] == s.plan.tokens else "error" if failed else "abort"
                 self.stats.finished[reason] += 1
                 self.metrics.request_success[reason].inc()
                 self.metrics.e2e.observe(elapsed)
@@ -422,19 +441,34 @@ _ENGINE = web.AppKey("sim_engine", _Engine)
 class _SseWriter:
     """``text/event-stream`` as Starlette's StreamingResponse sends it; one ``data:`` event per chunk."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, fragment_bytes: int = 0) -> None:
         self.request = request
+        self.fragment_bytes = fragment_bytes
         self.response = web.StreamResponse(
             status=200, headers={"Content-Type": "text/event-stream; charset=utf-8"})
 
     async def start(self) -> None:
         await self.response.prepare(self.request)
 
+    async def _write(self, data: bytes) -> None:
+        step = self.fragment_bytes
+        if step <= 0:
+            await self.response.write(data)
+            return
+        for at in range(0, len(data), step):
+            await self.response.write(data[at:at + step])
+            await asyncio.sleep(0.001)  # one TCP segment per piece, so the reader sees the split
+
     async def send(self, chunk: dict[str, Any]) -> None:
-        await self.response.write(f"data: {_dumps(chunk)}\n\n".encode())
+        await self._write(f"data: {_dumps(chunk)}\n\n".encode())
+
+    async def send_error(self, message: str) -> None:
+        """vLLM's streaming error event: json.dumps of ErrorResponse (default separators), code 500."""
+        error = {"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}}
+        await self._write(f"data: {json.dumps(error)}\n\n".encode())
 
     async def done(self) -> None:
-        await self.response.write(b"data: [DONE]\n\n")
+        await self._write(b"data: [DONE]\n\n")
         await self.response.write_eof()
 
 
@@ -482,6 +516,12 @@ class _Handlers:
             plans.append(plan)
         return plans
 
+    async def _generate(self, seqs: list[_Seq], prompt_tokens: int) -> None:
+        try:
+            await self.engine.generate(seqs, prompt_tokens)
+        except EngineError as exc:
+            raise ApiError(500, "InternalServerError", exc.message) from None
+
     def _choices_n(self, body: dict[str, Any]) -> int:
         n = _opt_int(body, "n", 1)
         if n is None:
@@ -508,7 +548,7 @@ class _Handlers:
         rid, created, model = _request_id(request, "chatcmpl"), int(time.time()), self.config.model_name
         if flags.stream:
             return await self._chat_stream(request, flags, seqs, rid, created, model)
-        await self.engine.generate(seqs, prompt_tokens)
+        await self._generate(seqs, prompt_tokens)
         completion = plan.tokens * n
         choices = [
             {"index": s.index,
@@ -532,10 +572,14 @@ class _Handlers:
         """Drives one SSE response: chunks from `on_token`, then vLLM's usage chunk and `[DONE]`."""
         try:
             await sse.start()
-            await self.engine.generate(seqs, prompt_tokens, on_token)
-            if flags.include_usage:
-                await sse.send({**head, "choices": [], "usage": _usage(prompt_tokens, sum(sent.values())),
-                                "system_fingerprint": self.fingerprint})
+            try:
+                await self.engine.generate(seqs, prompt_tokens, on_token)
+            except EngineError as exc:  # vLLM: the error event replaces the rest, then [DONE]
+                await sse.send_error(exc.message)
+            else:
+                if flags.include_usage:
+                    await sse.send({**head, "choices": [], "usage": _usage(prompt_tokens, sum(sent.values())),
+                                    "system_fingerprint": self.fingerprint})
             await sse.done()
         except ConnectionResetError:  # the client went away; the engine already counted what it made
             pass
@@ -543,7 +587,7 @@ class _Handlers:
 
     async def _chat_stream(self, request: web.Request, flags: StreamFlags, seqs: list[_Seq], rid: str,
                            created: int, model: str) -> web.StreamResponse:
-        sse = _SseWriter(request)
+        sse = _SseWriter(request, self.config.sse_fragment_bytes)
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
         prompt_tokens = seqs[0].prompt_tokens
         sent = dict.fromkeys((s.index for s in seqs), 0)
@@ -592,7 +636,7 @@ class _Handlers:
         rid, created, model = _request_id(request, "cmpl"), int(time.time()), self.config.model_name
         if flags.stream:
             return await self._completions_stream(request, flags, seqs, sum(lens), rid, created, model)
-        await self.engine.generate(seqs, sum(lens))
+        await self._generate(seqs, sum(lens))
         choices = [
             {"index": s.index, "text": tokens.generated_text(s.plan.tokens), "logprobs": None,
              "finish_reason": s.plan.finish_reason, "stop_reason": None, "token_ids": None,
@@ -609,7 +653,7 @@ class _Handlers:
 
     async def _completions_stream(self, request: web.Request, flags: StreamFlags, seqs: list[_Seq],
                                   prompt_tokens: int, rid: str, created: int, model: str) -> web.StreamResponse:
-        sse = _SseWriter(request)
+        sse = _SseWriter(request, self.config.sse_fragment_bytes)
         head = {"id": rid, "object": "text_completion", "created": created, "model": model}
         sent = dict.fromkeys((s.index for s in seqs), 0)
 
@@ -750,6 +794,8 @@ def set_runtime_config(app: web.Application, **changes: Any) -> SimulatorConfig:
     if unknown:
         raise ValueError(f"not runtime-settable: {', '.join(unknown)}")
     for key, value in changes.items():
+        if value is None and key in _OPTIONAL_FIELDS:
+            continue
         numeric = key != "healthy"
         if isinstance(value, bool) == numeric or not isinstance(value, (int, float)) or value < 0:
             raise TypeError(f"{key} must be a {'non-negative number' if numeric else 'boolean'}")

@@ -12,6 +12,11 @@ import asyncpg
 
 log = logging.getLogger("crosslogic.store")
 
+# What a lost or restarting Postgres raises, as seen under the chaos tests: asyncpg's InternalClientError
+# ("cannot switch to state ...; another operation is in progress") comes from a connection broken mid-query.
+POSTGRES_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
 _MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version text PRIMARY KEY,

@@ -13,7 +13,8 @@
 -- ARGV       now_ms, request_id, reservation_ttl_ms, lease_ttl_ms, tokens, then per scope: role, layer
 --            count, then per layer 6 values: tps, tpm, rpm, tpd, concurrency (0 = no limit), shadow
 --            (bitmask: bit k-1 set = limit kind k only observes: decide and report, never refuse)
--- Returns    {status, failed_slot, retry_after_ms, shadow_slot, level_1 .. level_4L of the first scope}
+-- Returns    {status, failed_slot, retry_after_ms, shadow_slot, level_1 .. level_4L of the first scope,
+--             leases: how many concurrency leases this call took (0 when refused)}
 --            status 1 admitted, 0 refused, 2 already reserved or settled (admits, charges nothing)
 --            slot = layer*5 + kind (kind 1 tps, 2 tpm, 3 rpm, 4 tpd, 5 concurrency), 0 = none
 local now_s, rid = ARGV[1], ARGV[2]  -- now_s: written as given, no number formatting
@@ -114,6 +115,7 @@ while a <= #ARGV do
 end
 
 local out = {0, failed, retry, shadow_hit}
+local lease_count = 0
 if failed == 0 then
   out[1] = 1
   local held, leases, charged = {}, {}, {}
@@ -146,8 +148,10 @@ if failed == 0 then
   -- "tokens|bucket:capacity:cost,...|lease layers|charged layers": all settlement needs, in one string.
   redis.call('SET', KEYS[1], ARGV[5] .. '|' .. table.concat(held, ',') .. '|' .. table.concat(leases, ',')
              .. '|' .. table.concat(charged, ','), 'PX', ttl)
+  lease_count = #leases
 end
 for i = 1, first_layers * 4 do  -- the first scope's levels: what the client's headers show
   out[4 + i] = math.floor(levels[i])
 end
+out[5 + first_layers * 4] = lease_count  -- ext_authz asks Envoy to free them when the response ends
 return out
