@@ -41,15 +41,7 @@ def connect(gateway: dict, timeout: float = READ_TIMEOUT_S) -> socket.socket:
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
+    return read_response(sock, until_closed=True)
 
 
 def send(gateway: dict, request: bytes) -> RawResponse:
@@ -62,9 +54,9 @@ def send(gateway: dict, request: bytes) -> RawResponse:
         return parse(read_response(sock, head_only=request.startswith(b"HEAD ")))
 
 
-def read_response(sock: socket.socket, head_only: bool = False) -> bytes:
-    """One response. Not simply "until closed": after a refusal Envoy waits up to its delayed_close_timeout
-    (1 s) for the client to close first."""
+def read_response(sock: socket.socket, head_only: bool = False, until_closed: bool = False) -> bytes:
+    """One response. Not simply "until closed" (unless asked): after a refusal Envoy waits up to its
+    delayed_close_timeout (1 s) for the client to close first."""
     data = b""
     while True:
         try:
@@ -74,7 +66,7 @@ def read_response(sock: socket.socket, head_only: bool = False) -> bytes:
         if not chunk:
             return data
         data += chunk
-        if _complete(data, head_only):
+        if not until_closed and _complete(data, head_only):
             return data
 
 
