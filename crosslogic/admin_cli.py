@@ -6,11 +6,12 @@
                                          [--concurrency-limit N]
     crosslogic env list [--org ORG] | env suspend ENV [--org ORG] | env resume ENV [--org ORG]
     crosslogic key create --org ORG --env ENV [--name N] [--region R] [--role admin|developer|read-only]
-                                              [--rate-limit-tokens-per-min N]
+                                              [--rate-limit-tokens-per-min N] [--allow-suspended]
     crosslogic key list [--org ORG] [--env ENV] | key revoke KEY | key rotate KEY
     crosslogic model add MODEL [--kind chat|completion|embedding] [--served-name S] [--context-length N]
-                               [--max-output-tokens N] [--default-max-tokens N] [--vram-gb N]
+                               [--max-output-tokens N] [--default-max-tokens N] [--max-n N] [--vram-gb N]
                                [--tokens-per-sec N] [--input-price DOLLARS] [--output-price DOLLARS]
+    crosslogic model update MODEL [same flags as add]   (refuses an unknown MODEL instead of creating it)
     crosslogic model list
     crosslogic region add REGION [--name DISPLAY] [--fallback R,R] [--price-multiplier 1.2]
     crosslogic region list
@@ -22,7 +23,12 @@ ORG and ENV are a UUID or a name; an environment name needs its org (`--org acme
 key_id, a display prefix (`clsk_live_1a2b3c`) or the plaintext key itself (e.g. to revoke a leaked key).
 Prices are US dollars per 1M tokens (`--input-price 0.05`), stored exactly as integer micro-dollars; more
 precision than one micro-dollar is refused. `model add`, `region add` and `node add` are upserts: flags left
-out keep their current value.
+out keep their current value. `--max-n` caps `n` (and completions' `best_of`) per request; default 128.
+
+`key create` refuses an org or environment that is suspended (exit 1): such a key would be refused by the
+gateway (403 tenant_suspended) until the org / environment is resumed. `--allow-suspended` creates it anyway
+(e.g. to hand out keys before resuming) and says so on stderr. `key rotate` works in a suspended tenant (a
+leaked key must be replaceable at any time) and says the new key is unusable until it is resumed.
 
 Every command takes `--json` (a JSON object or list on stdout) and `--actor` (the audit log's actor,
 default $USER). The database and the key secret come from CROSSLOGIC_DATABASE_URL / CROSSLOGIC_KEY_SECRET
@@ -103,7 +109,7 @@ KEY_COLS = [_col("key_prefix", "PREFIX"), _col("key_id", "ID"), _col("org_name",
             _col("revoked_at", "REVOKED")]  # fmt: skip
 MODEL_COLS = [_col("model_id", "MODEL"), _col("kind"), _col("served_name", "SERVED_AS"),
               _col("context_length", "CONTEXT"), _col("max_output_tokens", "MAX_OUT"),
-              _col("default_max_tokens", "DEFAULT_MAX"), _col("vram_gb", "VRAM_GB"),
+              _col("default_max_tokens", "DEFAULT_MAX"), _col("max_n", "MAX_N"), _col("vram_gb", "VRAM_GB"),
               _col("tokens_per_sec", "TOK/S"),
               ("$IN/1M", lambda m: t.microdollars_to_dollars(m.input_price_microdollars_per_1m)),
               ("$OUT/1M", lambda m: t.microdollars_to_dollars(m.output_price_microdollars_per_1m)),
@@ -230,11 +236,19 @@ def _new_key(record: t.ApiKeyRecord, plaintext: str, headline: str) -> Output:
     return Output({**t.to_json(record), "api_key": plaintext}, text)
 
 
+def _warn_if_suspended(record: t.ApiKeyRecord, suspended: str | None) -> None:
+    if suspended:
+        print(f"crosslogic: warning: {suspended} is suspended: key {record.key_prefix} is refused (403 "
+              "tenant_suspended) until it is resumed", file=sys.stderr)
+
+
 async def _key_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     assert c.secret is not None
     record, plaintext = await t.create_key(
-        db, c.secret, a.org, a.env, a.name, a.region, a.role, a.rate_limit_tokens_per_min, actor=c.actor
+        db, c.secret, a.org, a.env, a.name, a.region, a.role, a.rate_limit_tokens_per_min, actor=c.actor,
+        allow_suspended=a.allow_suspended,
     )
+    _warn_if_suspended(record, await t.suspended_owner(db, record))
     return _new_key(record, plaintext, "API key:")
 
 
@@ -249,19 +263,23 @@ async def _key_revoke(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
 async def _key_rotate(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     assert c.secret is not None
     record, plaintext = await t.rotate_key(db, c.secret, a.key, actor=c.actor)
+    _warn_if_suspended(record, await t.suspended_owner(db, record))
     return _new_key(record, plaintext, f"Key {a.key} is revoked. New API key:")
 
 
-async def _model_add(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    def price(v: str | None) -> int | None:
-        return None if v is None else t.dollars_to_microdollars(v)
+def _model_upsert(*, must_exist: bool) -> Action:
+    async def action(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+        def price(v: str | None) -> int | None:
+            return None if v is None else t.dollars_to_microdollars(v)
 
-    model = await t.add_model(
-        db, a.model_id, a.kind, a.served_name, a.context_length, a.max_output_tokens,
-        a.default_max_tokens, a.vram_gb, a.tokens_per_sec, price(a.input_price), price(a.output_price),
-        actor=c.actor,
-    )  # fmt: skip
-    return _one(model, MODEL_COLS)
+        model = await t.add_model(
+            db, a.model_id, a.kind, a.served_name, a.context_length, a.max_output_tokens,
+            a.default_max_tokens, a.vram_gb, a.tokens_per_sec, price(a.input_price), price(a.output_price),
+            a.max_n, actor=c.actor, must_exist=must_exist,
+        )  # fmt: skip
+        return _one(model, MODEL_COLS)
+
+    return action
 
 
 async def _model_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
@@ -353,6 +371,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--region", help="pin the key to a region")
     p.add_argument("--role", default="developer", choices=t.KEY_ROLES)
     p.add_argument("--rate-limit-tokens-per-min", type=int)
+    p.add_argument("--allow-suspended", action="store_true",
+                   help="create the key even if its org or environment is suspended (it is refused until resumed)")
     p = command(key, "list", "list API keys (never the keys themselves)", _key_list)
     p.add_argument("--org")
     p.add_argument("--env")
@@ -361,15 +381,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("key")
 
     model = group("model", "model catalogue")
-    p = command(model, "add", "add or update a model", _model_add)
-    p.add_argument("model_id", metavar="MODEL")
-    p.add_argument("--kind", choices=t.MODEL_KINDS)
-    p.add_argument("--served-name", help="name the inference node serves (default: MODEL)")
-    for flag in ("--context-length", "--max-output-tokens", "--default-max-tokens", "--vram-gb",
-                 "--tokens-per-sec"):  # fmt: skip
-        p.add_argument(flag, type=int)
-    p.add_argument("--input-price", metavar="DOLLARS", help="US$ per 1M input tokens, e.g. 0.05")
-    p.add_argument("--output-price", metavar="DOLLARS", help="US$ per 1M output tokens")
+    for verb, help_text, must_exist in (("add", "add or update a model", False),
+                                        ("update", "update an existing model", True)):
+        p = command(model, verb, help_text, _model_upsert(must_exist=must_exist))
+        p.add_argument("model_id", metavar="MODEL")
+        p.add_argument("--kind", choices=t.MODEL_KINDS)
+        p.add_argument("--served-name", help="name the inference node serves (default: MODEL)")
+        for flag in ("--context-length", "--max-output-tokens", "--default-max-tokens", "--vram-gb",
+                     "--tokens-per-sec"):  # fmt: skip
+            p.add_argument(flag, type=int)
+        p.add_argument("--max-n", type=int, help="most choices (n, best_of) per request (default 128)")
+        p.add_argument("--input-price", metavar="DOLLARS", help="US$ per 1M input tokens, e.g. 0.05")
+        p.add_argument("--output-price", metavar="DOLLARS", help="US$ per 1M output tokens")
     command(model, "list", "list models", _model_list)
 
     region = group("region", "regions")

@@ -50,6 +50,19 @@ def invalid_request(message: str, param: str | None = None) -> ClientError:
     return ClientError(400, message, "invalid_request_error", "invalid_request_error", param)
 
 
+def invalid_param(message: str, param: str | None, code: str | None) -> ClientError:
+    """A 400 worded and coded as OpenAI's request validator does (`code` e.g. "invalid_type", or None where
+    OpenAI sends null), naming the offending `param` in OpenAI's path syntax (`messages[0].role`)."""
+    return ClientError(400, message, "invalid_request_error", code, param)
+
+
+def internal_error() -> ClientError:
+    """Our own fault (a bug), never the client's: OpenAI's wording for its 500s."""
+    return ClientError(500, "The server had an error while processing your request. Sorry about that! Please "
+                       "retry; if the error persists, contact support with the request id.", "server_error",
+                       "internal_error")
+
+
 def request_too_large() -> ClientError:
     return ClientError(413, "Request body is too large.", "invalid_request_error", "request_too_large")
 

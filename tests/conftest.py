@@ -11,10 +11,22 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, settings
 
 from crosslogic.runtime.postgres import EmbeddedPostgres
 from crosslogic.store.db import migrate
 from tests.gateway_helpers import close_clients, connections_left_to_the_garbage_collector
+
+# Hypothesis profiles, picked with HYPOTHESIS_PROFILE (default "ci", what `make test` runs). Every profile has
+# no per-example deadline: on a shared 2-core box a slow example is load, not a bug, and 200 ms deadlines made
+# property tests flaky. "ci" is derandomized and keeps no example database, so a run is reproducible and two
+# runs of the same commit try the same examples; "dev" explores new random examples each run (and remembers
+# failures in .hypothesis/); "thorough" runs ten times as many.
+_NO_DEADLINE = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=100, derandomize=True, database=None, print_blob=True, **_NO_DEADLINE)
+settings.register_profile("dev", max_examples=100, **_NO_DEADLINE)
+settings.register_profile("thorough", max_examples=1_000, **_NO_DEADLINE)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,6 @@ import warnings
 import asyncpg
 import openai
 
-from crosslogic.sim import tokens
-
 LEDGER_WAIT_S = 15.0
 
 
@@ -76,10 +74,6 @@ def connections_left_to_the_garbage_collector() -> list[str]:
         gc.collect()
     return [str(w.message) for w in caught
             if issubclass(w.category, ResourceWarning) and str(w.message).startswith("unclosed transport")]
-
-
-def expected_chat_prompt_tokens(messages: list[dict]) -> int:
-    return tokens.chat_prompt_tokens(messages)
 
 
 def child_pids(parent_pid: int, needle: str) -> list[int]:

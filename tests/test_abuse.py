@@ -29,7 +29,7 @@ def _level(burst: int, per_ms: float, failures: list[int], now: int) -> float:
     return level
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(burst=st.integers(1, 8), refill_per_s=st.sampled_from([0.5, 1.0, 4.0, 20.0]),
        steps=st.lists(st.integers(0, 1500), min_size=1, max_size=60))
 def test_a_client_is_refused_exactly_when_its_recent_failures_used_the_budget(burst, refill_per_s, steps):
@@ -52,7 +52,7 @@ def test_a_client_is_refused_exactly_when_its_recent_failures_used_the_budget(bu
     assert len(failures) <= burst + per_ms * clock.ms + 1e-6
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(steps=st.lists(st.tuples(st.integers(0, 300), st.booleans()), min_size=1, max_size=60))
 def test_one_clients_failures_never_change_anothers_answers(steps):
     def run(with_neighbour: bool) -> list[int]:

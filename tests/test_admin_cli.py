@@ -153,6 +153,42 @@ def test_env_suspend_and_resume_by_org_and_name(acme, database_url):
     assert nameless.code == 2 and "--org" in nameless.err
 
 
+@pytest.mark.parametrize(("suspend", "words"), [
+    (("org", "suspend", "acme"), "org 'acme' is suspended"),
+    (("env", "suspend", "prod", "--org", "acme"), "environment 'prod' of org 'acme' is suspended"),
+])
+def test_key_create_refuses_a_suspended_org_or_env_unless_told_and_then_says_so(acme, database_url, suspend, words):
+    ok(acme(*suspend))
+    refused = acme("key", "create", "--org", "acme", "--env", "prod")
+    assert refused.code == 1 and words in refused.err and "--allow-suspended" in refused.err
+    assert "Traceback" not in refused.err and KEY_RE.search(refused.out + refused.err) is None
+    assert sql(database_url, "SELECT count(*) AS n FROM api_keys")[0]["n"] == 0
+    assert sql(database_url, "SELECT count(*) AS n FROM audit_log WHERE action = 'key.create'")[0]["n"] == 0
+
+    made = acme("key", "create", "--org", "acme", "--env", "prod", "--allow-suspended")
+    assert made.code == 0 and len(KEY_RE.findall(made.out)) == 1
+    assert words in made.err and "403 tenant_suspended" in made.err and "until it is resumed" in made.err
+    rotated = acme("key", "rotate", KEY_RE.findall(made.out)[0])  # a leaked key is replaceable even now
+    assert rotated.code == 0 and words in rotated.err
+
+
+def test_key_create_in_an_active_tenant_prints_no_warning(acme):
+    assert ok(acme("key", "create", "--org", "acme", "--env", "prod")).err == ""
+
+
+def test_model_max_n_defaults_to_128_and_is_set_by_add_and_update(cli, database_url):
+    assert ok(cli("model", "add", "m", "--json")).json()["max_n"] == 128
+    assert ok(cli("model", "update", "m", "--max-n", "16", "--json")).json()["max_n"] == 16
+    ok(cli("model", "add", "m", "--context-length", "4096"))  # other flags keep it
+    assert sql(database_url, "SELECT max_n, context_length FROM models")[0]["max_n"] == 16
+    assert "MAX_N" in ok(cli("model", "list")).out
+    bad = cli("model", "update", "m", "--max-n", "0")
+    assert bad.code == 2 and "max n" in bad.err
+    unknown = cli("model", "update", "nope", "--max-n", "4")
+    assert unknown.code == 1 and "not found" in unknown.err
+    assert [r["model_id"] for r in sql(database_url, "SELECT model_id FROM models")] == ["m"]
+
+
 def test_model_add_converts_dollars_per_million_to_exact_microdollars(cli, database_url):
     ok(cli("model", "add", "llama-3-8b", "--input-price", "0.05", "--output-price", "0.08"))
     (row,) = sql(database_url, "SELECT * FROM models")

@@ -109,14 +109,24 @@ def test_show_key_gives_the_limiters_own_numbers_and_where_each_comes_from(cli, 
     assert ("env", "tokens_per_day") not in limits  # the env layer has no daily limit at all
     assert shown["region"] == "ap-south" and shown["plan"] == "free" and shown["ids"]["key"] == acme["key"]
 
-    # Exactly what the limiter enforces, layer by layer and kind by kind.
+    # Every value, known independently: the fixture's two overrides, the free plan's defaults of migration 002
+    # (40,000 tokens/min, 60 requests/min, 1,000,000 tokens/day, concurrency 8), unlimited elsewhere. Both what
+    # `show` prints and what the limiter enforces must be exactly this.
+    expected = {(layer, kind): None for layer in ("org", "global") for kind in KINDS}
+    expected.update({(layer, kind): None for layer in ("env", "key", "region") for kind in KINDS
+                     if kind != "tokens_per_day"})
+    expected.update({("org", "tokens_per_min"): 40_000, ("org", "requests_per_min"): 60,
+                     ("org", "tokens_per_day"): 1_000_000, ("org", "concurrency"): 8, ("env", "concurrency"): 3,
+                     ("key", "tokens_per_min"): 1_000})
+    assert {where: limit["value"] for where, limit in limits.items()} == expected
     tenant, platform = enforced(database_url, acme["key"])
     layers = {"org": tenant.org, "env": tenant.env, "key": tenant.key, "global": platform.global_,
               "region": platform.for_region("ap-south")[1]}
-    for (layer, kind), limit in limits.items():
-        assert limit["value"] == getattr(layers[layer], kind), (layer, kind)
-    for view in shown["layers"]:
-        assert (view["shadow"], view["fail_open"]) == (layers[view["layer"]].shadow, layers[view["layer"]].fail_open)
+    assert {(layer, kind): getattr(layers[layer], kind) for layer, kind in expected} == expected
+    # Migration 002's layer policy: every layer fails open and none is in shadow mode.
+    assert [(v["layer"], v["shadow"], v["fail_open"]) for v in shown["layers"]] == [
+        (layer, False, True) for layer in ("org", "env", "key", "global", "region")]
+    assert all((layers[layer].shadow, layers[layer].fail_open) == (False, True) for layer in layers)
 
     text = ok(cli("limits", "show", "--key", acme["key"])).out
     assert "plan default (free)" in text and "key override" in text and "40000" in text

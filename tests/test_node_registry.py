@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -158,18 +161,36 @@ def _client_creds(ca_dir: Path, node: pki.Issued | None) -> grpc.ChannelCredenti
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=node.key_pem, certificate_chain=node.cert_pem)
 
 
-async def test_nodeagent_api_over_mutual_tls_admits_only_certificates_of_our_ca_within_their_scope(
-        database_url, tmp_path):
+@dataclasses.dataclass(frozen=True)
+class MtlsServer:
+    pool: asyncpg.Pool
+    port: int
+    ca: pki.Issued
+    org_id: str
+
+
+@contextlib.asynccontextmanager
+async def _mtls_server(database_url: str, tmp_path: Path) -> AsyncIterator[MtlsServer]:
+    """The NodeAgent API over real mutual TLS, in process, with the catalogue of _catalogue."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     server = grpc.aio.server()
     try:
         async with pool.acquire() as conn:
             org_id = await _catalogue(conn)
         pki.init_pki(tmp_path / "pki", ["127.0.0.1"])
-        ca = pki.load_ca(tmp_path / "pki")
         add_to_server(server, NodeAgentServicer(pool, tls=True, heartbeat_interval_ms=5000, metrics_interval_ms=15000))
         port = server.add_secure_port("127.0.0.1:0", server_credentials(tmp_path / "pki"))
         await server.start()
+        yield MtlsServer(pool, port, pki.load_ca(tmp_path / "pki"), org_id)
+    finally:
+        await server.stop(0)
+        await pool.close()
+
+
+async def test_nodeagent_api_over_mutual_tls_admits_only_certificates_of_our_ca_within_their_scope(
+        database_url, tmp_path):
+    async with _mtls_server(database_url, tmp_path) as srv:
+        pool, port, ca, org_id = srv.pool, srv.port, srv.ca, srv.org_id
         request = pb.RegisterNodeRequest(name="n1", region="eu-central", cloud="aws", models=["m1"],
                                          endpoint_host="10.0.0.5", endpoint_port=8000)
 
@@ -190,9 +211,6 @@ async def test_nodeagent_api_over_mutual_tls_admits_only_certificates_of_our_ca_
         assert answer.node_id and answer.heartbeat_interval_ms == 5000
         async with pool.acquire() as conn:
             assert await _status(conn, "n1") == "active"
-    finally:
-        await server.stop(0)
-        await pool.close()
 
 
 async def test_ttft_baseline_follows_normal_latency_but_not_spikes(database_url):
@@ -209,5 +227,86 @@ async def test_ttft_baseline_follows_normal_latency_but_not_spikes(database_url)
         await nr.record_metrics(conn, node_id, 1, 0, 0.1, 10, 2.0)  # a spike leaves the yardstick alone
         assert await conn.fetchval(baseline) == pytest.approx(0.11)
         assert await conn.fetchval("SELECT ttft_s FROM node_load") == 2.0
+    finally:
+        await conn.close()
+
+
+_SNAPSHOT = """SELECT n.status, n.status_reason, l.last_heartbeat_at, l.engine_healthy, l.requests_running, l.metrics_at
+FROM nodes n JOIN node_load l USING (node_id) WHERE n.node_id = $1::uuid"""
+
+
+async def test_a_certificate_of_one_scope_cannot_act_for_a_node_of_another_scope(database_url, tmp_path):
+    """Issue 9 item 14: every NodeAgent call checks the node against the caller's certificate, not only
+    RegisterNode. A pool:gcp certificate, and an org lane certificate, try each call on an aws pool node."""
+    async with _mtls_server(database_url, tmp_path) as srv:
+        pool, port, ca, org_id = srv.pool, srv.port, srv.ca, srv.org_id
+        owner, gcp, lane = (pki.issue_node(ca, "n", scope) for scope in ("pool:aws", "pool:gcp", f"org:{org_id}"))
+
+        def channel(cert: pki.Issued) -> grpc.aio.Channel:
+            return grpc.aio.secure_channel(f"127.0.0.1:{port}", _client_creds(tmp_path / "pki", cert))
+
+        async with channel(owner) as chan:
+            stub = pb_grpc.NodeAgentStub(chan)
+            node_id = (await stub.RegisterNode(pb.RegisterNodeRequest(
+                name="aws-1", region="eu-central", cloud="aws", models=["m1"], endpoint_host="10.0.0.5",
+                endpoint_port=8000), timeout=5)).node_id
+            await stub.SendMetrics(pb.MetricsRequest(node_id=node_id, requests_running=3, mean_ttft_s=0.2), timeout=5)
+        async with pool.acquire() as conn:
+            before = dict(await conn.fetchrow(_SNAPSHOT, node_id))
+        assert before["status"] == "active" and before["requests_running"] == 3
+
+        calls = {
+            "heartbeat": lambda s: s.SendHeartbeat(pb.HeartbeatRequest(node_id=node_id, engine_unhealthy=True),
+                                                   timeout=5),
+            "metrics": lambda s: s.SendMetrics(pb.MetricsRequest(node_id=node_id, requests_running=99), timeout=5),
+            "spot eviction": lambda s: s.NotifySpotEviction(pb.SpotEvictionRequest(node_id=node_id, provider="aws"),
+                                                            timeout=5),
+            "drain": lambda s: s.Shutdown(pb.ShutdownRequest(node_id=node_id, reason="x", final=False), timeout=5),
+            "shutdown": lambda s: s.Shutdown(pb.ShutdownRequest(node_id=node_id, reason="x", final=True), timeout=5),
+        }
+        for intruder in (gcp, lane):
+            async with channel(intruder) as chan:
+                stub = pb_grpc.NodeAgentStub(chan)
+                for name, call in calls.items():
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call(stub)
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+                    assert "does not cover node" in refused.value.details(), name
+        async with pool.acquire() as conn:
+            assert dict(await conn.fetchrow(_SNAPSHOT, node_id)) == before  # untouched, to the microsecond
+
+        async with channel(owner) as chan:  # the node's own certificate still may do all of it
+            stub = pb_grpc.NodeAgentStub(chan)
+            assert (await calls["heartbeat"](stub)).status == "active"
+            await calls["drain"](stub)
+            async with pool.acquire() as conn:
+                assert (await conn.fetchrow(_SNAPSHOT, node_id))["status"] == "draining"
+            await calls["shutdown"](stub)
+            unknown = "00000000-0000-0000-0000-000000000000"
+            for bad in (unknown, "not-a-uuid"):
+                with pytest.raises(grpc.aio.AioRpcError) as missing:
+                    await stub.SendHeartbeat(pb.HeartbeatRequest(node_id=bad), timeout=5)
+                assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        async with pool.acquire() as conn:
+            assert (await conn.fetchrow(_SNAPSHOT, node_id))["status"] == "dead"
+
+
+async def test_registry_calls_pin_the_write_to_the_owner_the_scope_allowed(database_url):
+    conn = await asyncpg.connect(database_url)
+    try:
+        org_id = await _catalogue(conn)
+        lane_node = await nr.register(conn, _reg(name="lane-1", reserved=org_id), nr.NodeScope("org", org_id))
+        for call in (lambda s: nr.heartbeat(conn, lane_node, True, s),
+                     lambda s: nr.record_metrics(conn, lane_node, 1, 0, 0, 0, 0, s),
+                     lambda s: nr.drain(conn, lane_node, "x", s), lambda s: nr.shut_down(conn, lane_node, "x", s)):
+            with pytest.raises(nr.ScopeViolation):
+                await call(nr.NodeScope("pool", "aws"))  # same cloud, but the node is an org's lane
+        assert await _status(conn, "lane-1") == "active"
+        assert await nr.heartbeat(conn, lane_node, True, nr.NodeScope("org", org_id)) == "active"
+        # The owner changed between the check and the write: the pinned write finds nothing.
+        pin = await nr.owner_pin(conn, uuid.UUID(lane_node), nr.NodeScope("org", org_id))
+        await conn.execute("UPDATE nodes SET reserved_org_id = NULL WHERE node_id = $1::uuid", lane_node)
+        await conn.execute(nr.SQL_DRAIN, uuid.UUID(lane_node), "x", *pin)
+        assert await _status(conn, "lane-1") == "active"
     finally:
         await conn.close()

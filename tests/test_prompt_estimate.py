@@ -89,9 +89,15 @@ def test_a_lone_surrogate_from_a_json_escape_is_measured_not_an_error():
 def test_validation_reserves_with_the_new_estimate():
     models = {"chat": ModelSpec("chat", "chat", context_length=8192, max_output_tokens=100, default_max_tokens=50)}
     messages = [{"role": "user", "content": "Count for me please"}]
-    body = {"model": "chat", "messages": messages, "tools": [WEATHER_TOOL]}
-    facts = validate_request(Endpoint.CHAT, json.dumps(body).encode(), models, frozenset())
-    assert facts.prompt_estimate == estimate.chat_prompt_tokens(messages, body)
+    plain = validate_request(Endpoint.CHAT, json.dumps({"model": "chat", "messages": messages}).encode(), models,
+                             frozenset())
+    assert plain.prompt_estimate == 23 // 4 + 4 + 5  # "user" + the text: 23 characters; message and reply overhead
+    assert plain.reserve == 14 + 50  # and the model's default max_tokens
+    # The definitions as one JSON list of the `tools` (and `functions`) lists, as the template renders them.
+    tool_json = json.dumps([[WEATHER_TOOL]], ensure_ascii=False)
+    tools = validate_request(Endpoint.CHAT, json.dumps({"model": "chat", "messages": messages,
+                                                        "tools": [WEATHER_TOOL]}).encode(), models, frozenset())
+    assert tools.prompt_estimate == (23 + len(tool_json)) // 4 + 4 + 5 + estimate.TOOLS_OVERHEAD
 
 
 # ---------------------------------------------------------------- properties

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
 import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from crosslogic.ratelimit import buckets as b
 from crosslogic.ratelimit.engine import Limiter, request_keys
 from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
+from crosslogic.ratelimit.quota import Quotas, exceeded
 
 capacities = st.integers(min_value=1, max_value=10_000_000)
 windows = st.sampled_from([1_000, 60_000, 86_400_000])
@@ -108,13 +110,16 @@ def test_lua_buckets_follow_the_python_model_exactly(valkey_url, capacity, seque
     _run(scenario())
 
 
-@given(st.lists(st.one_of(st.none(), st.integers(0, 1000)), min_size=4, max_size=4),
-       st.lists(st.integers(0, 2000), min_size=4, max_size=4))
-def test_a_quota_is_exceeded_exactly_when_a_counter_reached_it(limits, used):
-    from crosslogic.ratelimit.quota import Quotas, exceeded
-
-    quotas = Quotas(*limits)
-    hit = exceeded(quotas, used)
-    over = [(level, period) for (level, period, limit), spent in zip(quotas.limits(), used, strict=True)
-            if limit is not None and spent >= limit]
-    assert hit == (over[0] if over else None)
+@pytest.mark.parametrize(("limits", "used", "hit"), [
+    # Quotas in Quotas.limits() order: org/day, org/hour, env/day, env/hour; None = no quota.
+    ((None, None, None, None), [10**9] * 4, None),  # nothing is limited
+    ((100, None, None, None), [99, 0, 0, 0], None),  # one token below
+    ((100, None, None, None), [100, 0, 0, 0], ("org", "d")),  # reached exactly: used up
+    ((100, 50, None, None), [10, 50, 0, 0], ("org", "h")),
+    ((None, None, 0, None), [0, 0, 0, 0], ("env", "d")),  # a zero quota allows nothing
+    ((None, None, 500, 20), [0, 0, 499, 21], ("env", "h")),
+    ((100, 50, 500, 20), [100, 50, 500, 20], ("org", "d")),  # several used up: the first in order
+    ((None, 50, 500, None), [10**9, 49, 500, 10**9], ("env", "d")),  # counters without a quota never count
+])
+def test_a_quota_is_exceeded_exactly_when_a_counter_reached_it(limits, used, hit):
+    assert exceeded(Quotas(*limits), used) == hit

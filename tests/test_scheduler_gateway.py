@@ -126,7 +126,7 @@ async def test_node_killed_under_load_costs_no_non_streaming_request(fleet):
                            "the killed node unhealthy")
 
 
-async def test_spot_notice_stops_new_requests_at_once_while_in_flight_streams_finish(fleet):
+async def test_spot_notice_stops_new_requests_to_the_node_while_in_flight_streams_finish(fleet):
     await fleet.setup({"r": []})
     noticed = asyncio.Event()
 
@@ -204,7 +204,7 @@ async def test_whole_region_down_sends_traffic_to_the_fallback_region(fleet):
     assert await away.requests_total() == 10
 
 
-async def test_policy_edit_is_live_within_a_second_and_a_bad_policy_never_reaches_envoy(fleet):
+async def test_policy_edit_goes_live_and_a_bad_policy_never_reaches_envoy(fleet):
     await fleet.setup({"home": ["away"], "away": []})
     home = fleet.region("home")
     conn = await fleet.db()

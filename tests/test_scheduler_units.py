@@ -158,10 +158,16 @@ def test_spot_notices_of_each_cloud_are_recognised(parse, status, body, noticed)
     assert (parse(status, body) is not None) == noticed
 
 
+@pytest.mark.parametrize(("failures", "seconds"), [(0, 1), (1, 1), (2, 2), (3, 4), (6, 32), (7, 60), (100, 60)])
+def test_engine_restart_backoff_doubles_from_one_second_up_to_a_minute(failures, seconds):
+    assert Backoff(initial_s=1, maximum_s=60).delay(failures) == seconds  # 1, 2, 4 ... 32, then capped (64 > 60)
+
+
 @given(st.integers(1, 100))
 def test_engine_restart_backoff_grows_and_is_capped(failures):
     backoff = Backoff(initial_s=1, maximum_s=60)
-    assert backoff.delay(failures) <= backoff.delay(failures + 1) <= 60
+    assert 1 <= backoff.delay(failures) <= backoff.delay(failures + 1) <= 60
+    assert backoff.delay(failures) == min(60, 2 ** (failures - 1))
 
 
 def test_reserved_lane_puts_the_orgs_nodes_first_and_the_shared_pool_after_them():

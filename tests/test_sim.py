@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -20,6 +21,9 @@ MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": [{"type": "text", "text": "say three words"}]},
 ]
+# The token rule worked out by hand (test_token_rules_are_word_counts_with_chat_overhead checks the rule itself):
+# 3 words + 4 per message, twice, + 2 per conversation.
+PROMPT = (3 + 4) + (3 + 4) + 2
 
 
 @pytest.fixture
@@ -101,7 +105,7 @@ async def test_chat_usage_equals_the_token_rule_prediction(client: openai.AsyncO
     assert choice.message.role == "assistant"
     assert choice.message.content == "tok0 tok1 tok2 tok3 tok4"
     assert choice.finish_reason == "length"
-    assert out.usage.prompt_tokens == tokens.chat_prompt_tokens(MESSAGES)
+    assert out.usage.prompt_tokens == PROMPT
     assert out.usage.completion_tokens == 5
     assert out.usage.total_tokens == out.usage.prompt_tokens + 5
     assert out.usage.prompt_tokens_details is None
@@ -137,7 +141,7 @@ async def test_stream_with_include_usage_ends_with_usage_chunk_then_done(client:
     assert all(c.usage is None for c in chunks[:-1])
     last = chunks[-1]
     assert last.choices == []
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (tokens.chat_prompt_tokens(MESSAGES), 4)
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (PROMPT, 4)
     assert len({c.id for c in chunks}) == 1
 
 
@@ -146,7 +150,7 @@ async def test_continuous_usage_stats_put_cumulative_usage_on_every_chunk(client
         model=MODEL, messages=MESSAGES, max_tokens=3, stream=True,
         stream_options={"include_usage": True, "continuous_usage_stats": True})
     chunks = [c async for c in stream]
-    prompt = tokens.chat_prompt_tokens(MESSAGES)
+    prompt = PROMPT
     assert [(c.usage.prompt_tokens, c.usage.completion_tokens) for c in chunks] == [
         (prompt, 0), (prompt, 1), (prompt, 2), (prompt, 3), (prompt, 3)]
     assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
@@ -228,14 +232,14 @@ async def test_unknown_route_is_404_in_error_shape(sim: RunningSimulator, http):
 # ----------------------------------------------------------------------------------------- completions
 
 
-@pytest.mark.parametrize("prompt", ["one two three", ["a b", "c d e"], [11, 12, 13, 14], [[1, 2], [3]]])
-async def test_completions_usage_for_every_prompt_form(client: openai.AsyncOpenAI, prompt):
+@pytest.mark.parametrize(("prompt", "n_prompts", "prompt_tokens"), [
+    ("one two three", 1, 3), (["a b", "c d e"], 2, 5), ([11, 12, 13, 14], 1, 4), ([[1, 2], [3]], 2, 3)])
+async def test_completions_usage_for_every_prompt_form(client: openai.AsyncOpenAI, prompt, n_prompts, prompt_tokens):
     out = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=3)
-    n_prompts = len(tokens.prompt_batch(prompt))
     assert out.id.startswith("cmpl-")
     assert [c.index for c in out.choices] == list(range(n_prompts))
     assert all(c.text == "tok0 tok1 tok2" and c.finish_reason == "length" for c in out.choices)
-    assert out.usage.prompt_tokens == tokens.batch_prompt_tokens(prompt)
+    assert out.usage.prompt_tokens == prompt_tokens
     assert out.usage.completion_tokens == 3 * n_prompts
 
 
@@ -260,13 +264,14 @@ async def test_completions_stream_with_usage(client: openai.AsyncOpenAI):
 async def test_embeddings_are_deterministic_with_prompt_only_usage(client: openai.AsyncOpenAI, sim, http):
     out = await client.embeddings.create(model=MODEL, input=["hello world", "x"])  # client asks base64
     assert [d.index for d in out.data] == [0, 1]
-    expected = tokens.embedding_for("hello world", 8)
-    assert out.data[0].embedding == pytest.approx(expected, abs=1e-6)
-    assert out.usage.prompt_tokens == out.usage.total_tokens == 3
+    hello, x = (d.embedding for d in out.data)
+    assert len(hello) == len(x) == 8 and hello != x
+    assert math.fsum(v * v for v in hello) == pytest.approx(1.0)  # unit length, as vLLM normalises
+    assert out.usage.prompt_tokens == out.usage.total_tokens == 3  # 2 words + 1 word
     async with http.post(f"{sim.base_url}/embeddings", json={"input": "hello world"}) as resp:
-        raw = await resp.json()
+        raw = await resp.json()  # floats this time, and a second request: the same vector
     assert raw["id"].startswith("embd-")
-    assert raw["data"][0]["embedding"] == expected
+    assert raw["data"][0]["embedding"] == pytest.approx(hello, abs=1e-6)
     assert raw["usage"] == {"prompt_tokens": 2, "total_tokens": 2, "completion_tokens": 0,
                             "prompt_tokens_details": None, "completion_tokens_details": None}
 

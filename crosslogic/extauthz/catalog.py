@@ -12,7 +12,7 @@ from crosslogic.extauthz.validation import ModelSpec
 log = logging.getLogger("crosslogic.extauthz")
 
 _MODELS_SQL = """
-SELECT model_id, kind, context_length, max_output_tokens, default_max_tokens
+SELECT model_id, kind, context_length, max_output_tokens, default_max_tokens, max_n
 FROM models WHERE status = 'active'
 """
 # Orgs with dedicated nodes: their requests go to their reserved lane (`region/model@org`, issue 4).

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import traceback
 from dataclasses import dataclass, field
 
 from crosslogic import errors
 from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.identity import Identity, IdentityResolver
-from crosslogic.extauthz.validation import RequestFacts, endpoint_for, validate_request
+from crosslogic.extauthz.validation import Endpoint, ModelSpec, RequestFacts, endpoint_for, validate_request
 from crosslogic.keys import hash_api_key, looks_like_api_key
 from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.xds.model import route_key
 
+log = logging.getLogger("crosslogic.extauthz")
 # What a node gets of the client's headers, besides the x-clp-* set here: framing, content negotiation, the
 # request id. The rest (the key, cookies, SDK telemetry, accept-encoding, x-envoy-*, 60 KiB of padding) stays
 # at the gateway: a node's header limits are smaller than Envoy's (the simulator's aiohttp: 8 KiB a line),
@@ -58,6 +61,23 @@ def _check_status(identity: Identity) -> None:
             raise errors.tenant_suspended(level)
     if identity.key_status != "active":
         raise errors.invalid_api_key()
+
+
+def _validated(endpoint: Endpoint, body: bytes, models: dict[str, ModelSpec],
+               allowed: frozenset[str]) -> RequestFacts:
+    """validate_request, with its last resort: it is a pure function of the client's body, so anything it raises
+    besides ClientError is a bug meeting input we did not foresee. The client gets a 400 (its request cannot be
+    served as sent; nothing failed on our side), the log one line naming the bug's place, no traceback."""
+    try:
+        return validate_request(endpoint, body, models, allowed)
+    except errors.ClientError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last resort, by design
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        log.error("request validation failed on unforeseen input (%s: %.200s at %s:%d); answered 400",
+                  type(exc).__name__, exc, where.filename.rsplit("/", 1)[-1], where.lineno)
+        raise errors.invalid_param("The request body could not be validated. Check it against the API "
+                                   "reference.", None, None) from None
 
 
 def _usage_mode(facts: RequestFacts) -> str:
@@ -104,9 +124,9 @@ class Authorizer:
         endpoint = endpoint_for(path)
         if endpoint is not None and method == "POST":
             models = await self.catalogue.current()
-            facts = validate_request(endpoint, body, models, frozenset(identity.allowed_models))
-            if self.quotas is not None:
-                await self.quotas.check(identity.org_id, identity.env_id, len(body), facts.max_tokens)
+            facts = _validated(endpoint, body, models, frozenset(identity.allowed_models))
+            if self.quotas is not None:  # the per-request token cap applies to every choice's tokens
+                await self.quotas.check(identity.org_id, identity.env_id, len(body), facts.completion_budget)
             region = identity.region or self.default_region
             lane = identity.org_id if identity.org_id in self.catalogue.reserved_orgs else None
             route = route_key(region, facts.model, lane)
@@ -115,13 +135,14 @@ class Authorizer:
             metadata.update({"model": facts.model, "region": region, "endpoint": endpoint.label,
                              "streamed": facts.stream, "max_tokens": facts.max_tokens,
                              "prompt_estimate": facts.prompt_estimate,
-                             # what crosslogic.ratelimit reserves (a string: Envoy's rate-limit
-                             # metadata action reads string values)
-                             "reserve": str(facts.prompt_estimate + facts.max_tokens)})
+                             # what crosslogic.ratelimit reserves: the prompt once, plus max_tokens for
+                             # each of the n (best_of) sequences (a string: Envoy's rate-limit metadata
+                             # action reads string values)
+                             "reserve": str(facts.reserve)})
         response_headers: dict[str, str] = {}
         if "reserve" in metadata and self.gate is not None:
             response_headers = await self._admit(identity, region, headers.get("x-request-id", ""),
-                                                 facts.prompt_estimate + facts.max_tokens, metadata)
+                                                 facts.reserve, metadata)
         remove = tuple(h for h in headers if h not in out and h not in FORWARDED_HEADERS and not h.startswith(":"))
         return Allowed(headers=out, remove=remove, metadata=metadata,
                        response_headers=response_headers)

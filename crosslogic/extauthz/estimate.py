@@ -24,6 +24,7 @@ template adds and what OpenAI publishes for its own models.
 from __future__ import annotations
 
 import json
+import re
 
 # Llama-3 wraps every message as <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>: 4 tokens
 # besides the role, whose text is counted above. OpenAI's cookbook (num_tokens_from_messages) counts 3.
@@ -49,14 +50,76 @@ def text_units(text: str) -> int:
 
 
 def value_units(value: object) -> int:
-    """Units of every string in a JSON value (and of token ids in lists); the old estimate's walk."""
-    if isinstance(value, str):
-        return text_units(value)
-    if isinstance(value, list):
-        return sum(UNITS_PER_TOKEN if isinstance(v, int) else value_units(v) for v in value)
-    if isinstance(value, dict):
-        return sum(value_units(v) for v in value.values())
+    """Units of every string in a JSON value (and of token ids in lists); the old estimate's walk.
+
+    Iterative, with an explicit stack: the body's depth is bounded before parsing (jsonbody.py), but an
+    estimate must never be the thing that recurses once per level."""
+    units, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            units += text_units(item)
+        elif isinstance(item, list):
+            for v in item:
+                if _is_token_id(v):
+                    units += UNITS_PER_TOKEN
+                else:
+                    stack.append(v)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return units
+
+
+# What json.dumps(..., ensure_ascii=False) adds to a string besides its characters: quotes, and escapes.
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_SHORT_ESCAPES = frozenset("\n\r\t\b\f")
+
+
+def _string_json_units(text: str) -> int:
+    units = text_units(text) + 2 + text.count('"') + text.count("\\")
+    for c in _CONTROL.findall(text):
+        units += 1 if c in _SHORT_ESCAPES else 5  # \n, or \u00XX
+    return units
+
+
+def _scalar_json_units(value: object) -> int:
+    if value is None or value is True:
+        return 4
+    if value is False:
+        return 5
+    if isinstance(value, float):
+        return len(json.dumps(value))  # repr, or Infinity / NaN
+    if isinstance(value, int):
+        try:
+            return len(str(value))
+        except ValueError:  # beyond Python's int-to-text limit; jsonbody refuses such numbers anyway
+            return value.bit_length() * 3 // 10 + 2
     return 0
+
+
+def json_units(value: object) -> int:
+    """Units of `value` as json.dumps(value, ensure_ascii=False) writes it (default separators), computed
+    without writing it and without recursion (json.dumps recurses once per level)."""
+    units, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            units += _string_json_units(item)
+        elif isinstance(item, list):
+            units += 2 + 2 * max(0, len(item) - 1)  # [] and ", "
+            stack.extend(item)
+        elif isinstance(item, dict):
+            units += 2 + 2 * max(0, len(item) - 1) + 2 * len(item)  # {}, ", " and ": "
+            for key, v in item.items():
+                units += _string_json_units(key)
+                stack.append(v)
+        else:
+            units += _scalar_json_units(item)
+    return units
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _message_overhead(message: dict) -> int:
@@ -71,26 +134,32 @@ def _message_overhead(message: dict) -> int:
     return overhead
 
 
-def chat_prompt_tokens(messages: list[dict], body: dict) -> int:
+def chat_prompt_tokens(messages: object, body: dict) -> int:
     """Estimated prompt tokens of a chat request: its messages through the chat template, plus the tool
-    (or deprecated function) definitions the template renders into the prompt."""
+    (or deprecated function) definitions the template renders into the prompt. Total on any JSON (entries
+    that are not objects count only their strings): validation runs first, but an estimate never raises."""
     units = value_units(messages)
-    overhead = REPLY_OVERHEAD + sum(_message_overhead(m) for m in messages)
+    entries = messages if isinstance(messages, list) else []
+    overhead = REPLY_OVERHEAD + sum(_message_overhead(m) for m in entries if isinstance(m, dict))
     definitions = [d for d in (body.get("tools"), body.get("functions")) if d]
     if definitions:
-        units += text_units(json.dumps(definitions, ensure_ascii=False))
+        try:  # json.dumps is C and ~3x faster; it recurses, so a deep value (only from a direct caller:
+            # request bodies are depth-bounded) is measured by the iterative json_units instead
+            units += text_units(json.dumps(definitions, ensure_ascii=False))
+        except RecursionError:
+            units += json_units(definitions)
         overhead += TOOLS_OVERHEAD
     return units // UNITS_PER_TOKEN + overhead
 
 
-def _prompt_count(prompt: object) -> int:
+def prompt_count(prompt: object) -> int:
     """How many prompts a completions `prompt` / embeddings `input` holds: a string or a list of token
     ids is one, a list of strings or of token-id lists is one per element."""
-    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+    if isinstance(prompt, list) and prompt and not all(_is_token_id(p) for p in prompt):
         return len(prompt)
     return 1
 
 
 def text_prompt_tokens(prompt: object) -> int:
     """Estimated prompt tokens of a completions `prompt` or embeddings `input`: one BOS token per prompt."""
-    return value_units(prompt) // UNITS_PER_TOKEN + _prompt_count(prompt)
+    return value_units(prompt) // UNITS_PER_TOKEN + prompt_count(prompt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -72,7 +73,23 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, aioredis.RedisError) as exc:
             log.warning("authorisation backend unavailable: %s", exc)
             return denied_response(errors.service_unavailable())
-        return allowed_response(allowed)
+        except Exception as exc:  # noqa: BLE001 - the last resort: Envoy must always get an answer
+            return denied_response(_unexpected(exc, http.method, http.path))
+        try:
+            return allowed_response(allowed)
+        except Exception as exc:  # noqa: BLE001 - e.g. a value protobuf cannot carry
+            return denied_response(_unexpected(exc, http.method, http.path))
+
+
+def _unexpected(exc: BaseException, method: str, path: str) -> errors.ClientError:
+    """A bug, not a client mistake: what the client's input could cause is answered as a 400 inside the decision
+    (decision._validated), so what reaches here is our fault, answered as OpenAI's 500 and logged as one line
+    naming where it happened (no traceback in the log, nothing internal in the reply)."""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    place = f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}" if where else "?"
+    log.error("unexpected error deciding %.10s %.100s (%s: %.200s at %s); answered 500", method, path,
+              type(exc).__name__, exc, place)
+    return errors.internal_error()
 
 
 async def serve_authz(settings: Settings, listen: str) -> None:

@@ -67,12 +67,14 @@ def exceeded(quotas: Quotas, used: list[int]) -> tuple[str, str] | None:
     return None
 
 
-def cap_violation(quotas: Quotas, body_bytes: int, max_tokens: int) -> errors.ClientError | None:
+def cap_violation(quotas: Quotas, body_bytes: int, completion_tokens: int) -> errors.ClientError | None:
+    """`completion_tokens`: the most the request can generate, max_tokens for each of its n choices."""
     if quotas.max_request_bytes is not None and body_bytes > quotas.max_request_bytes:
         return errors.request_too_large()
-    if quotas.max_tokens_per_request is not None and max_tokens > quotas.max_tokens_per_request:
-        return errors.invalid_request(f"max_tokens is limited to {quotas.max_tokens_per_request} in this "
-                                      "environment.", "max_tokens")
+    if quotas.max_tokens_per_request is not None and completion_tokens > quotas.max_tokens_per_request:
+        return errors.invalid_request(f"max_tokens is limited to {quotas.max_tokens_per_request} completion tokens "
+                                      f"per request in this environment (max_tokens x n), and this request may "
+                                      f"generate {completion_tokens}.", "max_tokens")
     return None
 
 
@@ -106,11 +108,11 @@ class QuotaGuard:
         self._cache[env_id] = (now, quotas)
         return quotas
 
-    async def check(self, org_id: str, env_id: str, body_bytes: int, max_tokens: int) -> None:
+    async def check(self, org_id: str, env_id: str, body_bytes: int, completion_tokens: int) -> None:
         """Raises the ClientError for a request over its environment's caps (413 / 400), or 403
         quota_exceeded when a quota is used up. Redis down: quotas allow (logged)."""
         quotas = await self.quotas(env_id)
-        violation = cap_violation(quotas, body_bytes, max_tokens)
+        violation = cap_violation(quotas, body_bytes, completion_tokens)
         if violation is not None:
             raise violation
         if not quotas.any:

@@ -136,6 +136,7 @@ class Model:
     output_price_microdollars_per_1m: int
     status: str
     created_at: datetime
+    max_n: int  # most choices (n, best_of) one request may ask for
 
 
 @dataclass(frozen=True)
@@ -299,19 +300,20 @@ RETURNING key_id"""
 SQL_REVOKE_KEY = "UPDATE api_keys SET status = 'revoked', revoked_at = now() WHERE key_id = $1"
 
 _MODEL_COLS = """model_id, kind, served_name, context_length, max_output_tokens, default_max_tokens, vram_gb,
-    tokens_per_sec, input_price_microdollars_per_1m, output_price_microdollars_per_1m, status, created_at"""
+    tokens_per_sec, input_price_microdollars_per_1m, output_price_microdollars_per_1m, status, created_at, max_n"""
 SQL_SELECT_MODELS = f"SELECT {_MODEL_COLS} FROM models ORDER BY model_id"
 SQL_SELECT_MODEL = f"SELECT {_MODEL_COLS} FROM models WHERE model_id = $1"
 SQL_SELECT_MODEL_IDS = "SELECT model_id FROM models WHERE model_id = ANY($1::text[])"
 # Upsert where NULL means "keep what is there" (or the schema default for a new model): re-running
-# `model add` with one flag changes one field. The COALESCE defaults mirror 001's column defaults.
+# `model add` with one flag changes one field. The COALESCE defaults mirror 001's (and 006's) column defaults.
 SQL_UPSERT_MODEL = f"""
 INSERT INTO models AS m (model_id, kind, served_name, context_length, max_output_tokens, default_max_tokens,
-    vram_gb, tokens_per_sec, input_price_microdollars_per_1m, output_price_microdollars_per_1m)
+    vram_gb, tokens_per_sec, input_price_microdollars_per_1m, output_price_microdollars_per_1m, max_n)
 VALUES ($1, COALESCE($2::text, 'chat'), $3::text, COALESCE($4::int, 8192), COALESCE($5::int, 4096),
     COALESCE($6::int, 512), COALESCE($7::int, 16), COALESCE($8::int, 1000), COALESCE($9::bigint, 0),
-    COALESCE($10::bigint, 0))
+    COALESCE($10::bigint, 0), COALESCE($11::int, 128))
 ON CONFLICT (model_id) DO UPDATE SET
+    max_n = COALESCE($11, m.max_n),
     kind = COALESCE($2, m.kind),
     served_name = COALESCE($3, m.served_name),
     context_length = COALESCE($4, m.context_length),
@@ -656,14 +658,24 @@ async def create_key(
     rate_limit_tokens_per_min: int | None = None,
     *,
     actor: str = "system",
+    allow_suspended: bool = False,
 ) -> tuple[ApiKeyRecord, str]:
-    """A new key; returns its record and the plaintext, which exists nowhere else afterwards."""
+    """A new key; returns its record and the plaintext, which exists nowhere else afterwards.
+
+    Refuses (Conflict) when the org or the environment is suspended: the gateway would refuse the key with
+    403 tenant_suspended, and handing out a key that cannot work is a silent trap. `allow_suspended` creates
+    it anyway (it starts working when both are active again)."""
     if not secret:
         raise InvalidArgument("the key secret is empty")
     _choice(role, KEY_ROLES, "role")
     _positive(rate_limit_tokens_per_min, "rate limit (tokens/min)")
     async with _transaction(db) as conn:
         owner_env = await get_env(conn, env, org)
+        suspended = await _suspended(conn, owner_env)
+        if suspended and not allow_suspended:
+            raise Conflict(f"{suspended} is suspended: a key created now would be refused (403 tenant_suspended) "
+                           "until it is resumed. Resume it first (crosslogic org resume / env resume), or pass "
+                           "--allow-suspended to create the key anyway")
         await _require_regions(conn, [region])
         record, plaintext = await _insert_key(
             conn, secret, uuid.UUID(owner_env.org_id), uuid.UUID(owner_env.env_id), None,
@@ -671,6 +683,21 @@ async def create_key(
         )  # fmt: skip
         await _audit(conn, actor, "key.create", "api_key", record.key_id, _key_audit(record))
         return record, plaintext
+
+
+async def _suspended(db: Db, env: Environment) -> str | None:
+    """Which owner of keys in `env` is suspended ("org 'acme'", "environment 'prod' of org 'acme'"), if any."""
+    org = await get_org(db, env.org_id)
+    if org.status == "suspended":
+        return f"org {org.name!r}"
+    if env.status == "suspended":
+        return f"environment {env.name!r} of org {org.name!r}"
+    return None
+
+
+async def suspended_owner(db: Db, key: ApiKeyRecord) -> str | None:
+    """The suspended org or environment that makes `key` unusable, or None."""
+    return await _suspended(db, await get_env(db, key.env_id))
 
 
 @_db_errors
@@ -731,10 +758,13 @@ async def add_model(
     tokens_per_sec: int | None = None,
     input_price_microdollars_per_1m: int | None = None,
     output_price_microdollars_per_1m: int | None = None,
+    max_n: int | None = None,
     *,
     actor: str = "system",
+    must_exist: bool = False,
 ) -> Model:
-    """Create or update a model; arguments left as None keep their current (or default) value."""
+    """Create or update a model; arguments left as None keep their current (or default) value.
+    `must_exist`: only update (`model update`), NotFound for an unknown model instead of creating it."""
     if not model_id.strip():
         raise InvalidArgument("model id must be non-empty")
     if kind is not None:
@@ -744,16 +774,19 @@ async def add_model(
         (max_output_tokens, "max output tokens"),
         (default_max_tokens, "default max tokens"),
         (tokens_per_sec, "tokens/s"),
+        (max_n, "max n (choices per request)"),
     ):
         _positive(value, what)
     _positive(vram_gb, "VRAM (GB)", zero_ok=True)
     _positive(input_price_microdollars_per_1m, "input price", zero_ok=True)
     _positive(output_price_microdollars_per_1m, "output price", zero_ok=True)
     async with _transaction(db) as conn:
+        if must_exist:
+            await get_model(conn, model_id)
         row = await conn.fetchrow(
             SQL_UPSERT_MODEL, model_id, kind, served_name, context_length, max_output_tokens,
             default_max_tokens, vram_gb, tokens_per_sec, input_price_microdollars_per_1m,
-            output_price_microdollars_per_1m,
+            output_price_microdollars_per_1m, max_n,
         )  # fmt: skip
         model = _model(row)
         if model.default_max_tokens > model.max_output_tokens:

@@ -38,13 +38,19 @@ INSERT INTO node_load (node_id) VALUES ($1::uuid)
 ON CONFLICT (node_id) DO UPDATE SET last_heartbeat_at = now(), engine_healthy = true, requests_running = 0,
     requests_waiting = 0, kv_cache_usage = 0, generation_tokens_per_sec = 0, metrics_at = NULL
 """
-SQL_HEARTBEAT = """
-WITH beat AS (UPDATE node_load SET last_heartbeat_at = now(), engine_healthy = $2
-              WHERE node_id = $1::uuid RETURNING node_id)
-SELECT n.status FROM nodes n JOIN beat USING (node_id)
+# Every agent call after registration acts on one node, and only if the node is still in the scope the caller's
+# certificate was checked against just before (read_owner): $cloud/$org pin the write to the owner that was
+# allowed, so a node moved to another scope in between is left alone. NULL $cloud = plaintext mode, no pin.
+_PINNED = "($cloud::text IS NULL OR (n.cloud = $cloud::text AND n.reserved_org_id IS NOT DISTINCT FROM $org::uuid))"
+SQL_OWNER = "SELECT cloud, reserved_org_id::text AS reserved_org_id FROM nodes WHERE node_id = $1"
+SQL_HEARTBEAT = f"""
+UPDATE node_load l SET last_heartbeat_at = now(), engine_healthy = $2
+FROM nodes n
+WHERE l.node_id = $1 AND n.node_id = l.node_id AND {_PINNED.replace("$cloud", "$3").replace("$org", "$4")}
+RETURNING n.status
 """
 # The TTFT baseline moves only outside spikes, so a spike cannot raise its own yardstick.
-SQL_METRICS = """
+SQL_METRICS = f"""
 UPDATE node_load SET last_heartbeat_at = now(), requests_running = $2, requests_waiting = $3,
     kv_cache_usage = $4, generation_tokens_per_sec = $5, metrics_at = now(), ttft_s = $6::float8,
     ttft_baseline_s = CASE
@@ -52,14 +58,18 @@ UPDATE node_load SET last_heartbeat_at = now(), requests_running = $2, requests_
         WHEN ttft_baseline_s IS NULL THEN $6::float8
         WHEN $6::float8 > ttft_baseline_s * $7::float8 THEN ttft_baseline_s
         ELSE ttft_baseline_s * 0.8 + $6::float8 * 0.2 END
-WHERE node_id = $1::uuid
+WHERE node_id = $1 AND EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = $1
+                                AND {_PINNED.replace("$cloud", "$8").replace("$org", "$9")})
 """
 LATENCY_SPIKE_FACTOR = 3.0  # seed §22.2: latency > 3x its baseline
-SQL_DRAIN = """
-UPDATE nodes SET status = 'draining', status_reason = $2
-WHERE node_id = $1::uuid AND status = 'active'
+SQL_DRAIN = f"""
+UPDATE nodes n SET status = 'draining', status_reason = $2
+WHERE node_id = $1 AND status = 'active' AND {_PINNED.replace("$cloud", "$3").replace("$org", "$4")}
 """
-SQL_SHUTDOWN = "UPDATE nodes SET status = 'dead', status_reason = $2 WHERE node_id = $1::uuid AND status <> 'dead'"
+SQL_SHUTDOWN = f"""
+UPDATE nodes n SET status = 'dead', status_reason = $2
+WHERE node_id = $1 AND status <> 'dead' AND {_PINNED.replace("$cloud", "$3").replace("$org", "$4")}
+"""
 # The sweeper: one statement each, safe to run from several control-plane replicas at once.
 SQL_SWEEP_SILENT = """
 UPDATE nodes n SET status = 'dead', status_reason = 'no heartbeat'
@@ -171,24 +181,68 @@ async def register(conn: asyncpg.Connection, reg: Registration, scope: NodeScope
         return row["node_id"]
 
 
-async def heartbeat(conn: asyncpg.Connection, node_id: str, engine_healthy: bool = True) -> str | None:
+Pin = tuple[str | None, uuid.UUID | None]  # (cloud, reserved org) a write must still find; (None, None) = no pin
+_UNPINNED: Pin = (None, None)
+
+
+def _node_uuid(node_id: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(node_id)
+    except (ValueError, AttributeError, TypeError):
+        return None  # a malformed id names no node
+
+
+async def owner_pin(conn: asyncpg.Connection, node: uuid.UUID, scope: NodeScope | None) -> Pin | None:
+    """What a call about `node` may write: None if the node is unknown; raises ScopeViolation if the caller's
+    certificate scope does not cover the node (registration checked the scope once; every later call checks
+    it again, or one scope's certificate could drain or retire another scope's nodes)."""
+    if scope is None:
+        return _UNPINNED  # plaintext development mode: no certificates at all
+    row = await conn.fetchrow(SQL_OWNER, node)
+    if row is None:
+        return None
+    if not scope.allows(row["cloud"], row["reserved_org_id"] or ""):
+        raise ScopeViolation(f"certificate scope {scope} does not cover node {node}")
+    return row["cloud"], uuid.UUID(row["reserved_org_id"]) if row["reserved_org_id"] else None
+
+
+async def heartbeat(conn: asyncpg.Connection, node_id: str, engine_healthy: bool = True,
+                    scope: NodeScope | None = None) -> str | None:
     """Returns the node's registry status, or None when it is unknown (the agent must register again)."""
-    return await conn.fetchval(SQL_HEARTBEAT, node_id, engine_healthy)
+    node = _node_uuid(node_id)
+    pin = None if node is None else await owner_pin(conn, node, scope)
+    if pin is None:
+        return None
+    return await conn.fetchval(SQL_HEARTBEAT, node, engine_healthy, *pin)
 
 
 async def record_metrics(conn: asyncpg.Connection, node_id: str, running: float, waiting: float,
-                         kv_cache_usage: float, tokens_per_sec: float, mean_ttft_s: float = 0.0) -> bool:
-    status = await conn.execute(SQL_METRICS, node_id, running, waiting, kv_cache_usage, tokens_per_sec, mean_ttft_s,
-                                LATENCY_SPIKE_FACTOR)
+                         kv_cache_usage: float, tokens_per_sec: float, mean_ttft_s: float = 0.0,
+                         scope: NodeScope | None = None) -> bool:
+    """False when the node is unknown."""
+    node = _node_uuid(node_id)
+    pin = None if node is None else await owner_pin(conn, node, scope)
+    if pin is None:
+        return False
+    status = await conn.execute(SQL_METRICS, node, running, waiting, kv_cache_usage, tokens_per_sec, mean_ttft_s,
+                                LATENCY_SPIKE_FACTOR, *pin)
     return status != "UPDATE 0"
 
 
-async def drain(conn: asyncpg.Connection, node_id: str, reason: str) -> None:
-    await conn.execute(SQL_DRAIN, node_id, reason)
+async def _set_status(conn: asyncpg.Connection, sql: str, node_id: str, reason: str,
+                      scope: NodeScope | None) -> None:
+    node = _node_uuid(node_id)
+    pin = None if node is None else await owner_pin(conn, node, scope)
+    if pin is not None:  # an unknown node has nothing left to drain or retire
+        await conn.execute(sql, node, reason, *pin)
 
 
-async def shut_down(conn: asyncpg.Connection, node_id: str, reason: str) -> None:
-    await conn.execute(SQL_SHUTDOWN, node_id, reason)
+async def drain(conn: asyncpg.Connection, node_id: str, reason: str, scope: NodeScope | None = None) -> None:
+    await _set_status(conn, SQL_DRAIN, node_id, reason, scope)
+
+
+async def shut_down(conn: asyncpg.Connection, node_id: str, reason: str, scope: NodeScope | None = None) -> None:
+    await _set_status(conn, SQL_SHUTDOWN, node_id, reason, scope)
 
 
 async def drain_old_versions(conn: asyncpg.Connection, model: str, version: str) -> list[str]:

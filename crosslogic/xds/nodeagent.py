@@ -61,18 +61,40 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
         return pb.RegisterNodeResponse(node_id=node_id, heartbeat_interval_ms=self.heartbeat_interval_ms,
                                        metrics_interval_ms=self.metrics_interval_ms)
 
+    async def _scope(self, context: grpc.aio.ServicerContext, node_id: str, call: str) -> registry.NodeScope | None:
+        try:
+            return peer_scope(context, self.tls)
+        except registry.ScopeViolation as exc:
+            await self._deny(context, node_id, call, exc)
+
+    async def _deny(self, context: grpc.aio.ServicerContext, node_id: str, call: str,
+                    exc: registry.ScopeViolation) -> None:
+        log.warning("refused %s for node %.40s: %s", call, node_id, exc)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+
+    # Every call below acts on one node and checks, like RegisterNode, that the node belongs to the caller's
+    # certificate scope (node_registry.owner_pin): PERMISSION_DENIED otherwise, and the node is left as it was.
+
     async def SendHeartbeat(self, request, context):  # noqa: N802
-        async with self.pool.acquire() as conn:
-            status = await registry.heartbeat(conn, request.node_id, not request.engine_unhealthy)
+        scope = await self._scope(context, request.node_id, "heartbeat")
+        try:
+            async with self.pool.acquire() as conn:
+                status = await registry.heartbeat(conn, request.node_id, not request.engine_unhealthy, scope)
+        except registry.ScopeViolation as exc:
+            await self._deny(context, request.node_id, "heartbeat", exc)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: register again")
         return pb.HeartbeatResponse(status=status)
 
     async def SendMetrics(self, request, context):  # noqa: N802
-        async with self.pool.acquire() as conn:
-            known = await registry.record_metrics(conn, request.node_id, request.requests_running,
-                                                  request.requests_waiting, request.kv_cache_usage,
-                                                  request.generation_tokens_per_sec, request.mean_ttft_s)
+        scope = await self._scope(context, request.node_id, "metrics")
+        try:
+            async with self.pool.acquire() as conn:
+                known = await registry.record_metrics(conn, request.node_id, request.requests_running,
+                                                      request.requests_waiting, request.kv_cache_usage,
+                                                      request.generation_tokens_per_sec, request.mean_ttft_s, scope)
+        except registry.ScopeViolation as exc:
+            await self._deny(context, request.node_id, "metrics", exc)
         if not known:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: register again")
         # No push from here: the scheduler's tick picks the new load up (thousands of agents must not
@@ -80,18 +102,26 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
         return pb.MetricsResponse()
 
     async def NotifySpotEviction(self, request, context):  # noqa: N802
+        scope = await self._scope(context, request.node_id, "spot eviction")
+        try:
+            async with self.pool.acquire() as conn:
+                await registry.drain(conn, request.node_id, f"spot eviction ({request.provider})", scope)
+        except registry.ScopeViolation as exc:
+            await self._deny(context, request.node_id, "spot eviction", exc)
         log.warning("spot eviction notice for node %s from %s: %s", request.node_id, request.provider, request.detail)
-        async with self.pool.acquire() as conn:
-            await registry.drain(conn, request.node_id, f"spot eviction ({request.provider})")
         return pb.SpotEvictionResponse()
 
     async def Shutdown(self, request, context):  # noqa: N802
+        scope = await self._scope(context, request.node_id, "shutdown")
         reason = request.reason or "agent shutdown"
-        async with self.pool.acquire() as conn:
-            if request.final:
-                await registry.shut_down(conn, request.node_id, reason)
-            else:
-                await registry.drain(conn, request.node_id, reason)
+        try:
+            async with self.pool.acquire() as conn:
+                if request.final:
+                    await registry.shut_down(conn, request.node_id, reason, scope)
+                else:
+                    await registry.drain(conn, request.node_id, reason, scope)
+        except registry.ScopeViolation as exc:
+            await self._deny(context, request.node_id, "shutdown", exc)
         return pb.ShutdownResponse()
 
 
