@@ -62,13 +62,14 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = _split_listen(args.listen)
         return _run_service(lambda: serve_api(settings, host, port))
     if args.service == "xds":
-        from crosslogic.xds.model import GatewaySettings
+        from crosslogic.xds.model import GatewaySettings, client_bounds
         from crosslogic.xds.service import serve_xds
 
         gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
                                   max_request_bytes=settings.max_request_bytes,
                                   usage_log_path=settings.usage_log_path,
-                                  admission=args.admission or settings.admission)
+                                  admission=args.admission or settings.admission,
+                                  **client_bounds(settings))
         return _run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen))
     raise SystemExit(f"unknown service {args.service}")

@@ -87,3 +87,19 @@ def quota_exceeded(level: str, period: str) -> ClientError:
     return ClientError(403, f"This {level} has used its {period} token quota. It resets at the start of the "
                        "next period (UTC); contact your administrator to raise it.",
                        "insufficient_quota", "quota_exceeded")
+
+
+def unknown_url() -> ClientError:
+    return ClientError(404, "Unknown request URL. Please check the URL and method.", "invalid_request_error",
+                       "unknown_url")
+
+
+def method_not_allowed(method: str, allowed: list[str]) -> ClientError:
+    return ClientError(405, f"Method {method} is not allowed here; use {', '.join(allowed)}.",
+                       "invalid_request_error", "method_not_allowed")
+
+
+def too_many_failed_requests(retry_after_s: int) -> ClientError:
+    """Per client IP, when its requests keep failing authentication or validation (extauthz/abuse.py)."""
+    return ClientError(429, "Too many failed requests from this address. Please retry after "
+                       f"{max(1, retry_after_s)} s.", "rate_limit_error", "too_many_failed_requests")

@@ -57,6 +57,22 @@ class Settings:
     # Where the rate-limit reservation is made: "authz" = inside the ext_authz Check call (one Python hop
     # per request), "rls" = Envoy's ratelimit filter calling `crosslogic serve ratelimit` (standard protocol).
     admission: str = field(default_factory=lambda: _env("ADMISSION", "authz"))
+    # Slow clients (Envoy): seconds from a request's first byte to its last header, and to its last body byte;
+    # an unused keep-alive connection is closed after this long; the longest a node may stay silent (before
+    # its answer and between stream chunks; a stream that keeps sending is never cut).
+    request_headers_timeout_s: float = field(default_factory=lambda: float(_env("REQUEST_HEADERS_TIMEOUT", "10")))
+    request_timeout_s: float = field(default_factory=lambda: float(_env("REQUEST_TIMEOUT", "30")))
+    connection_idle_timeout_s: float = field(default_factory=lambda: float(_env("CONNECTION_IDLE_TIMEOUT", "60")))
+    upstream_idle_timeout_s: float = field(default_factory=lambda: float(_env("UPSTREAM_IDLE_TIMEOUT", "600")))
+    # Request header limits (Envoy answers a JSON 431 past them).
+    max_request_headers: int = field(default_factory=lambda: int(_env("MAX_REQUEST_HEADERS", "100")))
+    max_request_headers_kib: int = field(default_factory=lambda: int(_env("MAX_REQUEST_HEADERS_KB", "60")))
+    # x-forwarded-for entries appended by our own proxies in front of Envoy (0: the peer is the client).
+    xff_trusted_hops: int = field(default_factory=lambda: int(_env("XFF_TRUSTED_HOPS", "0")))
+    # Failed requests (bad key, bad payload) a client address may make at once, refilled per second; past
+    # them its requests get 429 before authentication (extauthz/abuse.py). Burst 0 = off.
+    abuse_failure_burst: int = field(default_factory=lambda: int(_env("ABUSE_FAILURE_BURST", "500")))
+    abuse_failure_refill_per_s: float = field(default_factory=lambda: float(_env("ABUSE_FAILURE_REFILL", "10")))
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_MODES:

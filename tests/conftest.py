@@ -99,8 +99,9 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str) -> Iterator[dict]:
-    """`crosslogic up --demo` with CROSSLOGIC_ADMISSION=`admission`, until the session ends."""
+def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str,
+               env: dict[str, str] | None = None) -> Iterator[dict]:
+    """`crosslogic up --demo` with CROSSLOGIC_ADMISSION=`admission` (and `env`), until the session ends."""
     import json
     import os
     import signal
@@ -116,7 +117,8 @@ def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str) -> Iter
     proc = subprocess.Popen(
         [sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
          "--port", str(free_port()), "--ready-file", str(ready)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=repo_root(), env={**os.environ, "CROSSLOGIC_ADMISSION": admission},
+        stdout=log, stderr=subprocess.STDOUT, cwd=repo_root(),
+        env={**os.environ, "CROSSLOGIC_ADMISSION": admission, **(env or {})},
     )
     try:
         deadline = time.monotonic() + 120
@@ -147,6 +149,19 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def rls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The same stack with admission "rls": Envoy's ratelimit filter calls `crosslogic serve ratelimit`."""
     yield from _run_stack(tmp_path_factory, "rls")
+
+
+# Client bounds short enough to watch them act (tests/test_edges.py); the defaults are the same code with
+# longer values.
+TIGHT_BOUNDS = {"CROSSLOGIC_REQUEST_HEADERS_TIMEOUT": "1", "CROSSLOGIC_REQUEST_TIMEOUT": "2",
+                "CROSSLOGIC_CONNECTION_IDLE_TIMEOUT": "2", "CROSSLOGIC_UPSTREAM_IDLE_TIMEOUT": "2",
+                "CROSSLOGIC_ABUSE_FAILURE_BURST": "10", "CROSSLOGIC_ABUSE_FAILURE_REFILL": "0.5"}
+
+
+@pytest.fixture(scope="session")
+def tight_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The demo stack with short client timeouts, a 2 s node-silence bound and a small failure budget."""
+    yield from _run_stack(tmp_path_factory, "authz", TIGHT_BOUNDS)
 
 
 @pytest.fixture(scope="session")

@@ -139,5 +139,5 @@ def test_ratelimit_filter_only_in_rls_admission_mode():
 
     assert "envoy.filters.http.ratelimit" not in filters(SETTINGS)  # default: ext_authz reserves
     assert filters(replace(SETTINGS, admission="rls")) == [
-        "envoy.filters.http.ext_authz", "envoy.filters.http.ratelimit", "envoy.filters.http.lua",
-        "envoy.filters.http.router"]
+        "envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz", "envoy.filters.http.ratelimit",
+        "envoy.filters.http.lua", "envoy.filters.http.router"]

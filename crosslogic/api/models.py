@@ -1,12 +1,14 @@
 """Public `GET /v1/models` (and `/v1/models/{id}`): the models the caller's environment may use.
 
 Envoy's ext_authz has already authenticated the caller and set x-clp-env; this service trusts only that
-header, which Envoy overwrites on every request.
+header, which Envoy overwrites on every request. Envoy routes only those two paths here, but whatever else
+arrives (another path or method, a failing database) is answered as OpenAI JSON too, never aiohttp's text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 import asyncpg
 from aiohttp import web
@@ -21,6 +23,7 @@ WHERE e.env_id = $1 AND m.status = 'active'
 ORDER BY m.model_id
 """
 POOL_KEY = web.AppKey("pool", asyncpg.Pool)
+log = logging.getLogger("crosslogic.api")
 
 
 def _model_json(row: asyncpg.Record) -> dict:
@@ -28,8 +31,28 @@ def _model_json(row: asyncpg.Record) -> dict:
             "max_model_len": row["context_length"]}
 
 
-def _error(error: errors.ClientError) -> web.Response:
-    return web.Response(status=error.status, body=error.body(), content_type="application/json")
+def _error(error: errors.ClientError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=error.status, body=error.body(), content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own refusals (unknown path, wrong method) and backend failures, as OpenAI errors."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as refused:
+        allowed = sorted(refused.allowed_methods)
+        return _error(errors.method_not_allowed(request.method, allowed), {"allow": ", ".join(allowed)})
+    except web.HTTPNotFound:
+        return _error(errors.unknown_url())
+    except web.HTTPException as other:
+        if other.status < 400:
+            raise
+        error_type = "server_error" if other.status >= 500 else "invalid_request_error"
+        return _error(errors.ClientError(other.status, other.reason, error_type, None))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("models: database unavailable: %s", exc)
+        return _error(errors.service_unavailable())
 
 
 async def _env_models(request: web.Request) -> list[dict] | web.Response:
@@ -59,11 +82,11 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def healthz(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
+    return web.json_response({"status": "ok"})
 
 
 def build_app(pool: asyncpg.Pool) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[openai_errors])
     app[POOL_KEY] = pool
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)

@@ -17,8 +17,13 @@ from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_he
 from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.xds.model import route_key
 
-INTERNAL_HEADER_PREFIX = "x-clp-"
 log = logging.getLogger("crosslogic.extauthz")
+# What a node gets of the client's headers, besides the x-clp-* set here: framing, content negotiation, the
+# request id. The rest (the key, cookies, SDK telemetry, accept-encoding, x-envoy-*, 60 KiB of padding) stays
+# at the gateway: a node's header limits are smaller than Envoy's (the simulator's aiohttp: 8 KiB a line),
+# compressed answers would hide usage from usage.lua, and the node has no use for any of it.
+FORWARDED_HEADERS = frozenset({"host", "content-type", "content-length", "transfer-encoding", "accept",
+                               "user-agent", "x-request-id", "x-forwarded-for", "x-forwarded-proto"})
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,8 @@ class Authorizer:
         if "reserve" in metadata and self.gate is not None:
             response_headers = await self._admit(identity, region, headers.get("x-request-id", ""),
                                                  facts.reserve, metadata)
-        remove = tuple(h for h in headers if h.startswith(INTERNAL_HEADER_PREFIX) and h not in out)
-        return Allowed(headers=out, remove=("authorization", *remove), metadata=metadata,
+        remove = tuple(h for h in headers if h not in out and h not in FORWARDED_HEADERS and not h.startswith(":"))
+        return Allowed(headers=out, remove=remove, metadata=metadata,
                        response_headers=response_headers)
 
     async def _admit(self, identity: Identity, region: str, request_id: str, reserve: int,

@@ -13,11 +13,13 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
 from crosslogic import errors
+from crosslogic.extauthz.abuse import FailureBudget
 from crosslogic.extauthz.billcap import BillCaps
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
 from crosslogic.extauthz.release import release_server
+from crosslogic.extauthz.throttle import ThrottledAuthorization
 from crosslogic.ratelimit.engine import limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.quota import QuotaGuard
@@ -114,7 +116,9 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
 
         feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
         quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, limits_changed))
-        servicer = AuthorizationServicer(authorizer)
+        budget = FailureBudget(settings.abuse_failure_burst, settings.abuse_failure_refill_per_s)
+        servicer = ThrottledAuthorization(AuthorizationServicer(authorizer), budget, denied_response,
+                                          settings.xff_trusted_hops)
         try:
             with metrics_server(settings.authz_metrics_port, "ext_authz"):  # admission metrics (ratelimit/metrics.py)
                 async with AsyncExitStack() as stack:

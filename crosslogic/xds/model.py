@@ -56,7 +56,9 @@ class GatewaySettings:
     listen_port: int = 8080
     max_request_bytes: int = 1024 * 1024
     authz_timeout_ms: int = 2000
-    upstream_timeout_s: int = 600  # generation can be long; streams are bounded by idle timeout instead
+    # The longest a node may stay silent: before its answer (queue, or a whole non-streamed generation) and
+    # between two chunks of a stream. A stream that keeps sending is never cut.
+    upstream_idle_timeout_s: float = 600.0
     retries: int = 2
     als_flush_interval_ms: int = 100
     extra_listeners: tuple[tuple[str, int], ...] = field(default=())
@@ -66,3 +68,19 @@ class GatewaySettings:
     # Rate-limit admission: "authz" = ext_authz reserves in its Check call (no ratelimit filter);
     # "rls" = Envoy's ratelimit filter calls `crosslogic serve ratelimit` (crosslogic.settings.admission).
     admission: str = "authz"
+    # Client bounds (crosslogic.settings, `client_bounds`; resources._client_bounds).
+    request_headers_timeout_s: float = 10.0
+    request_timeout_s: float = 30.0
+    connection_idle_timeout_s: float = 60.0
+    max_request_headers: int = 100
+    max_request_headers_kib: int = 60
+    xff_trusted_hops: int = 0
+
+
+CLIENT_BOUND_FIELDS = ("request_headers_timeout_s", "request_timeout_s", "connection_idle_timeout_s",
+                       "upstream_idle_timeout_s", "max_request_headers", "max_request_headers_kib", "xff_trusted_hops")
+
+
+def client_bounds(settings: object) -> dict[str, object]:
+    """The GatewaySettings fields that crosslogic.settings.Settings carries under the same names."""
+    return {name: getattr(settings, name) for name in CLIENT_BOUND_FIELDS}

@@ -6,8 +6,6 @@ thousands of hosts, use the direct proto API (ParseDict is ~10x slower there, DE
 
 from __future__ import annotations
 
-import json
-
 from envoy.config.accesslog.v3 import accesslog_pb2 as _accesslog  # noqa: F401
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, health_check_pb2
@@ -17,8 +15,10 @@ from envoy.config.route.v3 import route_pb2
 
 # Registers every type the dict-built resources name in "@type".
 from envoy.extensions.access_loggers.file.v3 import file_pb2 as _file_log  # noqa: F401
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as _cel  # noqa: F401
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as _als  # noqa: F401
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as _ext_authz  # noqa: F401
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2 as _header_mutation  # noqa: F401
 from envoy.extensions.filters.http.lua.v3 import lua_pb2 as _lua  # noqa: F401
 from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2 as _ratelimit  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2 as _router  # noqa: F401
@@ -30,7 +30,9 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _ups
 from google.protobuf import json_format
 from google.protobuf.wrappers_pb2 import UInt32Value
 
+from crosslogic import errors
 from crosslogic.runtime.envoy import envoy_asset
+from crosslogic.xds.local_replies import local_reply_config
 from crosslogic.xds.model import EndpointHealth, GatewaySettings, Pool
 
 ROUTE_CONFIG_NAME = "gateway"
@@ -49,50 +51,9 @@ _HEALTH = {
 }
 
 
-def _openai_error_body(message: str, error_type: str, code: str) -> str:
-    return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
-
-
-def _direct_json(status: int, message: str, error_type: str, code: str) -> dict:
-    return {"status": status, "body": {"inline_string": _openai_error_body(message, error_type, code)}}
-
-
-def _json_mapper(filter_: dict, status: int, message: str, error_type: str, code: str) -> dict:
-    """A local-reply mapper that turns one of Envoy's own replies into an OpenAI-shaped error."""
-    return {
-        "filter": filter_,
-        "status_code": status,
-        "body": {"inline_string": _openai_error_body(message, error_type, code)},
-        "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-                                 "content_type": "application/json"},
-    }
-
-
-def _local_reply_config() -> dict:
-    # Only Envoy's own replies are mapped: ext_authz denials carry our JSON already, and a top-level
-    # body_format would overwrite it (DESIGN.md §4).
-    upstream_down = ["UH", "UF", "UO", "NC", "URX", "UR"]
-    return {
-        "mappers": [
-            _json_mapper({"status_code_filter": {"comparison": {"op": "EQ", "value": {
-                "default_value": 413, "runtime_key": "clp.413"}}}},
-                413, "Request body is too large.", "invalid_request_error", "request_too_large"),
-            _json_mapper({"response_flag_filter": {"flags": ["UT"]}},
-                504, "The model took too long to answer. Please retry.", "server_error", "timeout"),
-            _json_mapper({"response_flag_filter": {"flags": upstream_down}},
-                503, "No capacity is available for this model right now. Please retry.",
-                "server_error", "service_unavailable"),
-            _json_mapper({"response_flag_filter": {"flags": ["RLSE"]}},
-                503, "The service is temporarily unavailable. Please retry.", "server_error",
-                "service_unavailable"),
-            _json_mapper({"and_filter": {"filters": [
-                {"response_flag_filter": {"flags": ["UAEX"]}},
-                {"status_code_filter": {"comparison": {"op": "EQ", "value": {
-                    "default_value": 503, "runtime_key": "clp.503"}}}},
-            ]}}, 503, "The service is temporarily unavailable. Please retry.", "server_error",
-                "service_unavailable"),
-        ]
-    }
+def _direct(error: errors.ClientError) -> dict:
+    # Sent as application/json by the `direct_response` local-reply mapper (xds/local_replies.py).
+    return {"status": error.status, "body": {"inline_string": error.body().decode()}}
 
 
 def _authz_metadata(key: str) -> dict:
@@ -128,8 +89,25 @@ def _ratelimit_filter(settings: GatewaySettings) -> dict:
     }
 
 
+# Response headers no client may see, whoever set them (Envoy, a node, our services). First in the chain, so
+# it is the last filter every response passes, local replies of later filters included.
+HIDDEN_RESPONSE_HEADER_PREFIXES = ("x-envoy-", "x-clp-")
+
+
+def _hide_internal_headers() -> dict:
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"response_mutations": [{"remove_on_match": {"key_matcher": {"prefix": prefix}}}
+                                                 for prefix in HIDDEN_RESPONSE_HEADER_PREFIXES]},
+        },
+    }
+
+
 def _http_filters(settings: GatewaySettings) -> list[dict]:
     return [
+        _hide_internal_headers(),
         {
             "name": "envoy.filters.http.ext_authz",
             "typed_config": {
@@ -159,7 +137,9 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
         },
         {
             "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                             # no x-envoy-upstream-service-time / -overloaded / -attempt-count to anyone
+                             "suppress_envoy_headers": True},
         },
     ]
 
@@ -209,6 +189,36 @@ def _access_log(settings: GatewaySettings) -> list[dict]:
     }]
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.3f}s"
+
+
+def _client_bounds(settings: GatewaySettings) -> dict:
+    """How long and how much a client may take (issue 9, slow clients): each bound is a JSON 408/431 or a
+    closed connection, measured with raw sockets in tests/test_edges.py. The node's side is bounded per
+    route (`_pool_route`), so none of these can cut a generation that keeps streaming."""
+    return {
+        # From the first byte of a request to its last header (a slowloris dripping headers).
+        "request_headers_timeout": _seconds(settings.request_headers_timeout_s),
+        # Until the whole request (body included) was received; disarmed once it went upstream, so it never
+        # bounds the answer.
+        "request_timeout": _seconds(settings.request_timeout_s),
+        # No byte either way. While the request arrives (ext_authz holds the body, so the route is not chosen
+        # yet) this must outlast request_timeout, which then answers 408 first. Pool routes set their own:
+        # the node's silence (`_pool_route`).
+        "stream_idle_timeout": _seconds(2 * settings.request_timeout_s),
+        "common_http_protocol_options": {
+            "idle_timeout": _seconds(settings.connection_idle_timeout_s),  # a keep-alive connection, unused
+            "max_headers_count": settings.max_request_headers,
+        },
+        "max_request_headers_kb": settings.max_request_headers_kib,
+        # HTTP/1.0 clients (curl -0, old tools) get answers rather than a 426.
+        "http_protocol_options": {"accept_http_10": True, "default_host_for_http_10": "crosslogic"},
+        # Which x-forwarded-for entry is the client: only the hops we run (load balancers) are trusted.
+        "xff_num_trusted_hops": settings.xff_trusted_hops,
+    }
+
+
 def build_listener(settings: GatewaySettings, name: str = LISTENER_NAME,
                    host: str | None = None, port: int | None = None) -> listener_pb2.Listener:
     hcm = {
@@ -225,10 +235,10 @@ def build_listener(settings: GatewaySettings, name: str = LISTENER_NAME,
                 "route_config_name": ROUTE_CONFIG_NAME},
         "http_filters": _http_filters(settings),
         "access_log": _access_log(settings),
-        "local_reply_config": _local_reply_config(),
-        "stream_idle_timeout": "300s",
-        "request_timeout": "0s",
-        "server_name": "crosslogic",
+        "local_reply_config": local_reply_config(settings.max_request_headers, settings.max_request_headers_kib,
+                                                 settings.max_request_bytes),
+        **_client_bounds(settings),
+        "server_name": "crosslogic",  # replaces the server header of every reply (nodes', aiohttp's, Envoy's)
     }
     listener = {
         "name": name,
@@ -247,7 +257,13 @@ def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
                                                  "string_match": {"exact": pool.route_key}}]},
         "route": {
             "cluster": pool.cluster_name,
-            "timeout": f"{settings.upstream_timeout_s}s",
+            # A generation that keeps streaming is never cut, however long: no total timeout. What is bounded
+            # is silence (this route's stream idle timeout): the node's before its answer (queue, or the whole
+            # of a non-streamed generation) and between chunks. Over it, a JSON 504 (before the answer) or a
+            # cut stream. Not the router's per_try_idle_timeout: `reset` in retry_on would retry it, running a
+            # slow generation again on another node (measured: 3 runs for retries 2).
+            "timeout": "0s",
+            "idle_timeout": _seconds(settings.upstream_idle_timeout_s),  # applies once the request is in
             "retry_policy": {
                 # Only failures before the node answered: a generation is never run twice on purpose.
                 # `reset` also covers a node that died mid-request before sending response headers (its
@@ -289,17 +305,20 @@ def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> r
         "disabled": True}}
     routes = [
         {"name": "healthz", "match": {"path": "/healthz"}, "typed_per_filter_config": no_authz,
-         "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
-        {"name": "models", "match": {"prefix": "/v1/models"}, "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
+         "direct_response": {"status": 200, "body": {"inline_string": '{"status": "ok"}'}}},
+        # Exactly the list and one model (ids may hold "/"); `/v1/models/`, `/v1/modelsfoo` are unknown URLs.
+        # Any method goes there: the api service answers what it does not serve with a JSON 405.
+        {"name": "models", "match": {"path": "/v1/models"}, "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
+        {"name": "model", "match": {"safe_regex": {"regex": "/v1/models/.+"}},
+         "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
         *(r for p in sorted(pools, key=lambda p: p.cluster_name) for r in _pool_routes(p, settings)),
         # Authorised, but no pool for this model in the chosen region (yet).
         {"name": "no-pool", "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
                                                                      "present_match": True}]},
-         "direct_response": _direct_json(503, "The model is not available in your region right now. "
-                                         "Please retry later.", "server_error", "model_unavailable")},
+         "direct_response": _direct(errors.ClientError(503, "The model is not available in your region right now. "
+                                                       "Please retry later.", "server_error", "model_unavailable"))},
         {"name": "unknown-url", "match": {"prefix": "/"},
-         "direct_response": _direct_json(404, "Unknown request URL. Please check the URL and method.",
-                                         "invalid_request_error", "unknown_url")},
+         "direct_response": _direct(errors.unknown_url())},
     ]
     config = {
         "name": ROUTE_CONFIG_NAME,
