@@ -98,11 +98,13 @@ class EmbeddedPostgres:
         if self.user:
             shutil.chown(pgdata, self.user, self.user)
         pgdata.chmod(0o700)
-        subprocess.run(
+        done = subprocess.run(
             [str(postgres_bin_dir() / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
              "--encoding=UTF8", "--no-sync"],
-            check=True, capture_output=True, **_run_as(self.user),
+            capture_output=True, text=True, **_run_as(self.user),
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed ({done.returncode}): {done.stderr.strip()}")
 
     def start(self) -> EmbeddedPostgres:
         """Starts the server and waits until it accepts connections."""
