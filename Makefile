@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check crosslogic tests bench
 
+# The package as users install it: `pip install dist/crosslogic-*.whl[server]` (control plane) or `[agent]`.
+wheel: $(STAMP)
+	$(BIN)/python -m pip wheel --no-deps -w dist .
+
 bench: $(STAMP)
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/limiter.py
@@ -29,4 +33,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/cpu_per_request.py
 
 clean:
-	rm -rf $(VENV) .state
+	rm -rf $(VENV) .state dist build

@@ -1,4 +1,4 @@
-"""What freeing concurrency leases at the end of each response costs (envoy/lua/usage.lua -> ext_authz POST /release).
+"""What freeing concurrency leases at the end of each response costs (usage.lua -> ext_authz POST /release).
 
     .venv/bin/python bench/lease_release.py [--seconds 5] [--concurrency 1 16] [--rounds 2]
 

@@ -320,6 +320,9 @@ async def _node_drain(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
 # --------------------------------------------------------------- parser
 
 
+KEY_HELP = "key_id, display prefix (clsk_live_1a2b3c) or the key itself"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the org / env / key / model / region / node commands to the main `crosslogic` parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -339,7 +342,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     org = group("org", "organisations (tenants)")
     p = command(org, "create", "create an organisation", _org_create)
-    p.add_argument("name")
+    p.add_argument("name", help="organisation name (unique)")
     p.add_argument("--plan", default="serverless", choices=t.BILLING_PLANS, help="billing plan")
     p.add_argument(
         "--region", action="extend", type=_csv, default=[], help="preferred regions, first = default"
@@ -347,49 +350,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reserved-tps", type=int, default=0, help="reserved capacity, tokens/s")
     command(org, "list", "list organisations", _org_list)
     for verb, status in (("suspend", "suspended"), ("resume", "active")):
-        command(org, verb, f"{verb} an organisation", _org_status(status)).add_argument("org")
+        command(org, verb, f"{verb} an organisation", _org_status(status)).add_argument("org", help="name or id")
 
     env = group("env", "environments inside an organisation")
     p = command(env, "create", "create an environment", _env_create)
-    p.add_argument("name")
-    p.add_argument("--org", required=True)
+    p.add_argument("name", help="environment name (unique in its org)")
+    p.add_argument("--org", required=True, help="the owning organisation (name or id)")
     p.add_argument("--region", help="default region (else the org's)")
     p.add_argument("--models", action="extend", type=_csv, default=[], help="allowed models (default: all)")
-    p.add_argument("--quota-tokens-per-day", type=int)
-    p.add_argument("--concurrency-limit", type=int)
-    command(env, "list", "list environments", _env_list).add_argument("--org")
+    p.add_argument("--quota-tokens-per-day", type=int, help="daily token quota (403 quota_exceeded beyond it)")
+    p.add_argument("--concurrency-limit", type=int, help="requests in flight at once")
+    command(env, "list", "list environments", _env_list).add_argument("--org", help="only this organisation's")
     for verb, status in (("suspend", "suspended"), ("resume", "active")):
         p = command(env, verb, f"{verb} an environment", _env_status(status))
-        p.add_argument("env")
+        p.add_argument("env", help="name or id")
         p.add_argument("--org", help="needed when ENV is a name")
 
     key = group("key", "API keys")
     p = command(key, "create", "create an API key (shown once)", _key_create, secret=True)
     p.add_argument("--org", help="needed when --env is a name")
-    p.add_argument("--env", required=True)
-    p.add_argument("--name", default="")
+    p.add_argument("--env", required=True, help="the key's environment (name or id)")
+    p.add_argument("--name", default="", help="a label for the key")
     p.add_argument("--region", help="pin the key to a region")
-    p.add_argument("--role", default="developer", choices=t.KEY_ROLES)
-    p.add_argument("--rate-limit-tokens-per-min", type=int)
+    p.add_argument("--role", default="developer", choices=t.KEY_ROLES, help="the key's role (default: developer)")
+    p.add_argument("--rate-limit-tokens-per-min", type=int, help="the key's own tokens-per-minute limit")
     p.add_argument("--allow-suspended", action="store_true",
                    help="create the key even if its org or environment is suspended (it is refused until resumed)")
     p = command(key, "list", "list API keys (never the keys themselves)", _key_list)
-    p.add_argument("--org")
-    p.add_argument("--env")
-    command(key, "revoke", "revoke an API key", _key_revoke).add_argument("key")
+    p.add_argument("--org", help="only this organisation's")
+    p.add_argument("--env", help="only this environment's")
+    command(key, "revoke", "revoke an API key", _key_revoke).add_argument("key", help=KEY_HELP)
     p = command(key, "rotate", "replace an API key by a new one", _key_rotate, secret=True)
-    p.add_argument("key")
+    p.add_argument("key", help=KEY_HELP)
 
     model = group("model", "model catalogue")
     for verb, help_text, must_exist in (("add", "add or update a model", False),
                                         ("update", "update an existing model", True)):
         p = command(model, verb, help_text, _model_upsert(must_exist=must_exist))
-        p.add_argument("model_id", metavar="MODEL")
-        p.add_argument("--kind", choices=t.MODEL_KINDS)
+        p.add_argument("model_id", metavar="MODEL", help="public model id clients send")
+        p.add_argument("--kind", choices=t.MODEL_KINDS, help="which endpoints serve it")
         p.add_argument("--served-name", help="name the inference node serves (default: MODEL)")
-        for flag in ("--context-length", "--max-output-tokens", "--default-max-tokens", "--vram-gb",
-                     "--tokens-per-sec"):  # fmt: skip
-            p.add_argument(flag, type=int)
+        for flag, flag_help in (("--context-length", "context window in tokens"),
+                                ("--max-output-tokens", "largest max_tokens a request may ask for"),
+                                ("--default-max-tokens", "max_tokens reserved when a request gives none"),
+                                ("--vram-gb", "GPU memory one replica needs"),
+                                ("--tokens-per-sec", "decode throughput of one replica")):  # fmt: skip
+            p.add_argument(flag, type=int, help=flag_help)
         p.add_argument("--max-n", type=int, help="most choices (n, best_of) per request (default 128)")
         p.add_argument("--input-price", metavar="DOLLARS", help="US$ per 1M input tokens, e.g. 0.05")
         p.add_argument("--output-price", metavar="DOLLARS", help="US$ per 1M output tokens")
@@ -397,7 +403,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     region = group("region", "regions")
     p = command(region, "add", "add or update a region", _region_add)
-    p.add_argument("region_id", metavar="REGION")
+    p.add_argument("region_id", metavar="REGION", help="region id, e.g. ap-south")
     p.add_argument("--name", help="display name, e.g. Mumbai")
     p.add_argument(
         "--fallback", action="extend", type=_csv, help="regions tried in order when this one is full"
@@ -407,15 +413,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     node = group("node", "inference nodes")
     p = command(node, "add", "add or update a node", _node_add)
-    p.add_argument("name")
-    p.add_argument("--region", required=True)
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", required=True, type=int)
+    p.add_argument("name", help="node name (unique)")
+    p.add_argument("--region", required=True, help="region the node serves")
+    p.add_argument("--host", required=True, help="address Envoy reaches the engine at")
+    p.add_argument("--port", required=True, type=int, help="the engine's port")
     p.add_argument("--models", action="extend", type=_csv, help="models the node serves")
-    p.add_argument("--cloud")
-    p.add_argument("--spot", action=argparse.BooleanOptionalAction)
-    p.add_argument("--gpu-type")
+    p.add_argument("--cloud", help="cloud or on-prem pool")
+    p.add_argument("--spot", action=argparse.BooleanOptionalAction, help="a spot / preemptible instance")
+    p.add_argument("--gpu-type", help="GPU model (FinOps)")
     p.add_argument("--reserved-org", help="dedicate the node to one org")
-    command(node, "list", "list nodes", _node_list).add_argument("--region")
-    command(node, "remove", "delete a node", _node_remove).add_argument("node")
-    command(node, "drain", "stop sending new requests to a node", _node_drain).add_argument("node")
+    command(node, "list", "list nodes", _node_list).add_argument("--region", help="only this region's")
+    command(node, "remove", "delete a node", _node_remove).add_argument("node", help="name or id")
+    command(node, "drain", "stop sending new requests to a node", _node_drain).add_argument("node", help="name or id")

@@ -7,13 +7,12 @@ import asyncio
 import json
 from dataclasses import asdict
 from datetime import datetime
-from pathlib import Path
 
 
 def _settings(args: argparse.Namespace):
     from crosslogic.runtime.state import resolve_settings
 
-    return resolve_settings(Path(args.state_dir))
+    return resolve_settings(args.state_dir)
 
 
 def _billing_run(args: argparse.Namespace) -> int:
@@ -170,19 +169,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     terms.add_argument("--stripe-customer", help="Stripe customer id (cus_…)")
     terms.set_defaults(handler=_terms_action)
     price = actions.add_parser("price", help="a new price version for a model (now or later, never earlier)")
-    price.add_argument("model")
+    price.add_argument("model", help="model id")
     price.add_argument("--input-usd", required=True, help="dollars per 1M input tokens")
     price.add_argument("--output-usd", required=True, help="dollars per 1M output tokens")
     price.add_argument("--from", dest="effective_from", help="ISO 8601 start with time zone (default: now)")
     price.set_defaults(handler=_terms_action)
     gpu = actions.add_parser("gpu-price", help="what a GPU costs per hour (FinOps)")
-    gpu.add_argument("gpu_type")
-    gpu.add_argument("cloud")
-    gpu.add_argument("--usd-per-hour", required=True)
-    gpu.add_argument("--spot", action="store_true")
+    gpu.add_argument("gpu_type", help="GPU model, as nodes report it")
+    gpu.add_argument("cloud", help="cloud or on-prem pool")
+    gpu.add_argument("--usd-per-hour", required=True, help="dollars per GPU-hour")
+    gpu.add_argument("--spot", action="store_true", help="the spot price (else on-demand)")
     gpu.set_defaults(handler=_terms_action)
     local = actions.add_parser("stripe-local", help="serve a local Stripe-compatible API (tests, demos)")
-    local.add_argument("--listen", default="127.0.0.1:12111")
+    local.add_argument("--listen", default="127.0.0.1:12111", help="host:port (default: 127.0.0.1:12111)")
     local.set_defaults(handler=_stripe_local)
 
     finops = sub.add_parser("finops", help="internal cost model: GPU cost, cost per token, margins")
@@ -190,5 +189,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     report = finops_actions.add_parser("report", help="revenue, GPU cost and margin per model and region")
     report.add_argument("--since", help="window start (ISO 8601, default: start of this month, UTC)")
     report.add_argument("--until", help="window end (ISO 8601, default: now)")
-    report.add_argument("--json", action="store_true")
+    report.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     report.set_defaults(handler=_finops_report)

@@ -184,13 +184,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         return parser
 
     p = command("show", "effective limits per layer and kind, and where each comes from", _show)
-    p.add_argument("--key")
-    p.add_argument("--env")
-    p.add_argument("--org")
+    p.add_argument("--key", help="an API key: key_id, display prefix or the key itself")
+    p.add_argument("--env", help="an environment (a name needs --org)")
+    p.add_argument("--org", help="an organisation")
     p = command("set", "change limits, quotas, caps, shadow mode or failure policy (checked first)", _set)
     _add_target(p)
     for setting in NUMBER_SETTINGS:
-        p.add_argument(f"--{setting.replace('_', '-')}", dest=setting, type=int, metavar="N")
+        p.add_argument(f"--{setting.replace('_', '-')}", dest=setting, type=int, metavar="N",
+                       help=f"{setting.replace('_', ' ')} (`limits clear` goes back to inherit)")
     p.add_argument("--shadow", action=argparse.BooleanOptionalAction, help="decide and log, never refuse")
     p.add_argument("--shadow-limits", dest="shadow_limits", metavar="KIND[,KIND]",
                    type=lambda v: [k for k in v.split(",") if k],
@@ -205,4 +206,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("settings", nargs="*", metavar="SETTING", help="e.g. tokens_per_min concurrency")
     p.add_argument("--all", action="store_true", help="every setting of the target")
     p = command("usage", "live limiter state of a key: bucket levels, leases, tokens charged, quotas", _usage)
-    p.add_argument("--key")
+    p.add_argument("--key", help="an API key: key_id, display prefix or the key itself")

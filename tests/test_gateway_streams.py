@@ -1,4 +1,4 @@
-"""The response path through the real gateway (Envoy's Lua filter, envoy/lua/usage.lua): streams exactly as OpenAI
+"""The response path through the real gateway (Envoy's Lua filter, usage.lua): streams exactly as OpenAI
 sends them however the node cuts its writes, node errors in OpenAI's shape, and concurrency leases freed before
 the client sees the end of its response."""
 

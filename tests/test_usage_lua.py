@@ -1,4 +1,4 @@
-"""envoy/lua/usage.lua on LuaJIT: streams shown as OpenAI sends them whatever the node's chunking, usage exact,
+"""envoy_assets/lua/usage.lua on LuaJIT: streams shown as OpenAI sends them whatever the node's chunking, usage exact,
 node errors in OpenAI's shape, leases released before the client can see the end (tests/usage_lua_harness.py).
 The same filter inside Envoy: test_gateway_streams.py."""
 

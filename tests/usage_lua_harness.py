@@ -1,4 +1,4 @@
-"""Runs envoy/lua/usage.lua on LuaJIT (Envoy's Lua) behind a stand-in for Envoy's stream handle API.
+"""Runs crosslogic/envoy_assets/lua/usage.lua on LuaJIT (Envoy's Lua) behind a stand-in for Envoy's stream handle API.
 
 The stand-in keeps the rules of Envoy's Lua filter that the script depends on (filters/http/lua): a body chunk
 is usable only while Envoy holds it (until the iterator asks for the next one, or a call yields); the end-of-

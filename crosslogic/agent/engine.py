@@ -6,21 +6,11 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import dataclass
 
+from crosslogic.runtime.backoff import Backoff
+
+__all__ = ["Backoff", "Engine"]
 log = logging.getLogger("crosslogic.agent.engine")
-
-
-@dataclass(frozen=True)
-class Backoff:
-    initial_s: float = 1.0
-    maximum_s: float = 60.0
-    factor: float = 2.0
-    # A run at least this long counts as healthy and resets the backoff.
-    healthy_after_s: float = 60.0
-
-    def delay(self, failures: int) -> float:
-        return min(self.maximum_s, self.initial_s * self.factor ** max(0, failures - 1))
 
 
 class Engine:

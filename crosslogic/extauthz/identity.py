@@ -157,6 +157,24 @@ class IdentityResolver:
         self._generation += 1
         self._local.clear()
 
+    async def forget_shared(self) -> None:
+        """Drops every identity in the shared Redis tier: after the change feed was down, a revocation may
+        have been missed by every replica (all of them lose their LISTEN when Postgres restarts), and the
+        shared tier would serve the old state for its whole TTL. The next lookups read Postgres."""
+        self.clear_local()
+        try:
+            batch = []
+            async for name in self.redis.scan_iter(match="clp:idcache*", count=1000):
+                batch.append(name)
+                if len(batch) >= 1000:
+                    await self.redis.unlink(*batch)
+                    batch.clear()
+            if batch:
+                await self.redis.unlink(*batch)
+        except aioredis.RedisError as exc:
+            log.warning("could not clear the shared identity cache after a change-feed outage: %s", exc)
+        self.clear_local()  # anything refilled from Redis meanwhile
+
 
 async def follow_tenancy_changes(database_url: str, resolver: IdentityResolver,
                                  on_catalogue_change: Callable[[], None] | None = None) -> None:
@@ -175,7 +193,11 @@ async def follow_tenancy_changes(database_url: str, resolver: IdentityResolver,
         task.add_done_callback(pending.discard)
 
     def on_connected() -> None:
+        # Also at the first connect: while this process was down (or starting), nobody may have listened.
         resolver.clear_local()
+        task = asyncio.ensure_future(resolver.forget_shared())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
         if on_catalogue_change is not None:
             on_catalogue_change()
 

@@ -2,7 +2,7 @@
 
 Settlement frees them too, but only once the access log reached the accounting service (~100 ms later): a
 client sending back-to-back requests at its concurrency limit was refused with nothing in flight. Envoy's Lua
-filter (`envoy/lua/usage.lua`) calls this endpoint for requests whose admission took a lease (ext_authz's
+filter (`envoy_assets/lua/usage.lua`) calls this endpoint for requests whose admission took a lease (ext_authz's
 metadata `lease`), while it still holds the response's last bytes, so the client cannot send its next
 request before the slot is free. Tokens are not touched: settlement still refunds or debits them exactly
 once. Idempotent; a failed call only means the lease is freed at settlement, as before.

@@ -16,6 +16,7 @@ from crosslogic.ratelimit import metrics
 from crosslogic.ratelimit.admission import admit
 from crosslogic.ratelimit.engine import Decision, Limiter
 from crosslogic.ratelimit.store import LimitStore
+from crosslogic.runtime.health import dependency
 from crosslogic.store.db import POSTGRES_UNAVAILABLE
 
 log = logging.getLogger("crosslogic.ratelimit")
@@ -29,6 +30,7 @@ class AdmissionGate:
     def __init__(self, limiter: Limiter, store: LimitStore) -> None:
         self.limiter = limiter
         self.store = store
+        self.redis = dependency("redis")  # degraded mode: crosslogic_dependency_down{dependency="redis"}
 
     async def decide(self, org: str, env: str, key: str, region: str, request_id: str, reserve: int) -> Decision:
         """Reserves `reserve` tokens for `request_id` in every layer, or refuses; raises LimiterUnavailable."""
@@ -47,6 +49,8 @@ class AdmissionGate:
         except (OSError, aioredis.RedisError) as exc:
             # Failed calls are timed too: a hanging Redis shows up as the socket timeout in the histogram.
             metrics.limiter_seconds.observe(time.perf_counter() - started)
+            self.redis.failed(exc)
+            # Logged at most once per CROSSLOGIC_LOG_REPEAT_INTERVAL with a count (crosslogic.logs), not per request.
             if limits.fail_open() and platform.fail_open(region):
                 log.warning("redis unavailable (%s): admitting (fail-open)", exc)
                 metrics.record_degraded(True, "redis_unavailable")
@@ -54,6 +58,7 @@ class AdmissionGate:
             log.warning("redis unavailable (%s): refusing (fail-closed)", exc)
             metrics.record_degraded(False, "redis_unavailable")
             raise LimiterUnavailable from exc
+        self.redis.succeeded()
         metrics.record(decision, time.perf_counter() - started)
         if decision.shadow_layer:
             log.info("shadow limit would refuse: org=%s env=%s key=%s layer=%s limit=%s", org, env, key,

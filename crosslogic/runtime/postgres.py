@@ -42,12 +42,40 @@ def _run_as(user: str | None) -> dict:
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
-def _make_traversable(path: Path) -> None:
-    """The postgres user must reach the data dir and the wheel's binaries through every parent folder."""
+def _make_traversable(path: Path, user: str) -> None:
+    """The postgres user must reach the data dir and the wheel's binaries through every parent folder.
+
+    Only traversal (x), and for that user's group where the folder's group bits are unused, so the state
+    dir stays closed to everyone else (0710, group crosslogic_pg); else others get x (never r: no listing).
+    """
+    entry = pwd.getpwnam(user)
     for parent in [path, *path.parents]:
-        mode = parent.stat().st_mode
-        if mode & 0o005 != 0o005:
-            parent.chmod(mode | 0o005)
+        st = parent.stat()
+        mode = st.st_mode & 0o7777
+        # Unix checks exactly one class: owner, else group, else others (others' bits do not help a member).
+        if st.st_uid == entry.pw_uid:
+            needed = 0o100
+        elif st.st_gid == entry.pw_gid:
+            needed = 0o010
+        elif mode & 0o070 == 0:
+            os.chown(parent, -1, entry.pw_gid)
+            needed = 0o010
+        else:  # the folder's group means something already: do not take it away
+            needed = 0o001
+        if mode & needed != needed:
+            parent.chmod(mode | needed)
+
+
+def _stale_lock(pgdata: Path) -> bool:
+    """postmaster.pid names a process that is alive but is not a postgres (its pid was reused after a
+    reboot or a kill): postgres would refuse to start. A dead pid postgres handles itself, and a live
+    postgres must keep its lock (its shared-memory interlock protects the data)."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return False
+    return comm not in ("postgres", "postmaster")
 
 
 class EmbeddedPostgres:
@@ -68,23 +96,34 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         pgdata.mkdir(parents=True, exist_ok=True)
         if self.user:
-            _make_traversable(self.data_dir)
-            _make_traversable(postgres_bin_dir())
             shutil.chown(pgdata, self.user, self.user)
         pgdata.chmod(0o700)
-        subprocess.run(
+        done = subprocess.run(
             [str(postgres_bin_dir() / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
              "--encoding=UTF8", "--no-sync"],
-            check=True, capture_output=True, **_run_as(self.user),
+            capture_output=True, text=True, **_run_as(self.user),
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed ({done.returncode}): {done.stderr.strip()}")
 
     def start(self) -> EmbeddedPostgres:
+        """Starts the server and waits until it accepts connections."""
+        self.spawn()
+        assert self.child is not None
+        wait_until(self.ready, 60, "postgres", self.child.proc)
+        return self
+
+    def spawn(self) -> None:
+        """Starts the server process (also how the supervisor restarts it); `ready()` says when it serves."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.user:  # every start: `crosslogic up` tightens the state dir's modes before this
+            _make_traversable(self.data_dir, self.user)
+            _make_traversable(postgres_bin_dir(), self.user)
         self._initdb()
         pgdata = self.data_dir / "pgdata"
         socket_dir = pgdata  # keeps the socket private to this instance
-        stale_pid = pgdata / "postmaster.pid"
-        if stale_pid.exists() and not port_open("127.0.0.1", self.port):
-            stale_pid.unlink()  # left by a killed server; postgres would refuse to start
+        if _stale_lock(pgdata):
+            (pgdata / "postmaster.pid").unlink()
         self.child = ChildProcess(
             "postgres",
             [str(postgres_bin_dir() / "postgres"), "-D", str(pgdata), "-p", str(self.port),
@@ -94,15 +133,14 @@ class EmbeddedPostgres:
             run_as=_run_as(self.user),
             stop_signal=signal.SIGINT,  # "fast" shutdown: roll back sessions, checkpoint, exit
         ).start()
-        wait_until(self._accepts_connections, 60, "postgres", self.child.proc)
-        return self
 
-    def _accepts_connections(self) -> bool:
+    def ready(self) -> bool:
+        """Accepting connections (not merely listening: after a crash it replays WAL first)."""
         if not port_open("127.0.0.1", self.port):
             return False
         result = subprocess.run(
             [str(postgres_bin_dir() / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
-            capture_output=True,
+            capture_output=True, timeout=5,
         )
         return result.returncode == 0
 

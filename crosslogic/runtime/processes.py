@@ -85,18 +85,38 @@ class ChildProcess:
 
     def start(self) -> ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            **self.run_as,
-            start_new_session=True,  # Ctrl-C in the terminal goes to the supervisor, which stops us in order
-        )
-        log.close()
+        log = open_private(self.log_path, os.O_APPEND)  # logs may hold secrets (URLs, errors): owner only
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                **self.run_as,
+                start_new_session=True,  # Ctrl-C in the terminal goes to the supervisor, which stops us in order
+            )
+        finally:
+            os.close(log)
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else None
+
+    def kill_leftovers(self) -> None:
+        """SIGKILLs what is left of the child's process group once the child itself has exited (the backends
+        of a killed postmaster, an engine's workers): a restart must not find the old one's processes."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the child led its own session, so its group has its pid
+        except (ProcessLookupError, PermissionError):
+            pass
 
     @property
     def running(self) -> bool:
@@ -114,18 +134,37 @@ class ChildProcess:
             self.proc.wait(5)
         except ProcessLookupError:
             pass
+        self.kill_leftovers()
 
     def kill(self) -> None:
         if self.running:
             assert self.proc is not None
             self.proc.kill()
             self.proc.wait(5)
+        self.kill_leftovers()
 
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def open_private(path: Path, flags: int = os.O_TRUNC) -> int:
+    """A file descriptor for writing `path`, created 0600 and tightened to 0600 if it already existed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def write_private(path: Path, text: str) -> None:
+    """Writes `path` atomically, mode 0600 from the first byte (secrets: never readable by others, not even
+    for a moment); the previous file is replaced whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = open_private(tmp)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 def inherit_env(**overrides: str) -> dict[str, str]:

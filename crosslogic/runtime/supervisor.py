@@ -1,7 +1,11 @@
 """`crosslogic up`: one machine's whole stack, supervised in the foreground.
 
 Order matters: stores, schema, control-plane services, (demo nodes), then Envoy; shutdown is the
-reverse, with Envoy first so no request arrives at a service that is already gone.
+reverse, with Envoy first so no request arrives at a service that is already gone. Every child is
+restarted when it dies (crosslogic/runtime/supervision.py); runtime.json carries the supervisor's status.
+
+Everything `up` writes is private to its user (umask 077, secrets 0600, the state dir 0700): the state dir
+holds the key-hashing secret, the node CA's key, the demo key, logs and the usage spool.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crosslogic.pki import init_pki
+from crosslogic.runtime.backoff import Backoff
 from crosslogic.runtime.envoy import BootstrapParams, EnvoyProcess
 from crosslogic.runtime.postgres import EmbeddedPostgres
-from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, port_open, wait_until
-from crosslogic.runtime.state import ensure_key_secret, write_runtime
+from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, port_open, wait_until, write_private
+from crosslogic.runtime.state import ensure_key_secret, secure_state_dir, write_runtime
+from crosslogic.runtime.supervision import Supervised, Supervisor
 from crosslogic.runtime.valkey import EmbeddedValkey
-from crosslogic.settings import SchedulerSettings, Settings
+from crosslogic.settings import SchedulerSettings, Settings, SupervisorSettings, load_all
 from crosslogic.store.db import migrate
 
 log = logging.getLogger("crosslogic.up")
@@ -37,6 +44,8 @@ class UpOptions:
     demo: bool = False
     ready_file: Path | None = None
     demo_nodes: int = 2
+    log_level: str = "INFO"
+    json_output: bool = False  # print the connection details as one JSON line instead of the banner
 
 
 @dataclass
@@ -47,18 +56,27 @@ class Stack:
     services: list[ChildProcess] = field(default_factory=list)
     envoy: EnvoyProcess | None = None
     info: dict = field(default_factory=dict)
+    # Every child once it first answered, with its readiness probe: what the supervisor restarts.
+    supervised: list[Supervised] = field(default_factory=list)
 
     def children(self) -> list[ChildProcess]:
         return list(self.services) + ([self.envoy.child] if self.envoy and self.envoy.child else [])
 
 
+def _python(*argv: str) -> list[str]:
+    # -P: never import crosslogic from the working directory (a source checkout) instead of the installed one.
+    return [sys.executable, "-P", "-m", *argv]
+
+
 def _service(name: str, argv: list[str], logs: Path, env: dict[str, str]) -> ChildProcess:
-    return ChildProcess(name, [sys.executable, "-m", "crosslogic.cli", *argv], logs / f"{name}.log", env=env)
+    return ChildProcess(name, _python("crosslogic.cli", *argv), logs / f"{name}.log", env=env)
 
 
-def _start_and_wait(child: ChildProcess, port: int) -> None:
+def _start_and_wait(stack: Stack, child: ChildProcess, port: int) -> None:
     child.start()
-    wait_until(lambda: port_open("127.0.0.1", port), 30, child.name, child.proc)
+    ready = lambda: port_open("127.0.0.1", port)  # noqa: E731
+    wait_until(ready, 30, child.name, child.proc)
+    stack.supervised.append(Supervised(child.name, lambda: child, child.start, ready))
 
 
 def _http_status(url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
@@ -75,7 +93,10 @@ def _http_status(url: str, headers: dict[str, str] | None = None, body: bytes | 
 def start_stack(stack: Stack) -> Stack:
     """Starts everything into `stack` (so a failure half-way can still stop what did start)."""
     options = stack.options
+    load_all()  # a bad CROSSLOGIC_* value fails here in one line, not later in a child's log
+    os.umask(0o077)  # every file up and its children create (logs, usage spool, Valkey's AOF) is private
     state = options.state_dir.resolve()
+    secure_state_dir(state)
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if port_open(options.host, options.port):
@@ -85,12 +106,14 @@ def start_stack(stack: Stack) -> Stack:
 
     database_url = settings.database_url
     if not database_url:
-        stack.postgres = EmbeddedPostgres(state / "postgres").start()
-        database_url = stack.postgres.url
+        postgres = stack.postgres = EmbeddedPostgres(state / "postgres").start()
+        database_url = postgres.url
+        stack.supervised.append(Supervised("postgres", lambda: postgres.child, postgres.spawn, postgres.ready))
     redis_url = settings.redis_url
     if not redis_url:
-        stack.valkey = EmbeddedValkey(state / "valkey").start()
-        redis_url = stack.valkey.url
+        valkey = stack.valkey = EmbeddedValkey(state / "valkey").start()
+        redis_url = valkey.url
+        stack.supervised.append(Supervised("valkey", lambda: valkey.child, valkey.spawn, valkey.ready))
     asyncio.run(migrate(database_url))
 
     # Node agents authenticate with certificates from this machine's control-plane CA (mutual TLS).
@@ -101,9 +124,13 @@ def start_stack(stack: Stack) -> Stack:
     usage_dir.mkdir(parents=True, exist_ok=True)
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
                       CROSSLOGIC_KEY_SECRET=secret, CROSSLOGIC_PKI_DIR=str(pki_dir),
-                      CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"))
+                      CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"),
+                      CROSSLOGIC_LOG_LEVEL=options.log_level)
     ports = {name: free_port() for name in ("xds", "authz", "release", "ratelimit", "accounting", "api", "admin",
-                                            "nodeagent", "accounting_metrics", "authz_metrics", "ratelimit_metrics")}
+                                            "nodeagent",
+                                            "accounting_metrics", "authz_metrics", "ratelimit_metrics",
+                                            "supervisor_metrics")}
+    ports["supervisor_metrics"] = SupervisorSettings().supervisor_metrics_port or ports["supervisor_metrics"]
     # Prometheus /metrics: billing (§39) in accounting, admission in ext_authz (or `serve ratelimit` with "rls").
     for name, configured in (("accounting_metrics", settings.accounting_metrics_port),
                              ("authz_metrics", settings.authz_metrics_port),
@@ -128,30 +155,32 @@ def start_stack(stack: Stack) -> Stack:
     ):
         child = _service(name, argv, logs, env)
         stack.services.append(child)
-        _start_and_wait(child, ports[name])
+        _start_and_wait(stack, child, ports[name])
 
     demo: dict = {}
     if options.demo:
         demo = _start_demo(stack, database_url, secret.encode(), logs, env)
 
-    stack.envoy = EnvoyProcess(logs, BootstrapParams(
+    envoy = stack.envoy = EnvoyProcess(logs, BootstrapParams(
         node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
         release_port=ports["release"],
         accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"])).start()
     gateway_url = f"http://{options.host}:{options.port}"
-    wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", stack.envoy.child.proc)
+    assert envoy.child is not None
+    wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", envoy.child.proc)
     if demo:
-        _wait_demo_route(stack.envoy, gateway_url, demo["api_key"])
+        _wait_demo_route(envoy, gateway_url, demo["api_key"])
+    # Ready again after a restart: the admin says the initial xDS arrived and the gateway port answers.
+    stack.supervised.append(Supervised("envoy", lambda: envoy.child, envoy.spawn,
+                                       lambda: envoy.ready() and port_open(options.host, options.port)))
 
     stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
                   "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
                   "ports": ports, "nodeagent_address": f"127.0.0.1:{ports['nodeagent']}", "pki_dir": str(pki_dir),
-                  "pid": __import__("os").getpid(), "admission": settings.admission, **demo}
+                  "pid": os.getpid(), "admission": settings.admission, "state_dir": str(state), **demo}
     write_runtime(state, stack.info)
-    if options.ready_file:
-        tmp = options.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stack.info, indent=2))
-        tmp.replace(options.ready_file)
+    if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
+        write_private(options.ready_file, json.dumps(stack.info, indent=2))
     return stack
 
 
@@ -166,11 +195,11 @@ def _start_demo(stack: Stack, database_url: str, secret: bytes, logs: Path, env:
     nodes = []
     for name, model in plan:
         port = free_port()
-        argv = [sys.executable, "-m", "crosslogic.sim", "--host", "127.0.0.1", "--port", str(port),
-                "--node-name", name, "--model", model]
+        argv = _python("crosslogic.sim", "--host", "127.0.0.1", "--port", str(port), "--node-name", name,
+                       "--model", model)
         child = ChildProcess(name, argv, logs / f"{name}.log", env=env)
         stack.services.append(child)
-        _start_and_wait(child, port)
+        _start_and_wait(stack, child, port)
         nodes.append((name, "127.0.0.1", port, [model]))
 
     async def seed() -> dict:
@@ -221,6 +250,7 @@ def banner(info: dict) -> str:
         key = info["api_key"]
         lines += [
             f"Demo API key (org 'demo', env 'dev'): {key}",
+            f"  (kept in {info['state_dir']}/runtime.json, mode 0600; shown again by every `crosslogic up`)",
             "",
             "Try it:",
             f"  curl {url}/chat/completions -H 'Authorization: Bearer {key}' "
@@ -236,6 +266,27 @@ def banner(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _supervisor(stack: Stack, state: Path) -> Supervisor:
+    settings = SupervisorSettings()
+    backoff = Backoff(initial_s=settings.restart_backoff_s, maximum_s=settings.restart_backoff_max_s,
+                      healthy_after_s=settings.healthy_after_s)
+
+    def publish() -> None:  # runtime.json: where the CLI, operators and tests read the stack's health
+        write_runtime(state, {**stack.info, "supervisor": supervisor.status()})
+
+    supervisor = Supervisor(backoff, settings.ready_timeout_s, on_change=publish)
+    for child in stack.supervised:
+        supervisor.add(child)
+    return supervisor
+
+
+def _serve_supervisor_metrics(supervisor: Supervisor, port: int):
+    import prometheus_client
+
+    server, thread = prometheus_client.start_http_server(port, "127.0.0.1", registry=supervisor.registry)
+    return server
+
+
 def run_up(options: UpOptions) -> int:
     stopping = False
 
@@ -246,19 +297,20 @@ def run_up(options: UpOptions) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stack = Stack(options)
+    metrics = None
     try:
         start_stack(stack)
-        print(banner(stack.info), flush=True)
-        restarts: dict[str, float] = {}
+        supervisor = _supervisor(stack, options.state_dir.resolve())
+        metrics = _serve_supervisor_metrics(supervisor, stack.info["ports"]["supervisor_metrics"])
+        write_runtime(options.state_dir.resolve(), {**stack.info, "supervisor": supervisor.status()})
+        if options.json_output:
+            print(json.dumps(stack.info), flush=True)
+        else:
+            print(banner(stack.info), flush=True)
         while not stopping:
-            time.sleep(0.2)
-            for child in stack.children():
-                if not child.running and not stopping:
-                    # A crashed service comes back; back off so a crash loop cannot spin.
-                    if time.monotonic() - restarts.get(child.name, 0.0) > 1.0:
-                        log.warning("%s exited (%s); restarting", child.name, child.proc and child.proc.returncode)
-                        restarts[child.name] = time.monotonic()
-                        child.start()
+            time.sleep(0.1)
+            if not stopping:
+                supervisor.poll()
         return 0
     except (RuntimeError, TimeoutError) as exc:
         print(f"crosslogic up failed: {exc}", file=sys.stderr)
@@ -268,3 +320,5 @@ def run_up(options: UpOptions) -> int:
         return 1
     finally:
         stop_stack(stack)
+        if metrics is not None:
+            metrics.shutdown()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
-from crosslogic.runtime.processes import ChildProcess, free_port, port_open, wait_until
+from crosslogic.runtime.processes import ChildProcess, free_port, wait_until
 
 
 def valkey_server_bin() -> Path:
@@ -24,6 +25,14 @@ class EmbeddedValkey:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedValkey:
+        """Starts the server and waits until it answers."""
+        self.spawn()
+        assert self.child is not None
+        wait_until(self.ready, 30, "valkey", self.child.proc)
+        return self
+
+    def spawn(self) -> None:
+        """Starts the server process (also how the supervisor restarts it, on the same data)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.child = ChildProcess(
             "valkey",
@@ -32,8 +41,15 @@ class EmbeddedValkey:
              "--save", "", "--protected-mode", "no"],
             self.data_dir / "valkey.log",
         ).start()
-        wait_until(lambda: port_open("127.0.0.1", self.port), 30, "valkey", self.child.proc)
-        return self
+
+    def ready(self) -> bool:
+        """PING answered with PONG: listening is not enough while it loads its append-only file."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.child:

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import json
 import sys
-from pathlib import Path
 
 import asyncpg
 
@@ -38,7 +37,7 @@ def _rows(records: list[asyncpg.Record]) -> list[dict]:
 async def _connect(args: argparse.Namespace) -> asyncpg.Connection:
     from crosslogic.runtime.state import resolve_settings
 
-    return await asyncpg.connect(resolve_settings(Path(args.state_dir)).require_database())
+    return await asyncpg.connect(resolve_settings(args.state_dir).require_database())
 
 
 async def _show(args: argparse.Namespace) -> int:
@@ -92,17 +91,19 @@ async def _reset(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policy", help="routing policy: pinning, spill share, retries, scorer weights")
     psub = p.add_subparsers(dest="policy_command", required=True)
-    show = psub.add_parser("show")
+    show = psub.add_parser("show", help="every region's policy and the last validation result")
     show.set_defaults(handler=lambda a: asyncio.run(_show(a)))
     put = psub.add_parser("set", help="create or change one region's policy ('*' = the default)")
-    put.add_argument("region")
-    put.add_argument("--pinning", choices=["strict", "fallback"])
+    put.add_argument("region", help="region id, or '*' for the default")
+    put.add_argument("--pinning", choices=["strict", "fallback"],
+                     help="strict: never leave the region; fallback: spill along its fallback chain")
     put.add_argument("--spill-share", type=float, help="0..1: share of traffic allowed into fallback regions")
-    put.add_argument("--retries", type=int)
+    put.add_argument("--retries", type=int, help="retries on another node before the client sees an error")
     put.add_argument("--score-weights", help='JSON, e.g. {"queue": 0.5, "kv_cache": 0.3, "throughput": 0.2}')
-    put.add_argument("--queue-capacity", type=int)
-    put.add_argument("--load-aware", action=argparse.BooleanOptionalAction, default=None)
+    put.add_argument("--queue-capacity", type=int, help="queued requests per node counted as full load")
+    put.add_argument("--load-aware", action=argparse.BooleanOptionalAction, default=None,
+                     help="weights from live node load (else equal weights)")
     put.set_defaults(handler=lambda a: asyncio.run(_set(a)))
     reset = psub.add_parser("reset", help="remove one region's policy")
-    reset.add_argument("region")
+    reset.add_argument("region", help="region id")
     reset.set_defaults(handler=lambda a: asyncio.run(_reset(a)))
