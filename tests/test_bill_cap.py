@@ -69,10 +69,11 @@ async def test_crossing_the_cap_alerts_once_per_threshold_and_suspends_orgs_that
         org = await conn.fetchval("INSERT INTO orgs (name, monthly_bill_cap_microdollars, suspend_at_cap) "
                                   "VALUES ('o', 1000, true) RETURNING org_id")
         month = await conn.fetchval("SELECT date_trunc('month', now() AT TIME ZONE 'UTC')::date")
-        await conn.execute("INSERT INTO org_monthly_spend VALUES ($1, $2, 850, 1)", org, month)
+        await conn.execute("INSERT INTO org_monthly_spend (org_id, month, cost_microdollars, tokens, "
+                           "owed_microdollars) VALUES ($1, $2, 900, 1, 850)", org, month)
         assert await check_caps(conn) == [f"alert:{org}:80"]
         assert await check_caps(conn) == []
-        await conn.execute("UPDATE org_monthly_spend SET cost_microdollars = 1000")
+        await conn.execute("UPDATE org_monthly_spend SET owed_microdollars = 1000")
         assert await check_caps(conn) == [f"alert:{org}:100", f"suspend:{org}"]
         assert await conn.fetchval("SELECT status FROM orgs WHERE org_id = $1", org) == "suspended"
         assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE action = 'org.suspend'") == 1

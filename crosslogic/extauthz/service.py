@@ -12,12 +12,13 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
 
 from crosslogic import errors
-from crosslogic.extauthz.billcap import BillCaps
+from crosslogic.extauthz.billcap import BillCapGuard, follow_price_changes
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
 from crosslogic.ratelimit.engine import limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
+from crosslogic.ratelimit.money import MoneyLimiter
 from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.runtime.grpc_server import grpc_server
@@ -84,8 +85,9 @@ async def serve_authz(settings: Settings, listen: str) -> None:
         if settings.admission == "authz":
             limits = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
             gate = AdmissionGate(limiter_from_settings(redis, settings), limits)
+        caps = BillCapGuard(pool, MoneyLimiter(redis, settings.reservation_ttl_ms))
         authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
-                                BillCaps(pool), gate)
+                                caps, gate)
 
         def limits_changed() -> None:
             quotas.clear()
@@ -94,6 +96,7 @@ async def serve_authz(settings: Settings, listen: str) -> None:
 
         feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
         quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, limits_changed))
+        price_feed = asyncio.create_task(follow_price_changes(settings.database_url, caps))
         servicer = AuthorizationServicer(authorizer)
         try:
             with metrics_server(settings.authz_metrics_port, "ext_authz"):  # admission metrics (ratelimit/metrics.py)
@@ -103,4 +106,5 @@ async def serve_authz(settings: Settings, listen: str) -> None:
         finally:
             feed.cancel()
             quota_feed.cancel()
+            price_feed.cancel()
             await redis.aclose()
