@@ -51,8 +51,9 @@ async def test_an_org_over_its_monthly_cap_gets_403_billing_cap_reached_and_othe
     await ledger_row(gateway["database_url"], raw.headers["x-request-id"])
     conn = await asyncpg.connect(gateway["database_url"])
     try:
-        await conn.execute("UPDATE orgs SET monthly_bill_cap_microdollars = 1 WHERE org_id = $1",
-                           uuid.UUID(tenant["org_id"]))
+        # The cap counts what is owed after the free tier: without one, this org owes every request's cost.
+        await conn.execute("UPDATE orgs SET monthly_bill_cap_microdollars = 1, free_tokens_per_month = 0 "
+                           "WHERE org_id = $1", uuid.UUID(tenant["org_id"]))
     finally:
         await conn.close()
     refused = await _refused_with(api, "billing_cap_reached")
