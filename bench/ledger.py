@@ -1,7 +1,8 @@
 """Usage rows per second into the Postgres ledger, end to end, on a fresh embedded Postgres.
 
 Three paths, measured in the same run on the same database so the ratios mean something:
-  baseline   prebuilt UsageRecords -> write_batch (pricing + multi-row INSERT … ON CONFLICT, monthly spend)
+  baseline   prebuilt UsageRecords -> write_batch (price lock, INSERT … priced by joining the version tables at
+             each row's occurred_at … ON CONFLICT, monthly spend and owed)
   backstop   Envoy JSON-lines usage log on disk -> tail -> parse -> price -> write_batch -> commit position
   als        gRPC HTTPAccessLogEntry protos -> record_from_entry -> LedgerWriter batches
 Goal (issue 5): >= 20k rows/s.
@@ -28,7 +29,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer  # noqa: E402
-from crosslogic.accounting.ledger import LedgerWriter, PriceBook, write_batch  # noqa: E402
+from crosslogic.accounting.ledger import LedgerWriter, write_batch  # noqa: E402
 from crosslogic.accounting.usage import AUTHZ_NAMESPACE, USAGE_NAMESPACE, UsageRecord, record_from_entry  # noqa: E402
 from crosslogic.runtime.postgres import EmbeddedPostgres  # noqa: E402
 from crosslogic.store.db import migrate  # noqa: E402
@@ -86,18 +87,19 @@ async def bench(url: str, n: int, work: Path) -> None:
             await conn.execute("INSERT INTO regions (region_id, display_name) VALUES ('ap-south', 'x')")
             await conn.execute("INSERT INTO models (model_id, input_price_microdollars_per_1m, "
                                "output_price_microdollars_per_1m) VALUES ('llama-3-8b', 50000, 80000)")
-        prices = PriceBook()
+            await conn.executemany("INSERT INTO orgs (org_id, name) VALUES ($1, $2)",
+                                   [(uuid.UUID(org), f"org-{i}") for i, org in enumerate(ORGS)])
 
         base = records("base", n)
         t0 = time.perf_counter()
         async with pool.acquire() as conn:
             for i in range(0, n, BATCH):
-                await write_batch(conn, base[i:i + BATCH], prices)
+                await write_batch(conn, base[i:i + BATCH])
         baseline = n / (time.perf_counter() - t0)
 
         log_path = work / "usage.jsonl"
         usage_log(log_path, "file", n)
-        replayer = BackstopReplayer(UsageLogTailer(log_path, work / "usage.position"), pool, prices)
+        replayer = BackstopReplayer(UsageLogTailer(log_path, work / "usage.position"), pool)
         t0 = time.perf_counter()
         while await replayer.step():
             pass
@@ -105,7 +107,6 @@ async def bench(url: str, n: int, work: Path) -> None:
 
         entries = als_entries("als", n)
         writer = LedgerWriter(pool, BATCH, 0.2)
-        writer.prices = prices
         t0 = time.perf_counter()
         for entry in entries:
             record = record_from_entry(entry)

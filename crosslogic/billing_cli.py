@@ -123,7 +123,7 @@ def _terms_action(args: argparse.Namespace) -> int:
                 terms = await billing_terms.set_org_terms(
                     conn, args.org, cap_usd=args.cap_usd, clear_cap=args.no_cap, suspend_at_cap=args.suspend_at_cap,
                     free_tokens=args.free_tokens, discount=args.discount, tier=args.tier,
-                    stripe_customer=args.stripe_customer)
+                    stripe_customer=args.stripe_customer, cap_fail_closed=args.cap_fail_closed)
                 return asdict(terms)
             if args.billing_command == "price":
                 starts = datetime.fromisoformat(args.effective_from) if args.effective_from else None
@@ -159,10 +159,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     terms = actions.add_parser("org-terms", help="an org's bill cap, free tier, discount, tier, Stripe customer")
     terms.add_argument("org", help="org name or id")
     cap = terms.add_mutually_exclusive_group()
-    cap.add_argument("--cap-usd", help="monthly bill cap in dollars (requests get 403 billing_cap_reached)")
+    cap.add_argument("--cap-usd", help="monthly bill cap in dollars, on what the org owes after its free tier "
+                     "(each request reserves its maximum cost; over the cap: 403 billing_cap_reached)")
     cap.add_argument("--no-cap", action="store_true", help="remove the bill cap")
     terms.add_argument("--suspend-at-cap", action=argparse.BooleanOptionalAction, default=None,
                        help="suspend the org when it reaches its cap")
+    terms.add_argument("--cap-fail-closed", action=argparse.BooleanOptionalAction, default=None,
+                       help="while Valkey is unreachable, refuse the org's requests (503) instead of checking the "
+                            "cap against the ledger after the fact (the default)")
     terms.add_argument("--free-tokens", type=int, help="free tokens per month (serverless plans)")
     terms.add_argument("--discount", help="fraction off every price, e.g. 0.15")
     terms.add_argument("--tier", help="pricing tier id")

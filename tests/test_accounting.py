@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 import asyncpg
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from crosslogic.accounting.ledger import LedgerWriter, PriceBook, write_batch
+from crosslogic.accounting.ledger import LedgerWriter, write_batch
 from crosslogic.accounting.usage import AUTHZ_NAMESPACE, USAGE_NAMESPACE, record_from_entry
+from tests.billing_helpers import priced_catalogue
 
 ORG, ENV, KEY = (str(uuid.uuid4()) for _ in range(3))
 
@@ -59,9 +60,9 @@ async def test_ledger_writes_each_request_id_once(database_url):
                for i in range(5)]
     conn = await asyncpg.connect(database_url)
     try:
-        prices = PriceBook()
-        assert await write_batch(conn, records, prices) == 5
-        assert await write_batch(conn, records[2:] + records[:1], prices) == 0  # replayed log entries
+        await priced_catalogue(conn, [ORG])
+        assert (await write_batch(conn, records)).inserted == 5
+        assert (await write_batch(conn, records[2:] + records[:1])).inserted == 0  # replayed log entries
         assert await conn.fetchval("SELECT count(*) FROM usage_records") == 5
         assert await conn.fetchval("SELECT sum(total_tokens) FROM usage_records") == 35
     finally:
@@ -71,6 +72,8 @@ async def test_ledger_writes_each_request_id_once(database_url):
 async def test_ledger_writer_holds_records_until_postgres_accepts_them(database_url):
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
+        async with pool.acquire() as conn:
+            await priced_catalogue(conn, [ORG])
         writer = LedgerWriter(pool, batch_size=2, flush_interval_s=0.01)
         for i in range(5):
             writer.add(record_from_entry(entry(f"w-{i}", {"prompt_tokens": 1, "completion_tokens": 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -12,8 +13,24 @@ import pytest
 
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, parse_usage_line
 from crosslogic.runtime.processes import free_port
+from tests.billing_helpers import priced_catalogue
 
 ORG, ENV, KEY = (str(uuid.uuid4()) for _ in range(3))
+
+
+@pytest.fixture
+def database_url(database_url: str) -> str:
+    """The database with the model, region and org the usage lines name (else their rows would be held)."""
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await priced_catalogue(conn, [ORG])
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    return database_url
 
 
 def usage_line(request_id: str, prompt: int = 10, completion: int = 5, finished: bool = True) -> bytes:
@@ -95,7 +112,7 @@ async def test_rows_the_fast_path_already_wrote_are_not_written_twice(database_u
 
 
 async def test_lines_the_fast_path_committed_are_skipped_and_the_rest_written_and_settled(database_url, tmp_path):
-    from crosslogic.accounting.ledger import LedgerWriter, PriceBook, write_batch
+    from crosslogic.accounting.ledger import LedgerWriter, write_batch
     from crosslogic.accounting.recent import RecentIds
 
     log_path = tmp_path / "usage.jsonl"
@@ -116,7 +133,7 @@ async def test_lines_the_fast_path_committed_are_skipped_and_the_rest_written_an
         assert sorted(r.request_id for r in settled) == [f"s-{i}" for i in range(6, 10)]
         async with pool.acquire() as conn:
             assert await ledger_totals(conn) == (10, 150)
-            assert await write_batch(conn, [parse_usage_line(usage_line("s-0"))], PriceBook()) == 0
+            assert (await write_batch(conn, [parse_usage_line(usage_line("s-0"))])).inserted == 0
     finally:
         await pool.close()
 

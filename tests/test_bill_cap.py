@@ -51,8 +51,9 @@ async def test_an_org_over_its_monthly_cap_gets_403_billing_cap_reached_and_othe
     await ledger_row(gateway["database_url"], raw.headers["x-request-id"])
     conn = await asyncpg.connect(gateway["database_url"])
     try:
-        await conn.execute("UPDATE orgs SET monthly_bill_cap_microdollars = 1 WHERE org_id = $1",
-                           uuid.UUID(tenant["org_id"]))
+        # The cap counts what is owed after the free tier: without one, this org owes every request's cost.
+        await conn.execute("UPDATE orgs SET monthly_bill_cap_microdollars = 1, free_tokens_per_month = 0 "
+                           "WHERE org_id = $1", uuid.UUID(tenant["org_id"]))
     finally:
         await conn.close()
     refused = await _refused_with(api, "billing_cap_reached")
@@ -69,10 +70,11 @@ async def test_crossing_the_cap_alerts_once_per_threshold_and_suspends_orgs_that
         org = await conn.fetchval("INSERT INTO orgs (name, monthly_bill_cap_microdollars, suspend_at_cap) "
                                   "VALUES ('o', 1000, true) RETURNING org_id")
         month = await conn.fetchval("SELECT date_trunc('month', now() AT TIME ZONE 'UTC')::date")
-        await conn.execute("INSERT INTO org_monthly_spend VALUES ($1, $2, 850, 1)", org, month)
+        await conn.execute("INSERT INTO org_monthly_spend (org_id, month, cost_microdollars, tokens, "
+                           "owed_microdollars) VALUES ($1, $2, 900, 1, 850)", org, month)
         assert await check_caps(conn) == [f"alert:{org}:80"]
         assert await check_caps(conn) == []
-        await conn.execute("UPDATE org_monthly_spend SET cost_microdollars = 1000")
+        await conn.execute("UPDATE org_monthly_spend SET owed_microdollars = 1000")
         assert await check_caps(conn) == [f"alert:{org}:100", f"suspend:{org}"]
         assert await conn.fetchval("SELECT status FROM orgs WHERE org_id = $1", org) == "suspended"
         assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE action = 'org.suspend'") == 1

@@ -9,7 +9,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from crosslogic.accounting.ledger import PriceBook, write_batch
+from crosslogic.accounting.ledger import write_batch
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import UsageRecord
 from tests.billing_helpers import API_KEY, local_stripe
@@ -32,7 +32,7 @@ async def _usage(conn: asyncpg.Connection, org: str, count: int, prompt: int = 1
                            endpoint="chat.completions", streamed=False, status_code=200, prompt_tokens=prompt,
                            completion_tokens=completion, usage_source="reported", latency_ms=1, node=None)
                for i in range(count)]
-    assert await write_batch(conn, records, PriceBook()) == count
+    assert (await write_batch(conn, records)).inserted == count
 
 
 async def _stripe_total(fake, customer: str) -> int:

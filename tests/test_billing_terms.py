@@ -33,7 +33,7 @@ def _commands(database_url: str) -> list[subprocess.CompletedProcess]:
     earlier = (datetime.now(UTC) - timedelta(days=3)).isoformat()
     return [
         _cli(database_url, "org-terms", "acme", "--cap-usd", "12.5", "--suspend-at-cap", "--discount", "0.15",
-             "--free-tokens", "1000", "--stripe-customer", "cus_acme"),
+             "--free-tokens", "1000", "--stripe-customer", "cus_acme", "--cap-fail-closed"),
         _cli(database_url, "price", "llama", "--input-usd", "0.06", "--output-usd", "0.09", "--from", later),
         _cli(database_url, "price", "llama", "--input-usd", "0.01", "--output-usd", "0.01", "--from", earlier),
         _cli(database_url, "gpu-price", "L4", "aws", "--spot", "--usd-per-hour", "0.36"),
@@ -48,7 +48,7 @@ async def test_operators_set_caps_discounts_and_future_prices_but_never_rewrite_
     assert json.loads(terms.stdout) | {"org_id": None} == {
         "org_id": None, "monthly_bill_cap_microdollars": 12_500_000, "suspend_at_cap": True,
         "free_tokens_per_month": 1000, "discount_ppm": 150_000, "pricing_tier": "standard",
-        "stripe_customer_id": "cus_acme"}
+        "stripe_customer_id": "cus_acme", "bill_cap_fail_closed": True}
     assert future.returncode == 0 and past.returncode == 2 and "past" in past.stderr
     assert gpu.returncode == 0 and missing.returncode == 1
     conn = await asyncpg.connect(database_url)

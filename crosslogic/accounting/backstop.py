@@ -27,7 +27,7 @@ from pathlib import Path
 import asyncpg
 
 from crosslogic.accounting import metrics
-from crosslogic.accounting.ledger import PriceBook, write_batch
+from crosslogic.accounting.ledger import OwedHook, write_batch
 from crosslogic.accounting.recent import RecentIds
 from crosslogic.accounting.usage import UsageRecord, record_from_fields
 
@@ -216,9 +216,9 @@ class UsageLogTailer:
 class BackstopReplayer:
     """Owns the tail -> ledger loop. `replayed` counts rows it inserted (the fast path had missed them)."""
 
-    def __init__(self, tailer: UsageLogTailer, pool: asyncpg.Pool, prices: PriceBook | None = None,
-                 rotate_bytes: int = 0, reopen: Callable[[], None] | None = None,
-                 settle: Callable[[UsageRecord], None] | None = None, committed: RecentIds | None = None) -> None:
+    def __init__(self, tailer: UsageLogTailer, pool: asyncpg.Pool, rotate_bytes: int = 0,
+                 reopen: Callable[[], None] | None = None, settle: Callable[[UsageRecord], None] | None = None,
+                 committed: RecentIds | None = None, on_owed: OwedHook | None = None) -> None:
         self.tailer = tailer
         # Ids the gRPC fast path already wrote to the ledger (and settled): their lines are skipped, which
         # halves the accounting work per request when nothing was lost. A miss only costs the full work.
@@ -231,7 +231,7 @@ class BackstopReplayer:
         self.reopen = reopen
         self.rotations = 0
         self.pool = pool
-        self.prices = prices or PriceBook()
+        self.on_owed = on_owed  # bill-cap settlement, once the rows are in the ledger
         self.replayed = 0
         self.lines_read = 0
 
@@ -256,7 +256,10 @@ class BackstopReplayer:
             inserted = 0
             if records:
                 async with self.pool.acquire() as conn:
-                    inserted = await write_batch(conn, records, self.prices, "backstop")
+                    result = await write_batch(conn, records, "backstop")
+                inserted = result.inserted
+                if result.owed and self.on_owed is not None:
+                    self.on_owed(result.owed)
         except BaseException:
             self.tailer.rewind()
             raise

@@ -2,7 +2,10 @@
 
 Pure maths over plain values (tested without a database); `load_report` gathers them from Postgres.
 A node's cost over the window is its hourly GPU price (gpu_prices by type, cloud, spot) times the hours it
-existed inside the window, shared evenly among the models it serves. All money in integer micro-dollars.
+was alive inside the window, shared evenly among the models it served then. Hours come from node_lifetimes
+(migration 007: a row per span a node was alive with the same region, cloud, spot, GPU and models, written by
+a trigger on nodes), so nodes that died (evicted spot nodes) or whose rows the registry deleted keep every
+hour they ran. All money in integer micro-dollars.
 """
 
 from __future__ import annotations
@@ -68,10 +71,12 @@ def finops_rows(nodes: list[NodeCost], usage: list[ModelUsage]) -> list[FinopsRo
 
 
 _NODES_SQL = """
-SELECT n.region, n.model_list, coalesce(g.microdollars_per_hour, 0) AS per_hour,
-       greatest(0, extract(epoch FROM least($2, now()) - greatest($1, n.created_at)))::bigint AS seconds
-FROM nodes n LEFT JOIN gpu_prices g ON g.gpu_type = n.gpu_type AND g.cloud = n.cloud AND g.spot = n.spot
-WHERE n.status <> 'dead'
+SELECT l.region, l.model_list, coalesce(g.microdollars_per_hour, 0) AS per_hour,
+       greatest(0, round(extract(epoch FROM least($2, coalesce(l.ended_at, now()))
+                                  - greatest($1, l.started_at))))::bigint AS seconds
+FROM node_lifetimes l
+LEFT JOIN gpu_prices g ON g.gpu_type = l.gpu_type AND g.cloud = l.cloud AND g.spot = l.spot
+WHERE l.started_at < least($2, now()) AND coalesce(l.ended_at, now()) > $1
 """
 _USAGE_SQL = """
 SELECT region, model, sum(total_tokens)::bigint AS tokens, sum(cost_microdollars)::bigint AS revenue,

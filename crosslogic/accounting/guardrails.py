@@ -2,7 +2,8 @@
 
 ext_authz refuses requests of an org over its cap by itself (crosslogic/extauthz/billcap.py); this loop
 adds the slower consequences: an alert once per threshold and month, and, for orgs that asked for it,
-suspension (the tenancy NOTIFY trigger tells every authz replica at once).
+suspension (the tenancy NOTIFY trigger tells every authz replica at once). Like the cap, it counts what the
+org owes after its monthly allowance (org_monthly_spend.owed_microdollars).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ cap_suspensions = Counter("billing_cap_suspensions_total", "Orgs suspended on re
 
 _SPEND_SQL = """
 SELECT o.org_id, o.name, o.status, o.suspend_at_cap, o.monthly_bill_cap_microdollars AS cap,
-       coalesce(s.cost_microdollars, 0) AS spent, date_trunc('month', now() AT TIME ZONE 'UTC')::date AS month
+       coalesce(s.owed_microdollars, 0) AS spent, date_trunc('month', now() AT TIME ZONE 'UTC')::date AS month
 FROM orgs o
 LEFT JOIN org_monthly_spend s
        ON s.org_id = o.org_id AND s.month = date_trunc('month', now() AT TIME ZONE 'UTC')::date

@@ -9,6 +9,8 @@ billed_cost = Counter("billing_cost_total", "Micro-dollars exported to Stripe (a
 records_pushed = Counter("billing_records_pushed_total", "Meter events Stripe accepted")
 records_failed = Counter("billing_records_failed_total", "Meter event sends that failed (retried later)")
 ledger_rows = Counter("ledger_rows_written_total", "Usage rows inserted into the ledger", ["path"])
+unpriced_rows = Gauge("ledger_unpriced_rows",
+                      "Usage rows held out of the ledger: no price, region multiplier or org terms at their time")
 backstop_replays = Counter("backstop_replayed_total",
                            "Usage rows the durable backstop wrote because the gRPC access log had missed them")
 backstop_skipped = Counter("backstop_skipped_total",

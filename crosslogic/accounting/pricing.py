@@ -1,11 +1,17 @@
-"""Token prices in integer micro-dollars: no floats ever touch money. Pure functions, property-tested."""
+"""Token prices in integer micro-dollars: no floats ever touch money. Pure functions, property-tested.
+
+The ledger prices rows in SQL (migration 007's `crosslogic_cost`, the same formula); `PriceBook` is the
+in-memory copy of the version tables that ext_authz prices bill-cap reservations with.
+"""
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
 
 PPM = 1_000_000  # multipliers are parts per million: 1.2x = 1_200_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
@@ -47,6 +53,77 @@ def effective_at(versions: Sequence[tuple[datetime, object]], at: datetime) -> o
     """The value of the latest version starting at or before `at` (versions sorted by start)."""
     index = bisect.bisect_right([start for start, _ in versions], at) - 1
     return versions[index][1] if index >= 0 else None
+
+
+@dataclass(frozen=True)
+class Versions:
+    """One model's (region's, org's) versions, sorted by start; `at` is what was in effect then."""
+
+    starts: tuple[datetime, ...]
+    values: tuple[object, ...]
+
+    def at(self, moment: datetime) -> object | None:
+        index = bisect.bisect_right(self.starts, moment) - 1
+        return self.values[index] if index >= 0 else None
+
+
+def _start(value: datetime) -> datetime:
+    """asyncpg gives -infinity as datetime.min (naive): make every start comparable with aware times."""
+    return value if value.tzinfo else datetime.min.replace(tzinfo=UTC)
+
+
+def _versions(rows: Sequence[tuple[str, datetime, object]]) -> dict[str, Versions]:
+    grouped: dict[str, list[tuple[datetime, object]]] = {}
+    for key, start, value in rows:
+        grouped.setdefault(key, []).append((_start(start), value))
+    out = {}
+    for key, items in grouped.items():
+        items.sort(key=lambda item: item[0])
+        out[key] = Versions(tuple(s for s, _ in items), tuple(v for _, v in items))
+    return out
+
+
+_PRICES_SQL = """
+SELECT model_id, effective_from, price_version_id, input_price_microdollars_per_1m AS i,
+       output_price_microdollars_per_1m AS o
+FROM price_versions
+"""
+_REGIONS_SQL = "SELECT region_id, effective_from, multiplier_ppm FROM region_multiplier_versions"
+_TERMS_SQL = """
+SELECT org_id::text AS org_id, effective_from, tier_multiplier_ppm, discount_ppm FROM org_terms_versions
+WHERE $1::uuid[] IS NULL OR org_id = ANY($1::uuid[])
+"""
+
+
+@dataclass
+class PriceBook:
+    """The version tables in memory: a cost at any moment, or None when a version is missing (never a default)."""
+
+    models: dict[str, Versions] = field(default_factory=dict)
+    regions: dict[str, Versions] = field(default_factory=dict)
+    orgs: dict[str, Versions] = field(default_factory=dict)
+
+    @classmethod
+    async def load(cls, conn: asyncpg.Connection | asyncpg.Pool, org_ids: Sequence[str] | None = None) -> PriceBook:
+        """Every price and region version; org terms of `org_ids` only (None: every org)."""
+        prices = [(r["model_id"], r["effective_from"], ModelPrice(r["i"], r["o"], r["price_version_id"]))
+                  for r in await conn.fetch(_PRICES_SQL)]
+        regions = [(r["region_id"], r["effective_from"], r["multiplier_ppm"]) for r in await conn.fetch(_REGIONS_SQL)]
+        ids = None if org_ids is None else list(org_ids)
+        terms = [(r["org_id"], r["effective_from"], OrgTerms(r["tier_multiplier_ppm"], r["discount_ppm"]))
+                 for r in await conn.fetch(_TERMS_SQL, ids)]
+        return cls(_versions(prices), _versions(regions), _versions(terms))
+
+    def cost(self, at: datetime, org_id: str, model: str, region: str, prompt_tokens: int,
+             completion_tokens: int) -> int | None:
+        """What the ledger would charge for this usage at `at`; None if a price, multiplier or terms is unknown."""
+        versions = (self.models.get(model), self.regions.get(region), self.orgs.get(org_id))
+        if any(v is None for v in versions):
+            return None
+        price, multiplier, terms = (v.at(at) for v in versions)  # type: ignore[union-attr]
+        if price is None or multiplier is None or terms is None:
+            return None
+        return cost_microdollars(prompt_tokens, completion_tokens, price, multiplier, terms)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

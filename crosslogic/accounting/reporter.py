@@ -35,8 +35,9 @@ _PREPARE_LOCK_SQL = "SELECT pg_advisory_xact_lock(7271005)"
 
 _UNEXPORTED_SQL = """
 SELECT u.usage_id, u.request_id, u.org_id, u.model, u.occurred_at, u.total_tokens, u.cost_microdollars,
-       o.billing_plan, o.free_tokens_per_month, o.reserved_capacity_tokens_per_sec,
-       o.reserved_overage_billed, coalesce(o.stripe_customer_id, o.org_id::text) AS customer
+       crosslogic_monthly_allowance(o.billing_plan, o.free_tokens_per_month, o.reserved_capacity_tokens_per_sec,
+           o.reserved_overage_billed, date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date) AS allowance,
+       coalesce(o.stripe_customer_id, o.org_id::text) AS customer
 FROM usage_records u JOIN orgs o ON o.org_id = u.org_id
 WHERE u.export_id IS NULL
 ORDER BY u.org_id, u.occurred_at, u.request_id
@@ -107,16 +108,6 @@ def interval_start(at: datetime, interval_s: int) -> datetime:
     return datetime.fromtimestamp(epoch - epoch % interval_s, UTC)
 
 
-def monthly_allowance(plan: str, free_tokens: int, reserved_tps: int, month_start: datetime,
-                      month_end: datetime) -> int:
-    """Tokens an org may use this month before it pays per token."""
-    if plan in ("free", "serverless"):
-        return free_tokens
-    if plan == "reserved":  # the flat subscription includes CU x seconds of the month
-        return reserved_tps * int((month_end - month_start).total_seconds())
-    return 0
-
-
 def export_identifier(org_id: str, meter: str, model: str, start: datetime, usage_ids: Sequence[str]) -> str:
     """Deterministic: the same group of rows always yields the same identifier (max 100 chars)."""
     digest = hashlib.sha256("|".join([org_id, meter, model, start.isoformat(), *sorted(usage_ids)]).encode())
@@ -132,15 +123,13 @@ async def prepare_exports(conn: asyncpg.Connection, settings: ReporterSettings) 
             by_org_month.setdefault((r["org_id"], month_bounds(r["occurred_at"])), []).append(r)
         groups: dict[tuple, list[tuple[asyncpg.Record, int, int]]] = {}
         for (org_id, (start, end)), org_rows in by_org_month.items():
-            first = org_rows[0]
-            allowance = monthly_allowance(first["billing_plan"], first["free_tokens_per_month"],
-                                          first["reserved_capacity_tokens_per_sec"], start, end)
+            # The allowance (crosslogic_monthly_allowance, migration 007: the ledger's definition too): free
+            # tier, reserved capacity (all of it when overage is not billed), none for enterprise.
             used = await conn.fetchval(_ALLOWANCE_USED_SQL, org_id, start, end)
             allocations = allocate_allowance([(r["total_tokens"], r["cost_microdollars"]) for r in org_rows],
-                                             allowance - used)
-            bills_overage = first["billing_plan"] != "reserved" or first["reserved_overage_billed"]
+                                             org_rows[0]["allowance"] - used)
             for r, a in zip(org_rows, allocations, strict=True):
-                billable = a.billable_microdollars if bills_overage else 0
+                billable = a.billable_microdollars
                 key = (org_id, r["model"], interval_start(r["occurred_at"], settings.interval_s), r["customer"])
                 groups.setdefault(key, []).append((r, a.free_tokens, billable))
         for (org_id, model, start, customer), members in groups.items():

@@ -12,13 +12,13 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs
 from crosslogic.accounting.guardrails import watch_caps
-from crosslogic.accounting.ledger import LedgerWriter
+from crosslogic.accounting.ledger import HeldRows, LedgerWriter, OwedHook
 from crosslogic.accounting.recent import RecentIds
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import UsageRecord, record_from_entry
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.settings import Settings
-from crosslogic.store.db import open_pool
+from crosslogic.store.db import follow_notifications, open_pool
 
 log = logging.getLogger("crosslogic.accounting")
 
@@ -40,14 +40,14 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
 
 
 def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], None] | None,
-                    committed: RecentIds) -> asyncio.Task | None:
+                    committed: RecentIds, on_owed: OwedHook | None) -> asyncio.Task | None:
     if not settings.usage_log_path:
         return None
     path = Path(settings.usage_log_path)
     tailer = UsageLogTailer(path, path.with_name(path.name + ".position"))
     reopen = envoy_reopen_logs(settings.envoy_admin_url) if settings.envoy_admin_url else None
     replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen,
-                                settle=settle, committed=committed)
+                                settle=settle, committed=committed, on_owed=on_owed)
     return asyncio.create_task(replayer.run())
 
 
@@ -61,18 +61,29 @@ def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:
     return asyncio.create_task(reporter.run_forever())
 
 
+async def _retry_held_rows(settings: Settings, held: HeldRows) -> None:
+    """Held rows (no price version at their time) are retried whenever a version is recorded, and periodically."""
+    await follow_notifications(settings.require_database(), ["crosslogic_prices"], lambda _c, _p: held.wake.set(),
+                               held.wake.set, "price change feed")
+
+
 async def serve_accounting(settings: Settings, listen: str) -> None:
+    from crosslogic.ratelimit.money import money_settlement
     from crosslogic.ratelimit.settlement import settlement_hook
 
     # min_size=0: the sink must start, take access-log entries and settle reservations while Postgres is
     # down (a sink restarted during an outage otherwise stalls settlement and leases pile up: measured 439
     # spurious 429s in the chaos test); ledger writes retry until Postgres is back.
     async with open_pool(settings.require_database(), min_size=0, max_size=4) as pool, \
-            settlement_hook(settings) as settle:
+            settlement_hook(settings) as settle, money_settlement(settings) as on_owed:
         committed = RecentIds()
-        ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s, committed)
+        ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s, committed,
+                              on_owed)
         writer = asyncio.create_task(ledger.run())
-        backstop = _start_backstop(settings, pool, settle, committed)
+        held = HeldRows(pool, on_owed)
+        held_task = asyncio.create_task(held.run())
+        held_feed = asyncio.create_task(_retry_held_rows(settings, held))
+        backstop = _start_backstop(settings, pool, settle, committed, on_owed)
         reporter = _start_reporter(settings, pool)
         guardrails = asyncio.create_task(watch_caps(pool, settings.guardrail_interval_s))
         if settings.accounting_metrics_port:
@@ -84,7 +95,7 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
                 await server.wait_for_termination()
         finally:  # after the server stopped: every entry that arrived is in `ledger`
             writer.cancel()
-            for task in (backstop, reporter, guardrails):
+            for task in (backstop, reporter, guardrails, held_task, held_feed):
                 if task is not None:
                     task.cancel()
             try:

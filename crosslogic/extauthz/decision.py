@@ -7,7 +7,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from crosslogic import errors
-from crosslogic.extauthz.billcap import BillCaps
+from crosslogic.extauthz.billcap import BillCapGuard
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.identity import Identity, IdentityResolver
 from crosslogic.extauthz.validation import Endpoint, ModelSpec, RequestFacts, endpoint_for, validate_request
@@ -93,7 +93,7 @@ def _usage_mode(facts: RequestFacts) -> str:
 
 class Authorizer:
     def __init__(self, resolver: IdentityResolver, catalogue: ModelCatalogue, secret: bytes,
-                 default_region: str, quotas: QuotaGuard | None = None, caps: BillCaps | None = None,
+                 default_region: str, quotas: QuotaGuard | None = None, caps: BillCapGuard | None = None,
                  gate: AdmissionGate | None = None) -> None:
         # Rate-limit admission (crosslogic.ratelimit.gate), made here so a request costs one Python hop;
         # None when Envoy's ratelimit filter calls `crosslogic serve ratelimit` instead (admission "rls").
@@ -116,8 +116,6 @@ class Authorizer:
         if identity is None:
             raise errors.invalid_api_key()
         _check_status(identity)
-        if self.caps is not None and await self.caps.reached(identity.org_id):
-            raise errors.billing_cap_reached()
 
         out = {
             "x-clp-org": identity.org_id,
@@ -145,6 +143,12 @@ class Authorizer:
                              # action reads string values)
                              "reserve": str(facts.reserve)})
         response_headers: dict[str, str] = {}
+        request_id = headers.get("x-request-id", "")
+        if "reserve" in metadata and self.caps is not None:  # the request's maximum cost, against the bill cap
+            if not request_id:
+                raise errors.service_unavailable()
+            await self.caps.reserve(identity.org_id, facts.model, region, request_id, facts.prompt_estimate,
+                                    int(metadata["reserve"]) - facts.prompt_estimate)
         if "reserve" in metadata and self.gate is not None:
             response_headers = await self._admit(identity, region, headers.get("x-request-id", ""),
                                                  facts.reserve, metadata)
@@ -162,11 +166,18 @@ class Authorizer:
             decision = await self.gate.decide(identity.org_id, identity.env_id, identity.key_id, region,
                                               request_id, reserve)
         except LimiterUnavailable:
+            await self._release_money(identity.org_id, request_id)
             raise Refused(errors.service_unavailable(), {}, metadata) from None
         if not decision.admitted:
+            await self._release_money(identity.org_id, request_id)
             raise Refused(refusal(decision), refusal_headers(decision), metadata)
         if decision.leases:
             # usage.lua frees the leases as the response ends (extauthz/release.py), not ~100 ms later at
             # settlement; requests that took none cost no release call.
             metadata["lease"] = request_id
         return ratelimit_headers(decision)
+
+    async def _release_money(self, org_id: str, request_id: str) -> None:
+        """A refused request gives its bill-cap reservation back at once (its ledger row would, later)."""
+        if self.caps is not None:
+            await self.caps.release(org_id, request_id)

@@ -14,7 +14,7 @@ from google.rpc import code_pb2, status_pb2
 
 from crosslogic import errors
 from crosslogic.extauthz.abuse import FailureBudget
-from crosslogic.extauthz.billcap import BillCaps
+from crosslogic.extauthz.billcap import BillCapGuard, follow_price_changes
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
 from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
@@ -22,6 +22,7 @@ from crosslogic.extauthz.release import release_server
 from crosslogic.extauthz.throttle import ThrottledAuthorization
 from crosslogic.ratelimit.engine import limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
+from crosslogic.ratelimit.money import MoneyLimiter
 from crosslogic.ratelimit.quota import QuotaGuard
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.runtime.grpc_server import grpc_server
@@ -106,8 +107,9 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
         if settings.admission == "authz":
             limits = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
             gate = AdmissionGate(limiter, limits)
+        caps = BillCapGuard(pool, MoneyLimiter(redis, settings.reservation_ttl_ms))
         authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
-                                BillCaps(pool), gate)
+                                caps, gate)
 
         def limits_changed() -> None:
             quotas.clear()
@@ -116,6 +118,7 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
 
         feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
         quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, limits_changed))
+        price_feed = asyncio.create_task(follow_price_changes(settings.database_url, caps))
         budget = FailureBudget(settings.abuse_failure_burst, settings.abuse_failure_refill_per_s)
         servicer = ThrottledAuthorization(AuthorizationServicer(authorizer), budget, denied_response,
                                           settings.xff_trusted_hops)
@@ -131,4 +134,5 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
         finally:
             feed.cancel()
             quota_feed.cancel()
+            price_feed.cancel()
             await redis.aclose()

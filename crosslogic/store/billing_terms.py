@@ -16,10 +16,11 @@ UPDATE orgs SET
     free_tokens_per_month = coalesce($5, free_tokens_per_month),
     discount_ppm = coalesce($6, discount_ppm),
     pricing_tier = coalesce($7, pricing_tier),
-    stripe_customer_id = coalesce($8, stripe_customer_id)
+    stripe_customer_id = coalesce($8, stripe_customer_id),
+    bill_cap_fail_closed = coalesce($9, bill_cap_fail_closed)
 WHERE org_id = $1
 RETURNING org_id::text, monthly_bill_cap_microdollars, suspend_at_cap, free_tokens_per_month, discount_ppm,
-          pricing_tier, stripe_customer_id
+          pricing_tier, stripe_customer_id, bill_cap_fail_closed
 """
 SQL_INSERT_PRICE_VERSION = """
 INSERT INTO price_versions (model_id, effective_from, input_price_microdollars_per_1m,
@@ -41,12 +42,13 @@ class OrgBillingTerms:
     discount_ppm: int
     pricing_tier: str
     stripe_customer_id: str | None
+    bill_cap_fail_closed: bool  # Valkey unreachable: 503 instead of the ledger's after-the-fact check
 
 
 async def set_org_terms(db: Db, org: str, *, cap_usd: str | None = None, clear_cap: bool = False,
                         suspend_at_cap: bool | None = None, free_tokens: int | None = None,
                         discount: str | None = None, tier: str | None = None,
-                        stripe_customer: str | None = None) -> OrgBillingTerms:
+                        stripe_customer: str | None = None, cap_fail_closed: bool | None = None) -> OrgBillingTerms:
     owner = await tenancy.get_org(db, org)
     cap = None if clear_cap or cap_usd is None else tenancy.dollars_to_microdollars(cap_usd)
     discount_ppm = None if discount is None else tenancy.multiplier_to_ppm(discount) if discount != "0" else 0
@@ -57,7 +59,7 @@ async def set_org_terms(db: Db, org: str, *, cap_usd: str | None = None, clear_c
     if tier is not None and await db.fetchval("SELECT 1 FROM pricing_tiers WHERE tier_id = $1", tier) is None:
         raise NotFound(f"pricing tier {tier!r} not found")
     row = await db.fetchrow(SQL_UPDATE_ORG_TERMS, uuid.UUID(owner.org_id), clear_cap or cap_usd is not None, cap,
-                            suspend_at_cap, free_tokens, discount_ppm, tier, stripe_customer)
+                            suspend_at_cap, free_tokens, discount_ppm, tier, stripe_customer, cap_fail_closed)
     return OrgBillingTerms(*row.values())
 
 
