@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from lupa import luajit21
 
-from crosslogic.runtime.envoy import envoy_asset
+from crosslogic.xds.resources import usage_filter_source
 
 _HARNESS = r"""
 local function buffer(data)
@@ -178,7 +178,7 @@ class UsageFilter:
 
     def __init__(self) -> None:
         self.lua = luajit21.LuaRuntime(unpack_returned_tuples=True, encoding=None)
-        self.lua.execute(envoy_asset("lua/usage.lua").encode())  # the text xDS sends Envoy
+        self.lua.execute(usage_filter_source().encode())  # the text xDS sends Envoy
         self.lua.execute(_HARNESS.encode())
 
     def respond(self, status: int, content_type: str | None, chunks: list[bytes], mode: str | None = "json",

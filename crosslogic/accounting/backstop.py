@@ -58,7 +58,7 @@ def _int(value: object) -> int:
 
 
 def parse_usage_line(line: bytes) -> UsageRecord | None:
-    """One JSON line (format: crosslogic.xds.resources.USAGE_LOG_FORMAT) -> a record; None if not billable."""
+    """One JSON line (format: crosslogic.contract.USAGE_LOG_FORMAT) -> a record; None if not billable."""
     try:
         fields = json.loads(line)
     except ValueError:

@@ -20,7 +20,7 @@ import asyncpg
 
 from crosslogic.accounting import metrics
 from crosslogic.accounting.recent import RecentIds
-from crosslogic.accounting.usage import UsageRecord
+from crosslogic.usage_record import UsageRecord
 
 log = logging.getLogger("crosslogic.accounting")
 

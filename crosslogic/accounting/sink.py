@@ -16,6 +16,7 @@ from crosslogic.accounting.ledger import HeldRows, LedgerWriter, OwedHook
 from crosslogic.accounting.recent import RecentIds
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import UsageRecord, record_from_entry
+from crosslogic.contract import PRICES_CHANNEL
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.settings import Settings
 from crosslogic.store.db import follow_notifications, open_pool
@@ -63,7 +64,7 @@ def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:
 
 async def _retry_held_rows(settings: Settings, held: HeldRows) -> None:
     """Held rows (no price version at their time) are retried whenever a version is recorded, and periodically."""
-    await follow_notifications(settings.require_database(), ["crosslogic_prices"], lambda _c, _p: held.wake.set(),
+    await follow_notifications(settings.require_database(), [PRICES_CHANNEL], lambda _c, _p: held.wake.set(),
                                held.wake.set, "price change feed")
 
 

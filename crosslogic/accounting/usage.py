@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf.json_format import MessageToDict
 
-AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-USAGE_NAMESPACE = "crosslogic.usage"
+from crosslogic.contract import AUTHZ_NAMESPACE, USAGE_NAMESPACE, AuthzMeta, UsageMeta
+from crosslogic.usage_record import UsageRecord
+
+__all__ = ["AUTHZ_NAMESPACE", "USAGE_NAMESPACE", "UsageRecord", "record_from_entry", "record_from_fields"]
 
 
-@dataclass(frozen=True)
-class UsageRecord:
-    request_id: str
-    occurred_at: datetime
-    org_id: str
-    env_id: str
-    key_id: str
-    region: str
-    model: str
-    endpoint: str
-    streamed: bool
-    status_code: int
-    prompt_tokens: int
-    completion_tokens: int
-    usage_source: str  # 'reported' | 'partial' (stream cut short) | 'none'
-    latency_ms: int
-    node: str | None  # internal: upstream address, never shown to tenants
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 def _struct(entry, namespace: str) -> dict:
@@ -50,22 +30,23 @@ def record_from_fields(request_id: str, occurred_at: datetime, authz: dict, usag
 
     None for requests that never passed authorisation or named no model (nothing to bill).
     """
-    if not authz.get("model") or not authz.get("org_id") or not request_id:
+    if not authz.get(AuthzMeta.MODEL) or not authz.get(AuthzMeta.ORG_ID) or not request_id:
         return None
-    prompt = int(usage.get("prompt_tokens", 0))
-    completion = int(usage.get("completion_tokens", 0))
-    has_usage = "prompt_tokens" in usage or "completion_tokens" in usage
+    prompt = int(usage.get(UsageMeta.PROMPT_TOKENS, 0))
+    completion = int(usage.get(UsageMeta.COMPLETION_TOKENS, 0))
+    has_usage = UsageMeta.PROMPT_TOKENS in usage or UsageMeta.COMPLETION_TOKENS in usage
     if not has_usage:
         source = "none"
-    elif usage.get("finished") is True:
+    elif usage.get(UsageMeta.FINISHED) is True:
         source = "reported"
     else:
         source = "partial"
     return UsageRecord(
         request_id=request_id, occurred_at=occurred_at,
-        org_id=authz["org_id"], env_id=authz["env_id"], key_id=authz["key_id"],
-        region=authz.get("region", ""), model=authz["model"], endpoint=authz.get("endpoint", ""),
-        streamed=bool(authz.get("streamed", False)), status_code=status_code,
+        org_id=authz[AuthzMeta.ORG_ID], env_id=authz[AuthzMeta.ENV_ID], key_id=authz[AuthzMeta.KEY_ID],
+        region=authz.get(AuthzMeta.REGION, ""), model=authz[AuthzMeta.MODEL],
+        endpoint=authz.get(AuthzMeta.ENDPOINT, ""), streamed=bool(authz.get(AuthzMeta.STREAMED, False)),
+        status_code=status_code,
         prompt_tokens=prompt, completion_tokens=completion, usage_source=source,
         latency_ms=latency_ms, node=node,
     )

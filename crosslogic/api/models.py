@@ -14,6 +14,7 @@ import asyncpg
 from aiohttp import web
 
 from crosslogic import errors
+from crosslogic.contract import Header
 
 _ENV_MODELS_SQL = """
 SELECT m.model_id, m.kind, m.context_length, extract(epoch FROM m.created_at)::bigint AS created
@@ -56,7 +57,7 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 
 async def _env_models(request: web.Request) -> list[dict] | web.Response:
-    env_id = request.headers.get("x-clp-env")
+    env_id = request.headers.get(Header.ENV)
     if not env_id:
         return _error(errors.missing_api_key())
     rows = await request.app[POOL_KEY].fetch(_ENV_MODELS_SQL, env_id)

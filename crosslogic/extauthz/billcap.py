@@ -30,14 +30,13 @@ from prometheus_client import Counter
 
 from crosslogic import errors
 from crosslogic.accounting.pricing import PriceBook
+from crosslogic.contract import PRICES_CHANNEL, TENANCY_CHANNEL  # orgs:<id> when an org (its cap) changes
 from crosslogic.ratelimit.money import REFUSED, UNKNOWN, MoneyLimiter, month_of
 from crosslogic.store.db import follow_notifications
 
 log = logging.getLogger("crosslogic.extauthz")
 REFRESH_S = 1.0
 DEGRADED_LOG_EVERY_S = 10.0
-PRICES_CHANNEL = "crosslogic_prices"
-TENANCY_CHANNEL = "crosslogic_tenancy"  # orgs:<id> when an org (its cap) changes
 
 CAPPED_ORGS_SQL = """
 SELECT o.org_id::text AS org_id, o.monthly_bill_cap_microdollars AS cap, o.bill_cap_fail_closed AS fail_closed,

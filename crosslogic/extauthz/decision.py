@@ -7,6 +7,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from crosslogic import errors
+from crosslogic.contract import AUTHORIZATION_HEADER, REQUEST_ID_HEADER, AuthzMeta, Header, route_key
 from crosslogic.extauthz.billcap import BillCapGuard
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.identity import Identity, IdentityResolver
@@ -15,7 +16,6 @@ from crosslogic.keys import hash_api_key, looks_like_api_key
 from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.quota import QuotaGuard
-from crosslogic.xds.model import route_key
 
 log = logging.getLogger("crosslogic.extauthz")
 # What a node gets of the client's headers, besides the x-clp-* set here: framing, content negotiation, the
@@ -23,7 +23,7 @@ log = logging.getLogger("crosslogic.extauthz")
 # at the gateway: a node's header limits are smaller than Envoy's (the simulator's aiohttp: 8 KiB a line),
 # compressed answers would hide usage from usage.lua, and the node has no use for any of it.
 FORWARDED_HEADERS = frozenset({"host", "content-type", "content-length", "transfer-encoding", "accept",
-                               "user-agent", "x-request-id", "x-forwarded-for", "x-forwarded-proto"})
+                               "user-agent", REQUEST_ID_HEADER, "x-forwarded-for", "x-forwarded-proto"})
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Refused(Exception):
 
 
 def _bearer_token(headers: dict[str, str]) -> str | None:
-    value = headers.get("authorization", "")
+    value = headers.get(AUTHORIZATION_HEADER, "")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
@@ -117,13 +117,9 @@ class Authorizer:
             raise errors.invalid_api_key()
         _check_status(identity)
 
-        out = {
-            "x-clp-org": identity.org_id,
-            "x-clp-env": identity.env_id,
-            "x-clp-key": identity.key_id,
-        }
-        metadata: dict[str, object] = {"org_id": identity.org_id, "env_id": identity.env_id,
-                                       "key_id": identity.key_id}
+        out: dict[str, str] = {Header.ORG: identity.org_id, Header.ENV: identity.env_id, Header.KEY: identity.key_id}
+        metadata: dict[str, object] = {AuthzMeta.ORG_ID: identity.org_id, AuthzMeta.ENV_ID: identity.env_id,
+                                       AuthzMeta.KEY_ID: identity.key_id}
         endpoint = endpoint_for(path)
         if endpoint is not None and method == "POST":
             models = await self.catalogue.current()
@@ -133,24 +129,24 @@ class Authorizer:
             region = identity.region or self.default_region
             lane = identity.org_id if identity.org_id in self.catalogue.reserved_orgs else None
             route = route_key(region, facts.model, lane)
-            out.update({"x-clp-model": facts.model, "x-clp-region": region, "x-clp-route": route,
-                        "x-clp-usage-mode": _usage_mode(facts)})
-            metadata.update({"model": facts.model, "region": region, "endpoint": endpoint.label,
-                             "streamed": facts.stream, "max_tokens": facts.max_tokens,
-                             "prompt_estimate": facts.prompt_estimate,
+            out.update({Header.MODEL: facts.model, Header.REGION: region, Header.ROUTE: route,
+                        Header.USAGE_MODE: _usage_mode(facts)})
+            metadata.update({AuthzMeta.MODEL: facts.model, AuthzMeta.REGION: region,
+                             AuthzMeta.ENDPOINT: endpoint.label, AuthzMeta.STREAMED: facts.stream,
+                             AuthzMeta.MAX_TOKENS: facts.max_tokens, AuthzMeta.PROMPT_ESTIMATE: facts.prompt_estimate,
                              # what crosslogic.ratelimit reserves: the prompt once, plus max_tokens for
                              # each of the n (best_of) sequences (a string: Envoy's rate-limit metadata
                              # action reads string values)
-                             "reserve": str(facts.reserve)})
+                             AuthzMeta.RESERVE: str(facts.reserve)})
         response_headers: dict[str, str] = {}
-        request_id = headers.get("x-request-id", "")
-        if "reserve" in metadata and self.caps is not None:  # the request's maximum cost, against the bill cap
+        request_id = headers.get(REQUEST_ID_HEADER, "")
+        if AuthzMeta.RESERVE in metadata and self.caps is not None:  # the request's maximum cost, against the bill cap
             if not request_id:
                 raise errors.service_unavailable()
             await self.caps.reserve(identity.org_id, facts.model, region, request_id, facts.prompt_estimate,
-                                    int(metadata["reserve"]) - facts.prompt_estimate)
-        if "reserve" in metadata and self.gate is not None:
-            response_headers = await self._admit(identity, region, headers.get("x-request-id", ""),
+                                    facts.completion_budget)
+        if AuthzMeta.RESERVE in metadata and self.gate is not None:
+            response_headers = await self._admit(identity, region, request_id,
                                                  facts.reserve, metadata)
         remove = tuple(h for h in headers if h not in out and h not in FORWARDED_HEADERS and not h.startswith(":"))
         return Allowed(headers=out, remove=remove, metadata=metadata,
@@ -174,7 +170,7 @@ class Authorizer:
         if decision.leases:
             # usage.lua frees the leases as the response ends (extauthz/release.py), not ~100 ms later at
             # settlement; requests that took none cost no release call.
-            metadata["lease"] = request_id
+            metadata[AuthzMeta.LEASE] = request_id
         return ratelimit_headers(decision)
 
     async def _release_money(self, org_id: str, request_id: str) -> None:

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 import asyncpg
 import redis.asyncio as aioredis
 
+from crosslogic.contract import ROUTING_CHANNEL, TENANCY_CHANNEL
 from crosslogic.store.db import follow_notifications
 
 log = logging.getLogger("crosslogic.extauthz")
-TENANCY_CHANNEL = "crosslogic_tenancy"
 
 _IDENTITY_SQL = """
 SELECT k.key_id::text AS key_id, k.org_id::text AS org_id, k.env_id::text AS env_id,
@@ -201,5 +201,5 @@ async def follow_tenancy_changes(database_url: str, resolver: IdentityResolver,
         if on_catalogue_change is not None:
             on_catalogue_change()
 
-    await follow_notifications(database_url, [TENANCY_CHANNEL, "crosslogic_routing"], on_notify, on_connected,
+    await follow_notifications(database_url, [TENANCY_CHANNEL, ROUTING_CHANNEL], on_notify, on_connected,
                                "tenancy change feed", on_lost=resolver.clear_local)

@@ -32,7 +32,6 @@ from crosslogic.store.db import POSTGRES_UNAVAILABLE, open_pool
 
 log = logging.getLogger("crosslogic.extauthz")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-METADATA_NAMESPACE = "envoy.filters.http.ext_authz"  # where Envoy files our dynamic metadata
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:

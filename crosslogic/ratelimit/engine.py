@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from crosslogic.contract import LIMIT_KINDS
 from crosslogic.ratelimit.batching import ScriptBatcher
-from crosslogic.ratelimit.limits import LAYERS, LIMIT_KINDS, LayerLimits, TenantLimits
+from crosslogic.ratelimit.limits import LAYERS, LayerLimits, TenantLimits
 from crosslogic.ratelimit.lua import LuaScript, script_source
 from crosslogic.settings import Settings
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from crosslogic.contract import LIMIT_KINDS
+
 LAYERS = ("org", "env", "key")  # the org-scoped layers, in the order the scripts see them
-LIMIT_KINDS = ("tokens_per_sec", "tokens_per_min", "requests_per_min", "tokens_per_day", "concurrency")
 
 
 @dataclass(frozen=True)

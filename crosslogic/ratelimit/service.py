@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from crosslogic.contract import DESCRIPTOR_REQUEST_ID, REQUIRED_DESCRIPTOR_KEYS, AuthzMeta
 from crosslogic.ratelimit.engine import Decision, Limiter, limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
@@ -28,7 +29,6 @@ from crosslogic.store.db import open_pool
 __all__ = ["LimiterUnavailable", "RateLimitServicer", "response_for", "serve_ratelimit"]
 log = logging.getLogger("crosslogic.ratelimit")
 DOMAIN = "crosslogic"
-DESCRIPTOR_KEYS = ("org_id", "env_id", "key_id", "reserve", "request_id")
 _OK = rls_pb2.RateLimitResponse.OK
 _OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
 
@@ -36,7 +36,7 @@ _OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
 def _entries(request: rls_pb2.RateLimitRequest) -> dict[str, str] | None:
     for descriptor in request.descriptors:
         entries = {e.key: e.value for e in descriptor.entries}
-        if all(k in entries for k in DESCRIPTOR_KEYS):
+        if all(k in entries for k in REQUIRED_DESCRIPTOR_KEYS):
             return entries
     return None
 
@@ -58,8 +58,9 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         self.gate = AdmissionGate(limiter, store)
 
     async def decide(self, entries: dict[str, str]) -> Decision:
-        return await self.gate.decide(entries["org_id"], entries["env_id"], entries["key_id"],
-                                      entries.get("region", ""), entries["request_id"], int(entries["reserve"]))
+        return await self.gate.decide(entries[AuthzMeta.ORG_ID], entries[AuthzMeta.ENV_ID], entries[AuthzMeta.KEY_ID],
+                                      entries.get(AuthzMeta.REGION, ""), entries[DESCRIPTOR_REQUEST_ID],
+                                      int(entries[AuthzMeta.RESERVE]))
 
     async def ShouldRateLimit(self, request, context):  # noqa: N802 (gRPC name)
         entries = _entries(request)

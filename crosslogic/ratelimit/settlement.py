@@ -14,12 +14,12 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 
-from crosslogic.accounting.usage import UsageRecord
 from crosslogic.ratelimit.admission import settlement_calls
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, Limiter, limiter_from_settings
 from crosslogic.ratelimit.quota import count_usage_many
 from crosslogic.runtime.health import dependency
 from crosslogic.settings import Settings
+from crosslogic.usage_record import UsageRecord
 
 log = logging.getLogger("crosslogic.ratelimit")
 KEEP_RESERVED = -1  # settle script: charge what was reserved

@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import asyncpg
 
+from crosslogic.contract import LIMITS_CHANNEL
 from crosslogic.ratelimit.limits import UNLIMITED, LayerLimits, PlatformLimits, TenantLimits
 from crosslogic.store.db import follow_notifications
 
 log = logging.getLogger("crosslogic.ratelimit")
-LIMITS_CHANNEL = "crosslogic_limits"
 
 TENANT_LIMITS_SQL = """
 SELECT o.rate_limit_tokens_per_sec AS org_tps, e.rate_limit_tokens_per_sec AS env_tps,

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from crosslogic import contract
 from crosslogic.runtime.processes import ChildProcess, free_port, wait_until, write_private
 
 # Package data, not a Python package: inside `crosslogic` so it ships in the wheel, and not named `envoy`
@@ -58,8 +59,13 @@ class BootstrapParams:
     host: str = "127.0.0.1"
 
 
+_CLUSTER_NAMES = {"xds_cluster": contract.XDS_CLUSTER, "authz_cluster": contract.AUTHZ_CLUSTER,
+                  "accounting_cluster": contract.ACCOUNTING_CLUSTER, "ratelimit_cluster": contract.RATELIMIT_CLUSTER,
+                  "api_cluster": contract.API_CLUSTER, "release_cluster": contract.RELEASE_CLUSTER}
+
+
 def render_bootstrap(params: BootstrapParams) -> str:
-    return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(asdict(params))
+    return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute({**asdict(params), **_CLUSTER_NAMES})
 
 
 class EnvoyProcess:

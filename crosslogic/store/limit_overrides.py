@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from crosslogic.ratelimit.limits import LIMIT_KINDS
+from crosslogic.contract import LIMIT_KINDS
 from crosslogic.store import tenancy
 from crosslogic.store.tenancy import Db, InvalidArgument, NotFound
 

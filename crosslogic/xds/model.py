@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from crosslogic.contract import route_key
+
 
 class EndpointHealth(Enum):
     HEALTHY = "healthy"
@@ -44,10 +46,6 @@ class Pool:
     def cluster_name(self) -> str:
         return self.route_key + ("#local" if self.local_only else "")
 
-
-def route_key(region: str, model: str, lane: str | None = None) -> str:
-    """The value ext_authz puts in x-clp-route and the name of the pool's cluster."""
-    return f"{region}/{model}@{lane}" if lane else f"{region}/{model}"
 
 
 @dataclass(frozen=True)

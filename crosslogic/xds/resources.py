@@ -31,17 +31,28 @@ from google.protobuf import json_format
 from google.protobuf.wrappers_pb2 import UInt32Value
 
 from crosslogic import errors
+from crosslogic.contract import (
+    ACCESS_LOG_NAME,
+    ACCOUNTING_CLUSTER,
+    API_CLUSTER,
+    AUTHZ_CLUSTER,
+    AUTHZ_NAMESPACE,
+    DESCRIPTOR_METADATA_KEYS,
+    DESCRIPTOR_REQUEST_ID,
+    RATELIMIT_CLUSTER,
+    RATELIMIT_DOMAIN,
+    REQUEST_ID_HEADER,
+    USAGE_LOG_FORMAT,
+    AuthzMeta,
+    Header,
+    lua_constants,
+)
 from crosslogic.runtime.envoy import envoy_asset
 from crosslogic.xds.local_replies import local_reply_config
 from crosslogic.xds.model import EndpointHealth, GatewaySettings, Pool
 
 ROUTE_CONFIG_NAME = "gateway"
 LISTENER_NAME = "gateway"
-AUTHZ_CLUSTER = "crosslogic_authz"
-ACCOUNTING_CLUSTER = "crosslogic_accounting"
-API_CLUSTER = "crosslogic_api"
-RATELIMIT_CLUSTER = "crosslogic_ratelimit"
-USAGE_METADATA_NAMESPACE = "crosslogic.usage"
 
 _HEALTH = {
     EndpointHealth.HEALTHY: health_check_pb2.HEALTHY,
@@ -58,7 +69,12 @@ def _direct(error: errors.ClientError) -> dict:
 
 def _authz_metadata(key: str) -> dict:
     return {"metadata": {"descriptor_key": key, "source": "DYNAMIC", "metadata_key": {
-        "key": "envoy.filters.http.ext_authz", "path": [{"key": key}]}}}
+        "key": AUTHZ_NAMESPACE, "path": [{"key": key}]}}}
+
+
+def usage_filter_source() -> str:
+    """The Lua filter as xDS sends it: the contract's constants, then the filter."""
+    return lua_constants() + envoy_asset("lua/usage.lua")
 
 
 def _ratelimit_filter(settings: GatewaySettings) -> dict:
@@ -71,7 +87,7 @@ def _ratelimit_filter(settings: GatewaySettings) -> dict:
         "name": "envoy.filters.http.ratelimit",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-            "domain": "crosslogic",
+            "domain": RATELIMIT_DOMAIN,
             "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s",
             # Redis-down policy is decided per layer by the service; when the service itself cannot
             # answer, refuse with a 503 rather than run unlimited.
@@ -81,9 +97,8 @@ def _ratelimit_filter(settings: GatewaySettings) -> dict:
             "rate_limit_service": {"grpc_service": {"envoy_grpc": {"cluster_name": RATELIMIT_CLUSTER}},
                                    "transport_api_version": "V3"},
             "rate_limits": [{"actions": [
-                _authz_metadata("org_id"), _authz_metadata("env_id"), _authz_metadata("key_id"),
-                _authz_metadata("reserve"), _authz_metadata("region"),
-                {"request_headers": {"header_name": "x-request-id", "descriptor_key": "request_id"}},
+                *(_authz_metadata(key) for key in DESCRIPTOR_METADATA_KEYS),
+                {"request_headers": {"header_name": REQUEST_ID_HEADER, "descriptor_key": DESCRIPTOR_REQUEST_ID}},
             ]}],
         },
     }
@@ -132,7 +147,7 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
             "name": "envoy.filters.http.lua",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": envoy_asset("lua/usage.lua")},
+                "default_source_code": {"inline_string": usage_filter_source()},
             },
         },
         {
@@ -144,25 +159,13 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
     ]
 
 
-# The durable backstop's line format: the same fields the gRPC entry carries (DESIGN.md §4: the ALS alone
-# loses entries). Parsed by crosslogic.accounting.backstop.parse_usage_line; change both together.
-USAGE_LOG_FORMAT = {
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "start_time": "%START_TIME(%s.%6f)%",
-    "status": "%RESPONSE_CODE%",
-    "duration_ms": "%DURATION%",
-    "upstream": "%UPSTREAM_HOST%",
-    "authz": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%",
-    "usage": f"%DYNAMIC_METADATA({USAGE_METADATA_NAMESPACE})%",
-}
-
 
 def _usage_file_log(path: str) -> dict:
     return {
         "name": "envoy.access_loggers.file",
         # Only requests ext_authz let through carry something to bill.
-        "filter": {"metadata_filter": {"matcher": {"filter": "envoy.filters.http.ext_authz", "path": [
-            {"key": "org_id"}], "value": {"present_match": True}}, "match_if_key_not_found": False}},
+        "filter": {"metadata_filter": {"matcher": {"filter": AUTHZ_NAMESPACE, "path": [
+            {"key": AuthzMeta.ORG_ID}], "value": {"present_match": True}}, "match_if_key_not_found": False}},
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": path,
@@ -178,7 +181,7 @@ def _access_log(settings: GatewaySettings) -> list[dict]:
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {
-                "log_name": "crosslogic_usage",
+                "log_name": ACCESS_LOG_NAME,
                 "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": ACCOUNTING_CLUSTER}},
                 "buffer_flush_interval": f"{settings.als_flush_interval_ms / 1000:.3f}s",
@@ -253,7 +256,7 @@ def build_listener(settings: GatewaySettings, name: str = LISTENER_NAME,
 def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
     return {
         "name": pool.cluster_name,
-        "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
+        "match": {"prefix": "/v1/", "headers": [{"name": Header.ROUTE,
                                                  "string_match": {"exact": pool.route_key}}]},
         "route": {
             "cluster": pool.cluster_name,
@@ -313,7 +316,7 @@ def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> r
          "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
         *(r for p in sorted(pools, key=lambda p: p.cluster_name) for r in _pool_routes(p, settings)),
         # Authorised, but no pool for this model in the chosen region (yet).
-        {"name": "no-pool", "match": {"prefix": "/v1/", "headers": [{"name": "x-clp-route",
+        {"name": "no-pool", "match": {"prefix": "/v1/", "headers": [{"name": Header.ROUTE,
                                                                      "present_match": True}]},
          "direct_response": _direct(errors.ClientError(503, "The model is not available in your region right now. "
                                                        "Please retry later.", "server_error", "model_unavailable"))},
@@ -323,7 +326,7 @@ def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> r
     config = {
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{"name": "gateway", "domains": ["*"], "routes": routes}],
-        "response_headers_to_remove": ["x-clp-node", "server"],
+        "response_headers_to_remove": ["server"],
     }
     return json_format.ParseDict(config, route_pb2.RouteConfiguration())
 

@@ -11,6 +11,7 @@ import asyncpg
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from crosslogic.contract import ROUTING_CHANNEL
 from crosslogic.settings import SchedulerSettings
 from crosslogic.xds import node_registry
 from crosslogic.xds.cache import SnapshotCache
@@ -22,7 +23,6 @@ from crosslogic.xds.server import AggregatedDiscoveryServicer
 from crosslogic.xds.snapshot import build_snapshot
 
 log = logging.getLogger("crosslogic.xds")
-ROUTING_CHANNEL = "crosslogic_routing"
 # Coalesce bursts of changes (a batch of node updates) into one push.
 DEBOUNCE_S = 0.05
 

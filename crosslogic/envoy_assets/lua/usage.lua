@@ -11,12 +11,11 @@
 --   sse-keep   the client asked for include_usage and vLLM's continuous_usage_stats: chunks as the node sent them
 --   sse-null   include_usage only: `"usage": null` on every chunk, then the usage-only final chunk
 --   sse-strip  neither: no `usage` on any chunk and no usage-only final chunk
-local NS = "crosslogic.usage"
-local AUTHZ_NS = "envoy.filters.http.ext_authz"
+-- NS, AUTHZ_NS, USAGE_MODE_HEADER, RELEASE_CLUSTER, RELEASE_PATH, LEASE_KEY and the MODE_* names are prepended
+-- from crosslogic/contract.py (contract.lua_constants()).
 -- Appended as the last key: the node's JSON parser keeps the last duplicate, so ours wins.
 local FORCED_STREAM_OPTIONS = ',"stream_options":{"include_usage":true,"continuous_usage_stats":true}'
-local RELEASE_CLUSTER = "crosslogic_release"  -- bootstrap: ext_authz's release endpoint (extauthz/release.py)
-local RELEASE_HEADERS = {[":method"] = "POST", [":path"] = "/release", [":authority"] = "crosslogic-release",
+local RELEASE_HEADERS = {[":method"] = "POST", [":path"] = RELEASE_PATH, [":authority"] = "crosslogic-release",
                          ["content-type"] = "application/json"}
 local RELEASE_TIMEOUT_MS = 250  -- on failure settlement frees the lease anyway, ~100 ms later
 local MAX_CARRY = 1048576  -- bytes of one unfinished SSE event held back; a bigger one passes on as it came
@@ -24,12 +23,12 @@ local ERROR_READ_LIMIT = 65536  -- bytes of a node's error body looked at
 local MAX_MESSAGE = 512  -- bytes of a node's error message passed on to the client
 
 function envoy_on_request(handle)
-  local mode = handle:headers():get("x-clp-usage-mode")
+  local mode = handle:headers():get(USAGE_MODE_HEADER)
   if mode == nil then
     return
   end
   handle:streamInfo():dynamicMetadata():set(NS, "mode", mode)
-  if mode == "json" then
+  if mode == MODE_JSON then
     return
   end
   local body = handle:body()
@@ -257,10 +256,10 @@ end
 
 -- The body of the POST /release call for a request whose admission took concurrency leases, else nil.
 local function release_request(authz)
-  if authz == nil or type(authz["lease"]) ~= "string" then
+  if authz == nil or type(authz[LEASE_KEY]) ~= "string" then
     return nil
   end
-  local fields = {'"request_id":' .. json_string(authz["lease"])}
+  local fields = {'"request_id":' .. json_string(authz[LEASE_KEY])}
   for _, key in ipairs({"org_id", "env_id", "key_id", "region"}) do
     local value = authz[key]
     if type(value) ~= "string" then
@@ -360,14 +359,14 @@ local function rewrite_payload(p, mode, usage)
       end
     end
   end
-  if mode == "sse-strip" then
+  if mode == MODE_SSE_STRIP then
     if empty_choices then
       return nil, true, false
     end
     if key ~= nil then
       p = without_member(p, key, stop)
     end
-  elseif mode == "sse-null" and not empty_choices then
+  elseif mode == MODE_SSE_NULL and not empty_choices then
     if key ~= nil then
       p = p:sub(1, from - 1) .. "null" .. p:sub(stop + 1)
     elseif p:byte(-1) == 125 then
