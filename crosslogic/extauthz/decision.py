@@ -1,21 +1,63 @@
-"""From an HTTP request (path, headers, body) to an authorisation decision. No gRPC here."""
+"""From an HTTP request (path, headers, body) to an authorisation decision. No gRPC or HTTP server here, and no
+Postgres or Redis: what the decision needs comes in through the small Protocols below (the real parts are
+wired in service.py; tests/test_decision.py drives every refusal with fakes)."""
 
 from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from crosslogic import errors
 from crosslogic.contract import AUTHORIZATION_HEADER, REQUEST_ID_HEADER, AuthzMeta, Header, route_key
-from crosslogic.extauthz.billcap import BillCapGuard
-from crosslogic.extauthz.catalog import ModelCatalogue
-from crosslogic.extauthz.identity import Identity, IdentityResolver
+from crosslogic.extauthz.billcap import Cap
+from crosslogic.extauthz.tenants import TenantView
 from crosslogic.extauthz.validation import Endpoint, ModelSpec, RequestFacts, endpoint_for, validate_request
 from crosslogic.keys import hash_api_key, looks_like_api_key
-from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
+from crosslogic.ratelimit.engine import Decision
+from crosslogic.ratelimit.gate import LimiterUnavailable
+from crosslogic.ratelimit.limits import PlatformLimits, TenantLimits
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
-from crosslogic.ratelimit.quota import QuotaGuard
+from crosslogic.ratelimit.quota import Quotas, cap_violation
+
+
+class TenantViews(Protocol):
+    """Per-key views by key hash (tenants.TenantCache)."""
+
+    async def view(self, key_hash: str) -> TenantView | None: ...  # None: no such key
+    async def platform(self) -> PlatformLimits: ...
+
+
+class Catalogue(Protocol):
+    """The active models and the orgs with reserved lanes (catalog.ModelCatalogue)."""
+
+    reserved_orgs: frozenset[str]
+
+    async def current(self) -> Mapping[str, ModelSpec]: ...
+
+
+class QuotaCheck(Protocol):
+    """Usage counters against a tenant's quotas (ratelimit.quota.QuotaCounters): raises 403 quota_exceeded."""
+
+    async def check(self, org_id: str, env_id: str, quotas: Quotas) -> None: ...
+
+
+class BillCap(Protocol):
+    """Monthly bill caps (billcap.BillCapGuard): reserve raises 403/503, returns True when it holds money."""
+
+    async def reserve(self, org_id: str, cap: Cap | None, model: str, region: str, request_id: str,
+                      prompt_tokens: int, completion_tokens: int) -> bool: ...
+    async def release(self, org_id: str, request_id: str) -> None: ...
+
+
+class Admission(Protocol):
+    """The token reservation in every limit layer (ratelimit.gate.AdmissionGate): raises LimiterUnavailable."""
+
+    async def admit(self, org: str, env: str, key: str, region: str, request_id: str, reserve: int,
+                    limits: TenantLimits, platform: PlatformLimits) -> Decision: ...
+
 
 log = logging.getLogger("crosslogic.extauthz")
 # What a node gets of the client's headers, besides the x-clp-* set here: framing, content negotiation, the
@@ -54,16 +96,18 @@ def _bearer_token(headers: dict[str, str]) -> str | None:
     return token.strip()
 
 
-def _check_status(identity: Identity) -> None:
-    for level, status in (("organization", identity.org_status), ("environment", identity.env_status),
-                          ("API key", identity.key_status)):
+def _check_status(view: TenantView) -> None:
+    if view.org_status == "active" and view.env_status == "active" and view.key_status == "active":
+        return
+    for level, status in (("organization", view.org_status), ("environment", view.env_status),
+                          ("API key", view.key_status)):
         if status == "suspended":
             raise errors.tenant_suspended(level)
-    if identity.key_status != "active":
+    if view.key_status != "active":
         raise errors.invalid_api_key()
 
 
-def _validated(endpoint: Endpoint, body: bytes, models: dict[str, ModelSpec],
+def _validated(endpoint: Endpoint, body: bytes, models: Mapping[str, ModelSpec],
                allowed: frozenset[str]) -> RequestFacts:
     """validate_request, with its last resort: it is a pure function of the client's body, so anything it raises
     besides ClientError is a bug meeting input we did not foresee. The client gets a 400 (its request cannot be
@@ -92,18 +136,24 @@ def _usage_mode(facts: RequestFacts) -> str:
 
 
 class Authorizer:
-    def __init__(self, resolver: IdentityResolver, catalogue: ModelCatalogue, secret: bytes,
-                 default_region: str, quotas: QuotaGuard | None = None, caps: BillCapGuard | None = None,
-                 gate: AdmissionGate | None = None) -> None:
-        # Rate-limit admission (crosslogic.ratelimit.gate), made here so a request costs one Python hop;
-        # None when Envoy's ratelimit filter calls `crosslogic serve ratelimit` instead (admission "rls").
-        self.gate = gate
-        self.quotas = quotas  # token quotas per day / hour (crosslogic.ratelimit.quota)
-        self.caps = caps  # monthly bill caps (crosslogic.extauthz.billcap)
-        self.resolver = resolver
+    """The checks, in this order (each refusal ends the decision): bearer key present (401) and well formed
+    (401) → known (401) → org, env, key not suspended (403) and the key active (401) → for a POST to an
+    inference endpoint: the body valid and the model allowed (400 / 404) → the environment's per-request caps
+    (413 / 400) → quotas (403) → bill cap (403 / 503) → rate limits (429 / 503; a refusal gives the bill-cap
+    reservation back). Any other request (GET /v1/models) is allowed with the identity headers only."""
+
+    def __init__(self, views: TenantViews, catalogue: Catalogue, secret: bytes, default_region: str,
+                 quotas: QuotaCheck | None = None, caps: BillCap | None = None,
+                 gate: Admission | None = None) -> None:
+        self.views = views
         self.catalogue = catalogue
         self.secret = secret
         self.default_region = default_region
+        self.quotas = quotas  # token quotas per day / hour (crosslogic.ratelimit.quota)
+        self.caps = caps  # monthly bill caps (crosslogic.extauthz.billcap)
+        # Rate-limit admission (crosslogic.ratelimit.gate), made here so a request costs one Python hop;
+        # None when Envoy's ratelimit filter calls `crosslogic serve ratelimit` instead (admission "rls").
+        self.gate = gate
 
     async def decide(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Allowed:
         """Raises ClientError (or Refused) for every refusal; returns what to tell Envoy otherwise."""
@@ -112,24 +162,28 @@ class Authorizer:
             raise errors.missing_api_key()
         if not looks_like_api_key(token):
             raise errors.invalid_api_key()
-        identity = await self.resolver.resolve(hash_api_key(self.secret, token))
-        if identity is None:
+        view = await self.views.view(hash_api_key(self.secret, token))
+        if view is None:
             raise errors.invalid_api_key()
-        _check_status(identity)
+        _check_status(view)
 
-        out: dict[str, str] = {Header.ORG: identity.org_id, Header.ENV: identity.env_id, Header.KEY: identity.key_id}
-        metadata: dict[str, object] = {AuthzMeta.ORG_ID: identity.org_id, AuthzMeta.ENV_ID: identity.env_id,
-                                       AuthzMeta.KEY_ID: identity.key_id}
+        out: dict[str, str] = {Header.ORG: view.org_id, Header.ENV: view.env_id, Header.KEY: view.key_id}
+        metadata: dict[str, object] = {AuthzMeta.ORG_ID: view.org_id, AuthzMeta.ENV_ID: view.env_id,
+                                       AuthzMeta.KEY_ID: view.key_id}
+        response_headers: dict[str, str] = {}
         endpoint = endpoint_for(path)
         if endpoint is not None and method == "POST":
-            models = await self.catalogue.current()
-            facts = _validated(endpoint, body, models, frozenset(identity.allowed_models))
-            if self.quotas is not None:  # the per-request token cap applies to every choice's tokens
-                await self.quotas.check(identity.org_id, identity.env_id, len(body), facts.completion_budget)
-            region = identity.region or self.default_region
-            lane = identity.org_id if identity.org_id in self.catalogue.reserved_orgs else None
-            route = route_key(region, facts.model, lane)
-            out.update({Header.MODEL: facts.model, Header.REGION: region, Header.ROUTE: route,
+            facts = _validated(endpoint, body, await self.catalogue.current(), view.allowed_models)
+            # The per-request token cap applies to every choice's tokens.
+            violation = cap_violation(view.quotas, len(body), facts.completion_budget)
+            if violation is not None:
+                raise violation
+            if self.quotas is not None:
+                await self.quotas.check(view.org_id, view.env_id, view.quotas)
+            region = view.region or self.default_region
+            lane = view.org_id if view.org_id in self.catalogue.reserved_orgs else None
+            out.update({Header.MODEL: facts.model, Header.REGION: region, Header.ROUTE: route_key(region, facts.model,
+                                                                                                  lane),
                         Header.USAGE_MODE: _usage_mode(facts)})
             metadata.update({AuthzMeta.MODEL: facts.model, AuthzMeta.REGION: region,
                              AuthzMeta.ENDPOINT: endpoint.label, AuthzMeta.STREAMED: facts.stream,
@@ -138,34 +192,32 @@ class Authorizer:
                              # each of the n (best_of) sequences (a string: Envoy's rate-limit metadata
                              # action reads string values)
                              AuthzMeta.RESERVE: str(facts.reserve)})
-        response_headers: dict[str, str] = {}
-        request_id = headers.get(REQUEST_ID_HEADER, "")
-        if AuthzMeta.RESERVE in metadata and self.caps is not None:  # the request's maximum cost, against the bill cap
-            if not request_id:
-                raise errors.service_unavailable()
-            await self.caps.reserve(identity.org_id, facts.model, region, request_id, facts.prompt_estimate,
-                                    facts.completion_budget)
-        if AuthzMeta.RESERVE in metadata and self.gate is not None:
-            response_headers = await self._admit(identity, region, request_id,
-                                                 facts.reserve, metadata)
+            if self.caps is not None or self.gate is not None:
+                response_headers = await self._reserve(view, region, facts, headers.get(REQUEST_ID_HEADER, ""),
+                                                       metadata)
         remove = tuple(h for h in headers if h not in out and h not in FORWARDED_HEADERS and not h.startswith(":"))
-        return Allowed(headers=out, remove=remove, metadata=metadata,
-                       response_headers=response_headers)
+        return Allowed(headers=out, remove=remove, metadata=metadata, response_headers=response_headers)
 
-    async def _admit(self, identity: Identity, region: str, request_id: str, reserve: int,
-                     metadata: dict[str, object]) -> dict[str, str]:
-        """The reservation the RLS descriptor would carry, keyed by Envoy's x-request-id (settlement uses the
-        same id). Last step of the decision: nothing after it can refuse, so no reservation is left behind."""
+    async def _reserve(self, view: TenantView, region: str, facts: RequestFacts, request_id: str,
+                       metadata: dict[str, object]) -> dict[str, str]:
+        """The bill-cap reservation (capped orgs only), then the tokens the RLS descriptor would carry, keyed by
+        Envoy's x-request-id (settlement uses the same id). Last steps of the decision: nothing after them can
+        refuse, so no reservation is left behind."""
         if not request_id:  # Envoy always sets it (preserve_external_request_id: false)
             raise errors.service_unavailable()
+        platform = await self.views.platform() if self.gate is not None else None  # before anything is held
+        holds_money = self.caps is not None and await self.caps.reserve(
+            view.org_id, view.cap, facts.model, region, request_id, facts.prompt_estimate, facts.completion_budget)
+        if self.gate is None or platform is None:
+            return {}
         try:
-            decision = await self.gate.decide(identity.org_id, identity.env_id, identity.key_id, region,
-                                              request_id, reserve)
+            decision = await self.gate.admit(view.org_id, view.env_id, view.key_id, region, request_id,
+                                             facts.reserve, view.limits, platform)
         except LimiterUnavailable:
-            await self._release_money(identity.org_id, request_id)
+            await self._release_money(holds_money, view.org_id, request_id)
             raise Refused(errors.service_unavailable(), {}, metadata) from None
         if not decision.admitted:
-            await self._release_money(identity.org_id, request_id)
+            await self._release_money(holds_money, view.org_id, request_id)
             raise Refused(refusal(decision), refusal_headers(decision), metadata)
         if decision.leases:
             # usage.lua frees the leases as the response ends (extauthz/release.py), not ~100 ms later at
@@ -173,7 +225,7 @@ class Authorizer:
             metadata[AuthzMeta.LEASE] = request_id
         return ratelimit_headers(decision)
 
-    async def _release_money(self, org_id: str, request_id: str) -> None:
+    async def _release_money(self, holds_money: bool, org_id: str, request_id: str) -> None:
         """A refused request gives its bill-cap reservation back at once (its ledger row would, later)."""
-        if self.caps is not None:
+        if holds_money and self.caps is not None:
             await self.caps.release(org_id, request_id)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
@@ -14,17 +16,17 @@ from google.rpc import code_pb2, status_pb2
 
 from crosslogic import errors
 from crosslogic.extauthz.abuse import FailureBudget
-from crosslogic.extauthz.billcap import BillCapGuard, follow_price_changes
+from crosslogic.extauthz.billcap import BillCapGuard
 from crosslogic.extauthz.catalog import ModelCatalogue
 from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
-from crosslogic.extauthz.identity import IdentityResolver, follow_tenancy_changes
 from crosslogic.extauthz.release import release_server
+from crosslogic.extauthz.tenants import TenantCache, follow_changes
 from crosslogic.extauthz.throttle import ThrottledAuthorization
-from crosslogic.ratelimit.engine import limiter_from_settings
+from crosslogic.ratelimit.engine import Limiter, limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.money import MoneyLimiter
-from crosslogic.ratelimit.quota import QuotaGuard
-from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
+from crosslogic.ratelimit.quota import QuotaCounters
+from crosslogic.ratelimit.resp import ScriptClient
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.metrics_server import metrics_server
 from crosslogic.settings import Settings
@@ -93,45 +95,53 @@ def _unexpected(exc: BaseException, method: str, path: str) -> errors.ClientErro
     return errors.internal_error()
 
 
+@dataclass(frozen=True)
+class AuthzParts:
+    authorizer: Authorizer
+    limiter: Limiter
+    admits: bool  # the reservation is made in the decision (admission "authz")
+
+
+@asynccontextmanager
+async def authorizer_from_settings(settings: Settings) -> AsyncIterator[AuthzParts]:
+    """The decision with its real parts (one Postgres pool, the per-key tenant views and their one change feed,
+    the catalogue, the limiter on a lean script client, the bill cap), torn down in order on exit."""
+    redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
+    scripts = ScriptClient(settings.require_redis(), connect_timeout=0.5, timeout=0.5)
+    try:
+        async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
+            views = TenantCache(pool, ttl_s=settings.limits_cache_ttl_s)
+            catalogue = ModelCatalogue(pool)
+            limiter = limiter_from_settings(redis, settings, scripts)
+            admits = settings.admission == "authz"
+            caps = BillCapGuard(pool, MoneyLimiter(redis, settings.reservation_ttl_ms))
+            authorizer = Authorizer(views, catalogue, settings.require_key_secret(), settings.default_region,
+                                    QuotaCounters(redis), caps, AdmissionGate(limiter) if admits else None)
+            feed = asyncio.create_task(follow_changes(settings.require_database(), views, catalogue.mark_stale,
+                                                      caps.prices_changed))
+            try:
+                yield AuthzParts(authorizer, limiter, admits)
+            finally:
+                feed.cancel()
+                await asyncio.gather(feed, return_exceptions=True)
+                await views.aclose()
+    finally:
+        await scripts.aclose()
+        await redis.aclose()
+
+
 async def serve_authz(settings: Settings, listen: str, release_listen: str | None = None) -> None:
     """`settings.admission == "authz"` (default): the rate-limit reservation is made in Check too, and
     `release_listen` (host:port) serves `POST /release` for Envoy's Lua filter (release.py)."""
-    redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
-    async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
-        resolver = IdentityResolver(pool, redis, redis_ttl_s=settings.identity_cache_ttl_s)
-        catalogue = ModelCatalogue(pool)
-        quotas = QuotaGuard(pool, redis, ttl_s=settings.limits_cache_ttl_s)
-        gate = limits = None
-        limiter = limiter_from_settings(redis, settings)
-        if settings.admission == "authz":
-            limits = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
-            gate = AdmissionGate(limiter, limits)
-        caps = BillCapGuard(pool, MoneyLimiter(redis, settings.reservation_ttl_ms))
-        authorizer = Authorizer(resolver, catalogue, settings.require_key_secret(), settings.default_region, quotas,
-                                caps, gate)
-
-        def limits_changed() -> None:
-            quotas.clear()
-            if limits is not None:
-                limits.clear()
-
-        feed = asyncio.create_task(follow_tenancy_changes(settings.database_url, resolver, catalogue.mark_stale))
-        quota_feed = asyncio.create_task(follow_limit_changes(settings.database_url, limits_changed))
-        price_feed = asyncio.create_task(follow_price_changes(settings.database_url, caps))
+    async with authorizer_from_settings(settings) as parts:
         budget = FailureBudget(settings.abuse_failure_burst, settings.abuse_failure_refill_per_s)
-        servicer = ThrottledAuthorization(AuthorizationServicer(authorizer), budget, denied_response,
+        servicer = ThrottledAuthorization(AuthorizationServicer(parts.authorizer), budget, denied_response,
                                           settings.xff_trusted_hops)
-        try:
-            with metrics_server(settings.authz_metrics_port, "ext_authz"):  # admission metrics (ratelimit/metrics.py)
-                async with AsyncExitStack() as stack:
-                    if release_listen and gate is not None:
-                        await stack.enter_async_context(release_server(release_listen, limiter))
-                    server = await stack.enter_async_context(grpc_server(
-                        listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
-                        "ext_authz"))
-                    await server.wait_for_termination()
-        finally:
-            feed.cancel()
-            quota_feed.cancel()
-            price_feed.cancel()
-            await redis.aclose()
+        with metrics_server(settings.authz_metrics_port, "ext_authz"):  # admission metrics (ratelimit/metrics.py)
+            async with AsyncExitStack() as stack:
+                if release_listen and parts.admits:
+                    await stack.enter_async_context(release_server(release_listen, parts.limiter))
+                server = await stack.enter_async_context(grpc_server(
+                    listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
+                    "ext_authz"))
+                await server.wait_for_termination()

@@ -13,8 +13,9 @@ earlier ones back (admission.py); the scripts are the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -23,6 +24,7 @@ from crosslogic.contract import LIMIT_KINDS
 from crosslogic.ratelimit.batching import ScriptBatcher
 from crosslogic.ratelimit.limits import LAYERS, LayerLimits, TenantLimits
 from crosslogic.ratelimit.lua import LuaScript, script_source
+from crosslogic.ratelimit.resp import ScriptClient
 from crosslogic.settings import Settings
 
 Clock = Callable[[], int]  # milliseconds
@@ -142,10 +144,17 @@ def stage_keys(scopes: Sequence[Scope], request_id: str) -> list[str]:
     return keys
 
 
+ScriptCall = Callable[[list[str], list], Awaitable[list]]
+
+
 class Limiter:
+    """`scripts`: the per-request calls (reserve, release) go through this lean client (resp.py: what the
+    services use, measured cheaper); without it through redis-py, coalesced by ScriptBatcher. Settlement and
+    the operator reads always use redis-py (batched already, off the request path)."""
+
     def __init__(self, redis: aioredis.Redis, clock: Clock = wall_clock_ms,
                  reservation_ttl_ms: int = DEFAULT_RESERVATION_TTL_MS, lease_ttl_ms: int | None = None,
-                 split_scopes: bool = False) -> None:
+                 split_scopes: bool = False, scripts: ScriptClient | None = None) -> None:
         self.redis = redis
         self.clock = clock
         self.reservation_ttl_ms = reservation_ttl_ms
@@ -156,8 +165,14 @@ class Limiter:
         self._reserve = LuaScript(script_source("reserve.lua"))
         self._settle = LuaScript(script_source("settle.lua"))
         self._release = LuaScript(script_source("release.lua", prelude=None))
-        self._reserve_batched = ScriptBatcher(redis, self._reserve)  # concurrent admissions share round trips
-        self._release_batched = ScriptBatcher(redis, self._release)
+        self._reserve_call: ScriptCall
+        self._release_call: ScriptCall
+        if scripts is not None:
+            self._reserve_call = partial(scripts.evalsha, self._reserve)
+            self._release_call = partial(scripts.evalsha, self._release)
+        else:  # concurrent admissions share round trips
+            self._reserve_call = ScriptBatcher(redis, self._reserve)
+            self._release_call = ScriptBatcher(redis, self._release)
 
     def reserve_command(self, stages: Sequence[Stage], request_id: str, tokens: int) -> tuple[str, list[str], list]:
         """(script source, KEYS, ARGV) of one reservation (what reserve_stages sends; the bench pipelines it)."""
@@ -171,7 +186,7 @@ class Limiter:
     async def reserve_stages(self, stages: Sequence[Stage], request_id: str, tokens: int) -> Decision:
         """One atomic decision over the stages; the buckets reported are the first stage's (the tenant's)."""
         _, keys, args = self.reserve_command(stages, request_id, tokens)
-        out = await self._reserve_batched(keys, args)
+        out = await self._reserve_call(keys, args)
         status, failed, retry, shadow = (int(v) for v in out[:4])
         if status == REPEATED:
             return Decision(admitted=True, repeated=True)
@@ -226,7 +241,7 @@ class Limiter:
     async def release_leases(self, scopes: Sequence[Scope], request_id: str) -> int:
         """Frees the concurrency leases of the reservation made over these scopes (the same ones, in the same
         order), leaving its tokens to settlement; idempotent. Returns how many leases were freed now."""
-        return int(await self._release_batched(stage_keys(scopes, request_id), [request_id]))
+        return int(await self._release_call(stage_keys(scopes, request_id), [request_id]))
 
     async def reserve(self, org_id: str, env_id: str, key_id: str, request_id: str, tokens: int,
                       limits: TenantLimits) -> Decision:
@@ -242,9 +257,9 @@ class Limiter:
         return int(value or 0)
 
 
-def limiter_from_settings(redis: aioredis.Redis, settings: Settings) -> Limiter:
+def limiter_from_settings(redis: aioredis.Redis, settings: Settings, scripts: ScriptClient | None = None) -> Limiter:
     return Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms, lease_ttl_ms=settings.lease_ttl_ms,
-                   split_scopes=settings.limiter_split_scopes)
+                   split_scopes=settings.limiter_split_scopes, scripts=scripts)
 
 
 def _slot(names: Sequence[str], slot: int) -> tuple[str | None, str | None]:

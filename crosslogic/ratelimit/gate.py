@@ -1,8 +1,9 @@
-"""The admission decision, free of any protocol: limits from the LimitStore, `admission.admit`, the
-Redis-down policy (fail-open / fail-closed per layer), shadow logging and the admission metrics.
+"""The admission decision, free of any protocol: `admission.admit`, the Redis-down policy (fail-open /
+fail-closed per layer), shadow logging and the admission metrics.
 
-Used by ext_authz (the default: the reservation is made inside the one Check call, DESIGN.md §4) and by
-the Envoy rate-limit service (`service.py`, for deployments that want Envoy's standard protocol).
+Used by ext_authz (the default: the reservation is made inside its one decision, DESIGN.md §4, with the limits
+of its per-key tenant view: `admit`) and by the Envoy rate-limit service (`service.py`, for deployments that
+want Envoy's standard protocol: `decide` reads the limits from a LimitStore first).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from crosslogic.ratelimit import metrics
 from crosslogic.ratelimit.admission import admit
 from crosslogic.ratelimit.engine import Decision, Limiter
+from crosslogic.ratelimit.limits import PlatformLimits, TenantLimits
 from crosslogic.ratelimit.store import LimitStore
 from crosslogic.runtime.health import dependency
 from crosslogic.store.db import POSTGRES_UNAVAILABLE
@@ -27,13 +29,14 @@ class LimiterUnavailable(Exception):
 
 
 class AdmissionGate:
-    def __init__(self, limiter: Limiter, store: LimitStore) -> None:
+    def __init__(self, limiter: Limiter, store: LimitStore | None = None) -> None:
         self.limiter = limiter
-        self.store = store
+        self.store = store  # only for `decide`
         self.redis = dependency("redis")  # degraded mode: crosslogic_dependency_down{dependency="redis"}
 
     async def decide(self, org: str, env: str, key: str, region: str, request_id: str, reserve: int) -> Decision:
-        """Reserves `reserve` tokens for `request_id` in every layer, or refuses; raises LimiterUnavailable."""
+        """`admit` with the key's limits read from the store; raises LimiterUnavailable."""
+        assert self.store is not None, "decide() needs a LimitStore"
         try:
             limits = await self.store.for_key(key)
             platform = await self.store.platform()
@@ -43,6 +46,11 @@ class AdmissionGate:
                 log.warning("limits unavailable for key %s (%s)", key, exc)
                 metrics.record_degraded(False, "limits_unavailable")
                 raise LimiterUnavailable from exc
+        return await self.admit(org, env, key, region, request_id, reserve, limits, platform)
+
+    async def admit(self, org: str, env: str, key: str, region: str, request_id: str, reserve: int,
+                    limits: TenantLimits, platform: PlatformLimits) -> Decision:
+        """Reserves `reserve` tokens for `request_id` in every layer, or refuses; raises LimiterUnavailable."""
         started = time.perf_counter()
         try:
             decision = await admit(self.limiter, org, env, key, region, request_id, reserve, limits, platform)

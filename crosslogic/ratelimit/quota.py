@@ -1,6 +1,9 @@
 """Token quotas per day and per hour, for environments and orgs: checked by ext_authz (403), counted at settlement.
 Also the per-request caps of an environment (body size -> 413, max_tokens -> 400).
 
+The quota values come with ext_authz's per-key tenant view (extauthz/tenants.py selects `QUOTA_COLUMNS` in its
+one join); only the usage counters live here, in Redis.
+
 A quota is a spending cap over calendar periods (UTC day, UTC hour), not a rate: counters hold the
 tokens really used (settled usage, so they agree with the ledger) in keys that expire after their
 period. The check refuses once a counter reached its quota; requests already running when it is
@@ -10,25 +13,24 @@ crossed still finish, so a quota can be overshot by what was in flight at that m
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
 
 from crosslogic import errors
 from crosslogic.ratelimit.engine import org_tag
-from crosslogic.store.db import POSTGRES_UNAVAILABLE
 
 log = logging.getLogger("crosslogic.ratelimit")
-QUOTAS_SQL = """
-SELECT o.quota_tokens_per_day AS org_day, o.quota_tokens_per_hour AS org_hour,
-       e.quota_tokens_per_day AS env_day, e.quota_tokens_per_hour AS env_hour,
-       e.max_request_bytes, e.max_tokens_per_request
-FROM environments e JOIN orgs o ON o.org_id = e.org_id
-WHERE e.env_id = $1
+# Over orgs o and environments e; named as the Quotas fields.
+QUOTA_COLUMNS = """
+o.quota_tokens_per_day AS org_day, o.quota_tokens_per_hour AS org_hour,
+e.quota_tokens_per_day AS env_day, e.quota_tokens_per_hour AS env_hour,
+e.max_request_bytes, e.max_tokens_per_request
 """
+QUOTAS_SQL = f"SELECT {QUOTA_COLUMNS} FROM environments e JOIN orgs o ON o.org_id = e.org_id WHERE e.env_id = $1"
 PERIOD_TTL_S = {"d": 2 * 86_400, "h": 2 * 3_600}
 _LEVELS = {"org": "organization", "env": "environment"}
 _PERIODS = {"d": "daily", "h": "hourly"}
@@ -50,6 +52,15 @@ class Quotas:
     @property
     def any(self) -> bool:
         return any(limit is not None for _, _, limit in self.limits())
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Quotas:
+        """A row holding QUOTA_COLUMNS."""
+        return cls(row["org_day"], row["org_hour"], row["env_day"], row["env_hour"], row["max_request_bytes"],
+                   row["max_tokens_per_request"])
+
+
+NO_QUOTAS = Quotas()
 
 
 def quota_keys(org_id: str, env_id: str, at: datetime) -> list[str]:
@@ -79,47 +90,20 @@ def cap_violation(quotas: Quotas, body_bytes: int, completion_tokens: int) -> er
     return None
 
 
-class QuotaGuard:
-    """ext_authz's quota check: quotas from Postgres (cached), usage counters from Redis."""
+class QuotaCounters:
+    """ext_authz's quota check: the usage counters in Redis against a tenant's quotas (one MGET, only for a
+    tenant that has a quota; most have none and cost no Redis call)."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: aioredis.Redis, ttl_s: float = 10.0) -> None:
-        self.pool = pool
+    def __init__(self, redis: aioredis.Redis, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.redis = redis
-        self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, Quotas]] = {}
+        self.clock = clock
 
-    def clear(self) -> None:
-        self._cache.clear()
-
-    async def quotas(self, env_id: str) -> Quotas:
-        now = time.monotonic()
-        hit = self._cache.get(env_id)
-        if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
-        try:
-            row = await self.pool.fetchrow(QUOTAS_SQL, env_id)
-        except POSTGRES_UNAVAILABLE as exc:
-            if hit is None:
-                raise
-            # Postgres away: keep admitting on the last known quotas rather than refusing everyone (503).
-            log.warning("quotas not refreshed (%s); using the last known ones", exc)
-            self._cache[env_id] = (now, hit[1])
-            return hit[1]
-        quotas = Quotas(**dict(row)) if row else Quotas()
-        self._cache[env_id] = (now, quotas)
-        return quotas
-
-    async def check(self, org_id: str, env_id: str, body_bytes: int, completion_tokens: int) -> None:
-        """Raises the ClientError for a request over its environment's caps (413 / 400), or 403
-        quota_exceeded when a quota is used up. Redis down: quotas allow (logged)."""
-        quotas = await self.quotas(env_id)
-        violation = cap_violation(quotas, body_bytes, completion_tokens)
-        if violation is not None:
-            raise violation
+    async def check(self, org_id: str, env_id: str, quotas: Quotas) -> None:
+        """Raises 403 quota_exceeded when a quota is used up. Redis down: quotas allow (logged)."""
         if not quotas.any:
             return
         try:
-            values = await self.redis.mget(quota_keys(org_id, env_id, datetime.now(UTC)))
+            values = await self.redis.mget(quota_keys(org_id, env_id, self.clock()))
         except (OSError, aioredis.RedisError) as exc:
             log.warning("quota counters unavailable (%s): allowing", exc)
             return
