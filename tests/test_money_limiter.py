@@ -15,11 +15,14 @@ from hypothesis import strategies as st
 
 from crosslogic import errors
 from crosslogic.accounting.ledger import MonthlyOwed
-from crosslogic.extauthz.billcap import BillCapGuard, admits, cap_reached, follow_price_changes
+from crosslogic.extauthz.billcap import BillCapGuard, Cap, admits, cap_reached
+from crosslogic.extauthz.tenants import TenantCache, follow_changes
+from crosslogic.keys import hash_api_key
 from crosslogic.ratelimit.engine import Limiter, tenant_scope
 from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
 from crosslogic.ratelimit.money import ENDED, REFUSED, REPEATED, RESERVED, UNKNOWN, MoneyLimiter, money_keys
 from crosslogic.runtime.processes import free_port
+from crosslogic.store import tenancy
 from tests.ratelimit_helpers import wait_for
 
 MONTH = date(2026, 12, 1)
@@ -152,7 +155,8 @@ def test_the_admission_rule_and_the_after_the_fact_rule():
 # ------------------------------------------------------------------------------------------ the ext_authz guard
 
 
-async def _capped_org(conn: asyncpg.Connection, cap: int = 1_000_000, owed: int = 0, **org) -> str:
+async def _capped_org(conn: asyncpg.Connection, cap: int | None = 1_000_000, owed: int = 0, **org) -> str:
+    """An org (with a cap unless None) owing `owed` this month, and a key: returns the key's hash."""
     await conn.execute("INSERT INTO regions (region_id, display_name) VALUES ('r1', 'R1') ON CONFLICT DO NOTHING")
     await conn.execute("INSERT INTO models (model_id, input_price_microdollars_per_1m, "
                        "output_price_microdollars_per_1m) VALUES ('m1', 1000000, 2000000) ON CONFLICT DO NOTHING")
@@ -163,7 +167,19 @@ async def _capped_org(conn: asyncpg.Connection, cap: int = 1_000_000, owed: int 
     month = await conn.fetchval("SELECT date_trunc('month', now() AT TIME ZONE 'UTC')::date")
     await conn.execute("INSERT INTO org_monthly_spend (org_id, month, owed_microdollars) VALUES ($1, $2, $3)",
                        uuid.UUID(org_id), month, owed)
-    return org_id
+    env = await tenancy.create_env(conn, org_id, "prod")
+    _, plaintext = await tenancy.create_key(conn, SECRET, org_id, env.env_id)
+    return hash_api_key(SECRET, plaintext)
+
+
+SECRET = b"money-secret"
+
+
+async def _cap(pool: asyncpg.Pool, key_hash: str) -> tuple[str, Cap | None]:
+    """The org and cap terms as ext_authz's tenant view reads them."""
+    view = await TenantCache(pool).view(key_hash)
+    assert view is not None
+    return view.org_id, view.cap
 
 
 @pytest.fixture
@@ -173,23 +189,36 @@ async def pool(database_url):
     await pool.close()
 
 
+async def test_the_tenant_view_carries_the_cap_terms_and_what_is_owed_this_month(pool):
+    async with pool.acquire() as conn:
+        capped = await _capped_org(conn, cap=5_000, owed=1_234, bill_cap_fail_closed=True)
+        uncapped = await _capped_org(conn, cap=None)
+    _, cap = await _cap(pool, capped)
+    assert cap is not None
+    assert (cap.cap_microdollars, cap.owed_microdollars, cap.fail_closed, cap.owes_nothing) == (5_000, 1_234, True,
+                                                                                                 False)
+    assert cap.month == datetime.now(UTC).date().replace(day=1)
+    assert (await _cap(pool, uncapped))[1] is None
+
+
 async def test_the_guard_reserves_the_maximum_cost_at_the_price_in_effect_after_a_notified_change(
         pool, database_url, redis):
     async with pool.acquire() as conn:
-        org = await _capped_org(conn)
+        org, cap = await _cap(pool, await _capped_org(conn))
     guard = BillCapGuard(pool, MoneyLimiter(redis))
-    await guard.reserve(org, "m1", "r1", "q1", 100, 50)  # 100 * $1 + 50 * $2 per 1M = 200 micro-dollars
-    feed = asyncio.create_task(follow_price_changes(database_url, guard))
+    assert await guard.reserve(org, cap, "m1", "r1", "q1", 100, 50)  # 100 * $1 + 50 * $2 per 1M = 200 micro-dollars
+    views = TenantCache(pool)
+    feed = asyncio.create_task(follow_changes(database_url, views, lambda: None, guard.prices_changed))
     try:
         month = datetime.now(UTC).date().replace(day=1)
         held = money_keys(org, month)[1]
         assert await redis.hget(held, "q1") == b"200"
-        await wait_for(_stale(guard), "the price feed listening")  # it marks the book stale once connected
-        await guard.reserve(org, "m1", "r1", "q0", 100, 50)  # reloads
+        await wait_for(_stale(guard), "the change feed listening")  # it marks the book stale once connected
+        await guard.reserve(org, cap, "m1", "r1", "q0", 100, 50)  # reloads
         async with pool.acquire() as conn:
             await conn.execute("UPDATE models SET output_price_microdollars_per_1m = 4000000")
         await wait_for(_stale(guard), "the price change notification")
-        await guard.reserve(org, "m1", "r1", "q2", 100, 50)
+        await guard.reserve(org, cap, "m1", "r1", "q2", 100, 50)
         assert await redis.hget(held, "q2") == b"300"
         await guard.release(org, "q2")  # refused later (rate limit): the money comes back at once
         assert await redis.hget(held, "q2") is None
@@ -206,29 +235,30 @@ def _stale(guard: BillCapGuard):
 
 async def test_orgs_that_cannot_owe_anything_or_have_no_cap_cost_no_valkey_call(pool, redis):
     async with pool.acquire() as conn:
-        reserved = await _capped_org(conn, cap=0, billing_plan="reserved")  # overage not billed: owes nothing
-        uncapped = str(await conn.fetchval("INSERT INTO orgs (name) VALUES ('free-spender') RETURNING org_id"))
+        reserved, reserved_cap = await _cap(pool, await _capped_org(conn, cap=0, billing_plan="reserved"))
+        uncapped, no_cap = await _cap(pool, await _capped_org(conn, cap=None))
+    assert reserved_cap is not None and reserved_cap.owes_nothing and no_cap is None
     guard = BillCapGuard(pool, MoneyLimiter(redis))
-    await guard.reserve(reserved, "m1", "r1", "q", 10, 10)
-    await guard.reserve(uncapped, "m1", "r1", "q", 10, 10)
+    assert not await guard.reserve(reserved, reserved_cap, "m1", "r1", "q", 10, 10)
+    assert not await guard.reserve(uncapped, no_cap, "m1", "r1", "q", 10, 10)
     assert [k async for k in redis.scan_iter(match=f"*{reserved}*money*")] == []
     assert [k async for k in redis.scan_iter(match=f"*{uncapped}*money*")] == []
 
 
 async def test_with_valkey_down_the_cap_falls_back_to_the_ledger_or_refuses_for_fail_closed_orgs(pool):
     async with pool.acquire() as conn:
-        under = await _capped_org(conn, cap=1_000, owed=999)
-        reached = await _capped_org(conn, cap=1_000, owed=1_000)
-        strict = await _capped_org(conn, cap=1_000, owed=0, bill_cap_fail_closed=True)
+        under = await _cap(pool, await _capped_org(conn, cap=1_000, owed=999))
+        reached = await _cap(pool, await _capped_org(conn, cap=1_000, owed=1_000))
+        strict = await _cap(pool, await _capped_org(conn, cap=1_000, owed=0, bill_cap_fail_closed=True))
     down = aioredis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=0.2)
     try:
         guard = BillCapGuard(pool, MoneyLimiter(down))
-        await guard.reserve(under, "m1", "r1", "q", 10, 10)  # admitted on the ledger's month-to-date owed
+        assert not await guard.reserve(*under, "m1", "r1", "q", 10, 10)  # admitted on the ledger's owed
         with pytest.raises(errors.ClientError) as refused:
-            await guard.reserve(reached, "m1", "r1", "q", 10, 10)
+            await guard.reserve(*reached, "m1", "r1", "q", 10, 10)
         assert (refused.value.status, refused.value.code) == (403, "billing_cap_reached")
         with pytest.raises(errors.ClientError) as unavailable:
-            await guard.reserve(strict, "m1", "r1", "q", 10, 10)
+            await guard.reserve(*strict, "m1", "r1", "q", 10, 10)
         assert unavailable.value.status == 503
     finally:
         await down.aclose()
@@ -236,8 +266,8 @@ async def test_with_valkey_down_the_cap_falls_back_to_the_ledger_or_refuses_for_
 
 async def test_a_model_without_a_price_at_this_moment_is_never_reserved_at_a_guess(pool, redis):
     async with pool.acquire() as conn:
-        org = await _capped_org(conn)
+        org, cap = await _cap(pool, await _capped_org(conn))
     guard = BillCapGuard(pool, MoneyLimiter(redis))
     with pytest.raises(errors.ClientError) as refused:
-        await guard.reserve(org, "no-such-model", "r1", "q", 10, 10)
+        await guard.reserve(org, cap, "no-such-model", "r1", "q", 10, 10)
     assert refused.value.status == 503
