@@ -1,4 +1,5 @@
-"""The limiter engine on a real Valkey, with a controlled clock: layers, leases, shadow mode, scripts."""
+"""The limiter engine on a real Valkey, with a controlled clock: layers, leases, shadow mode, scripts. Every test
+runs on both client paths of the per-request scripts: redis-py (ScriptBatcher) and the lean client (resp.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import redis.asyncio as aioredis
 
 from crosslogic.ratelimit.engine import SETTLED, Limiter, tenant_scope
 from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
+from crosslogic.ratelimit.resp import ScriptClient
 
 
 class Clock:
@@ -23,6 +25,23 @@ class Clock:
 async def redis(valkey_url):
     client = aioredis.from_url(valkey_url)
     yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["redis-py", "resp"], autouse=True)
+async def script_path(request, valkey_url, monkeypatch):
+    """On "resp", every Limiter of the test sends reserve and release through one lean ScriptClient."""
+    if request.param == "redis-py":
+        yield
+        return
+    client = ScriptClient(valkey_url)
+    original = Limiter.__init__
+
+    def with_lean_scripts(self, redis, *args, scripts=None, **kwargs):
+        original(self, redis, *args, scripts=scripts or client, **kwargs)
+
+    monkeypatch.setattr(Limiter, "__init__", with_lean_scripts)
+    yield
     await client.aclose()
 
 
