@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import httpx2
+import msgspec
 import openai
 import pytest
 from hypothesis import given
@@ -413,3 +414,54 @@ def test_the_estimates_take_any_json_even_deeply_nested_without_raising(messages
 def test_definitions_are_measured_exactly_as_their_json_text(value):
     text = json.dumps(value, ensure_ascii=False)
     assert estimate.json_units(value) == estimate.text_units(text)
+
+
+# ---------------------------------------------------------------- the fast parser reads exactly as `json` does
+
+class _NoFastPath:
+    def decode(self, raw: bytes) -> object:
+        raise msgspec.DecodeError("the fast path is off")
+
+
+def _reading(raw: bytes, fast: bool = True) -> object:
+    """parse_object's answer (a refusal as its words); fast=False: as it answered before the fast path (`json`)."""
+    saved = jsonbody._FAST
+    if not fast:
+        jsonbody._FAST = _NoFastPath()
+    try:
+        return jsonbody.parse_object(raw)
+    except ClientError as error:
+        return ("refused", error.status, error.message)
+    finally:
+        jsonbody._FAST = saved
+
+
+def _json_reading(raw: bytes) -> object:
+    return _reading(raw, fast=False)
+
+
+_tricky_text = st.one_of(
+    st.text(), st.sampled_from(['"\\ud800"', '"\\udc00\\ud800"', "NaN", "-Infinity", "1e400", "-0", "-0.0",
+                                "18446744073709551616", "-9223372036854775809", "1" * 400, "9" * 4301, '"\\u0000"',
+                                "1.5e-400", "0.30000000000000004", '"\\/"', "[1,]", "{}x", "\ufeff{}"]))
+_tricky_json = st.recursive(
+    st.one_of(_tricky_text.map(lambda t: t if t[:1] in '"-0123456789NI[{\ufeff' else json.dumps(t)),
+              st.integers(-(2**300), 2**300).map(str), st.floats(allow_nan=False).map(repr).map(
+                  lambda r: r.replace("inf", "1e999"))),
+    lambda inner: st.one_of(st.lists(inner, max_size=4).map(lambda items: "[" + ",".join(items) + "]"),
+                            st.lists(st.tuples(st.sampled_from(['"a"', '"b"', '"model"']), inner), max_size=4).map(
+                                lambda pairs: "{" + ",".join(f"{k}:{v}" for k, v in pairs) + "}")),
+    max_leaves=12)
+
+
+@given(st.lists(st.tuples(st.sampled_from(['"a"', '"b"', '"a"', '"max_tokens"']), _tricky_json), max_size=6),
+       st.sampled_from(["utf-8", "utf-16", "utf-8-sig"]))
+def test_the_fast_parser_reads_every_body_as_json_reads_it(pairs, encoding):
+    # duplicate keys (last wins), huge and 64-bit-overflowing integers, lone surrogates, NaN, other encodings
+    raw = ("{" + ",".join(f"{k}:{v}" for k, v in pairs) + "}").encode(encoding, "surrogatepass")
+    assert repr(_reading(raw)) == repr(_json_reading(raw))
+
+
+@given(st.binary(max_size=64) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_the_fast_parser_agrees_with_json_on_arbitrary_bytes(raw):
+    assert repr(_reading(raw)) == repr(_json_reading(raw))

@@ -10,6 +10,15 @@ Also refused, as OpenAI's parser refuses them: the non-standard literals NaN / I
 Python accepts by default, and integers longer than Python's int-conversion limit (a ValueError deep in the
 parser otherwise). Duplicate keys keep the last value, as vLLM's parser (and the Lua filter, which appends
 `stream_options` as a duplicate) expect.
+
+Speed: msgspec's C decoder parses a body first (a one-token chat body: 4.0 -> ~1.2 µs with the depth check, a
+32 KB one 61 -> ~14 µs; measured with timeit). Whatever it accepts, it reads exactly as `json` does: duplicate
+keys last-wins, integers of any size up to the 4,300-digit limit as Python ints, floats correctly rounded (a
+property test compares both on arbitrary input). Whatever it refuses (NaN, Infinity, lone surrogates, a BOM,
+UTF-16, 1e400, malformed JSON) goes to the `json` path below, so every refusal and its words, and the odd
+inputs `json` accepts, stay as they were. Not orjson: it reads an integer beyond 64 bits as a float (silently
+rounded: 18446744073709551616 -> 1.8446744073709552e19), and a scan for such digit runs costs more than the
+parse saves (55 µs on 32 KB).
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import json
 import re
 import sys
 from itertools import accumulate
+
+import msgspec
 
 from crosslogic import errors
 
@@ -55,6 +66,7 @@ def _no_constant(name: str) -> float:
 # One decoder for every request (json.loads with hooks builds a new one per call). parse_constant is called
 # only for the NaN / Infinity literals, so it costs ordinary bodies nothing.
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_FAST = msgspec.json.Decoder()
 
 
 def parse_object(raw: bytes) -> dict:
@@ -66,6 +78,17 @@ def parse_object(raw: bytes) -> dict:
         raise errors.invalid_param(f"The JSON body of your request is nested too deeply ({depth} levels); at most "
                                    f"{MAX_DEPTH} levels of arrays and objects are accepted.", None, None)
     try:
+        body = _FAST.decode(raw)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        body = _parse_slowly(raw)  # the refusal's own words, or what only `json` accepts
+    if not isinstance(body, dict):
+        raise errors.invalid_param("The request body must be a JSON object.", None, None)
+    return body
+
+
+def _parse_slowly(raw: bytes) -> object:
+    """`json`'s reading of the body (any encoding it detects, NaN / Infinity refused), or the ClientError."""
+    try:
         body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # what json.loads does
     except _Refused as refused:
         raise errors.invalid_param(str(refused), None, None) from None
@@ -76,6 +99,4 @@ def parse_object(raw: bytes) -> dict:
         raise errors.invalid_param(_NOT_JSON, None, None) from None
     except RecursionError:
         raise errors.invalid_param(_NOT_JSON, None, None) from None
-    if not isinstance(body, dict):
-        raise errors.invalid_param("The request body must be a JSON object.", None, None)
     return body
