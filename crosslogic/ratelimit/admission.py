@@ -46,14 +46,23 @@ def stages(org_id: str, env_id: str, key_id: str, region: str, tenant: TenantLim
             Stage(platform_s, platform.for_region(region), SHARED if shared else SKIP)]
 
 
+def _one_call(org_id: str, env_id: str, key_id: str, region: str, tenant: TenantLimits,
+              platform: PlatformLimits) -> list[Stage]:
+    plan = stages(org_id, env_id, key_id, region, tenant, platform)
+    while plan[-1].role == SKIP:  # trailing skipped scopes only lengthen the call (settling tolerates it)
+        plan.pop()
+    return plan
+
+
 async def admit(limiter: Limiter, org_id: str, env_id: str, key_id: str, region: str, request_id: str,
                 tokens: int, tenant: TenantLimits, platform: PlatformLimits) -> Decision:
-    plan = stages(org_id, env_id, key_id, region, tenant, platform)
     if not limiter.split_scopes:
-        while plan[-1].role == SKIP:  # trailing skipped scopes only lengthen the call (settling tolerates it)
-            plan.pop()
-        return await limiter.reserve_stages(plan, request_id, tokens)
-    return await _admit_scope_by_scope(limiter, plan, request_id, tokens)
+        # The call's plan is worked out once per tenant, region and limits (Limiter.plan), not per request.
+        plan = limiter.plan((org_id, env_id, key_id, region), tenant, platform,
+                            lambda: _one_call(org_id, env_id, key_id, region, tenant, platform))
+        return await limiter.reserve_plan(plan, request_id, tokens)
+    return await _admit_scope_by_scope(limiter, stages(org_id, env_id, key_id, region, tenant, platform), request_id,
+                                       tokens)
 
 
 async def _admit_scope_by_scope(limiter: Limiter, plan: list[Stage], request_id: str, tokens: int) -> Decision:

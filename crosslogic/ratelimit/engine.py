@@ -24,7 +24,7 @@ from crosslogic.contract import LIMIT_KINDS
 from crosslogic.ratelimit.batching import ScriptBatcher
 from crosslogic.ratelimit.limits import LAYERS, LayerLimits, TenantLimits
 from crosslogic.ratelimit.lua import LuaScript, script_source
-from crosslogic.ratelimit.resp import ScriptClient
+from crosslogic.ratelimit.resp import Encoded, ScriptClient
 from crosslogic.settings import Settings
 
 Clock = Callable[[], int]  # milliseconds
@@ -144,7 +144,22 @@ def stage_keys(scopes: Sequence[Scope], request_id: str) -> list[str]:
     return keys
 
 
-ScriptCall = Callable[[list[str], list], Awaitable[list]]
+ScriptCall = Callable[[list, list], Awaitable[list]]
+
+
+@dataclass(frozen=True)
+class ReservePlan:
+    """One reservation call over some stages with everything but the request id, the clock and the tokens worked
+    out (and, for the lean client, encoded) once: a tenant's plan is reused for all its requests until its limits
+    change (`Limiter.plan`)."""
+
+    stages: tuple[Stage, ...]
+    reservation_prefix: str  # the reservation key, less the request id
+    keys: tuple  # KEYS after the reservation's (one Encoded run for the lean client)
+    args: tuple  # ARGV after the five per-request values (likewise)
+    names: tuple[str, ...]  # layer names, in the scripts' order
+    buckets: tuple[tuple[int, str, str, int], ...]  # (reply index, layer, kind, capacity) of the tenant's buckets
+    leases_at: int  # reply index of the leases taken
 
 
 class Limiter:
@@ -167,6 +182,8 @@ class Limiter:
         self._release = LuaScript(script_source("release.lua", prelude=None))
         self._reserve_call: ScriptCall
         self._release_call: ScriptCall
+        self._encode = scripts is not None
+        self._plans: dict[tuple, tuple[object, object, ReservePlan]] = {}  # see plan()
         if scripts is not None:
             self._reserve_call = partial(scripts.evalsha, self._reserve)
             self._release_call = partial(scripts.evalsha, self._release)
@@ -183,27 +200,54 @@ class Limiter:
                 args += _layer_args(layer)
         return self._reserve.source, stage_keys([s.scope for s in stages], request_id), args
 
+    def build_plan(self, stages: Sequence[Stage]) -> ReservePlan:
+        keys = stage_keys([s.scope for s in stages], "")
+        args: list = []
+        for stage in stages:
+            args += [stage.role, len(stage.limits)]
+            for layer in stage.limits:
+                args += _layer_args(layer)
+        names = tuple(layer for stage in stages for layer, _ in stage.scope.layers)
+        buckets = tuple((4 + i * 4 + b, names[i], kind, getattr(layer, kind))
+                        for i, layer in enumerate(stages[0].limits)
+                        for b, kind in enumerate(BUCKET_KINDS) if getattr(layer, kind))
+        fixed_keys, fixed_args = tuple(keys[1:]), tuple(args)
+        if self._encode:
+            fixed_keys, fixed_args = (Encoded(fixed_keys),), (Encoded(fixed_args),)
+        return ReservePlan(tuple(stages), keys[0], fixed_keys, fixed_args, names, buckets,
+                           4 + 4 * len(stages[0].limits))
+
+    def plan(self, cache_key: tuple, limits: object, platform: object, build: Callable[[], Sequence[Stage]],
+             max_plans: int = 100_000) -> ReservePlan:
+        """The plan of `cache_key` (a tenant and region) made from these limits objects, built once: it is rebuilt
+        when either object is replaced (the tenant view or platform snapshot was re-read)."""
+        hit = self._plans.get(cache_key)
+        if hit is not None and hit[0] is limits and hit[1] is platform:
+            return hit[2]
+        plan = self.build_plan(build())
+        self._plans.pop(cache_key, None)
+        self._plans[cache_key] = (limits, platform, plan)
+        while len(self._plans) > max_plans:
+            del self._plans[next(iter(self._plans))]
+        return plan
+
     async def reserve_stages(self, stages: Sequence[Stage], request_id: str, tokens: int) -> Decision:
         """One atomic decision over the stages; the buckets reported are the first stage's (the tenant's)."""
-        _, keys, args = self.reserve_command(stages, request_id, tokens)
-        out = await self._reserve_call(keys, args)
-        status, failed, retry, shadow = (int(v) for v in out[:4])
+        return await self.reserve_plan(self.build_plan(stages), request_id, tokens)
+
+    async def reserve_plan(self, plan: ReservePlan, request_id: str, tokens: int) -> Decision:
+        out = await self._reserve_call(
+            [plan.reservation_prefix + request_id, *plan.keys],
+            [self.clock(), request_id, self.reservation_ttl_ms, self.lease_ttl_ms, max(0, tokens), *plan.args])
+        status, failed, retry, shadow = int(out[0]), int(out[1]), int(out[2]), int(out[3])
         if status == REPEATED:
             return Decision(admitted=True, repeated=True)
-        names = [layer for stage in stages for layer, _ in stage.scope.layers]
-        first = stages[0]
-        views = []
-        for i, layer in enumerate(first.limits):
-            for b, kind in enumerate(BUCKET_KINDS):
-                capacity = getattr(layer, kind)
-                if capacity:
-                    views.append(BucketView(names[i], kind, capacity, int(out[4 + i * 4 + b])))
-        layer_name, kind = _slot(names, failed)
-        shadow_layer, shadow_kind = _slot(names, shadow)
-        leases_at = 4 + 4 * len(first.limits)
-        leases = int(out[leases_at]) if len(out) > leases_at else 0
+        views = tuple(BucketView(layer, kind, capacity, int(out[at])) for at, layer, kind, capacity in plan.buckets)
+        layer_name, kind = _slot(plan.names, failed)
+        shadow_layer, shadow_kind = _slot(plan.names, shadow) if shadow else (None, None)
+        leases = int(out[plan.leases_at]) if len(out) > plan.leases_at else 0
         return Decision(admitted=status == ADMITTED, retry_after_ms=retry, layer=layer_name, kind=kind,
-                        shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=tuple(views), leases=leases)
+                        shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=views, leases=leases)
 
     def _settle_args(self, request_id: str, actual_tokens: int, rollback: bool, now: int) -> list:
         return [now, request_id, max(-1, actual_tokens), "1" if rollback else "0"]

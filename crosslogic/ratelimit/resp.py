@@ -45,6 +45,28 @@ def _bulk(value: Arg) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
+class Encoded:
+    """Arguments encoded once and spliced into later calls as they are (the constant part of a command)."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, parts: Sequence[Arg]) -> None:
+        self.count = len(parts)
+        self.data = b"".join(map(_bulk, parts))
+
+
+def _encoded(items: Sequence[Arg | Encoded]) -> tuple[int, list[bytes]]:
+    count, out = 0, []
+    for item in items:
+        if isinstance(item, Encoded):
+            count += item.count
+            out.append(item.data)
+        else:
+            count += 1
+            out.append(_bulk(item))
+    return count, out
+
+
 def command(*parts: Arg) -> bytes:
     """One command in RESP: an array of bulk strings."""
     return b"*%d\r\n" % len(parts) + b"".join(_bulk(p) for p in parts)
@@ -161,9 +183,9 @@ class ScriptClient:
         self._prefixes: dict[int, bytes] = {}  # id(script) -> its encoded "EVALSHA <sha>"
         self._closed = False
 
-    async def evalsha(self, script: LuaScript, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        """The script's reply; raises ResponseError for a script error, ConnectionError / TimeoutError (both
-        RedisError) when Redis cannot answer."""
+    async def evalsha(self, script: LuaScript, keys: Sequence[Arg | Encoded], args: Sequence[Arg | Encoded]) -> Any:
+        """The script's reply (keys and args may hold pre-encoded runs); raises ResponseError for a script
+        error, ConnectionError / TimeoutError (both RedisError) when Redis cannot answer."""
         reply = await self._call(self._evalsha(script, keys, args))
         if isinstance(reply, ResponseError):
             if not str(reply).startswith("NOSCRIPT"):
@@ -183,13 +205,13 @@ class ScriptClient:
             raise reply
         return reply
 
-    def _evalsha(self, script: LuaScript, keys: Sequence[Arg], args: Sequence[Arg]) -> bytes:
+    def _evalsha(self, script: LuaScript, keys: Sequence[Arg | Encoded], args: Sequence[Arg | Encoded]) -> bytes:
         prefix = self._prefixes.get(id(script))
         if prefix is None:
             prefix = self._prefixes[id(script)] = _bulk("EVALSHA") + _bulk(script_digest(script))
-        count = len(keys)
-        return b"".join((b"*%d\r\n" % (count + len(args) + 3), prefix, b"$%d\r\n%d\r\n" % (len(str(count)), count),
-                         *map(_bulk, keys), *map(_bulk, args)))
+        key_count, key_data = _encoded(keys)
+        arg_count, arg_data = _encoded(args)
+        return b"".join((b"*%d\r\n" % (key_count + arg_count + 3), prefix, _bulk(key_count), *key_data, *arg_data))
 
     async def _call(self, payload: bytes) -> Any:
         conn = self._conn
