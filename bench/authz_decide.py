@@ -167,8 +167,10 @@ async def _seed(database_url: str, secret: bytes) -> dict:
     conn = await asyncpg.connect(database_url)
     try:
         demo = await seed_demo(conn, secret, [("bench-node", "127.0.0.1", 9, ["llama-3-8b"])])
+        # Limits on every layer the demo plan limits, never reached; no concurrency limit: nothing here ends a
+        # request, so its leases would pile up (the gateway's own benches release them).
         await conn.execute("UPDATE plan_limits SET tokens_per_min = 1000000000, requests_per_min = 100000000, "
-                           "concurrency_limit = 100000 WHERE billing_plan = 'serverless'")
+                           "concurrency_limit = NULL WHERE billing_plan = 'serverless'")
         return demo
     finally:
         await conn.close()
@@ -199,6 +201,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--profile", choices=["this", "baseline"])
+    parser.add_argument("--cold-keys", type=int, default=2000,
+                        help="keys for the cold-key phase: one Postgres view query vs a shared Redis tier (0: skip)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("--database-url", "--redis-url", "--secret", "--api-key", "--profile-out"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -234,6 +238,8 @@ def main() -> int:
                         results.setdefault((name, concurrency), []).append(
                             _run_worker(tree, args, env, concurrency, None, pids))
             _report(results, trees, args.concurrency)
+            if args.cold_keys:
+                asyncio.run(_cold_keys(postgres.url, valkey.url, args.cold_keys, pids))
             if args.profile:
                 out = str(Path(tmp) / "profile.out")
                 _run_worker(trees[args.profile], args, env, args.concurrency[-1], out, pids)
@@ -244,6 +250,69 @@ def main() -> int:
             valkey.stop()
             postgres.stop()
     return 0
+
+
+async def _cold_keys(database_url: str, redis_url: str, count: int, pids: dict[str, int]) -> None:
+    """A key's first request on a replica: its view from one Postgres join (this tree), against what a shared
+    Redis tier would cost instead (one GET of the serialised view and its decoding; a miss also pays the
+    tier's write: SET plus the org/env/key index entries and their expiry, as the old identity tier did)."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from crosslogic.extauthz.tenants import TenantCache
+    from crosslogic.keys import generate_api_key, hash_api_key
+    from crosslogic.store import tenancy
+
+    conn = await asyncpg.connect(database_url)
+    org = await conn.fetchval("SELECT org_id::text FROM orgs WHERE name = 'demo'")
+    env = await conn.fetchval("SELECT env_id::text FROM environments WHERE org_id = $1::uuid", org)
+    hashes = []
+    for _ in range(count):
+        plaintext = generate_api_key()
+        hashes.append(hash_api_key(b"cold", plaintext))
+        await conn.execute("INSERT INTO api_keys (key_hash, key_prefix, org_id, env_id, name) VALUES "
+                           "($1, 'cold', $2::uuid, $3::uuid, 'cold')", hashes[-1], org, env)
+    await conn.close()
+    del tenancy
+    pool = await asyncpg.create_pool(database_url, min_size=4, max_size=4)
+    redis = aioredis.from_url(redis_url)
+    views = TenantCache(pool)
+
+    async def timed(name: str, one, server: str) -> dict:
+        before_server, cpu, wall = _cpu(pids[server]), time.process_time(), time.perf_counter()
+        for i in range(0, len(hashes), 16):  # 16 cold keys at a time, as concurrent first requests
+            await asyncio.gather(*(one(h) for h in hashes[i:i + 16]))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return {"name": name, "wall": wall / count * 1e6, "cpu": cpu / count * 1e6,
+                "server": (_cpu(pids[server]) - before_server) / count * 1e6, "server_name": server}
+
+    sample = await views.view(hashes[0])
+    payload = json.dumps({"row": {k: str(v) for k, v in
+                                  (await pool.fetchrow("SELECT * FROM api_keys LIMIT 1")).items()},
+                          "view": repr(sample)}).encode()  # about the size of a serialised view
+
+    async def tier_hit(key_hash: str) -> None:
+        raw = await redis.get("clp:view:" + key_hash)
+        json.loads(raw)
+
+    async def tier_fill(key_hash: str) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set("clp:view:" + key_hash, payload, ex=60)
+            for kind in ("org", "env", "key"):
+                pipe.sadd(f"clp:view-deps:{kind}:{key_hash[:8]}", key_hash)
+                pipe.expire(f"clp:view-deps:{kind}:{key_hash[:8]}", 120)
+            await pipe.execute()
+
+    rows = [await timed("postgres: one view join", views.view, "postgres")]
+    rows.append(await timed("redis tier: fill on miss", tier_fill, "valkey"))
+    rows.append(await timed("redis tier: hit (GET+decode)", tier_hit, "valkey"))
+    print(f"\ncold keys ({count}, 16 at a time): per key")
+    print(f"{'path':<30} {'wall µs':>9} {'client CPU µs':>14} {'server CPU µs':>14}")
+    for r in rows:
+        print(f"{r['name']:<30} {r['wall']:>9.1f} {r['cpu']:>14.1f} {r['server']:>14.1f} ({r['server_name']})")
+    await views.aclose()
+    await pool.close()
+    await redis.aclose()
 
 
 def _report(results: dict[tuple[str, int], list[dict]], trees: dict[str, Path], concurrencies: list[int]) -> None:

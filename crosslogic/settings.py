@@ -110,8 +110,6 @@ class Settings:
                                   "region used when neither the key, the environment nor the org names one")
     max_request_bytes: int = setting("MAX_REQUEST_BYTES", 1024 * 1024,
                                      "largest request body ext_authz inspects; bigger bodies get 413", minimum=1)
-    identity_cache_ttl_s: int = setting("IDENTITY_CACHE_TTL", 60,
-                                        "seconds a key/env/org record stays in the shared Redis cache", minimum=1)
     ledger_batch_size: int = setting("LEDGER_BATCH_SIZE", 500, "accounting: flush the ledger batch after this many "
                                      "records", minimum=1)
     ledger_flush_interval_s: float = setting("LEDGER_FLUSH_INTERVAL", 0.2, "accounting: ... or after this many "
@@ -135,8 +133,9 @@ class Settings:
                                       "decisions, limiter latency, degraded mode); 0 = off", **_PORT)
     ratelimit_metrics_port: int = setting("RATELIMIT_METRICS_PORT", 0, "Prometheus /metrics of `serve ratelimit`; "
                                           "0 = off", **_PORT)
-    limits_cache_ttl_s: float = setting("LIMITS_CACHE_TTL", 10.0, "seconds limits stay cached per key (a NOTIFY "
-                                        "drops them sooner)", minimum=0)
+    limits_cache_ttl_s: float = setting("LIMITS_CACHE_TTL", 10.0, "seconds a key's tenant view (ext_authz) or limits "
+                                        "(`serve ratelimit`) are served before being re-read; a NOTIFY drops them "
+                                        "at once", minimum=0)
     reservation_ttl_ms: int = setting("RESERVATION_TTL_MS", 15 * 60_000, "a reservation never settled (lost "
                                       "access-log entry) expires after this long", minimum=1)
     lease_ttl_ms: int = setting("LEASE_TTL_MS", 11 * 60_000, "a concurrency lease never released expires after this "

@@ -16,9 +16,12 @@ Pieces, one job each:
                  request id (the settle script tombstones the reservation), releases leases and adds the
                  real usage to each layer's settled-tokens counter.
                  Reservations never settled (lost log entries) expire after RESERVATION_TTL_MS.
-- `quota.py`     tokens per day / hour per env and org, checked by ext_authz (403 quota_exceeded).
-- `store.py`     limits from Postgres (plan defaults, org/env/key overrides, per-layer policy), cached per
-                 key, dropped on NOTIFY crosslogic_limits.
+- `quota.py`     tokens per day / hour per env and org, checked by ext_authz (403 quota_exceeded) against
+                 the usage counters; the values come with ext_authz's tenant view (QUOTA_COLUMNS).
+- `store.py`     limits from Postgres (plan defaults, org/env/key overrides, per-layer policy) as SQL
+                 fragments ext_authz's one-join tenant view selects, and LimitStore (by key id, cached, dropped
+                 on NOTIFY crosslogic_limits) for `serve ratelimit` and `limits show`.
+- `resp.py`      the lean pipelined client of the per-request script calls (reserve, release).
 - `gate.py`      the admission decision without a protocol (limits, admit, Redis-down policy, shadow logs):
                  called by ext_authz in its Check (admission "authz", default) and by `service.py`.
 - `service.py`   Envoy's envoy.service.ratelimit.v3 <-> the gate (admission "rls"); `protocol.py` OpenAI
