@@ -173,11 +173,15 @@ async def test_no_reply_within_the_timeout_fails_every_call_in_flight_and_drops_
             await client.aclose()
 
 
-async def test_garbage_or_unasked_replies_break_the_connection():
-    async with FakeServer(lambda parts: b"?what\r\n") as server:
-        client = ScriptClient(f"redis://127.0.0.1:{server.port}/0")
+@pytest.mark.parametrize(("url", "answer", "words"), [
+    ("redis://127.0.0.1:{port}/0", b"?what\r\n", "protocol"),  # garbage
+    ("redis://:bad@127.0.0.1:{port}/0", b"-WRONGPASS invalid password\r\n", "WRONGPASS"),  # a refused login
+])
+async def test_garbage_or_a_refused_login_is_a_connection_error(url, answer, words):
+    async with FakeServer(lambda parts: answer) as server:
+        client = ScriptClient(url.format(port=server.port))
         try:
-            with pytest.raises(RedisConnectionError, match="protocol"):
+            with pytest.raises(RedisConnectionError, match=words):
                 await client.execute("PING")
         finally:
             await client.aclose()
@@ -191,16 +195,6 @@ async def test_the_url_s_credentials_and_database_are_sent_before_the_first_comm
         finally:
             await client.aclose()
     assert server.commands == [[b"AUTH", b"svc", b"p@ss"], [b"SELECT", b"3"], [b"PING"]]
-
-
-async def test_a_refused_login_is_a_connection_error():
-    async with FakeServer(lambda parts: b"-WRONGPASS invalid password\r\n") as server:
-        client = ScriptClient(f"redis://:bad@127.0.0.1:{server.port}/0")
-        try:
-            with pytest.raises(RedisConnectionError, match="WRONGPASS"):
-                await client.execute("PING")
-        finally:
-            await client.aclose()
 
 
 async def test_calls_after_close_fail_and_closing_twice_is_harmless(scripts):
