@@ -97,6 +97,7 @@ class AuthzConnection(asyncio.Protocol):
         self.pipelined = 0  # requests in a row that arrived before the previous answer went out
         self.deadline = _NEVER
         self.peer = ""
+        self.eof = False  # the peer sent all it will: answer what is complete, then close
 
     # --- asyncio callbacks -----------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -123,7 +124,8 @@ class AuthzConnection(asyncio.Protocol):
         self._next_request()
 
     def eof_received(self) -> bool:
-        return False  # close our side too; a request cut short is never answered
+        self.eof = True
+        return self.busy  # keep the connection for the answer being decided; a request cut short gets none
 
     # --- requests ----------------------------------------------------------------------------------------------
     def _next_request(self) -> None:
@@ -160,16 +162,18 @@ class AuthzConnection(asyncio.Protocol):
         if not head.keep_alive:
             transport.close()
             return
-        if not self.buffer:
+        if self.buffer:
+            self.pipelined += 1
+            if self.pipelined > self.limits.max_pipelined:
+                self._abort()
+                return
+            self.deadline = time.monotonic() + self.limits.request_timeout_s
+            self._next_request()
+        else:
             self.pipelined = 0
             self.deadline = time.monotonic() + self.limits.idle_timeout_s
-            return
-        self.pipelined += 1
-        if self.pipelined > self.limits.max_pipelined:
-            self._abort()
-            return
-        self.deadline = time.monotonic() + self.limits.request_timeout_s
-        self._next_request()
+        if self.eof and not self.busy and self.transport is not None:
+            self.transport.close()
 
     async def _dispatch(self, head: RequestHead, body: bytes) -> bytes:
         target = head.target
