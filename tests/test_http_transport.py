@@ -98,9 +98,7 @@ async def envoy(tmp_path_factory):
     async with authz_http_server("127.0.0.1:0", checker, None, Limits()) as authz_port:
         config = tmp / "envoy.json"
         config.write_text(json.dumps(_bootstrap(tmp, listen, authz_port, node_port, admin)))
-        proc = subprocess.Popen([str(envoy_binary()), "-c", str(config), "--log-level", "error", "--base-id",
-                                 str(free_port()), "--concurrency", "1", "--file-flush-interval-msec", "50"],
-                                stdout=open(tmp / "envoy.log", "wb"), stderr=subprocess.STDOUT)
+        proc = _spawn_envoy(config, tmp / "envoy.log")
         try:
             await asyncio.to_thread(wait_until, lambda: port_open("127.0.0.1", listen), 30, "envoy", proc)
             yield {"gateway_base": f"http://127.0.0.1:{listen}", "checker": checker, "log": tmp / "usage.jsonl"}
@@ -108,6 +106,13 @@ async def envoy(tmp_path_factory):
             proc.terminate()
             proc.wait(10)
     await node.cleanup()
+
+
+def _spawn_envoy(config: Path, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([str(envoy_binary()), "-c", str(config), "--log-level", "error", "--base-id",
+                                 str(free_port()), "--concurrency", "1", "--file-flush-interval-msec", "50"],
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def _app() -> web.Application:
