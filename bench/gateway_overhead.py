@@ -63,7 +63,7 @@ static_resources:
 
 def start_stack(state: Path, port: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     ready = state / "ready.json"
-    proc = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
+    proc = subprocess.Popen([sys.executable, "-m", "crosslogic", "--state-dir", str(state), "up", "--demo",
                              "--port", str(port), "--ready-file", str(ready)],
                             stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT, env=env)
     wait_until(ready.exists, 120, "crosslogic up", proc)

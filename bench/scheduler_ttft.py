@@ -78,7 +78,7 @@ async def run_ttft_bench(count: int) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp)
         ready = state / "ready.json"
-        up = _spawn(["crosslogic.cli", "--state-dir", str(state), "up", "--port", str(free_port()),
+        up = _spawn(["crosslogic", "--state-dir", str(state), "up", "--port", str(free_port()),
                      "--ready-file", str(ready)], state / "up.log")
         try:
             await _wait(lambda: asyncio.sleep(0, ready.exists()), "crosslogic up", 120)
@@ -103,7 +103,7 @@ async def run_ttft_bench(count: int) -> dict[str, dict[str, float]]:
                 pki.write(tls, "node", pki.issue_node(ca, name, "pool:aws"))
                 (tls / "ca.pem").write_bytes((Path(info["pki_dir"]) / pki.CA_CERT).read_bytes())
                 procs.append(_spawn(
-                    ["crosslogic.cli", "agent", "--control-plane", info["nodeagent_address"],
+                    ["crosslogic", "agent", "--control-plane", info["nodeagent_address"],
                      "--name", name, "--region", REGION, "--model", MODEL, "--advertise", f"127.0.0.1:{port}",
                      "--cloud", "aws", "--tls-dir", str(tls), "--tokens-per-sec", str(capacity),
                      "--heartbeat-interval", "1", "--metrics-interval", "0.5"], state / f"agent-{name}.log"))

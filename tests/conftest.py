@@ -117,7 +117,7 @@ def up_demo(state: Path, *, crosslogic: list[str] | None = None, cwd: Path | Non
     log_path = log_path or state / "up.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed at the end of the block
     proc = subprocess.Popen(
-        [*(crosslogic or [sys.executable, "-m", "crosslogic.cli"]), "--state-dir", str(state), "up", "--demo",
+        [*(crosslogic or [sys.executable, "-m", "crosslogic"]), "--state-dir", str(state), "up", "--demo",
          "--port", str(free_port()), "--ready-file", str(ready)],
         stdout=log, stderr=subprocess.STDOUT, cwd=cwd or repo_root(), env=env)
     try:

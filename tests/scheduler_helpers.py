@@ -109,7 +109,7 @@ class Fleet:
         pki.write(tls, "node", pki.issue_node(pki.load_ca(Path(self.gateway["pki_dir"])), name, scope))
         (tls / "ca.pem").write_bytes((Path(self.gateway["pki_dir"]) / pki.CA_CERT).read_bytes())
         node.agent = subprocess.Popen(
-            [sys.executable, "-m", "crosslogic.cli", "agent", "--control-plane", self.gateway["nodeagent_address"],
+            [sys.executable, "-m", "crosslogic", "agent", "--control-plane", self.gateway["nodeagent_address"],
              "--name", name, "--region", node.region, "--model", self.model, "--advertise", node.address,
              "--cloud", cloud, "--tls-dir", str(tls), "--heartbeat-interval", "0.5", "--metrics-interval", "0.5",
              "--spot-interval", "0.1", *agent_args],

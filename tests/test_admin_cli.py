@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from crosslogic.admin_cli import register
+from crosslogic.commands.tenancy import register
 from crosslogic.keys import hash_api_key
 from crosslogic.store import tenancy
 from crosslogic.store.demo import seed_demo
@@ -22,7 +22,7 @@ KEY_RE = re.compile(r"clsk_live_[0-9a-f]{32}")
 
 
 def _parser(state_dir: Path) -> argparse.ArgumentParser:
-    # Stand-in for crosslogic/cli.py: a global --state-dir, then the admin commands.
+    # Stand-in for crosslogic/commands/__init__.py: a global --state-dir, then the admin commands.
     parser = argparse.ArgumentParser(prog="crosslogic")
     parser.add_argument("--state-dir", default=str(state_dir))
     register(parser.add_subparsers(dest="command", required=True))

@@ -48,11 +48,11 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
            # ~1.2 MB of usage lines: the log is rotated (and Envoy reopens it) several times under the faults.
            "CROSSLOGIC_USAGE_LOG_ROTATE_BYTES": "150000"}
     logs = open(state / "up.log", "wb")  # noqa: SIM115 - closed at teardown
-    stripe_proc = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "billing", "stripe-local", "--listen",
+    stripe_proc = subprocess.Popen([sys.executable, "-m", "crosslogic", "billing", "stripe-local", "--listen",
                                     f"127.0.0.1:{stripe_port}"], stdout=logs, stderr=subprocess.STDOUT,
                                    cwd=repo_root(), env=env)
     ready = state / "ready.json"
-    up = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
+    up = subprocess.Popen([sys.executable, "-m", "crosslogic", "--state-dir", str(state), "up", "--demo",
                            "--port", str(free_port()), "--ready-file", str(ready)],
                           stdout=logs, stderr=subprocess.STDOUT, cwd=repo_root(), env=env)
     try:
@@ -222,7 +222,7 @@ async def _wait_for(check, within_s: float, what: str):
 
 
 def _cli(stack: dict, *argv: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "crosslogic.cli", *argv], env=stack["env"],
+    result = subprocess.run([sys.executable, "-m", "crosslogic", *argv], env=stack["env"],
                             cwd=repo_root(), capture_output=True, text=True, timeout=120, check=True)
     return json.loads(result.stdout)
 

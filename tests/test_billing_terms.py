@@ -15,7 +15,7 @@ from tests.conftest import repo_root
 
 def _cli(database_url: str, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "CROSSLOGIC_DATABASE_URL": database_url}
-    return subprocess.run([sys.executable, "-m", "crosslogic.cli", "billing", *argv], env=env, cwd=repo_root(),
+    return subprocess.run([sys.executable, "-m", "crosslogic", "billing", *argv], env=env, cwd=repo_root(),
                           capture_output=True, text=True, timeout=60)
 
 

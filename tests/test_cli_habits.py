@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from crosslogic import cli
+from crosslogic import commands as cli
 from crosslogic.runtime.state import write_runtime
 from tests.conftest import repo_root
 
@@ -74,7 +74,7 @@ def test_an_option_after_the_subcommand_wins_over_the_same_one_before_it():
 
 
 def _crosslogic(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crosslogic.cli", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "crosslogic", *argv], capture_output=True, text=True,
                           timeout=60, cwd=repo_root(), env=env)
 
 

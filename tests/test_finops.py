@@ -28,7 +28,7 @@ def test_node_cost_is_shared_by_its_models_and_margin_is_revenue_minus_gpu_cost(
 
 def _report(database_url: str, since: str) -> list[dict]:
     env = {**os.environ, "CROSSLOGIC_DATABASE_URL": database_url}
-    out = subprocess.run([sys.executable, "-m", "crosslogic.cli", "finops", "report", "--json", "--since", since],
+    out = subprocess.run([sys.executable, "-m", "crosslogic", "finops", "report", "--json", "--since", since],
                          env=env, cwd=repo_root(), capture_output=True, text=True, check=True, timeout=60)
     return json.loads(out.stdout)
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from crosslogic import limits_cli
+from crosslogic.commands import limits as limits_cli
 from crosslogic.ratelimit import live
 from crosslogic.ratelimit.engine import KINDS, Limiter, tenant_scope
 from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
@@ -362,7 +362,7 @@ def test_settable_kinds_are_the_limiters_kinds():
 async def _crosslogic(gateway: dict, *argv: str) -> Any:
     """The command as an operator runs it next to `crosslogic up`: settings from the stack's state dir."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crosslogic.cli", "--state-dir", gateway["state_dir"], *argv, "--json",
+        sys.executable, "-m", "crosslogic", "--state-dir", gateway["state_dir"], *argv, "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()

@@ -12,7 +12,7 @@ from crosslogic.store import tenancy as t
 
 def _policy(database_url: str, *args: str) -> subprocess.CompletedProcess:
     env = {"CROSSLOGIC_DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "crosslogic.cli", "policy", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "crosslogic", "policy", *args], capture_output=True, text=True,
                           timeout=60, env=env)
 
 

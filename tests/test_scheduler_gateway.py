@@ -275,7 +275,7 @@ async def test_node_without_a_valid_certificate_cannot_register(fleet, tmp_path)
     (tls / "ca.pem").write_bytes(ours)
     agent = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "crosslogic.cli", "agent", "--control-plane", address, "--name", request.name,
+        [sys.executable, "-m", "crosslogic", "agent", "--control-plane", address, "--name", request.name,
          "--region", fleet.region("r"), "--model", fleet.model, "--advertise", "127.0.0.1:9", "--engine-url",
          fleet.gateway["demo_nodes"][0]["url"], "--cloud", "aws", "--tls-dir", str(tls)],
         capture_output=True, text=True, timeout=60)
@@ -305,7 +305,7 @@ async def test_model_upgrade_drains_old_version_nodes_without_a_failed_request(f
     new = [fleet.start_node(f"v2-{i}", "r", agent_args=("--model-version", "v2")) for i in (1, 2)]
     await fleet.wait_healthy("r", new)
     upgrade = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "crosslogic.cli", "--state-dir", fleet.gateway["state_dir"], "upgrade",
+        subprocess.run, [sys.executable, "-m", "crosslogic", "--state-dir", fleet.gateway["state_dir"], "upgrade",
                          "--model", fleet.model, "--version", "v2"], capture_output=True, text=True, timeout=60)
     assert upgrade.returncode == 0 and "draining 2 node(s)" in upgrade.stdout, upgrade.stderr
     await fleet.wait_envoy("r", lambda h: all("draining" in h.get(n.address, {}).get("health_flags", "") for n in old),

@@ -61,7 +61,7 @@ def test_values_are_parsed_to_their_types(monkeypatch):
 @pytest.mark.parametrize("argv", [["key", "list"], ["serve", "authz", "--listen", "127.0.0.1:1"], ["up"],
                                   ["config"]])
 def test_every_command_reports_a_bad_value_in_one_line_without_a_traceback(argv, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "crosslogic.cli", "--state-dir", str(tmp_path), *argv],
+    result = subprocess.run([sys.executable, "-m", "crosslogic", "--state-dir", str(tmp_path), *argv],
                             env={"PATH": "/usr/bin:/bin", "CROSSLOGIC_LIMITER_SPLIT_SCOPES": "sure"},
                             capture_output=True, text=True, timeout=60, cwd=repo_root())
     assert result.returncode == 2

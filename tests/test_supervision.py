@@ -335,7 +335,7 @@ async def _get(url: str, headers: dict | None = None) -> tuple[int, str]:
 
 
 def _cli(stack: dict, *argv: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "crosslogic.cli", *argv, "--state-dir", str(stack["state_dir"]),
+    result = subprocess.run([sys.executable, "-m", "crosslogic", *argv, "--state-dir", str(stack["state_dir"]),
                              "--json"], capture_output=True, text=True, timeout=60, cwd=repo_root(), check=True)
     return json.loads(result.stdout)
 

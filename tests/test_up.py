@@ -18,7 +18,7 @@ from tests.conftest import repo_root
 def _up(state: Path) -> tuple[subprocess.Popen, dict]:
     ready = state / "ready.json"
     ready.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "crosslogic.cli", "--state-dir", str(state), "up", "--demo",
+    proc = subprocess.Popen([sys.executable, "-m", "crosslogic", "--state-dir", str(state), "up", "--demo",
                              "--port", str(free_port()), "--ready-file", str(ready)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo_root())
     deadline = time.monotonic() + 120

@@ -69,7 +69,7 @@ def _python(*argv: str) -> list[str]:
 
 
 def _service(name: str, argv: list[str], logs: Path, env: dict[str, str]) -> ChildProcess:
-    return ChildProcess(name, _python("crosslogic.cli", *argv), logs / f"{name}.log", env=env)
+    return ChildProcess(name, _python("crosslogic", *argv), logs / f"{name}.log", env=env)
 
 
 def _start_and_wait(stack: Stack, child: ChildProcess, port: int) -> None:

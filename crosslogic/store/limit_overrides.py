@@ -186,7 +186,7 @@ def validate(target: Target, values: dict[str, Value], *, clearing: bool = False
 async def _write(db: Db, ref: Ref, values: dict[str, Value], action: str, actor: str) -> Change:
     target = ref.target
     names = list(values)
-    async with tenancy._transaction(db) as conn:
+    async with tenancy.transaction(db) as conn:
         before = await conn.fetchrow(target.select_sql(lock=True), ref.ident)
         if before is None:
             raise NotFound(f"{target.layer} {ref.label!r} not found")
@@ -197,13 +197,13 @@ async def _write(db: Db, ref: Ref, values: dict[str, Value], action: str, actor:
         return change
 
 
-@tenancy._db_errors
+@tenancy.db_errors
 async def set_limits(db: Db, ref: Ref, values: dict[str, Value], *, actor: str = "system") -> Change:
     validate(ref.target, values)
     return await _write(db, ref, values, "limits.set", actor)
 
 
-@tenancy._db_errors
+@tenancy.db_errors
 async def clear_limits(db: Db, ref: Ref, settings: list[str] | None = None, *, actor: str = "system") -> Change:
     """Back to the default: NULL (inherit / unlimited), 0 reserved capacity, fail-open, no shadow mode.
     `settings` None clears every setting of the row."""

@@ -59,10 +59,10 @@ def _billing_reconcile(args: argparse.Namespace) -> int:
 
 def _stripe_local(args: argparse.Namespace) -> int:
     from crosslogic.accounting.stripe_local import serve_local_stripe
-    from crosslogic.cli import _run_service, _split_listen
+    from crosslogic.commands.process import run_service, split_listen
 
-    host, port = _split_listen(args.listen)
-    return _run_service(lambda: serve_local_stripe(host, port))
+    host, port = split_listen(args.listen)
+    return run_service(lambda: serve_local_stripe(host, port))
 
 
 def _usd(microdollars: int) -> str:

@@ -15,7 +15,7 @@ defaults) or --layer LAYER (failure policy and shadow mode of a whole layer: glo
 default, override, platform limit); `clear` puts a setting back to its default (inherit / unlimited, no
 reserved capacity, fail-open, no shadow mode). Settings are checked before anything is written; a change
 reaches running ext_authz processes through the NOTIFY triggers of the limit tables, and is audited.
-Flags, output (`--json`), `--actor` and exit codes as in admin_cli.py.
+Flags, output (`--json`), `--actor` and exit codes as in commands/tenancy.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from crosslogic.admin_cli import Ctx, Output, _handler, _table
+from crosslogic.commands.common import Ctx, Output, db_command, table
 from crosslogic.ratelimit import explain, live
 from crosslogic.ratelimit.engine import wall_clock_ms
 from crosslogic.settings import Settings
@@ -64,11 +64,11 @@ async def _resolve(db: Any, a: argparse.Namespace, c: Ctx) -> lo.Ref:
 
 def _change_output(change: lo.Change) -> Output:
     rows = [{"setting": k, "from": a, "to": b} for k, (a, b) in change.changes.items()]
-    table = _table(rows, [("SETTING", lambda r: r["setting"]), ("FROM", lambda r: r["from"]),
-                          ("TO", lambda r: r["to"])])
+    changes = table(rows, [("SETTING", lambda r: r["setting"]), ("FROM", lambda r: r["from"]),
+                           ("TO", lambda r: r["to"])])
     note = ("Saved. Running ext_authz / rate-limit processes drop their cached limits when Postgres notifies "
             "them (milliseconds; CROSSLOGIC_LIMITS_CACHE_TTL seconds at most should a notification be lost).")
-    return Output(change.as_json(), f"{change.layer} {change.label}\n{table}\n{note}")
+    return Output(change.as_json(), f"{change.layer} {change.label}\n{changes}\n{note}")
 
 
 async def _set(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
@@ -128,8 +128,8 @@ async def _show(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     view = explain.explain(reading, overrides, who["region"], ids)
     rows = [{"layer": v.layer, "id": v.ident, "kind": lim.kind, "value": lim.value, "source": lim.source}
             for v in view.layers for lim in v.limits]
-    text = "\n\n".join([f"{who['title']} (plan {view.plan}, region {view.region})", _table(rows, LIMIT_COLS),
-                        _table(view.layers, POLICY_COLS), _table(view.quotas, QUOTA_COLS)])
+    text = "\n\n".join([f"{who['title']} (plan {view.plan}, region {view.region})", table(rows, LIMIT_COLS),
+                        table(view.layers, POLICY_COLS), table(view.quotas, QUOTA_COLS)])
     return Output({"ids": ids, "names": who["names"], **view.as_json()}, text)
 
 
@@ -156,8 +156,8 @@ async def _usage(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
         await redis.aclose()
     rows = [{"layer": u.layer, "id": u.ident, "kind": b.kind, "level": b.level, "capacity": b.capacity}
             for u in usage.layers for b in u.buckets]
-    text = "\n\n".join([f"{who['title']} (region {who['region']}), now", _table(rows, USAGE_COLS),
-                        _table(usage.layers, LEASE_COLS), _table(usage.quotas, QUOTA_USE_COLS)])
+    text = "\n\n".join([f"{who['title']} (region {who['region']}), now", table(rows, USAGE_COLS),
+                        table(usage.layers, LEASE_COLS), table(usage.quotas, QUOTA_USE_COLS)])
     return Output({"ids": ids, "region": who["region"], **usage.as_json()}, text)
 
 
@@ -180,7 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def command(name: str, help_text: str, action) -> argparse.ArgumentParser:
         parser = actions.add_parser(name, parents=[common], help=help_text, description=help_text)
-        parser.set_defaults(handler=_handler(action))
+        parser.set_defaults(handler=db_command(action))
         return parser
 
     p = command("show", "effective limits per layer and kind, and where each comes from", _show)

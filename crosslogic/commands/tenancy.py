@@ -39,156 +39,36 @@ or from the running stack's `--state-dir`. Exit codes: 0 ok, 1 not found / confl
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from crosslogic.runtime.state import resolve_settings
+from crosslogic.commands.common import Action, Ctx, Output, col, csv_list, db_command, many, one, table
 from crosslogic.store import tenancy as t
 
-# --------------------------------------------------------------- output
-
-
-@dataclass(frozen=True)
-class Output:
-    payload: Any  # what --json prints
-    text: str  # what a human sees
-
-
-Column = tuple[str, Callable[[Any], Any]]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
-    if isinstance(value, tuple | list):
-        return ",".join(map(str, value)) or "-"
-    return str(value)
-
-
-def _table(records: Sequence[Any], columns: Sequence[Column]) -> str:
-    if not records:
-        return "(none)"
-    rows = [[h for h, _ in columns]] + [[_cell(get(r)) for _, get in columns] for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
-
-
-def _one(record: Any, columns: Sequence[Column]) -> Output:
-    return Output(t.to_json(record), _table([record], columns))
-
-
-def _many(records: Sequence[Any], columns: Sequence[Column]) -> Output:
-    return Output([t.to_json(r) for r in records], _table(records, columns))
-
-
-def _col(name: str, header: str | None = None) -> Column:
-    return (header or name.upper(), lambda r: getattr(r, name))
-
-
-ORG_COLS = [_col("name"), _col("org_id", "ID"), _col("status"), _col("billing_plan", "PLAN"),
-            _col("reserved_tps", "RESERVED_TPS"), _col("region_preferences", "REGIONS")]  # fmt: skip
-ENV_COLS = [_col("org_name", "ORG"), _col("name"), _col("env_id", "ID"), _col("status"), _col("region"),
-            _col("model_list", "MODELS"), _col("quota_tokens_per_day", "QUOTA/DAY"),
-            _col("concurrency_limit", "CONCURRENCY")]  # fmt: skip
-KEY_COLS = [_col("key_prefix", "PREFIX"), _col("key_id", "ID"), _col("org_name", "ORG"),
-            _col("env_name", "ENV"), _col("name"), _col("role"), _col("region"),
-            _col("rate_limit_tokens_per_min", "TOKENS/MIN"), _col("status"), _col("created_at", "CREATED"),
-            _col("revoked_at", "REVOKED")]  # fmt: skip
-MODEL_COLS = [_col("model_id", "MODEL"), _col("kind"), _col("served_name", "SERVED_AS"),
-              _col("context_length", "CONTEXT"), _col("max_output_tokens", "MAX_OUT"),
-              _col("default_max_tokens", "DEFAULT_MAX"), _col("max_n", "MAX_N"), _col("vram_gb", "VRAM_GB"),
-              _col("tokens_per_sec", "TOK/S"),
+ORG_COLS = [col("name"), col("org_id", "ID"), col("status"), col("billing_plan", "PLAN"),
+            col("reserved_tps", "RESERVED_TPS"), col("region_preferences", "REGIONS")]  # fmt: skip
+ENV_COLS = [col("org_name", "ORG"), col("name"), col("env_id", "ID"), col("status"), col("region"),
+            col("model_list", "MODELS"), col("quota_tokens_per_day", "QUOTA/DAY"),
+            col("concurrency_limit", "CONCURRENCY")]  # fmt: skip
+KEY_COLS = [col("key_prefix", "PREFIX"), col("key_id", "ID"), col("org_name", "ORG"),
+            col("env_name", "ENV"), col("name"), col("role"), col("region"),
+            col("rate_limit_tokens_per_min", "TOKENS/MIN"), col("status"), col("created_at", "CREATED"),
+            col("revoked_at", "REVOKED")]  # fmt: skip
+MODEL_COLS = [col("model_id", "MODEL"), col("kind"), col("served_name", "SERVED_AS"),
+              col("context_length", "CONTEXT"), col("max_output_tokens", "MAX_OUT"),
+              col("default_max_tokens", "DEFAULT_MAX"), col("max_n", "MAX_N"), col("vram_gb", "VRAM_GB"),
+              col("tokens_per_sec", "TOK/S"),
               ("$IN/1M", lambda m: t.microdollars_to_dollars(m.input_price_microdollars_per_1m)),
               ("$OUT/1M", lambda m: t.microdollars_to_dollars(m.output_price_microdollars_per_1m)),
-              _col("status")]  # fmt: skip
-REGION_COLS = [_col("region_id", "REGION"), _col("display_name", "NAME"),
+              col("status")]  # fmt: skip
+REGION_COLS = [col("region_id", "REGION"), col("display_name", "NAME"),
                ("FALLBACK", lambda r: " > ".join(r.fallback_chain) or "-"),
                ("PRICE_X", lambda r: t.ppm_to_multiplier(r.price_multiplier_ppm)),
-               _col("status")]  # fmt: skip
-NODE_COLS = [_col("name"), _col("region"), _col("status"),
-             ("ENDPOINT", lambda n: f"{n.endpoint_host}:{n.endpoint_port}"), _col("model_list", "MODELS"),
-             _col("cloud"), _col("spot"), _col("gpu_type", "GPU"), _col("reserved_org_id", "RESERVED_FOR"),
-             _col("last_heartbeat_at", "HEARTBEAT")]  # fmt: skip
-
-
-# --------------------------------------------------------------- running a command
-
-
-@dataclass(frozen=True)
-class Ctx:
-    actor: str
-    secret: bytes | None
-    redis_url: str = ""  # for commands that read live limiter state
-
-
-Action = Callable[[Any, argparse.Namespace, Ctx], Awaitable[Output]]
-
-
-class _DatabaseUnavailable(Exception):
-    pass
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"crosslogic: error: {message}", file=sys.stderr)
-    return code
-
-
-def _handler(action: Action, *, needs_secret: bool = False) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        state_dir = getattr(args, "state_dir", None)
-        settings = resolve_settings(Path(state_dir) if state_dir else None)
-        if not settings.database_url:
-            return _fail("no database: set CROSSLOGIC_DATABASE_URL or start the stack (crosslogic up)", 2)
-        secret = settings.key_secret.encode() or None
-        if needs_secret and secret is None:
-            return _fail("no key secret: set CROSSLOGIC_KEY_SECRET or use the stack's --state-dir", 2)
-        actor = args.actor or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
-        try:
-            out = asyncio.run(_run(settings.database_url, action, args, Ctx(actor, secret, settings.redis_url)))
-        except t.InvalidArgument as e:
-            return _fail(str(e), 2)
-        except t.TenancyError as e:
-            return _fail(str(e), 1)
-        except _DatabaseUnavailable as e:
-            return _fail(str(e), 1)
-        if args.json:
-            print(json.dumps(out.payload, indent=2, sort_keys=False))
-        else:
-            print(out.text)
-        return 0
-
-    return handler
-
-
-async def _run(database_url: str, action: Action, args: argparse.Namespace, ctx: Ctx) -> Output:
-    try:
-        conn = await asyncpg.connect(database_url, timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
-        raise _DatabaseUnavailable(f"cannot connect to the database: {e}") from None
-    try:
-        return await action(conn, args, ctx)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-        raise _DatabaseUnavailable(f"database error: {e}") from None
-    finally:
-        await conn.close()
-
-
-def _csv(value: str) -> list[str]:
-    """`--models a,b` and repeated `--models a --models b` both work (with action='extend')."""
-    return [v.strip() for v in value.split(",") if v.strip()]
+               col("status")]  # fmt: skip
+NODE_COLS = [col("name"), col("region"), col("status"),
+             ("ENDPOINT", lambda n: f"{n.endpoint_host}:{n.endpoint_port}"), col("model_list", "MODELS"),
+             col("cloud"), col("spot"), col("gpu_type", "GPU"), col("reserved_org_id", "RESERVED_FOR"),
+             col("last_heartbeat_at", "HEARTBEAT")]  # fmt: skip
 
 
 # --------------------------------------------------------------- actions
@@ -196,16 +76,16 @@ def _csv(value: str) -> list[str]:
 
 async def _org_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     org = await t.create_org(db, a.name, a.plan, a.region, a.reserved_tps, actor=c.actor)
-    return _one(org, ORG_COLS)
+    return one(org, ORG_COLS)
 
 
 async def _org_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    return _many(await t.list_orgs(db), ORG_COLS)
+    return many(await t.list_orgs(db), ORG_COLS)
 
 
 def _org_status(status: str) -> Action:
     async def action(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-        return _one(await t.set_org_status(db, a.org, status, actor=c.actor), ORG_COLS)
+        return one(await t.set_org_status(db, a.org, status, actor=c.actor), ORG_COLS)
 
     return action
 
@@ -214,23 +94,23 @@ async def _env_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     env = await t.create_env(
         db, a.org, a.name, a.region, a.models, a.quota_tokens_per_day, a.concurrency_limit, actor=c.actor
     )
-    return _one(env, ENV_COLS)
+    return one(env, ENV_COLS)
 
 
 async def _env_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    return _many(await t.list_envs(db, a.org), ENV_COLS)
+    return many(await t.list_envs(db, a.org), ENV_COLS)
 
 
 def _env_status(status: str) -> Action:
     async def action(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-        return _one(await t.set_env_status(db, a.env, status, a.org, actor=c.actor), ENV_COLS)
+        return one(await t.set_env_status(db, a.env, status, a.org, actor=c.actor), ENV_COLS)
 
     return action
 
 
 def _new_key(record: t.ApiKeyRecord, plaintext: str, headline: str) -> Output:
     text = (
-        f"{_table([record], KEY_COLS)}\n\n{headline}\n\n    {plaintext}\n\n"
+        f"{table([record], KEY_COLS)}\n\n{headline}\n\n    {plaintext}\n\n"
         "Store it now: it cannot be shown again (only its hash is kept)."
     )
     return Output({**t.to_json(record), "api_key": plaintext}, text)
@@ -253,11 +133,11 @@ async def _key_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
 
 
 async def _key_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    return _many(await t.list_keys(db, a.org, a.env), KEY_COLS)
+    return many(await t.list_keys(db, a.org, a.env), KEY_COLS)
 
 
 async def _key_revoke(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    return _one(await t.revoke_key(db, a.key, secret=c.secret, actor=c.actor), KEY_COLS)
+    return one(await t.revoke_key(db, a.key, secret=c.secret, actor=c.actor), KEY_COLS)
 
 
 async def _key_rotate(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
@@ -277,23 +157,23 @@ def _model_upsert(*, must_exist: bool) -> Action:
             a.default_max_tokens, a.vram_gb, a.tokens_per_sec, price(a.input_price), price(a.output_price),
             a.max_n, actor=c.actor, must_exist=must_exist,
         )  # fmt: skip
-        return _one(model, MODEL_COLS)
+        return one(model, MODEL_COLS)
 
     return action
 
 
 async def _model_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    return _many(await t.list_models(db), MODEL_COLS)
+    return many(await t.list_models(db), MODEL_COLS)
 
 
 async def _region_add(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     ppm = None if a.price_multiplier is None else t.multiplier_to_ppm(a.price_multiplier)
     region = await t.add_region(db, a.region_id, a.name, a.fallback, ppm, actor=c.actor)
-    return _one(region, REGION_COLS)
+    return one(region, REGION_COLS)
 
 
 async def _region_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    return _many(await t.list_regions(db), REGION_COLS)
+    return many(await t.list_regions(db), REGION_COLS)
 
 
 async def _node_add(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
@@ -301,11 +181,11 @@ async def _node_add(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
         db, a.name, a.region, a.host, a.port, a.models, a.cloud, a.spot, a.gpu_type, a.reserved_org,
         actor=c.actor,
     )  # fmt: skip
-    return _one(node, NODE_COLS)
+    return one(node, NODE_COLS)
 
 
 async def _node_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    return _many(await t.list_nodes(db, a.region), NODE_COLS)
+    return many(await t.list_nodes(db, a.region), NODE_COLS)
 
 
 async def _node_remove(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
@@ -314,7 +194,7 @@ async def _node_remove(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
 
 
 async def _node_drain(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
-    return _one(await t.set_node_status(db, a.node, "draining", actor=c.actor), NODE_COLS)
+    return one(await t.set_node_status(db, a.node, "draining", actor=c.actor), NODE_COLS)
 
 
 # --------------------------------------------------------------- parser
@@ -337,7 +217,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         grp: argparse._SubParsersAction, name: str, help_text: str, action: Action, *, secret: bool = False
     ) -> argparse.ArgumentParser:
         parser = grp.add_parser(name, parents=[common], help=help_text, description=help_text)
-        parser.set_defaults(handler=_handler(action, needs_secret=secret))
+        parser.set_defaults(handler=db_command(action, needs_secret=secret))
         return parser
 
     org = group("org", "organisations (tenants)")
@@ -345,7 +225,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="organisation name (unique)")
     p.add_argument("--plan", default="serverless", choices=t.BILLING_PLANS, help="billing plan")
     p.add_argument(
-        "--region", action="extend", type=_csv, default=[], help="preferred regions, first = default"
+        "--region", action="extend", type=csv_list, default=[], help="preferred regions, first = default"
     )
     p.add_argument("--reserved-tps", type=int, default=0, help="reserved capacity, tokens/s")
     command(org, "list", "list organisations", _org_list)
@@ -357,7 +237,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="environment name (unique in its org)")
     p.add_argument("--org", required=True, help="the owning organisation (name or id)")
     p.add_argument("--region", help="default region (else the org's)")
-    p.add_argument("--models", action="extend", type=_csv, default=[], help="allowed models (default: all)")
+    p.add_argument("--models", action="extend", type=csv_list, default=[], help="allowed models (default: all)")
     p.add_argument("--quota-tokens-per-day", type=int, help="daily token quota (403 quota_exceeded beyond it)")
     p.add_argument("--concurrency-limit", type=int, help="requests in flight at once")
     command(env, "list", "list environments", _env_list).add_argument("--org", help="only this organisation's")
@@ -406,7 +286,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("region_id", metavar="REGION", help="region id, e.g. ap-south")
     p.add_argument("--name", help="display name, e.g. Mumbai")
     p.add_argument(
-        "--fallback", action="extend", type=_csv, help="regions tried in order when this one is full"
+        "--fallback", action="extend", type=csv_list, help="regions tried in order when this one is full"
     )
     p.add_argument("--price-multiplier", metavar="X", help="e.g. 1.2 (exact to 1 ppm)")
     command(region, "list", "list regions", _region_list)
@@ -417,7 +297,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--region", required=True, help="region the node serves")
     p.add_argument("--host", required=True, help="address Envoy reaches the engine at")
     p.add_argument("--port", required=True, type=int, help="the engine's port")
-    p.add_argument("--models", action="extend", type=_csv, help="models the node serves")
+    p.add_argument("--models", action="extend", type=csv_list, help="models the node serves")
     p.add_argument("--cloud", help="cloud or on-prem pool")
     p.add_argument("--spot", action=argparse.BooleanOptionalAction, help="a spot / preemptible instance")
     p.add_argument("--gpu-type", help="GPU model (FinOps)")

@@ -11,11 +11,11 @@ import argparse
 import asyncio
 import importlib
 import json
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from crosslogic.commands.process import run_service, split_listen
 from crosslogic.settings import ADMISSION_MODES, AUTHZ_TRANSPORTS, LOG_LEVELS, Settings, SettingsError
 
 SERVER_HINT = "pip install 'crosslogic[server]'"
@@ -25,13 +25,13 @@ SERVER_MODULES = {"asyncpg", "redis", "hiredis", "envoy", "xds", "udpa", "valida
 # Command groups registered by modules that import server dependencies, with their one-line help: an agent-only
 # install still lists them and says what to install (tests/test_cli_habits.py checks this against the modules).
 SERVER_COMMANDS: dict[str, dict[str, str]] = {
-    "crosslogic.xds.policy_cli": {"policy": "routing policy: pinning, spill share, retries, scorer weights"},
-    "crosslogic.admin_cli": {"org": "organisations (tenants)", "env": "environments inside an organisation",
+    "crosslogic.commands.policy": {"policy": "routing policy: pinning, spill share, retries, scorer weights"},
+    "crosslogic.commands.tenancy": {"org": "organisations (tenants)", "env": "environments inside an organisation",
                              "key": "API keys", "model": "model catalogue", "region": "regions",
                              "node": "inference nodes"},
-    "crosslogic.billing_cli": {"billing": "Stripe metering, reconciliation",
+    "crosslogic.commands.billing": {"billing": "Stripe metering, reconciliation",
                                "finops": "internal cost model: GPU cost, cost per token, margins"},
-    "crosslogic.limits_cli": {"limits": "rate limits, quotas and layer policy"},
+    "crosslogic.commands.limits": {"limits": "rate limits, quotas and layer policy"},
 }
 # Accepted before and after any subcommand.
 GLOBAL_OPTIONS = ("--state-dir", "--log-level", "--json")
@@ -46,52 +46,25 @@ def package_version() -> str:
         return "unknown"
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host or "127.0.0.1", int(port)
-
-
-def _run_service(make: Callable[[], Awaitable[None]]) -> int:
-    """Runs one service until SIGTERM/SIGINT, then lets it shut down in order."""
-
-    async def main() -> None:
-        task = asyncio.ensure_future(make())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    try:
-        import uvloop  # a faster event loop where available: the services' hot paths are loop-bound
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
-    return 0
-
-
 def _serve(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.service == "authz":
         from crosslogic.extauthz.service import serve_authz
 
-        return _run_service(lambda: serve_authz(settings, args.listen, args.release_listen, args.transport))
+        return run_service(lambda: serve_authz(settings, args.listen, args.release_listen, args.transport))
     if args.service == "ratelimit":
         from crosslogic.ratelimit.service import serve_ratelimit
 
-        return _run_service(lambda: serve_ratelimit(settings, args.listen))
+        return run_service(lambda: serve_ratelimit(settings, args.listen))
     if args.service == "accounting":
         from crosslogic.accounting.sink import serve_accounting
 
-        return _run_service(lambda: serve_accounting(settings, args.listen))
+        return run_service(lambda: serve_accounting(settings, args.listen))
     if args.service == "api":
         from crosslogic.api.service import serve_api
 
-        host, port = _split_listen(args.listen)
-        return _run_service(lambda: serve_api(settings, host, port))
+        host, port = split_listen(args.listen)
+        return run_service(lambda: serve_api(settings, host, port))
     if args.service == "xds":
         from crosslogic.xds.model import GatewaySettings, client_bounds
         from crosslogic.xds.service import serve_xds
@@ -102,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
                                   admission=args.admission or settings.admission,
                                   authz_transport=args.transport or settings.authz_transport,
                                   **client_bounds(settings))
-        return _run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
+        return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen))
     raise SystemExit(f"unknown service {args.service}")
 
@@ -249,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--markdown", action="store_true", help="print the table of docs/configuration.md")
     config.set_defaults(handler=_config)
 
-    from crosslogic.agent import cli as agent_cli
+    from crosslogic.commands import agent as agent_cli
 
     agent_cli.register(sub)
     _register_server_commands(sub)
