@@ -1,9 +1,11 @@
 """CPU time per request of every process of one `crosslogic up --demo` stack, under a closed-loop load.
 
-    .venv/bin/python bench/cpu_per_request.py [--seconds 6] [--concurrency 16]
+    .venv/bin/python bench/cpu_per_request.py [--seconds 6] [--concurrency 16] [--transports http grpc]
 
 Attribution is by process tree of this stack only (other stacks on the machine are not counted), so it
-shows which hop bounds the gateway: CPU milliseconds of each process over the run / requests served.
+shows which hop bounds the gateway: CPU milliseconds of each process over the run / requests served. With
+several ext_authz transports (CROSSLOGIC_AUTHZ_TRANSPORT), one stack each, measured one after the other, and one
+column each.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gateway_overhead import start_stack  # noqa: E402
+from bench.gateway_overhead import start_stack, transport_env  # noqa: E402
 from bench.loadgen import build_request, run_load  # noqa: E402
 from crosslogic.runtime.processes import free_port  # noqa: E402
+from crosslogic.settings import AUTHZ_TRANSPORTS, Settings  # noqa: E402
 
 
 def _role(cmdline: list[str]) -> str:
@@ -62,26 +65,38 @@ def one_token_chat(info: dict) -> tuple[int, bytes]:
                                {"authorization": f"Bearer {info['api_key']}"})
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--concurrency", type=int, default=16)
-    args = parser.parse_args()
+def measure(transport: str, seconds: float, concurrency: int) -> tuple[str, dict[str, float]]:
+    """One stack on `transport`: (summary line, CPU ms per request by role, the load generator included)."""
     with tempfile.TemporaryDirectory(prefix="clp-cpu-") as tmp:
-        stack, info = start_stack(Path(tmp), free_port())
+        stack, info = start_stack(Path(tmp), free_port(), transport_env(transport))
         try:
             port, request = one_token_chat(info)
-            asyncio.run(run_load("127.0.0.1", port, request, args.concurrency, 2, warmup_s=0))  # warm caches
+            asyncio.run(run_load("127.0.0.1", port, request, concurrency, 2, warmup_s=0))  # warm caches
             before, own_before = cpu_by_role(stack.pid), time.process_time()
-            result = asyncio.run(run_load("127.0.0.1", port, request, args.concurrency, args.seconds, warmup_s=0))
+            result = asyncio.run(run_load("127.0.0.1", port, request, concurrency, seconds, warmup_s=0))
             after, own_after = cpu_by_role(stack.pid), time.process_time()
         finally:
             stack.send_signal(signal.SIGTERM)
             stack.wait(60)
-    print(f"{result.requests} requests, {result.rps:.0f} req/s, {result.errors} errors")
-    for role in sorted(after):
-        print(f"{role:<14} {1000 * (after[role] - before.get(role, 0.0)) / result.requests:.3f} ms CPU/request")
-    print(f"{'load generator':<14} {1000 * (own_after - own_before) / result.requests:.3f} ms CPU/request")
+    per_request = {role: 1000 * (after[role] - before.get(role, 0.0)) / result.requests for role in after}
+    per_request["load generator"] = 1000 * (own_after - own_before) / result.requests
+    return f"{transport}: {result.requests} requests, {result.rps:.0f} req/s, {result.errors} errors", per_request
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--transports", nargs="+", choices=AUTHZ_TRANSPORTS, default=[Settings().authz_transport])
+    args = parser.parse_args()
+    columns = {}
+    for transport in args.transports:
+        line, columns[transport] = measure(transport, args.seconds, args.concurrency)
+        print(line)
+    roles = sorted({role for column in columns.values() for role in column} - {"load generator"}) + ["load generator"]
+    print(f"{'ms CPU/request':<16}" + "".join(f"{t:>10}" for t in columns))
+    for role in roles:
+        print(f"{role:<16}" + "".join(f"{column.get(role, 0.0):>10.3f}" for column in columns.values()))
     return 0
 
 

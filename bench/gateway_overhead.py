@@ -1,13 +1,17 @@
-"""Gateway overhead: the full CrossLogic chain vs plain Envoy routing to the same simulated vLLM nodes.
+"""Gateway overhead: the full CrossLogic chain over each ext_authz transport vs plain Envoy routing.
 
-Both targets run in this one process tree, against the same simulator processes, driven by the same
-load generator; only the ratios are meaningful across machines.
+    .venv/bin/python bench/gateway_overhead.py [--seconds 5] [--rounds 2] [--concurrency 1 16]
+                                               [--transports grpc http]
 
-    .venv/bin/python bench/gateway_overhead.py [--seconds 8] [--concurrency 1 16]
+One run starts one `crosslogic up --demo` stack per transport (CROSSLOGIC_AUTHZ_TRANSPORT) and a plain Envoy
+with a static route to the first stack's simulated nodes, then measures them in interleaved rounds (the order
+rotates each round, so load from elsewhere on the machine falls on every target alike) with the same closed-loop
+load generator; each row pools its rounds. Only the ratios are meaningful across machines.
 
-Full chain = Envoy + ext_authz (Python gRPC: key lookup, payload validation, rate-limit reservation in Valkey;
-CROSSLOGIC_ADMISSION=rls measures the older two-hop chain with `serve ratelimit`) + Lua usage extraction +
-gRPC access log -> accounting sink -> Postgres ledger. Baseline = Envoy with a static route only.
+Full chain = Envoy + ext_authz (key lookup, payload validation, rate-limit reservation in Valkey; over gRPC or
+the HTTP transport; CROSSLOGIC_ADMISSION=rls measures the older two-hop chain with `serve ratelimit`) + Lua
+usage extraction and lease release + gRPC access log and file log -> accounting sink -> Postgres ledger.
+Baseline = Envoy with a static route only. "authz CPU" is the ext_authz process's CPU per request in that run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.loadgen import LoadResult, build_request, run_load  # noqa: E402
 from crosslogic.runtime.envoy import envoy_binary  # noqa: E402
 from crosslogic.runtime.processes import free_port, port_open, wait_until  # noqa: E402
+from crosslogic.settings import AUTHZ_TRANSPORTS  # noqa: E402
 
 PLAIN_ENVOY = """
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
@@ -93,49 +99,85 @@ def start_plain_envoy(state: Path, node_urls: list[str]) -> tuple[subprocess.Pop
     return proc, listen_port
 
 
-def row(name: str, result: LoadResult) -> str:
-    return (f"{name:<22} {result.rps:>9.0f} {result.p50:>9.2f} {result.percentile(99):>9.2f} "
-            f"{result.errors:>7d}")
+def transport_env(transport: str) -> dict[str, str]:
+    return {**os.environ, "CROSSLOGIC_AUTHZ_TRANSPORT": transport}
 
 
-async def measure(args: argparse.Namespace, info: dict, plain_port: int) -> None:
+def pooled(results: list[LoadResult]) -> LoadResult:
+    return LoadResult(requests=sum(r.requests for r in results), errors=sum(r.errors for r in results),
+                      seconds=sum(r.seconds for r in results),
+                      latencies_ms=tuple(x for r in results for x in r.latencies_ms))
+
+
+ROUTER = "envoy router only"
+
+
+def _name(transport: str) -> str:
+    return f"full chain, {transport}"
+
+
+async def measure(args: argparse.Namespace, stacks: dict[str, tuple[subprocess.Popen, dict]],
+                  plain_port: int) -> None:
+    from bench.cpu_per_request import cpu_by_role
+
     body = json.dumps({"model": "llama-3-8b", "messages": [{"role": "user", "content": "Hello there"}],
                        "max_tokens": 1}).encode()
-    gateway_port = int(info["gateway_base"].rsplit(":", 1)[1])
-    auth = {"authorization": f"Bearer {info['api_key']}"}
-    plain_request = build_request("127.0.0.1", plain_port, "/v1/chat/completions", body, auth)
-    full_request = build_request("127.0.0.1", gateway_port, "/v1/chat/completions", body, auth)
-    print(f"{'target':<22} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    targets: dict[str, tuple[int, bytes, int | None]] = {}  # name -> (port, request, pid whose authz CPU counts)
+    first_info = next(iter(stacks.values()))[1]
+    targets[ROUTER] = (plain_port, build_request("127.0.0.1", plain_port, "/v1/chat/completions", body,
+                                                 {"authorization": f"Bearer {first_info['api_key']}"}), None)
+    for transport, (proc, info) in stacks.items():
+        port = int(info["gateway_base"].rsplit(":", 1)[1])
+        targets[_name(transport)] = (port, build_request("127.0.0.1", port, "/v1/chat/completions", body,
+                                                         {"authorization": f"Bearer {info['api_key']}"}), proc.pid)
+    names = list(targets)
+    print(f"{'target':<22} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} {'+p50 ms':>8} "
+          f"{'authz CPU ms/req':>17}")
     for concurrency in args.concurrency:
-        plain = await run_load("127.0.0.1", plain_port, plain_request, concurrency, args.seconds)
-        full = await run_load("127.0.0.1", gateway_port, full_request, concurrency, args.seconds)
-        print(f"-- concurrency {concurrency}")
-        print(row("envoy router only", plain))
-        print(row("crosslogic full chain", full))
-        print(f"   throughput ratio full/router = {full.rps / plain.rps:.2f}; "
-              f"added p50 = {full.p50 - plain.p50:+.2f} ms; added p99 = "
-              f"{full.percentile(99) - plain.percentile(99):+.2f} ms")
+        runs: dict[str, list[LoadResult]] = {name: [] for name in names}
+        cpu: dict[str, float] = dict.fromkeys(names, 0.0)
+        for round_ in range(args.rounds):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                port, request, pid = targets[name]
+                before = cpu_by_role(pid).get("authz", 0.0) if pid else 0.0
+                runs[name].append(await run_load("127.0.0.1", port, request, concurrency, args.seconds))
+                cpu[name] += (cpu_by_role(pid).get("authz", 0.0) - before) if pid else 0.0
+        print(f"-- concurrency {concurrency} ({args.rounds} rounds x {args.seconds:g} s, interleaved)")
+        router = pooled(runs[ROUTER])
+        for name in names:
+            result = pooled(runs[name])
+            authz = f"{1000 * cpu[name] / result.requests:.3f}" if targets[name][2] and result.requests else "-"
+            print(f"{name:<22} {result.rps:>8.0f} {result.p50:>8.2f} {result.percentile(99):>8.2f} "
+                  f"{result.errors:>7d} {result.rps / router.rps:>6.2f} {result.p50 - router.p50:>+8.2f} "
+                  f"{authz:>17}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per target and round")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--transports", nargs="+", choices=AUTHZ_TRANSPORTS, default=["grpc", "http"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="clp-bench-") as tmp:
-        state = Path(tmp)
-        stack, info = start_stack(state, free_port())
-        plain, plain_port = None, 0
+        stacks: dict[str, tuple[subprocess.Popen, dict]] = {}
+        plain = None
         try:
-            nodes = [n["url"] for n in info["demo_nodes"] if n["model"] == "llama-3-8b"]
-            plain, plain_port = start_plain_envoy(state, nodes)
-            asyncio.run(measure(args, info, plain_port))
+            for transport in args.transports:
+                state = Path(tmp) / transport
+                state.mkdir()
+                stacks[transport] = start_stack(state, free_port(), transport_env(transport))
+            nodes = [n["url"] for n in next(iter(stacks.values()))[1]["demo_nodes"] if n["model"] == "llama-3-8b"]
+            plain, plain_port = start_plain_envoy(Path(tmp), nodes)
+            asyncio.run(measure(args, stacks, plain_port))
         finally:
             if plain:
                 plain.terminate()
                 plain.wait(10)
-            stack.send_signal(signal.SIGTERM)
-            stack.wait(60)
+            for proc, _ in stacks.values():
+                proc.send_signal(signal.SIGTERM)
+            for proc, _ in stacks.values():
+                proc.wait(60)
     return 0
 
 

@@ -68,6 +68,47 @@ class UsageMeta(StrEnum):
     FINISHED = "finished"  # the whole JSON body, or a stream's [DONE], went through
 
 
+# --- ext_authz over HTTP (`http_service`; extauthz/http_transport.py, xds/resources.py renders the filter) ---------
+# Envoy asks at this prefix + the client's path, so no client path can reach POST RELEASE_PATH on the same server.
+AUTHZ_CHECK_PREFIX = "/check"
+# Added by Envoy to every check request (overwriting a client's own): the connection's peer, what the gRPC
+# CheckRequest calls source.address (the failure budget's client, extauthz/throttle.py).
+CLIENT_ADDRESS_HEADER = "x-clp-client-address"
+# A 200 from the authz server names here (comma-separated) the client headers Envoy removes before the node.
+HEADERS_TO_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+# Envoy files each authz response header listed in `dynamic_metadata_from_headers` in AUTHZ_NAMESPACE under the
+# header's own (lower-case) name, as a string. So the header names are the AuthzMeta keys themselves: the access
+# logs, the usage-log filter, the rate-limit descriptors and usage.lua read the same keys from either transport;
+# only the value types differ (strings over HTTP: metadata_header_value; accounting/usage.py normalises).
+METADATA_HEADERS: tuple[str, ...] = tuple(m.value for m in AuthzMeta)
+# What a client may see of the authz server's headers: on a refusal, and on success (rate-limit state).
+RATELIMIT_HEADER_PREFIX = "x-ratelimit-"
+REFUSAL_CLIENT_HEADERS = ("content-type", "retry-after", "retry-after-ms")
+# Envoy takes any 5xx from an HTTP authz server for its own failure (status_on_error, no body, no metadata).
+# Ours travel as 450-454 (unassigned codes) and the local-reply mapper gives them back their status
+# (xds/local_replies.py), so the client gets our JSON body, headers and metadata exactly as over gRPC.
+TUNNELLED_5XX = {500: 450, 502: 452, 503: 453, 504: 454}
+
+
+def authz_wire_status(status: int) -> int:
+    """The status an HTTP authz answer carries for a decision of `status` (any other 5xx travels as a 500)."""
+    if status < 500:
+        return status
+    return TUNNELLED_5XX.get(status, TUNNELLED_5XX[500])
+
+
+def metadata_header_value(value: object) -> str:
+    """A metadata value as the HTTP transport sends it: Envoy stores header values as strings."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    return str(value)
+
+
+def metadata_flag(value: object) -> bool:
+    """A boolean metadata value read back from either transport (gRPC: a bool; HTTP: "true" / "false")."""
+    return value is True or value == "true"
+
+
 # --- Postgres NOTIFY channels (the migrations' triggers send on them) -------------------------------------------
 TENANCY_CHANNEL = "crosslogic_tenancy"  # orgs, environments, api_keys: "table:id"
 ROUTING_CHANNEL = "crosslogic_routing"  # nodes, regions, models, routing policy

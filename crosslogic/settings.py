@@ -25,6 +25,7 @@ from typing import Any
 
 PREFIX = "CROSSLOGIC_"
 ADMISSION_MODES = ("authz", "rls")
+AUTHZ_TRANSPORTS = ("http", "grpc")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -145,6 +146,9 @@ class Settings:
     admission: str = setting("ADMISSION", "authz", "where the rate-limit reservation is made: `authz` (inside the "
                              "ext_authz call) or `rls` (Envoy's ratelimit filter + `serve ratelimit`)",
                              choices=ADMISSION_MODES)
+    authz_transport: str = setting("AUTHZ_TRANSPORT", "http", "how Envoy asks ext_authz: `http` (its `http_service`, "
+                                   "the lean HTTP/1.1 server) or `grpc` (the standard envoy.service.auth.v3 "
+                                   "Authorization service)", choices=AUTHZ_TRANSPORTS)
     state_dir: str = setting("STATE_DIR", ".state", "`crosslogic up`'s data, logs, secrets and runtime.json; the "
                              "admin CLI finds the running stack there (`--state-dir` wins)")
     log_level: str = setting("LOG_LEVEL", "INFO", "log level of every process (`--log-level` wins)",

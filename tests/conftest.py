@@ -136,25 +136,34 @@ def up_demo(state: Path, *, crosslogic: list[str] | None = None, cwd: Path | Non
         log.close()
 
 
-def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str,
+def _run_stack(tmp_path_factory: pytest.TempPathFactory, admission: str, transport: str,
                env: dict[str, str] | None = None) -> Iterator[dict]:
-    """`crosslogic up --demo` with CROSSLOGIC_ADMISSION=`admission` (and `env`), until the session ends."""
-    with up_demo(tmp_path_factory.mktemp("stack"),
-                 env={**os.environ, "CROSSLOGIC_ADMISSION": admission, **(env or {})}) as info:
+    """`crosslogic up --demo` with CROSSLOGIC_ADMISSION=`admission`, CROSSLOGIC_AUTHZ_TRANSPORT=`transport` (and
+    `env`), until the session ends (or pytest moves on to the other transport)."""
+    with up_demo(tmp_path_factory.mktemp(f"stack-{transport}"),
+                 env={**os.environ, "CROSSLOGIC_ADMISSION": admission, "CROSSLOGIC_AUTHZ_TRANSPORT": transport,
+                      **(env or {})}) as info:
         yield info
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+# Every test on a gateway stack runs once per ext_authz transport: HTTP (the default) and the standard gRPC
+# service, which stays supported. Pytest groups the tests by transport, so each stack starts once per transport.
+# CROSSLOGIC_TEST_TRANSPORTS=http (or grpc) narrows it, e.g. while working on one of them.
+AUTHZ_TRANSPORTS = tuple(os.environ.get("CROSSLOGIC_TEST_TRANSPORTS", "http,grpc").split(","))
+
+
+@pytest.fixture(scope="session", params=AUTHZ_TRANSPORTS)
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The whole stack as a user runs it: `crosslogic up --demo` (real Envoy, Postgres, Valkey, simulators);
     rate-limit admission inside ext_authz (the default)."""
-    yield from _run_stack(tmp_path_factory, "authz")
+    yield from _run_stack(tmp_path_factory, "authz", request.param)
 
 
-@pytest.fixture(scope="session")
-def rls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """The same stack with admission "rls": Envoy's ratelimit filter calls `crosslogic serve ratelimit`."""
-    yield from _run_stack(tmp_path_factory, "rls")
+@pytest.fixture(scope="session", params=AUTHZ_TRANSPORTS)
+def rls_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The same stack with admission "rls": Envoy's ratelimit filter calls `crosslogic serve ratelimit`, with
+    descriptors built from ext_authz's metadata (strings over either transport)."""
+    yield from _run_stack(tmp_path_factory, "rls", request.param)
 
 
 # Client bounds short enough to watch them act (tests/test_edges.py); the defaults are the same code with
@@ -164,10 +173,10 @@ TIGHT_BOUNDS = {"CROSSLOGIC_REQUEST_HEADERS_TIMEOUT": "1", "CROSSLOGIC_REQUEST_T
                 "CROSSLOGIC_ABUSE_FAILURE_BURST": "10", "CROSSLOGIC_ABUSE_FAILURE_REFILL": "0.5"}
 
 
-@pytest.fixture(scope="session")
-def tight_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+@pytest.fixture(scope="session", params=AUTHZ_TRANSPORTS)
+def tight_gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The demo stack with short client timeouts, a 2 s node-silence bound and a small failure budget."""
-    yield from _run_stack(tmp_path_factory, "authz", TIGHT_BOUNDS)
+    yield from _run_stack(tmp_path_factory, "authz", request.param, TIGHT_BOUNDS)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,16 @@
-"""The per-client failure budget (extauthz/abuse.py) and its place around the Check call (extauthz/throttle.py)."""
+"""The per-client failure budget (extauthz/abuse.py) and its place around the check, for either transport
+(extauthz/throttle.py)."""
 
 from __future__ import annotations
 
-from envoy.service.auth.v3 import external_auth_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crosslogic import errors
 from crosslogic.extauthz.abuse import FailureBudget, client_address, forwarded_client
-from crosslogic.extauthz.service import denied_response
-from crosslogic.extauthz.throttle import ThrottledAuthorization
+from crosslogic.extauthz.check import Denied, verdict_status
+from crosslogic.extauthz.decision import Allowed
+from crosslogic.extauthz.throttle import ThrottledChecker
 
 
 class Clock:
@@ -114,57 +115,53 @@ def test_only_the_trusted_hops_of_x_forwarded_for_count():
 
 
 class _Inner:
-    """Answers every Check with a fixed status, counting the calls that reached it (the expensive path)."""
+    """Answers every check with a fixed status, counting the calls that reached it (the expensive path)."""
 
     def __init__(self, status: int) -> None:
         self.status = status
         self.calls = 0
 
-    async def Check(self, request, context):  # noqa: N802
+    async def check(self, peer, method, path, headers, body):
         self.calls += 1
         if self.status == 200:
-            return external_auth_pb2.CheckResponse()
-        return denied_response(errors.ClientError(self.status, "no", "invalid_request_error", "x"))
+            return Allowed(headers={}, remove=())
+        return Denied(errors.ClientError(self.status, "no", "invalid_request_error", "x"))
 
 
-def _check(address: str, authorization: str = "", xff: str = "") -> external_auth_pb2.CheckRequest:
-    request = external_auth_pb2.CheckRequest()
-    request.attributes.source.address.socket_address.address = address
-    headers = request.attributes.request.http.headers
+async def _check(throttled: ThrottledChecker, address: str, authorization: str = "", xff: str = ""):
+    headers = {"x-forwarded-for": xff or address}
     if authorization:
         headers["authorization"] = authorization
-    headers["x-forwarded-for"] = xff or address
-    return request
+    return await throttled.check(address, "POST", "/v1/chat/completions", headers, b"{}")
 
 
 async def test_a_spamming_client_is_refused_with_429_before_the_expensive_path():
     inner = _Inner(401)
-    throttled = ThrottledAuthorization(inner, FailureBudget(5, 0.001), denied_response)
-    statuses = [(await throttled.Check(_check("192.0.2.1", "Bearer bad"), None)).denied_response.status.code
-                for _ in range(8)]
+    throttled = ThrottledChecker(inner, FailureBudget(5, 0.001))
+    statuses = [verdict_status(await _check(throttled, "192.0.2.1", "Bearer bad")) for _ in range(8)]
     assert statuses == [401] * 5 + [429] * 3 and inner.calls == 5
-    refusal = await throttled.Check(_check("192.0.2.1"), None)
-    assert {h.header.key: h.header.value for h in refusal.denied_response.headers}["retry-after"].isdigit()
-    assert b'"code": "too_many_failed_requests"' in refusal.denied_response.body.encode()
-    assert (await throttled.Check(_check("192.0.2.2", "Bearer bad"), None)).denied_response.status.code == 401
+    refusal = await _check(throttled, "192.0.2.1")
+    assert refusal.headers["retry-after"].isdigit()
+    assert b'"code": "too_many_failed_requests"' in refusal.error.body()
+    assert verdict_status(await _check(throttled, "192.0.2.2", "Bearer bad")) == 401
 
 
 async def test_successes_cost_nothing_and_proven_keys_pass_a_throttled_address():
-    good = ThrottledAuthorization(_Inner(200), FailureBudget(2, 0.001), denied_response)
+    good = ThrottledChecker(_Inner(200), FailureBudget(2, 0.001))
     for _ in range(20):
-        assert not (await good.Check(_check("192.0.2.1", "Bearer good"), None)).HasField("denied_response")
+        assert isinstance(await _check(good, "192.0.2.1", "Bearer good"), Allowed)
     good.inner = _Inner(401)
     for _ in range(3):
-        await good.Check(_check("192.0.2.1", "Bearer junk"), None)
+        await _check(good, "192.0.2.1", "Bearer junk")
     good.inner = _Inner(200)
-    assert not (await good.Check(_check("192.0.2.1", "Bearer good"), None)).HasField("denied_response")
-    assert (await good.Check(_check("192.0.2.1", "Bearer new"), None)).denied_response.status.code == 429
+    assert isinstance(await _check(good, "192.0.2.1", "Bearer good"), Allowed)
+    assert verdict_status(await _check(good, "192.0.2.1", "Bearer new")) == 429
 
 
 async def test_a_forged_x_forwarded_for_buys_no_new_budget():
     inner = _Inner(401)
-    throttled = ThrottledAuthorization(inner, FailureBudget(3, 0.001), denied_response, trusted_hops=1)
+    throttled = ThrottledChecker(inner, FailureBudget(3, 0.001), trusted_hops=1)
     # Behind one trusted proxy (10.0.0.5), which appends what it saw; the client wrote the first entries.
     for i in range(10):
-        await throttled.Check(_check("10.0.0.5", "Bearer x", f"9.9.9.{i}, 198.51.100.4, 10.0.0.5"), None)
+        await _check(throttled, "10.0.0.5", "Bearer x", f"9.9.9.{i}, 198.51.100.4, 10.0.0.5")
     assert inner.calls == 3

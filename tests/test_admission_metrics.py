@@ -110,10 +110,16 @@ async def _refusal_scraped(port: int, before: float) -> str:
     return await wait_for(counted, f"the refusal on :{port}/metrics")
 
 
-@pytest.mark.parametrize(("stack", "metrics_port"), [("gateway", "authz_metrics"),  # admission in ext_authz
-                                                     ("rls_gateway", "ratelimit_metrics")])  # `serve ratelimit`
-async def test_the_deciding_process_serves_admission_metrics_without_tenant_ids(stack, metrics_port, request):
-    stack = request.getfixturevalue(stack)
+async def test_ext_authz_serves_admission_metrics_without_tenant_ids(gateway):
+    await _deciding_process_serves_admission_metrics_without_tenant_ids(gateway, "authz_metrics")
+
+
+async def test_the_rate_limit_service_serves_admission_metrics_without_tenant_ids(rls_gateway):
+    await _deciding_process_serves_admission_metrics_without_tenant_ids(rls_gateway, "ratelimit_metrics")
+
+
+async def _deciding_process_serves_admission_metrics_without_tenant_ids(stack: dict, metrics_port: str) -> None:
+    """Admission in ext_authz (default) or in `serve ratelimit` (admission "rls"): the deciding process counts."""
     tenant = await limited_tenant(stack, key=(None, 1, None))
     port = stack["ports"][metrics_port]
     before = _refusals(_scrape(port))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from crosslogic import contract
 from crosslogic.runtime.envoy import BootstrapParams, envoy_asset, render_bootstrap
 from crosslogic.xds.resources import usage_filter_source
@@ -36,9 +38,10 @@ def test_the_lua_filter_is_sent_with_every_constant_it_uses():
     assert defined & used_upper == defined - {"MODE_SSE_KEEP"}, "a contract constant the filter never uses"
 
 
-def test_the_bootstrap_names_the_contract_clusters():
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_the_bootstrap_names_the_contract_clusters(transport):
     params = BootstrapParams(node_id="g", admin_port=1, xds_port=2, authz_port=3, accounting_port=4, api_port=5,
-                             ratelimit_port=6, release_port=7)
+                             ratelimit_port=6, release_port=7, authz_transport=transport)
     static = render_bootstrap(params).split("static_resources:", 1)[1]
     names = set(re.findall(r"^  - name: (\S+)$", static, re.M))
     assert names == {contract.XDS_CLUSTER, contract.AUTHZ_CLUSTER, contract.ACCOUNTING_CLUSTER, contract.API_CLUSTER,

@@ -312,9 +312,14 @@ def test_bad_key_spam_is_throttled_per_address_and_working_keys_are_not(tight_ga
 
 
 def test_every_local_reply_body_is_openai_json_and_ours_are_left_alone():
+    from crosslogic.contract import TUNNELLED_5XX
     from crosslogic.xds.local_replies import OUR_OWN_BODIES, local_reply_config
 
-    mappers = local_reply_config(100, 60, 1 << 20)["mappers"]
+    everything = local_reply_config(100, 60, 1 << 20)["mappers"]
+    # First, the HTTP authz transport's tunnelled 5xx: their status back, nothing else touched (our body).
+    tunnels, mappers = everything[:len(TUNNELLED_5XX)], everything[len(TUNNELLED_5XX):]
+    assert all(set(m) == {"filter", "status_code"} for m in tunnels)
+    assert sorted(m["status_code"] for m in tunnels) == sorted(TUNNELLED_5XX)
     guard = mappers[0]
     assert set(guard) == {"filter"} and all(d in json.dumps(guard["filter"]) for d in OUR_OWN_BODIES)
     for mapper in mappers[2:]:

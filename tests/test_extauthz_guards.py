@@ -1,6 +1,6 @@
 """The last resorts of ext_authz: a bug meeting unforeseen client input is a 400 (the client's request cannot be
 served as sent), any other bug an OpenAI-shaped 500; each is one log line without a traceback, and Envoy always
-gets a CheckResponse."""
+gets an answer, over either transport (a CheckResponse; an HTTP answer whose 5xx survives Envoy)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
-from crosslogic import errors
+from crosslogic import contract, errors
 from crosslogic.extauthz import decision
-from crosslogic.extauthz.service import AuthorizationServicer
+from crosslogic.extauthz.check import Denied, GuardedAuthorizer
+from crosslogic.extauthz.grpc_transport import AuthorizationServicer
+from crosslogic.extauthz.http_transport import verdict_response
 from crosslogic.extauthz.validation import Endpoint
 
 
@@ -51,7 +53,7 @@ def _check_request() -> external_auth_pb2.CheckRequest:
 
 async def test_any_other_exception_is_an_openai_500_never_an_rpc_error(caplog):
     with caplog.at_level(logging.ERROR, "crosslogic.extauthz"):
-        response = await AuthorizationServicer(_BrokenAuthorizer()).Check(_check_request(), None)
+        response = await AuthorizationServicer(GuardedAuthorizer(_BrokenAuthorizer())).Check(_check_request(), None)
     assert response.status.code == code_pb2.PERMISSION_DENIED
     assert response.denied_response.status.code == 500
     body = json.loads(response.denied_response.body)["error"]
@@ -62,3 +64,18 @@ async def test_any_other_exception_is_an_openai_500_never_an_rpc_error(caplog):
     (record,) = caplog.records
     assert record.exc_info is None and "ZeroDivisionError" in record.getMessage()
     assert "/v1/chat/completions" in record.getMessage()
+
+
+async def test_over_http_the_same_500_travels_as_a_status_envoy_passes_on(caplog):
+    with caplog.at_level(logging.ERROR, "crosslogic.extauthz"):
+        verdict = await GuardedAuthorizer(_BrokenAuthorizer()).check("192.0.2.1", "POST", "/v1/chat/completions",
+                                                                     {"authorization": "Bearer x"}, b"{}")
+    assert isinstance(verdict, Denied) and verdict.error.status == 500
+    head, _, body = verdict_response(verdict).partition(b"\r\n\r\n")
+    # Envoy would answer any 5xx of an HTTP authz server with its own empty 503; the local-reply mapper turns
+    # this status back into a 500 (tests/test_http_transport.py checks it through Envoy).
+    assert head.startswith(b"HTTP/1.1 %d " % contract.TUNNELLED_5XX[500])
+    assert b"content-type: application/json" in head.split(b"\r\n")
+    assert json.loads(body)["error"]["code"] == "internal_error" and b"ZeroDivisionError" not in body
+    (record,) = caplog.records
+    assert record.exc_info is None and "ZeroDivisionError" in record.getMessage()

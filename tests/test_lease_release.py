@@ -1,4 +1,5 @@
-"""ext_authz's POST /release (crosslogic/extauthz/release.py) over real HTTP, on a real Valkey."""
+"""ext_authz's POST /release (crosslogic/extauthz/release.py) over real HTTP, on a real Valkey: served by the
+HTTP transport's server (extauthz/http_transport.py), beside the checks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from crosslogic.extauthz.release import parse_release, release_server
+from crosslogic.extauthz.decision import Allowed
+from crosslogic.extauthz.http_transport import authz_http_server
+from crosslogic.extauthz.http_wire import Limits
+from crosslogic.extauthz.release import LeaseReleaser, parse_release
 from crosslogic.ratelimit.engine import Limiter
 from crosslogic.ratelimit.limits import LayerLimits, TenantLimits
 
@@ -20,6 +24,15 @@ async def limiter(valkey_url):
     client = aioredis.from_url(valkey_url)
     yield Limiter(client)
     await client.aclose()
+
+
+class _AllowAll:
+    async def check(self, peer, method, path, headers, body):
+        return Allowed(headers={}, remove=())
+
+
+def release_server(listen: str, limiter: Limiter):
+    return authz_http_server(listen, _AllowAll(), LeaseReleaser(limiter), Limits())
 
 
 def _body(request_id: str, org: str, env: str, key: str) -> dict:

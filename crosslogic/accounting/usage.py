@@ -6,12 +6,10 @@ from datetime import UTC, datetime
 
 from google.protobuf.json_format import MessageToDict
 
-from crosslogic.contract import AUTHZ_NAMESPACE, USAGE_NAMESPACE, AuthzMeta, UsageMeta
+from crosslogic.contract import AUTHZ_NAMESPACE, USAGE_NAMESPACE, AuthzMeta, UsageMeta, metadata_flag
 from crosslogic.usage_record import UsageRecord
 
 __all__ = ["AUTHZ_NAMESPACE", "USAGE_NAMESPACE", "UsageRecord", "record_from_entry", "record_from_fields"]
-
-
 
 
 def _struct(entry, namespace: str) -> dict:
@@ -28,6 +26,8 @@ def record_from_fields(request_id: str, occurred_at: datetime, authz: dict, usag
                        latency_ms: int, node: str | None) -> UsageRecord | None:
     """The one place that turns log fields into a record; the gRPC and the file access log both use it.
 
+    `authz` as either ext_authz transport leaves it: typed values over gRPC, strings over HTTP (Envoy's
+    dynamic_metadata_from_headers), e.g. `streamed` True or "true"; the same record either way.
     None for requests that never passed authorisation or named no model (nothing to bill).
     """
     if not authz.get(AuthzMeta.MODEL) or not authz.get(AuthzMeta.ORG_ID) or not request_id:
@@ -45,7 +45,7 @@ def record_from_fields(request_id: str, occurred_at: datetime, authz: dict, usag
         request_id=request_id, occurred_at=occurred_at,
         org_id=authz[AuthzMeta.ORG_ID], env_id=authz[AuthzMeta.ENV_ID], key_id=authz[AuthzMeta.KEY_ID],
         region=authz.get(AuthzMeta.REGION, ""), model=authz[AuthzMeta.MODEL],
-        endpoint=authz.get(AuthzMeta.ENDPOINT, ""), streamed=bool(authz.get(AuthzMeta.STREAMED, False)),
+        endpoint=authz.get(AuthzMeta.ENDPOINT, ""), streamed=metadata_flag(authz.get(AuthzMeta.STREAMED)),
         status_code=status_code,
         prompt_tokens=prompt, completion_tokens=completion, usage_source=source,
         latency_ms=latency_ms, node=node,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from crosslogic.commands.process import run_service, split_listen
-from crosslogic.settings import LOG_LEVELS, Settings, SettingsError
+from crosslogic.settings import ADMISSION_MODES, AUTHZ_TRANSPORTS, LOG_LEVELS, Settings, SettingsError
 
 SERVER_HINT = "pip install 'crosslogic[server]'"
 # Top-level modules only the control plane needs (the `server` extra); the node agent runs without them.
@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.service == "authz":
         from crosslogic.extauthz.service import serve_authz
 
-        return run_service(lambda: serve_authz(settings, args.listen, args.release_listen))
+        return run_service(lambda: serve_authz(settings, args.listen, args.release_listen, args.transport))
     if args.service == "ratelimit":
         from crosslogic.ratelimit.service import serve_ratelimit
 
@@ -73,6 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
                                   max_request_bytes=settings.max_request_bytes,
                                   usage_log_path=settings.usage_log_path,
                                   admission=args.admission or settings.admission,
+                                  authz_transport=args.transport or settings.authz_transport,
                                   **client_bounds(settings))
         return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen))
@@ -201,10 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="where the service listens")
     serve.add_argument("--gateway-host", default="127.0.0.1", help="xds: the gateway listener address")
     serve.add_argument("--gateway-port", type=int, default=8080, help="xds: the gateway listener port")
-    serve.add_argument("--admission", choices=["authz", "rls"],
+    serve.add_argument("--admission", choices=ADMISSION_MODES,
                        help="xds: where rate-limit admission happens (default: CROSSLOGIC_ADMISSION, else authz)")
+    serve.add_argument("--transport", choices=AUTHZ_TRANSPORTS,
+                       help="authz: what --listen serves; xds: which ext_authz filter Envoy gets (default: "
+                            "CROSSLOGIC_AUTHZ_TRANSPORT, else http)")
     serve.add_argument("--release-listen", metavar="HOST:PORT",
-                       help="authz: also serve POST /release (concurrency leases freed as a response ends)")
+                       help="authz: also serve the HTTP server here (POST /release, concurrency leases freed as a "
+                            "response ends; with --transport http it is on --listen already)")
     serve.add_argument("--nodeagent-listen", metavar="HOST:PORT",
                        help="xds: also serve the NodeAgent API to node agents")
     serve.set_defaults(handler=_serve)

@@ -57,6 +57,7 @@ class BootstrapParams:
     ratelimit_port: int
     release_port: int = 0  # ext_authz's POST /release (usage.lua); 0: none, leases are freed at settlement
     host: str = "127.0.0.1"
+    authz_transport: str = "http"  # "http": the authz cluster speaks HTTP/1.1; "grpc": HTTP/2
 
 
 _CLUSTER_NAMES = {"xds_cluster": contract.XDS_CLUSTER, "authz_cluster": contract.AUTHZ_CLUSTER,
@@ -64,8 +65,18 @@ _CLUSTER_NAMES = {"xds_cluster": contract.XDS_CLUSTER, "authz_cluster": contract
                   "api_cluster": contract.API_CLUSTER, "release_cluster": contract.RELEASE_CLUSTER}
 
 
+# Keep-alive HTTP/1.1 to ext_authz's HTTP server: Envoy lets an unused connection go after 60 s, before the
+# server's own idle bound (http_wire.Limits.idle_timeout_s, 120 s), so Envoy never sends on a connection the
+# server is closing.
+_HTTP1 = ('{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {"@type": type.googleapis.com/envoy.extensions'
+          '.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {http_protocol_options: {}}, '
+          'common_http_protocol_options: {idle_timeout: 60s}}}')
+
+
 def render_bootstrap(params: BootstrapParams) -> str:
-    return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute({**asdict(params), **_CLUSTER_NAMES})
+    authz = "*h2" if params.authz_transport == "grpc" else _HTTP1
+    return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(
+        {**asdict(params), **_CLUSTER_NAMES, "authz_protocol_options": authz, "http1_protocol_options": _HTTP1})
 
 
 class EnvoyProcess:

@@ -143,15 +143,21 @@ def start_stack(stack: Stack) -> Stack:
     env["CROSSLOGIC_ADMISSION"] = settings.admission
     rls = [("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"])] \
         if settings.admission == "rls" else []
+    # ext_authz's transport: Envoy's authz cluster and filter follow it. With "http" the one HTTP server answers
+    # checks and POST /release on one port; with "grpc" the release endpoint has its own.
+    transport = settings.authz_transport
+    env["CROSSLOGIC_AUTHZ_TRANSPORT"] = transport
+    if transport == "http":
+        ports["release"] = ports["authz"]
     for name, argv in (
-        ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}",
+        ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}", "--transport", transport,
                    "--release-listen", f"127.0.0.1:{ports['release']}"]),
         *rls,
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
         ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}"]),
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
                  "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}",
-                 "--admission", settings.admission]),
+                 "--admission", settings.admission, "--transport", transport]),
     ):
         child = _service(name, argv, logs, env)
         stack.services.append(child)
@@ -163,7 +169,7 @@ def start_stack(stack: Stack) -> Stack:
 
     envoy = stack.envoy = EnvoyProcess(logs, BootstrapParams(
         node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
-        release_port=ports["release"],
+        release_port=ports["release"], authz_transport=transport,
         accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"])).start()
     gateway_url = f"http://{options.host}:{options.port}"
     assert envoy.child is not None
@@ -177,7 +183,8 @@ def start_stack(stack: Stack) -> Stack:
     stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
                   "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
                   "ports": ports, "nodeagent_address": f"127.0.0.1:{ports['nodeagent']}", "pki_dir": str(pki_dir),
-                  "pid": os.getpid(), "admission": settings.admission, "state_dir": str(state), **demo}
+                  "pid": os.getpid(), "admission": settings.admission,
+                  "authz_transport": transport, "state_dir": str(state), **demo}
     write_runtime(state, stack.info)
     if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
         write_private(options.ready_file, json.dumps(stack.info, indent=2))

@@ -13,7 +13,7 @@ names, so no plain-text reply can slip through.
 
 from __future__ import annotations
 
-from crosslogic import errors
+from crosslogic import contract, errors
 
 # Response code details (`%RESPONSE_CODE_DETAILS%`) of local replies whose body we wrote ourselves.
 OUR_OWN_BODIES = ("ext_authz_denied", "request_rate_limited")
@@ -59,6 +59,10 @@ def local_reply_config(max_headers: int, max_headers_kib: int, max_body_bytes: i
     headers_too_large = (f"Request headers are too large: at most {max_headers} headers and {max_headers_kib} KiB "
                          "of headers and URL together.")
     return {"mappers": [
+        # A 5xx of the HTTP authz server travels as 45x (Envoy would replace a 5xx by its own reply): back to its
+        # status, body and headers untouched (contract.TUNNELLED_5XX).
+        *({"filter": {"and_filter": {"filters": [_details("ext_authz_denied"), _status("EQ", wire)]}},
+           "status_code": status} for status, wire in contract.TUNNELLED_5XX.items()),
         {"filter": _details(*OUR_OWN_BODIES)},  # ours already: left exactly as they are
         # Our direct-response routes carry JSON bodies already; only the content type needs saying.
         {"filter": _details("direct_response"), "body_format_override": _JSON_BODY},

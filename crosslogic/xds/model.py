@@ -66,6 +66,8 @@ class GatewaySettings:
     # Rate-limit admission: "authz" = ext_authz reserves in its Check call (no ratelimit filter);
     # "rls" = Envoy's ratelimit filter calls `crosslogic serve ratelimit` (crosslogic.settings.admission).
     admission: str = "authz"
+    # How Envoy asks ext_authz: "http" (`http_service`) or "grpc" (`grpc_service`) (crosslogic.settings).
+    authz_transport: str = "http"
     # Client bounds (crosslogic.settings, `client_bounds`; resources._client_bounds).
     request_headers_timeout_s: float = 10.0
     request_timeout_s: float = 30.0

@@ -35,12 +35,17 @@ from crosslogic.contract import (
     ACCESS_LOG_NAME,
     ACCOUNTING_CLUSTER,
     API_CLUSTER,
+    AUTHZ_CHECK_PREFIX,
     AUTHZ_CLUSTER,
     AUTHZ_NAMESPACE,
+    CLIENT_ADDRESS_HEADER,
     DESCRIPTOR_METADATA_KEYS,
     DESCRIPTOR_REQUEST_ID,
+    METADATA_HEADERS,
     RATELIMIT_CLUSTER,
     RATELIMIT_DOMAIN,
+    RATELIMIT_HEADER_PREFIX,
+    REFUSAL_CLIENT_HEADERS,
     REQUEST_ID_HEADER,
     USAGE_LOG_FORMAT,
     AuthzMeta,
@@ -120,6 +125,52 @@ def _hide_internal_headers() -> dict:
     }
 
 
+def _grpc_authz(settings: GatewaySettings) -> dict:
+    """The standard envoy.service.auth.v3.Authorization service (extauthz/grpc_transport.py)."""
+    return {
+        "grpc_service": {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
+                         "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s"},
+        "with_request_body": {"max_request_bytes": settings.max_request_bytes, "allow_partial_message": False,
+                              "pack_as_bytes": True},
+    }
+
+
+def _exact(names) -> list[dict]:
+    return [{"exact": name} for name in names]
+
+
+# Never sent to the HTTP authz server: framing and connection headers of the client's hop. Envoy re-frames the
+# body with a content-length (a client's `transfer-encoding: chunked` next to it would be a smuggling-shaped
+# request, which the server refuses), and nothing of the client's connection concerns Envoy's own to ext_authz.
+AUTHZ_HOP_HEADERS = ("transfer-encoding", "connection", "keep-alive", "proxy-connection", "upgrade", "te",
+                     "trailer", "expect", "http2-settings")
+
+
+def _http_authz(settings: GatewaySettings) -> dict:
+    """Envoy's `http_service` to ext_authz's HTTP/1.1 server (extauthz/http_transport.py says what each header
+    of the answer does): every client header but the hop ones goes along, since ext_authz removes what a node
+    must not get by name."""
+    ratelimit_headers = {"prefix": RATELIMIT_HEADER_PREFIX}
+    return {
+        "http_service": {
+            "server_uri": {"uri": "http://crosslogic-authz", "cluster": AUTHZ_CLUSTER,
+                           "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s"},
+            "path_prefix": AUTHZ_CHECK_PREFIX,
+            "authorization_request": {"headers_to_add": [
+                {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"}]},
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": _exact(h.value for h in Header)},
+                "allowed_client_headers": {"patterns": [*_exact(REFUSAL_CLIENT_HEADERS), ratelimit_headers]},
+                "allowed_client_headers_on_success": {"patterns": [ratelimit_headers]},
+                "dynamic_metadata_from_headers": {"patterns": _exact(METADATA_HEADERS)},
+            },
+        },
+        "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
+        "disallowed_headers": {"patterns": _exact(AUTHZ_HOP_HEADERS)},
+        "with_request_body": {"max_request_bytes": settings.max_request_bytes, "allow_partial_message": False},
+    }
+
+
 def _http_filters(settings: GatewaySettings) -> list[dict]:
     return [
         _hide_internal_headers(),
@@ -128,15 +179,7 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
                 "transport_api_version": "V3",
-                "grpc_service": {
-                    "envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
-                    "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s",
-                },
-                "with_request_body": {
-                    "max_request_bytes": settings.max_request_bytes,
-                    "allow_partial_message": False,
-                    "pack_as_bytes": True,
-                },
+                **(_grpc_authz(settings) if settings.authz_transport == "grpc" else _http_authz(settings)),
                 "failure_mode_allow": False,
                 "status_on_error": {"code": 503},
                 "clear_route_cache": True,  # we route on x-clp-route, which authz sets
