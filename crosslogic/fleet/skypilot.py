@@ -62,9 +62,9 @@ def run_script(spec: NodeSpec, control_plane: str) -> str:
     return "\n".join([
         "set -eu",
         f"mkdir -p {TLS_DIR} && chmod 700 {TLS_DIR}",
-        f'printf %s "$CROSSLOGIC_NODE_CERT" > {TLS_DIR}/node.pem',
-        f'printf %s "$CROSSLOGIC_NODE_KEY" > {TLS_DIR}/node.key && chmod 600 {TLS_DIR}/node.key',
-        f'printf %s "$CROSSLOGIC_CA_CERT" > {TLS_DIR}/ca.pem',
+        f'printf %s "$CLNODE_TLS_CERT" > {TLS_DIR}/node.pem',
+        f'printf %s "$CLNODE_TLS_KEY" > {TLS_DIR}/node.key && chmod 600 {TLS_DIR}/node.key',
+        f'printf %s "$CLNODE_TLS_CA" > {TLS_DIR}/ca.pem',
         # The address Envoy reaches: the VM's private address (a tailnet address where the image joins one).
         f"exec {shlex.join(agent)} --advertise \"$(hostname -I | cut -d' ' -f1):{ENGINE_PORT}\"",
     ])
@@ -77,7 +77,7 @@ def task_config(spec: NodeSpec, control_plane: str, install: str, secrets: dict[
         "name": spec.name,
         "resources": {"infra": infra, "accelerators": spec.accelerators, "use_spot": spec.spot,
                       "ports": [ENGINE_PORT]},
-        "envs": {"CROSSLOGIC_NODE_NAME": spec.name},
+        "envs": {"CLNODE_NAME": spec.name},
         "secrets": secrets,
         "setup": setup_script(spec, install),
         "run": run_script(spec, control_plane),
@@ -93,8 +93,8 @@ class SkyPilotProvider:
 
     def secrets(self, spec: NodeSpec) -> dict[str, str]:
         issued = pki.issue_node(pki.load_ca(self.pki_dir), spec.name, f"pool:{spec.cloud}")
-        return {"CROSSLOGIC_NODE_CERT": issued.cert_pem.decode(), "CROSSLOGIC_NODE_KEY": issued.key_pem.decode(),
-                "CROSSLOGIC_CA_CERT": (self.pki_dir / pki.CA_CERT).read_text()}
+        return {"CLNODE_TLS_CERT": issued.cert_pem.decode(), "CLNODE_TLS_KEY": issued.key_pem.decode(),
+                "CLNODE_TLS_CA": (self.pki_dir / pki.CA_CERT).read_text()}
 
     def build_task(self, spec: NodeSpec):
         import sky

@@ -1,4 +1,5 @@
-"""Run one simulated vLLM (or, with --engine sglang, SGLang) node: ``python -m crosslogic.sim --port 8001 --model llama-3-8b``.
+"""Run one simulated vLLM (or, with --engine sglang, SGLang) node:
+``python -m crosslogic.sim --port 8001 --model llama-3-8b``.
 
 SIGTERM or SIGINT stops accepting connections and lets in-flight requests finish (``--shutdown-timeout``).
 """
