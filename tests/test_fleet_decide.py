@@ -121,10 +121,9 @@ node_states = st.builds(
     managed=st.booleans(), spot=st.booleans(), launched_at=st.floats(0, 200),
     load=st.one_of(st.none(), st.floats(0, 3)), in_flight=st.sampled_from([0.0, 0.0, 1.0, 5.0]),
     drained_idle=st.booleans())
-memories = st.builds(
-    PoolMemory, pressure_since=st.one_of(st.none(), st.floats(0, 200)), calm_since=st.one_of(st.none(), st.floats(0, 200)),
-    last_scale_up_at=st.one_of(st.none(), st.floats(0, 200)), last_scale_down_at=st.one_of(st.none(), st.floats(0, 200)),
-    next_launch_at=st.one_of(st.none(), st.floats(0, 300)))
+moments = st.one_of(st.none(), st.floats(0, 200))
+memories = st.builds(PoolMemory, pressure_since=moments, calm_since=moments, last_scale_up_at=moments,
+                     last_scale_down_at=moments, next_launch_at=st.one_of(st.none(), st.floats(0, 300)))
 
 
 def _capacity_after(nodes, decision, now, policy) -> int:

@@ -127,7 +127,7 @@ def decide(policy: PoolPolicy, node_capacity_tps: float, nodes: list[NodeState],
     # Drained, dead or evicted machines are given back once nothing runs on them any more.
     for n in nodes:
         if n.managed and (n.status == "dead" or (n.status == "draining" and n.drained_idle)):
-            actions.append(Terminate(n.name, "drained" if n.status == "draining" else n.reason or "dead"))
+            actions.append(Terminate(n.name, n.reason or n.status))  # keeps why it went: scale down, eviction
 
     loads = [n.load if n.load is not None else policy.target_load for n in active]
     mean_load = sum(loads) / len(loads) if loads else 0.0
@@ -148,7 +148,8 @@ def decide(policy: PoolPolicy, node_capacity_tps: float, nodes: list[NodeState],
 
     if can_launch:
         # At once, whatever the cooldown: replacements for spot notices and missed deadlines, then the floor.
-        lost = [n for n in nodes if n.status == "draining" and n.reason.startswith(SPOT_EVICTION)
+        # (an idle evicted node may have drained to dead before this tick already)
+        lost = [n for n in nodes if n.status in ("draining", "dead") and n.reason.startswith(SPOT_EVICTION)
                 and n.name not in replaced] + late
         for n in lost:  # the load it carried has not reached the other nodes yet: replace it, whatever desired says
             if capacity < policy.max_nodes:
