@@ -230,7 +230,36 @@ class SupervisorSettings:
                                            "(child up/ready, restarts, degraded); 0 = a free port", **_PORT)
 
 
-GROUPS: tuple[type, ...] = (Settings, SchedulerSettings, SupervisorSettings)
+FLEET_PROVIDERS = ("local", "skypilot", "none")
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """`crosslogic serve fleet`: the autoscaler and its provider (docs/fleet.md)."""
+
+    provider: str = setting("FLEET_PROVIDER", "local", "where the autoscaler gets machines: `local` (simulated nodes "
+                            "with real agents on this host), `skypilot` (any cloud, needs `crosslogic[skypilot]`), "
+                            "`none` (decide and report, launch nothing)", choices=FLEET_PROVIDERS)
+    tick_s: float = setting("FLEET_TICK", 5.0, "seconds between autoscaler decisions", minimum=0.05)
+    control_plane: str = setting("FLEET_CONTROL_PLANE", "", "host:port of the NodeAgent API the launched agents dial; "
+                                 "`crosslogic up` sets it")
+    workdir: str = setting("FLEET_WORKDIR", "", "local provider: where machines keep certificates and logs; "
+                           "`crosslogic up`: `<state-dir>/fleet`")
+    metrics_stale_s: float = setting("FLEET_METRICS_STALE", 30.0, "node metrics older than this count as missing "
+                                     "(the node's load is taken as the target)", minimum=0.1)
+    drain_grace_s: float = setting("FLEET_DRAIN_GRACE", 2.0, "a drained machine is given back only once a scrape "
+                                   "this long after the drain began saw nothing in flight", minimum=0)
+    local_price_usd_per_hour: float = setting("FLEET_LOCAL_PRICE", 0.80, "local provider: on-demand price quoted per "
+                                              "node hour (FinOps)", minimum=0)
+    local_spot_price_usd_per_hour: float = setting("FLEET_LOCAL_SPOT_PRICE", 0.30, "local provider: spot price "
+                                                   "quoted per node hour", minimum=0)
+    local_agent_interval_s: float = setting("FLEET_LOCAL_AGENT_INTERVAL", 1.0, "local provider: heartbeat and "
+                                            "metrics interval of the launched agents", minimum=0.05)
+    skypilot_install: str = setting("FLEET_SKYPILOT_INSTALL", "crosslogic[agent]", "skypilot: the pip requirement "
+                                    "the node setup installs for the agent")
+
+
+GROUPS: tuple[type, ...] = (Settings, SchedulerSettings, SupervisorSettings, FleetSettings)
 
 
 def load_all() -> None:

@@ -112,7 +112,7 @@ class Fleet:
             [sys.executable, "-m", "crosslogic", "agent", "--control-plane", self.gateway["nodeagent_address"],
              "--name", name, "--region", node.region, "--model", self.model, "--advertise", node.address,
              "--cloud", cloud, "--tls-dir", str(tls), "--heartbeat-interval", "0.5", "--metrics-interval", "0.5",
-             "--spot-interval", "0.1", *agent_args],
+             "--spot-interval", "0.1", "--warmup-requests", "0", *agent_args],
             stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{name}.agent.log", "wb"))  # noqa: SIM115
         return node
 

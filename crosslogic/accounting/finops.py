@@ -1,7 +1,8 @@
 """FinOps (seed §43): GPU cost per node hour -> cost per token, revenue and margin per model and region.
 
 Pure maths over plain values (tested without a database); `load_report` gathers them from Postgres.
-A node's cost over the window is its hourly GPU price (gpu_prices by type, cloud, spot) times the hours it
+A node's cost over the window is its hourly GPU price (the price its provider quoted when the fleet launched it,
+else gpu_prices by type, cloud, spot) times the hours it
 was alive inside the window, shared evenly among the models it served then. Hours come from node_lifetimes
 (migration 007: a row per span a node was alive with the same region, cloud, spot, GPU and models, written by
 a trigger on nodes), so nodes that died (evicted spot nodes) or whose rows the registry deleted keep every
@@ -70,8 +71,10 @@ def finops_rows(nodes: list[NodeCost], usage: list[ModelUsage]) -> list[FinopsRo
     return rows
 
 
+# A node's own price (what the fleet's provider quoted for that machine, spot or on-demand: node_lifetimes
+# .microdollars_per_hour, migration 009) wins over the operator's gpu_prices row for its GPU, cloud and spot flag.
 _NODES_SQL = """
-SELECT l.region, l.model_list, coalesce(g.microdollars_per_hour, 0) AS per_hour,
+SELECT l.region, l.model_list, coalesce(l.microdollars_per_hour, g.microdollars_per_hour, 0) AS per_hour,
        greatest(0, round(extract(epoch FROM least($2, coalesce(l.ended_at, now()))
                                   - greatest($1, l.started_at))))::bigint AS seconds
 FROM node_lifetimes l

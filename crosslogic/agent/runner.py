@@ -1,5 +1,12 @@
-"""`crosslogic agent`: registers the node, heartbeats, reports vLLM load, watches for spot notices,
-supervises the engine, and drains on SIGTERM (no new requests; in-flight ones finish; then dead)."""
+"""`crosslogic agent`: warms the engine up and measures it, registers the node, heartbeats, reports the engine's
+load (vLLM or SGLang), watches for spot notices, cleans old model files off the disk, supervises the engine, and
+drains on SIGTERM (no new requests; in-flight ones finish; then dead).
+
+Left out of seed §24.1/§45 on purpose: model loading from object storage (the engine command does it: vLLM and
+SGLang download weights themselves, and a SkyPilot task's setup can mount a bucket), agent self-upgrade (the
+machine image / SkyPilot setup pins the agent version; a new version is a new node, drained in like a model
+upgrade), log streaming (the platform's log shipper reads the agent's JSON lines, `--json`), GPU temperature and
+VRAM fragmentation (need NVML on a GPU; nothing to read here)."""
 
 from __future__ import annotations
 
@@ -13,10 +20,12 @@ import aiohttp
 import grpc
 
 from crosslogic.agent import spot
+from crosslogic.agent.disk import clean_model_dir
 from crosslogic.agent.engine import Backoff, Engine
-from crosslogic.agent.metrics import EngineSample, mean_ttft, parse_vllm_metrics, tokens_per_sec
+from crosslogic.agent.metrics import EngineSample, mean_ttft, parse_engine_metrics, tokens_per_sec
 from crosslogic.agent.proto import nodeagent_pb2 as pb
 from crosslogic.agent.proto import nodeagent_pb2_grpc as pb_grpc
+from crosslogic.agent.warmup import benchmark
 
 log = logging.getLogger("crosslogic.agent")
 
@@ -34,6 +43,11 @@ class AgentConfig:
     drain_timeout_s: float = 300.0
     tls_dir: Path | None = None  # ca.pem + node.pem + node.key
     backoff: Backoff = field(default_factory=Backoff)
+    warmup_requests: int = 4  # concurrent decode requests of the warm-up benchmark; 0 = no warm-up
+    warmup_decode_tokens: int = 32
+    model_dir: Path | None = None  # disk cleanup: old models' files here are removed
+    cleanup_interval_s: float = 3600.0
+    cleanup_min_age_s: float = 3600.0
 
 
 def channel(config: AgentConfig) -> grpc.aio.Channel:
@@ -60,10 +74,11 @@ class Agent:
         self.metrics_s = config.metrics_interval_s or 15.0
         self.last_sample: EngineSample | None = None
         self.evicted = asyncio.Event()
+        self.registration = config.registration  # completed by prepare()
 
     async def register(self) -> None:
         try:
-            answer = await self.stub.RegisterNode(self.config.registration, timeout=10)
+            answer = await self.stub.RegisterNode(self.registration, timeout=10)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT):
                 raise RegistrationRefused(exc.details()) from None
@@ -95,7 +110,39 @@ class Agent:
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("cannot scrape the engine: %s", exc)
             return None
-        return parse_vllm_metrics(text, time.monotonic())
+        return parse_engine_metrics(text, time.monotonic())
+
+    async def prepare(self) -> None:
+        """Before registering: which engine answers (from its metrics), and the warm-up benchmark, whose decode
+        rate is the capacity reported (unless the operator gave one with --tokens-per-sec)."""
+        request = pb.RegisterNodeRequest()
+        request.CopyFrom(self.config.registration)
+        sample = await self.scrape()
+        if sample is not None and not request.engine:
+            request.engine = sample.engine
+        if self.config.warmup_requests > 0:
+            try:
+                result = await benchmark(self.session, self.config.engine_url, request.models[0],
+                                         concurrency=self.config.warmup_requests,
+                                         decode_tokens=self.config.warmup_decode_tokens)
+            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+                log.warning("warm-up benchmark failed (%s); registering without a measured capacity", exc)
+            else:
+                log.info("warm-up: prefill %d tokens/s, decode %d tokens/s", result.prefill_tokens_per_sec,
+                         result.decode_tokens_per_sec)
+                request.prefill_tokens_per_sec = result.prefill_tokens_per_sec
+                if not request.throughput_tokens_per_sec:
+                    request.throughput_tokens_per_sec = result.decode_tokens_per_sec
+        self.registration = request
+
+    async def clean_disk(self) -> None:
+        models = list(self.config.registration.models)
+        while self.config.model_dir is not None:
+            removed = await asyncio.to_thread(clean_model_dir, self.config.model_dir, models,
+                                              self.config.cleanup_min_age_s)
+            if removed:
+                log.info("disk cleanup removed %d old model entr%s", len(removed), "y" if len(removed) == 1 else "ies")
+            await asyncio.sleep(self.config.cleanup_interval_s)
 
     async def metrics(self) -> None:
         while True:
@@ -149,10 +196,11 @@ async def run_agent(config: AgentConfig, stopping: asyncio.Event) -> None:
             await wait_engine_ready(session, config.engine_url, stopping)
             if stopping.is_set():
                 return
+            await agent.prepare()
             if not await _register_with_retry(agent, stopping, config.backoff):
                 return
             tasks += [asyncio.create_task(agent.heartbeats()), asyncio.create_task(agent.metrics()),
-                      asyncio.create_task(agent.watch_spot())]
+                      asyncio.create_task(agent.watch_spot()), asyncio.create_task(agent.clean_disk())]
             # A spot notice drains at once (the cloud takes the machine soon); SIGTERM drains too.
             await _first_of(stopping, agent.evicted)
             try:

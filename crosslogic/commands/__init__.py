@@ -32,6 +32,7 @@ SERVER_COMMANDS: dict[str, dict[str, str]] = {
     "crosslogic.commands.billing": {"billing": "Stripe metering, reconciliation",
                                "finops": "internal cost model: GPU cost, cost per token, margins"},
     "crosslogic.commands.limits": {"limits": "rate limits, quotas and layer policy"},
+    "crosslogic.commands.fleet": {"fleet": "the GPU fleet: autoscaling policy per pool, machines"},
 }
 # Accepted before and after any subcommand.
 GLOBAL_OPTIONS = ("--state-dir", "--log-level", "--json")
@@ -65,6 +66,11 @@ def _serve(args: argparse.Namespace) -> int:
 
         host, port = split_listen(args.listen)
         return run_service(lambda: serve_api(settings, host, port))
+    if args.service == "fleet":
+        from crosslogic.fleet.service import serve_fleet
+
+        host, port = split_listen(args.listen)
+        return run_service(lambda: serve_fleet(settings, host, port))
     if args.service == "xds":
         from crosslogic.xds.model import GatewaySettings, client_bounds
         from crosslogic.xds.service import serve_xds
@@ -197,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one control-plane service",
                            description="one service process (`crosslogic up` runs them all)")
-    serve.add_argument("service", choices=["authz", "ratelimit", "accounting", "api", "xds"],
-                       help="which service")
+    serve.add_argument("service", choices=["authz", "ratelimit", "accounting", "api", "xds", "fleet"],
+                       help="which service (fleet: the GPU autoscaler; --listen serves its /metrics)")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="where the service listens")
     serve.add_argument("--gateway-host", default="127.0.0.1", help="xds: the gateway listener address")
     serve.add_argument("--gateway-port", type=int, default=8080, help="xds: the gateway listener port")

@@ -22,7 +22,7 @@ def _agent(args: argparse.Namespace) -> int:
         name=args.name, region=args.region, cloud=args.cloud, spot=args.spot, gpu_type=args.gpu_type,
         vram_total_gb=args.vram_gb, vram_free_gb=args.vram_gb, throughput_tokens_per_sec=args.tokens_per_sec,
         models=args.model, endpoint_host=host, endpoint_port=int(port), tailnet_ip=args.tailnet_ip or "",
-        reserved_org_id=args.reserved_org or "", model_version=args.model_version)
+        reserved_org_id=args.reserved_org or "", model_version=args.model_version, engine=args.engine or "")
     config = AgentConfig(
         control_plane=args.control_plane, registration=registration,
         engine_url=args.engine_url or f"http://{args.advertise}",
@@ -30,7 +30,9 @@ def _agent(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval, metrics_interval_s=args.metrics_interval,
         spot_interval_s=args.spot_interval, spot_urls=(args.aws_spot_url, args.gcp_spot_url, args.azure_spot_url),
         drain_timeout_s=args.drain_timeout, tls_dir=Path(args.tls_dir) if args.tls_dir else None,
-        backoff=Backoff(initial_s=args.restart_backoff))
+        backoff=Backoff(initial_s=args.restart_backoff), warmup_requests=args.warmup_requests,
+        warmup_decode_tokens=args.warmup_decode_tokens, model_dir=Path(args.model_dir) if args.model_dir else None,
+        cleanup_interval_s=args.cleanup_interval, cleanup_min_age_s=args.cleanup_min_age)
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -96,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--spot", action="store_true", help="a spot / preemptible instance")
     a.add_argument("--gpu-type", default="unknown", help="GPU model, e.g. A100-80GB (FinOps)")
     a.add_argument("--vram-gb", type=int, default=0, help="GPU memory in GiB")
-    a.add_argument("--tokens-per-sec", type=int, default=0, help="expected decode capacity (0 = catalogue)")
+    a.add_argument("--tokens-per-sec", type=int, default=0,
+                   help="decode capacity (0 = what the warm-up measures, else the catalogue's)")
     a.add_argument("--tailnet-ip", help="the node's tailnet address, if any")
     a.add_argument("--reserved-org", help="org id this node is dedicated to")
     a.add_argument("--model-version", default="", help="version of the served model (see `upgrade`)")
@@ -110,6 +113,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for in-flight requests when draining")
     a.add_argument("--restart-backoff", type=float, default=1.0, help="first restart delay in seconds")
     a.add_argument("--tls-dir", help="directory with ca.pem, node.pem, node.key (`crosslogic pki issue-node`)")
+    a.add_argument("--engine", choices=["vllm", "sglang"], help="the engine (default: found from its /metrics)")
+    a.add_argument("--warmup-requests", type=int, default=4, help="concurrent streams of the warm-up benchmark "
+                   "before registering (its decode rate is the capacity reported; 0 = no warm-up)")
+    a.add_argument("--warmup-decode-tokens", type=int, default=32, help="tokens each warm-up stream decodes")
+    a.add_argument("--model-dir", help="disk cleanup: remove other models' files from this directory "
+                   "(e.g. the Hugging Face cache); the served model is kept")
+    a.add_argument("--cleanup-interval", type=float, default=3600.0, help="seconds between disk cleanups")
+    a.add_argument("--cleanup-min-age", type=float, default=3600.0,
+                   help="never remove files modified more recently than this many seconds (downloads)")
     a.set_defaults(handler=_agent)
 
     u = sub.add_parser("upgrade", help="model upgrade: drain every node of MODEL not at VERSION, in each region "

@@ -65,7 +65,7 @@ REGION_COLS = [col("region_id", "REGION"), col("display_name", "NAME"),
                ("FALLBACK", lambda r: " > ".join(r.fallback_chain) or "-"),
                ("PRICE_X", lambda r: t.ppm_to_multiplier(r.price_multiplier_ppm)),
                col("status")]  # fmt: skip
-NODE_COLS = [col("name"), col("region"), col("status"),
+NODE_COLS = [col("name"), col("region"), col("status"), col("status_reason", "REASON"), col("engine"),
              ("ENDPOINT", lambda n: f"{n.endpoint_host}:{n.endpoint_port}"), col("model_list", "MODELS"),
              col("cloud"), col("spot"), col("gpu_type", "GPU"), col("reserved_org_id", "RESERVED_FOR"),
              col("last_heartbeat_at", "HEARTBEAT")]  # fmt: skip

@@ -127,7 +127,7 @@ def start_stack(stack: Stack) -> Stack:
                       CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"),
                       CROSSLOGIC_LOG_LEVEL=options.log_level)
     ports = {name: free_port() for name in ("xds", "authz", "release", "ratelimit", "accounting", "api", "admin",
-                                            "nodeagent",
+                                            "nodeagent", "fleet",
                                             "accounting_metrics", "authz_metrics", "ratelimit_metrics",
                                             "supervisor_metrics")}
     ports["supervisor_metrics"] = SupervisorSettings().supervisor_metrics_port or ports["supervisor_metrics"]
@@ -139,6 +139,9 @@ def start_stack(stack: Stack) -> Stack:
         env[f"CROSSLOGIC_{name.upper()}_PORT"] = str(ports[name])
     # The accounting service rotates Envoy's usage log and asks Envoy to reopen it.
     env["CROSSLOGIC_ENVOY_ADMIN_URL"] = f"http://127.0.0.1:{ports['admin']}"
+    for name, value in (("FLEET_CONTROL_PLANE", f"127.0.0.1:{ports['nodeagent']}"),
+                        ("FLEET_WORKDIR", str(state / "fleet"))):
+        env[f"CROSSLOGIC_{name}"] = env.get(f"CROSSLOGIC_{name}") or value
     # Rate-limit admission: inside ext_authz (default), or Envoy's ratelimit filter + `serve ratelimit`.
     env["CROSSLOGIC_ADMISSION"] = settings.admission
     rls = [("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"])] \
@@ -158,6 +161,8 @@ def start_stack(stack: Stack) -> Stack:
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
                  "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}",
                  "--admission", settings.admission, "--transport", transport]),
+        # The GPU autoscaler (docs/fleet.md): launches nodes only for pools with a fleet policy row.
+        ("fleet", ["serve", "fleet", "--listen", f"127.0.0.1:{ports['fleet']}"]),
     ):
         child = _service(name, argv, logs, env)
         stack.services.append(child)

@@ -1,4 +1,5 @@
-"""Run one simulated vLLM node: ``python -m crosslogic.sim --port 8001 --model llama-3-8b``.
+"""Run one simulated vLLM (or, with --engine sglang, SGLang) node:
+``python -m crosslogic.sim --port 8001 --model llama-3-8b``.
 
 SIGTERM or SIGINT stops accepting connections and lets in-flight requests finish (``--shutdown-timeout``).
 """
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SimulatorConfig, argparse
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--node-name", default="sim-0")
     p.add_argument("--shutdown-timeout", type=float, default=10.0)
+    p.add_argument("--engine", choices=["vllm", "sglang"], default="vllm",
+                   help="which engine's API, metrics and quirks to present (default: vllm)")
+    p.add_argument("--kv-cache-tokens", type=int, default=131072, help="KV-cache capacity in tokens")
     args = p.parse_args(argv)
     config = SimulatorConfig(
         models=tuple(args.models or ["llama-3-8b"]),
@@ -37,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SimulatorConfig, argparse
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         node_name=args.node_name,
+        engine=args.engine,
+        kv_cache_tokens=args.kv_cache_tokens,
     )
     return config, args
 

@@ -1,4 +1,5 @@
 """A vLLM 0.32 OpenAI-compatible server, simulated: the only stand-in for a GPU node in this project.
+(``engine="sglang"`` presents the same engine as SGLang instead: crosslogic/sim/sglang.py.)
 
 Shapes, status codes, error JSON and SSE framing follow vLLM 0.32.0's own code (``vllm/entrypoints``):
 
@@ -60,6 +61,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 RUNTIME_FIELDS = ("ttft_ms", "tokens_per_sec", "default_completion_tokens", "healthy", "sse_fragment_bytes",
                   "engine_error_after_tokens")
 _OPTIONAL_FIELDS = ("engine_error_after_tokens",)  # may be set to null
+ENGINES = ("vllm", "sglang")
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,13 @@ class SimulatorConfig:
     healthy: bool = True
     sse_fragment_bytes: int = 0  # test-only: > 0 writes each SSE event in pieces this big
     engine_error_after_tokens: int | None = None  # test-only: each sequence fails (finish "error") after k tokens
+    engine: str = "vllm"  # the persona: "vllm" (this module) or "sglang" (crosslogic/sim/sglang.py)
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("a simulator serves at least one model name")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
         object.__setattr__(self, "models", tuple(self.models))
 
     @property
@@ -768,10 +773,18 @@ class _Handlers:
 
 def build_app(config: SimulatorConfig) -> web.Application:
     stats = SimStats()
-    engine = _Engine(config, stats, _Metrics(config.model_name, stats, config.kv_cache_tokens))
-    h = _Handlers(engine)
+    if config.engine == "sglang":
+        from crosslogic.sim import sglang
+
+        engine = _Engine(config, stats, sglang.SglangMetrics(config.model_name, stats, config.kv_cache_tokens))
+        h: _Handlers = sglang.SglangHandlers(engine)
+        middleware = sglang.error_middleware
+    else:
+        engine = _Engine(config, stats, _Metrics(config.model_name, stats, config.kv_cache_tokens))
+        h = _Handlers(engine)
+        middleware = _error_middleware
     # uvicorn sets no body limit; aiohttp's default 1 MiB would turn long prompts into 413s.
-    app = web.Application(middlewares=[_error_middleware], client_max_size=256 * 1024**2)
+    app = web.Application(middlewares=[middleware], client_max_size=256 * 1024**2)
     app[SIM_STATS] = stats
     app[_ENGINE] = engine
     app.router.add_post("/v1/chat/completions", h.chat)
@@ -784,6 +797,8 @@ def build_app(config: SimulatorConfig) -> web.Application:
     app.router.add_get("/sim/config", h.get_config)
     app.router.add_post("/sim/config", h.set_config)
     app.router.add_get("/sim/stats", h.stats)
+    if config.engine == "sglang":
+        sglang.add_routes(app, h)
     return app
 
 

@@ -6,6 +6,15 @@ State machine of an agent-managed node (seed §22-§23):
     active/draining --(no heartbeat for dead_after)--> dead;  dead --(remove_after)--> row deleted
     (no heartbeat for heartbeat_timeout: still 'active' in the table, but UNHEALTHY in every snapshot)
 
+A machine the fleet launched (crosslogic/fleet, migration 009) starts earlier and ends later:
+
+    provisioning (asked of the provider) --> registering (machine up) --(agent registers)--> active ...
+    ... dead --(the fleet gave the machine back)--> terminated --(remove_after)--> row deleted
+    (a launch that fails, or never registers in time, goes to terminated directly)
+
+Only active and draining nodes are routed to; the other states are bookkeeping (and FinOps: a machine costs
+from provisioning to terminated, see node_lifetimes).
+
 Nodes added by an operator without an agent (`agent_managed = false`) follow only their status column.
 """
 
@@ -19,16 +28,17 @@ import asyncpg
 SQL_REGISTER = """
 INSERT INTO nodes AS n (name, region, cloud, spot, gpu_type, vram_total_gb, vram_free_gb,
     throughput_tokens_per_sec, model_list, endpoint_host, endpoint_port, tailnet_ip, reserved_org_id,
-    model_version, agent_managed, status, status_reason, last_heartbeat_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULLIF($12, ''), $13::uuid, $14, true, 'active', 'registered',
-    now())
+    model_version, engine, prefill_tokens_per_sec, agent_managed, status, status_reason, last_heartbeat_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULLIF($12, ''), $13::uuid, $14, $15, $16, true, 'active',
+    'registered', now())
 ON CONFLICT (name) DO UPDATE SET
     region = EXCLUDED.region, cloud = EXCLUDED.cloud, spot = EXCLUDED.spot, gpu_type = EXCLUDED.gpu_type,
     vram_total_gb = EXCLUDED.vram_total_gb, vram_free_gb = EXCLUDED.vram_free_gb,
     throughput_tokens_per_sec = EXCLUDED.throughput_tokens_per_sec, model_list = EXCLUDED.model_list,
     endpoint_host = EXCLUDED.endpoint_host, endpoint_port = EXCLUDED.endpoint_port,
     tailnet_ip = EXCLUDED.tailnet_ip, reserved_org_id = EXCLUDED.reserved_org_id,
-    model_version = EXCLUDED.model_version, agent_managed = true, status = 'active',
+    model_version = EXCLUDED.model_version, engine = EXCLUDED.engine,
+    prefill_tokens_per_sec = EXCLUDED.prefill_tokens_per_sec, agent_managed = true, status = 'active',
     status_reason = 'registered', last_heartbeat_at = now()
 RETURNING node_id::text AS node_id, (xmax = 0) AS created
 """
@@ -68,13 +78,14 @@ WHERE node_id = $1 AND status = 'active' AND {_PINNED.replace("$cloud", "$3").re
 """
 SQL_SHUTDOWN = f"""
 UPDATE nodes n SET status = 'dead', status_reason = $2
-WHERE node_id = $1 AND status <> 'dead' AND {_PINNED.replace("$cloud", "$3").replace("$org", "$4")}
+WHERE node_id = $1 AND status NOT IN ('dead', 'terminated')
+  AND {_PINNED.replace("$cloud", "$3").replace("$org", "$4")}
 """
 # The sweeper: one statement each, safe to run from several control-plane replicas at once.
 SQL_SWEEP_SILENT = """
 UPDATE nodes n SET status = 'dead', status_reason = 'no heartbeat'
 FROM node_load l
-WHERE l.node_id = n.node_id AND n.agent_managed AND n.status <> 'dead'
+WHERE l.node_id = n.node_id AND n.agent_managed AND n.status IN ('active', 'draining')
   AND l.last_heartbeat_at < now() - make_interval(secs => $1)
 """
 SQL_SWEEP_DRAINED = """
@@ -83,15 +94,17 @@ WHERE agent_managed AND status = 'draining' AND status_changed_at < now() - make
 """
 SQL_SWEEP_REMOVE = """
 DELETE FROM nodes
-WHERE agent_managed AND status = 'dead' AND status_changed_at < now() - make_interval(secs => $1)
+WHERE (agent_managed AND status = 'dead' OR status = 'terminated')
+  AND status_changed_at < now() - make_interval(secs => $1)
 """
 SQL_SWEEP_DUE = """
 SELECT
-  EXISTS (SELECT 1 FROM nodes n JOIN node_load l USING (node_id) WHERE n.agent_managed AND n.status <> 'dead'
+  EXISTS (SELECT 1 FROM nodes n JOIN node_load l USING (node_id) WHERE n.agent_managed
+          AND n.status IN ('active', 'draining')
           AND l.last_heartbeat_at < now() - make_interval(secs => $1)) AS silent,
   EXISTS (SELECT 1 FROM nodes WHERE agent_managed AND status = 'draining'
           AND status_changed_at < now() - make_interval(secs => $2)) AS drained,
-  EXISTS (SELECT 1 FROM nodes WHERE agent_managed AND status = 'dead'
+  EXISTS (SELECT 1 FROM nodes WHERE (agent_managed AND status = 'dead' OR status = 'terminated')
           AND status_changed_at < now() - make_interval(secs => $3)) AS removable
 """
 SQL_DRAIN_OLD_VERSIONS = """
@@ -123,6 +136,8 @@ class Registration:
     tailnet_ip: str = ""
     reserved_org_id: str = ""
     model_version: str = ""
+    engine: str = "vllm"
+    prefill_tokens_per_sec: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,7 +191,7 @@ async def register(conn: asyncpg.Connection, reg: Registration, scope: NodeScope
             SQL_REGISTER, reg.name, reg.region, reg.cloud, reg.spot, reg.gpu_type, reg.vram_total_gb,
             reg.vram_free_gb, reg.throughput_tokens_per_sec, list(reg.models), reg.endpoint_host,
             reg.endpoint_port, reg.tailnet_ip, uuid.UUID(reg.reserved_org_id) if reg.reserved_org_id else None,
-            reg.model_version)
+            reg.model_version, reg.engine, reg.prefill_tokens_per_sec)
         await conn.execute(SQL_RESET_LOAD, row["node_id"])
         return row["node_id"]
 

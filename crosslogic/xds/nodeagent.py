@@ -22,7 +22,8 @@ def registration_from(request: pb.RegisterNodeRequest) -> registry.Registration:
         gpu_type=request.gpu_type or "unknown", vram_total_gb=request.vram_total_gb,
         vram_free_gb=request.vram_free_gb, throughput_tokens_per_sec=request.throughput_tokens_per_sec,
         models=tuple(request.models), endpoint_host=request.endpoint_host, endpoint_port=request.endpoint_port,
-        tailnet_ip=request.tailnet_ip, reserved_org_id=request.reserved_org_id, model_version=request.model_version)
+        tailnet_ip=request.tailnet_ip, reserved_org_id=request.reserved_org_id, model_version=request.model_version,
+        engine=request.engine or "vllm", prefill_tokens_per_sec=request.prefill_tokens_per_sec)
 
 
 def peer_scope(context: grpc.aio.ServicerContext, tls: bool) -> registry.NodeScope | None:

@@ -20,7 +20,7 @@ SELECT n.node_id::text AS node_id, n.region, n.endpoint_host, n.endpoint_port, n
        l.requests_running, l.requests_waiting, l.kv_cache_usage, l.generation_tokens_per_sec, l.metrics_at,
        l.ttft_s, l.ttft_baseline_s
 FROM nodes n LEFT JOIN node_load l USING (node_id)
-WHERE n.status <> 'dead'
+WHERE n.status IN ('active', 'draining')  -- provisioning / registering / dead / terminated are never routed
 """
 _MODELS_SQL = "SELECT model_id, tokens_per_sec FROM models WHERE status = 'active'"
 

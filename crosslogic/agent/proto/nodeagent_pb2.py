@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&crosslogic/agent/proto/nodeagent.proto\x12\x17\x63rosslogic.nodeagent.v1\"\xb4\x02\n\x13RegisterNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\r\n\x05\x63loud\x18\x03 \x01(\t\x12\x0c\n\x04spot\x18\x04 \x01(\x08\x12\x10\n\x08gpu_type\x18\x05 \x01(\t\x12\x15\n\rvram_total_gb\x18\x06 \x01(\r\x12\x14\n\x0cvram_free_gb\x18\x07 \x01(\r\x12!\n\x19throughput_tokens_per_sec\x18\x08 \x01(\r\x12\x0e\n\x06models\x18\t \x03(\t\x12\x15\n\rendpoint_host\x18\n \x01(\t\x12\x15\n\rendpoint_port\x18\x0b \x01(\r\x12\x12\n\ntailnet_ip\x18\x0c \x01(\t\x12\x17\n\x0freserved_org_id\x18\r \x01(\t\x12\x15\n\rmodel_version\x18\x0e \x01(\t\"c\n\x14RegisterNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1b\n\x13metrics_interval_ms\x18\x03 \x01(\r\"=\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10\x65ngine_unhealthy\x18\x02 \x01(\x08\"#\n\x11HeartbeatResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\"\xbb\x01\n\x0eMetricsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10requests_running\x18\x02 \x01(\x01\x12\x18\n\x10requests_waiting\x18\x03 \x01(\x01\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12!\n\x19generation_tokens_per_sec\x18\x05 \x01(\x01\x12\x14\n\x0cvram_free_gb\x18\x06 \x01(\r\x12\x13\n\x0bmean_ttft_s\x18\x07 \x01(\x01\"\x11\n\x0fMetricsResponse\"H\n\x13SpotEvictionRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x16\n\x14SpotEvictionResponse\"A\n\x0fShutdownRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\"\x12\n\x10ShutdownResponse2\x96\x04\n\tNodeAgent\x12k\n\x0cRegisterNode\x12,.crosslogic.nodeagent.v1.RegisterNodeRequest\x1a-.crosslogic.nodeagent.v1.RegisterNodeResponse\x12\x66\n\rSendHeartbeat\x12).crosslogic.nodeagent.v1.HeartbeatRequest\x1a*.crosslogic.nodeagent.v1.HeartbeatResponse\x12`\n\x0bSendMetrics\x12\'.crosslogic.nodeagent.v1.MetricsRequest\x1a(.crosslogic.nodeagent.v1.MetricsResponse\x12q\n\x12NotifySpotEviction\x12,.crosslogic.nodeagent.v1.SpotEvictionRequest\x1a-.crosslogic.nodeagent.v1.SpotEvictionResponse\x12_\n\x08Shutdown\x12(.crosslogic.nodeagent.v1.ShutdownRequest\x1a).crosslogic.nodeagent.v1.ShutdownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&crosslogic/agent/proto/nodeagent.proto\x12\x17\x63rosslogic.nodeagent.v1\"\xe4\x02\n\x13RegisterNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\r\n\x05\x63loud\x18\x03 \x01(\t\x12\x0c\n\x04spot\x18\x04 \x01(\x08\x12\x10\n\x08gpu_type\x18\x05 \x01(\t\x12\x15\n\rvram_total_gb\x18\x06 \x01(\r\x12\x14\n\x0cvram_free_gb\x18\x07 \x01(\r\x12!\n\x19throughput_tokens_per_sec\x18\x08 \x01(\r\x12\x0e\n\x06models\x18\t \x03(\t\x12\x15\n\rendpoint_host\x18\n \x01(\t\x12\x15\n\rendpoint_port\x18\x0b \x01(\r\x12\x12\n\ntailnet_ip\x18\x0c \x01(\t\x12\x17\n\x0freserved_org_id\x18\r \x01(\t\x12\x15\n\rmodel_version\x18\x0e \x01(\t\x12\x0e\n\x06\x65ngine\x18\x0f \x01(\t\x12\x1e\n\x16prefill_tokens_per_sec\x18\x10 \x01(\r\"c\n\x14RegisterNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1b\n\x13metrics_interval_ms\x18\x03 \x01(\r\"=\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10\x65ngine_unhealthy\x18\x02 \x01(\x08\"#\n\x11HeartbeatResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\"\xbb\x01\n\x0eMetricsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10requests_running\x18\x02 \x01(\x01\x12\x18\n\x10requests_waiting\x18\x03 \x01(\x01\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12!\n\x19generation_tokens_per_sec\x18\x05 \x01(\x01\x12\x14\n\x0cvram_free_gb\x18\x06 \x01(\r\x12\x13\n\x0bmean_ttft_s\x18\x07 \x01(\x01\"\x11\n\x0fMetricsResponse\"H\n\x13SpotEvictionRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x16\n\x14SpotEvictionResponse\"A\n\x0fShutdownRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\"\x12\n\x10ShutdownResponse2\x96\x04\n\tNodeAgent\x12k\n\x0cRegisterNode\x12,.crosslogic.nodeagent.v1.RegisterNodeRequest\x1a-.crosslogic.nodeagent.v1.RegisterNodeResponse\x12\x66\n\rSendHeartbeat\x12).crosslogic.nodeagent.v1.HeartbeatRequest\x1a*.crosslogic.nodeagent.v1.HeartbeatResponse\x12`\n\x0bSendMetrics\x12\'.crosslogic.nodeagent.v1.MetricsRequest\x1a(.crosslogic.nodeagent.v1.MetricsResponse\x12q\n\x12NotifySpotEviction\x12,.crosslogic.nodeagent.v1.SpotEvictionRequest\x1a-.crosslogic.nodeagent.v1.SpotEvictionResponse\x12_\n\x08Shutdown\x12(.crosslogic.nodeagent.v1.ShutdownRequest\x1a).crosslogic.nodeagent.v1.ShutdownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crosslogic.agent.proto.node
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERNODEREQUEST']._serialized_start=68
-  _globals['_REGISTERNODEREQUEST']._serialized_end=376
-  _globals['_REGISTERNODERESPONSE']._serialized_start=378
-  _globals['_REGISTERNODERESPONSE']._serialized_end=477
-  _globals['_HEARTBEATREQUEST']._serialized_start=479
-  _globals['_HEARTBEATREQUEST']._serialized_end=540
-  _globals['_HEARTBEATRESPONSE']._serialized_start=542
-  _globals['_HEARTBEATRESPONSE']._serialized_end=577
-  _globals['_METRICSREQUEST']._serialized_start=580
-  _globals['_METRICSREQUEST']._serialized_end=767
-  _globals['_METRICSRESPONSE']._serialized_start=769
-  _globals['_METRICSRESPONSE']._serialized_end=786
-  _globals['_SPOTEVICTIONREQUEST']._serialized_start=788
-  _globals['_SPOTEVICTIONREQUEST']._serialized_end=860
-  _globals['_SPOTEVICTIONRESPONSE']._serialized_start=862
-  _globals['_SPOTEVICTIONRESPONSE']._serialized_end=884
-  _globals['_SHUTDOWNREQUEST']._serialized_start=886
-  _globals['_SHUTDOWNREQUEST']._serialized_end=951
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=953
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=971
-  _globals['_NODEAGENT']._serialized_start=974
-  _globals['_NODEAGENT']._serialized_end=1508
+  _globals['_REGISTERNODEREQUEST']._serialized_end=424
+  _globals['_REGISTERNODERESPONSE']._serialized_start=426
+  _globals['_REGISTERNODERESPONSE']._serialized_end=525
+  _globals['_HEARTBEATREQUEST']._serialized_start=527
+  _globals['_HEARTBEATREQUEST']._serialized_end=588
+  _globals['_HEARTBEATRESPONSE']._serialized_start=590
+  _globals['_HEARTBEATRESPONSE']._serialized_end=625
+  _globals['_METRICSREQUEST']._serialized_start=628
+  _globals['_METRICSREQUEST']._serialized_end=815
+  _globals['_METRICSRESPONSE']._serialized_start=817
+  _globals['_METRICSRESPONSE']._serialized_end=834
+  _globals['_SPOTEVICTIONREQUEST']._serialized_start=836
+  _globals['_SPOTEVICTIONREQUEST']._serialized_end=908
+  _globals['_SPOTEVICTIONRESPONSE']._serialized_start=910
+  _globals['_SPOTEVICTIONRESPONSE']._serialized_end=932
+  _globals['_SHUTDOWNREQUEST']._serialized_start=934
+  _globals['_SHUTDOWNREQUEST']._serialized_end=999
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=1001
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=1019
+  _globals['_NODEAGENT']._serialized_start=1022
+  _globals['_NODEAGENT']._serialized_end=1556
 # @@protoc_insertion_point(module_scope)

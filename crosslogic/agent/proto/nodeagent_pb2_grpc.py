@@ -79,7 +79,7 @@ class NodeAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendMetrics(self, request, context):
-        """vLLM load, scraped from its /metrics.
+        """Engine load (vLLM or SGLang), scraped from its /metrics.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

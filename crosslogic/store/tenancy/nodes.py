@@ -41,7 +41,9 @@ class Node:
     spot: bool
     gpu_type: str
     reserved_org_id: str | None
-    status: str
+    status: str  # provisioning, registering, active, draining, dead, terminated (xds/node_registry.py)
+    status_reason: str
+    engine: str
     weight: int
     last_heartbeat_at: datetime | None
     created_at: datetime
@@ -58,7 +60,7 @@ def _node(r: asyncpg.Record) -> Node:
 
 
 _NODE_COLS = """node_id, name, region, model_list, endpoint_host, endpoint_port, cloud, spot, gpu_type,
-    reserved_org_id, status, weight, last_heartbeat_at, created_at"""
+    reserved_org_id, status, status_reason, engine, weight, last_heartbeat_at, created_at"""
 
 
 SQL_SELECT_NODES = (
