@@ -36,7 +36,7 @@ TICK_S = 0.3
 
 @pytest.fixture(scope="module")
 def fleet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    yield from _run_stack(tmp_path_factory, "authz", {"CROSSLOGIC_FLEET_TICK": "3600"})
+    yield from _run_stack(tmp_path_factory, "authz", "http", {"CROSSLOGIC_FLEET_TICK": "3600"})
 
 
 @dataclass
