@@ -66,6 +66,12 @@ def parse_usage_line(line: bytes) -> UsageRecord | None:
     except ValueError:
         log.error("unreadable usage log line skipped: %.200r", line)
         return None
+    return parse_usage_fields(fields)
+
+
+def parse_usage_fields(fields: object) -> UsageRecord | None:
+    """The usage log's fields, however they were carried (a JSON line; a fluentd record in
+    bench/access_log_paths.py) -> a record; None if not billable."""
     if not isinstance(fields, dict):
         return None
     upstream = fields.get("upstream")
