@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crosslogic.accounting.usage import UsageRecord
 from crosslogic.ratelimit import admission
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, UNRESERVED, Limiter, tenant_scope
 from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
-from crosslogic.ratelimit.quota import quota_keys
+from crosslogic.ratelimit.quota import count_usage_commands, quota_keys
 from crosslogic.ratelimit.resp import ScriptClient
 from crosslogic.ratelimit.settlement import Settler
 
@@ -139,3 +141,18 @@ async def test_after_a_valkey_restart_a_bucket_hands_back_at_most_a_minute_of_re
     finally:
         await redis.aclose()
         server.stop()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["o1", "o2"]), st.sampled_from(["e1", "e2"]), st.integers(-5, 1_000),
+                          st.sampled_from([datetime(2026, 12, 1, 23, 59, tzinfo=UTC),
+                                           datetime(2026, 12, 2, 0, 1, tzinfo=UTC)])), max_size=40))
+def test_a_batch_s_quota_commands_add_what_each_request_would_once_per_counter(usages):
+    expected: dict[str, int] = {}
+    for org, env, tokens, at in usages:
+        for key in quota_keys(org, env, at):
+            if tokens > 0:
+                expected[key] = expected.get(key, 0) + tokens
+    commands = count_usage_commands(usages)
+    assert {key: n for name, key, n in commands if name == "INCRBY"} == expected
+    assert len(commands) == 2 * len(expected)  # one INCRBY and one EXPIRE per counter
+    assert {key for name, key, _ in commands if name == "EXPIRE"} == set(expected)

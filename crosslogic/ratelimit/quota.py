@@ -114,13 +114,17 @@ class QuotaCounters:
 
 
 def count_usage_commands(usages: list[tuple[str, str, int, datetime]]) -> list[tuple[str, str, int]]:
-    """The Redis commands that count settled requests (org, env, tokens, when) against their quotas."""
-    commands: list[tuple[str, str, int]] = []
+    """The Redis commands that count settled requests (org, env, tokens, when) against their quotas: one
+    INCRBY (the batch's sum) and one EXPIRE per counter, however many of the batch's requests it counts."""
+    totals: dict[str, int] = {}
     for org_id, env_id, tokens, at in usages:
         if tokens > 0:
             for key in quota_keys(org_id, env_id, at):
-                commands.append(("INCRBY", key, tokens))
-                commands.append(("EXPIRE", key, PERIOD_TTL_S[key.rsplit(":", 2)[1]]))
+                totals[key] = totals.get(key, 0) + tokens
+    commands: list[tuple[str, str, int]] = []
+    for key, tokens in totals.items():
+        commands.append(("INCRBY", key, tokens))
+        commands.append(("EXPIRE", key, PERIOD_TTL_S[key.rsplit(":", 2)[1]]))
     return commands
 
 
