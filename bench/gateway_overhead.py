@@ -99,8 +99,16 @@ def start_plain_envoy(state: Path, node_urls: list[str]) -> tuple[subprocess.Pop
     return proc, listen_port
 
 
-def transport_env(transport: str) -> dict[str, str]:
-    return {**os.environ, "CROSSLOGIC_AUTHZ_TRANSPORT": transport}
+def transport_env(transport: str, source: Path | None = None) -> dict[str, str]:
+    """The environment of a stack on `transport`; with `source` (a checkout of another commit) that commit's
+    package is imported instead of this one (an A/B of two versions in one run)."""
+    env = {**os.environ, "CROSSLOGIC_AUTHZ_TRANSPORT": transport}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+BASELINE = " (baseline)"
 
 
 def pooled(results: list[LoadResult]) -> LoadResult:
@@ -113,7 +121,7 @@ ROUTER = "envoy router only"
 
 
 def _name(transport: str) -> str:
-    return f"full chain, {transport}"
+    return f"full chain, {transport.replace(BASELINE, ' @base')}"
 
 
 async def measure(args: argparse.Namespace, stacks: dict[str, tuple[subprocess.Popen, dict]],
@@ -131,7 +139,7 @@ async def measure(args: argparse.Namespace, stacks: dict[str, tuple[subprocess.P
         targets[_name(transport)] = (port, build_request("127.0.0.1", port, "/v1/chat/completions", body,
                                                          {"authorization": f"Bearer {info['api_key']}"}), proc.pid)
     names = list(targets)
-    print(f"{'target':<22} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} {'+p50 ms':>8} "
+    print(f"{'target':<28} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} {'+p50 ms':>8} "
           f"{'authz CPU ms/req':>17}")
     for concurrency in args.concurrency:
         runs: dict[str, list[LoadResult]] = {name: [] for name in names}
@@ -147,7 +155,7 @@ async def measure(args: argparse.Namespace, stacks: dict[str, tuple[subprocess.P
         for name in names:
             result = pooled(runs[name])
             authz = f"{1000 * cpu[name] / result.requests:.3f}" if targets[name][2] and result.requests else "-"
-            print(f"{name:<22} {result.rps:>8.0f} {result.p50:>8.2f} {result.percentile(99):>8.2f} "
+            print(f"{name:<28} {result.rps:>8.0f} {result.p50:>8.2f} {result.percentile(99):>8.2f} "
                   f"{result.errors:>7d} {result.rps / router.rps:>6.2f} {result.p50 - router.p50:>+8.2f} "
                   f"{authz:>17}")
 
@@ -158,15 +166,22 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--transports", nargs="+", choices=AUTHZ_TRANSPORTS, default=["grpc", "http"])
+    parser.add_argument("--baseline-src", type=Path, help="a checkout of another commit (git worktree add "
+                        "--detach DIR <commit>): also measure its full chain, in the same rounds")
+    parser.add_argument("--baseline-transports", nargs="+", choices=AUTHZ_TRANSPORTS, default=["http"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="clp-bench-") as tmp:
         stacks: dict[str, tuple[subprocess.Popen, dict]] = {}
         plain = None
         try:
-            for transport in args.transports:
-                state = Path(tmp) / transport
+            runs = [(t, None) for t in args.transports]
+            if args.baseline_src:
+                runs += [(t, args.baseline_src.resolve()) for t in args.baseline_transports]
+            for transport, source in runs:
+                name = transport + (BASELINE if source else "")
+                state = Path(tmp) / name.replace(" ", "_")
                 state.mkdir()
-                stacks[transport] = start_stack(state, free_port(), transport_env(transport))
+                stacks[name] = start_stack(state, free_port(), transport_env(transport, source))
             nodes = [n["url"] for n in next(iter(stacks.values()))[1]["demo_nodes"] if n["model"] == "llama-3-8b"]
             plain, plain_port = start_plain_envoy(Path(tmp), nodes)
             asyncio.run(measure(args, stacks, plain_port))
