@@ -61,11 +61,16 @@ static_resources:
 """
 
 
+SOURCE_ENV = "CROSSLOGIC_BENCH_SOURCE"  # the checkout a stack runs (bench only; its services ignore it)
+
+
 def start_stack(state: Path, port: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     ready = state / "ready.json"
+    # `python -m` puts the working directory first on sys.path: a baseline checkout must be it.
+    source = (env or {}).get(SOURCE_ENV)
     proc = subprocess.Popen([sys.executable, "-m", "crosslogic", "--state-dir", str(state), "up", "--demo",
                              "--port", str(port), "--ready-file", str(ready)],
-                            stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT, env=env)
+                            stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT, env=env, cwd=source)
     wait_until(ready.exists, 120, "crosslogic up", proc)
     info = json.loads(ready.read_text())
     asyncio.run(_lift_plan_limits(info["database_url"]))
@@ -103,8 +108,10 @@ def transport_env(transport: str, source: Path | None = None) -> dict[str, str]:
     """The environment of a stack on `transport`; with `source` (a checkout of another commit) that commit's
     package is imported instead of this one (an A/B of two versions in one run)."""
     env = {**os.environ, "CROSSLOGIC_AUTHZ_TRANSPORT": transport}
+    env.pop(SOURCE_ENV, None)
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
+        env[SOURCE_ENV] = str(source)
     return env
 
 
