@@ -14,7 +14,8 @@ counts it, no ledger or settlement (the same for every path). Variants, measured
 - none: no access log (the baseline: Envoy's own cost of the request).
 - grpc-16k / grpc-256k: the gRPC ALS (`envoy.access_loggers.http_grpc`) with buffer_size_bytes 16 KiB (the
   old setting) or 256 KiB, buffer_flush_interval 100 ms.
-- file: the JSON-lines file log as the only path, tailed every 200 ms (position fsynced per batch).
+- file: the JSON-lines file log as the only path, tailed every 200 ms (position fsynced per batch); Envoy runs
+  with the stack's file flags (`--file-flush-min-size-kb 0`: each line on disk at once, for Envoy SIGKILL).
 - grpc+file: what ships: the ALS plus the file log, whose tail skips (unparsed) the ids the ALS delivered.
 - fluentd: `envoy.access_loggers.fluentd` (msgpack Forward protocol over TCP), flushed every 100 ms.
 - otel: `envoy.access_loggers.open_telemetry` (OTLP logs over gRPC), flushed every 100 ms.
@@ -306,7 +307,9 @@ class Target:
         config = state / f"{variant}.envoy.json"
         config.write_text(json.dumps(envoy_config(variant, self.port, admin, sink_port, self.log_path)))
         self.envoy = subprocess.Popen([str(envoy_binary()), "-c", str(config), "--log-level", "error",
-                                       "--concurrency", "2", "--base-id", str(free_port())],
+                                       "--concurrency", "2", "--base-id", str(free_port()),
+                                       # as the stack runs it (runtime/envoy.py: every line on disk at once)
+                                       "--file-flush-min-size-kb", "0", "--file-flush-interval-msec", "100"],
                                       stdout=open(state / f"{variant}.envoy.log", "wb"), stderr=subprocess.STDOUT)
         wait_until(lambda: port_open("127.0.0.1", self.port), 30, f"envoy ({variant})", self.envoy)
         # A GET: Envoy closes the connection after a direct response to a request whose body it has not read.

@@ -163,8 +163,11 @@ async def test_a_line_within_its_grace_waits_for_the_fast_path_and_is_written_wh
             pass
         assert (replayer.skipped, replayer.replayed, [r.request_id for r in settled]) == (2, 1, ["g-2"])
         assert json.loads(state.read_text())["offset"] == log_path.stat().st_size
+        now[0] = logged_at - 3600  # our clock an hour behind Envoy's: a new line is taken at once, not held
+        append(log_path, usage_line("g-3"))
+        assert await replayer.step() == 1
         async with pool.acquire() as conn:
-            assert await ledger_totals(conn) == (1, 15)
+            assert await ledger_totals(conn) == (2, 30)
     finally:
         await pool.close()
 
