@@ -1,11 +1,14 @@
 """CPU time per request of every process of one `crosslogic up --demo` stack, under a closed-loop load.
 
     .venv/bin/python bench/cpu_per_request.py [--seconds 6] [--concurrency 16] [--transports http grpc]
+                                              [--baseline-src DIR] [--rounds 1]
 
 Attribution is by process tree of this stack only (other stacks on the machine are not counted), so it
 shows which hop bounds the gateway: CPU milliseconds of each process over the run / requests served. With
 several ext_authz transports (CROSSLOGIC_AUTHZ_TRANSPORT), one stack each, measured one after the other, and one
-column each.
+column each. `--baseline-src DIR` (a checkout of another commit: `git worktree add --detach DIR <commit>`) also
+measures each transport on that commit's package, alternating with this one (`--rounds` times each), for a
+before/after in one run.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Gateway overhead: the full CrossLogic chain over each ext_authz transport vs plain Envoy routing.
 
     .venv/bin/python bench/gateway_overhead.py [--seconds 5] [--rounds 2] [--concurrency 1 16]
-                                               [--transports grpc http]
+                                               [--transports grpc http] [--baseline-src DIR]
 
 One run starts one `crosslogic up --demo` stack per transport (CROSSLOGIC_AUTHZ_TRANSPORT) and a plain Envoy
 with a static route to the first stack's simulated nodes, then measures them in interleaved rounds (the order
@@ -11,7 +11,9 @@ load generator; each row pools its rounds. Only the ratios are meaningful across
 Full chain = Envoy + ext_authz (key lookup, payload validation, rate-limit reservation in Valkey; over gRPC or
 the HTTP transport; CROSSLOGIC_ADMISSION=rls measures the older two-hop chain with `serve ratelimit`) + Lua
 usage extraction and lease release + gRPC access log and file log -> accounting sink -> Postgres ledger.
-Baseline = Envoy with a static route only. "authz CPU" is the ext_authz process's CPU per request in that run.
+`--baseline-src DIR` (a checkout of another commit) adds that commit's full chain (`--baseline-transports`, HTTP
+by default) to the same interleaved rounds: a before/after under the same load. Baseline = Envoy with a static
+route only. "authz CPU" is the ext_authz process's CPU per request in that run.
 """
 
 from __future__ import annotations
