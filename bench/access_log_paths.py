@@ -45,6 +45,9 @@ from crosslogic.contract import AUTHZ_NAMESPACE, USAGE_LOG_FORMAT, USAGE_NAMESPA
 from crosslogic.runtime.envoy import envoy_binary  # noqa: E402
 from crosslogic.runtime.processes import free_port, port_open, wait_until  # noqa: E402
 
+# As the stack runs Envoy (runtime/envoy.py: every usage line on disk at once, for Envoy SIGKILL);
+# `--lazy-file-flush` measures Envoy's defaults (64 KiB or 1 s) instead.
+FILE_FLUSH_FLAGS = ["--file-flush-min-size-kb", "0", "--file-flush-interval-msec", "100"]
 VARIANTS = ("none", "grpc-16k", "grpc-256k", "file", "grpc+file", "fluentd", "otel")
 FLUSH = "0.1s"
 # ext_authz's metadata as the HTTP transport leaves it (strings), and the Lua filter's usage keys.
@@ -308,8 +311,7 @@ class Target:
         config.write_text(json.dumps(envoy_config(variant, self.port, admin, sink_port, self.log_path)))
         self.envoy = subprocess.Popen([str(envoy_binary()), "-c", str(config), "--log-level", "error",
                                        "--concurrency", "2", "--base-id", str(free_port()),
-                                       # as the stack runs it (runtime/envoy.py: every line on disk at once)
-                                       "--file-flush-min-size-kb", "0", "--file-flush-interval-msec", "100"],
+                                       *FILE_FLUSH_FLAGS],
                                       stdout=open(state / f"{variant}.envoy.log", "wb"), stderr=subprocess.STDOUT)
         wait_until(lambda: port_open("127.0.0.1", self.port), 30, f"envoy ({variant})", self.envoy)
         # A GET: Envoy closes the connection after a direct response to a request whose body it has not read.
@@ -394,7 +396,10 @@ def main() -> int:
     parser.add_argument("--sink-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--log-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tally", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--lazy-file-flush", action="store_true", help="Envoy's default file flushing")
     args = parser.parse_args()
+    if args.lazy_file_flush:
+        FILE_FLUSH_FLAGS.clear()
     if args.sink:
         asyncio.run(run_sink(args.sink, args.sink_port, args.log_path, args.tally))
         return 0
