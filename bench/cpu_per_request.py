@@ -1,11 +1,14 @@
 """CPU time per request of every process of one `crosslogic up --demo` stack, under a closed-loop load.
 
     .venv/bin/python bench/cpu_per_request.py [--seconds 6] [--concurrency 16] [--transports http grpc]
+                                              [--baseline-src DIR] [--rounds 1]
 
 Attribution is by process tree of this stack only (other stacks on the machine are not counted), so it
 shows which hop bounds the gateway: CPU milliseconds of each process over the run / requests served. With
 several ext_authz transports (CROSSLOGIC_AUTHZ_TRANSPORT), one stack each, measured one after the other, and one
-column each.
+column each. `--baseline-src DIR` (a checkout of another commit: `git worktree add --detach DIR <commit>`) also
+measures each transport on that commit's package, alternating with this one (`--rounds` times each), for a
+before/after in one run.
 """
 
 from __future__ import annotations
@@ -65,10 +68,12 @@ def one_token_chat(info: dict) -> tuple[int, bytes]:
                                {"authorization": f"Bearer {info['api_key']}"})
 
 
-def measure(transport: str, seconds: float, concurrency: int) -> tuple[str, dict[str, float]]:
-    """One stack on `transport`: (summary line, CPU ms per request by role, the load generator included)."""
+def measure(transport: str, seconds: float, concurrency: int, source: Path | None = None
+            ) -> tuple[str, dict[str, float]]:
+    """One stack on `transport` (of the package in `source`, else this one): (summary line, CPU ms per request
+    by role, the load generator included)."""
     with tempfile.TemporaryDirectory(prefix="clp-cpu-") as tmp:
-        stack, info = start_stack(Path(tmp), free_port(), transport_env(transport))
+        stack, info = start_stack(Path(tmp), free_port(), transport_env(transport, source))
         try:
             port, request = one_token_chat(info)
             asyncio.run(run_load("127.0.0.1", port, request, concurrency, 2, warmup_s=0))  # warm caches
@@ -88,11 +93,22 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--transports", nargs="+", choices=AUTHZ_TRANSPORTS, default=[Settings().authz_transport])
+    parser.add_argument("--baseline-src", type=Path, help="a checkout of another commit: each transport is also "
+                        "measured on it, alternating with this one (column '<transport>@base')")
+    parser.add_argument("--rounds", type=int, default=1, help="stacks measured this many times each, alternating; "
+                        "the columns pool them")
     args = parser.parse_args()
-    columns = {}
-    for transport in args.transports:
-        line, columns[transport] = measure(transport, args.seconds, args.concurrency)
-        print(line)
+    runs = [(t, None) for t in args.transports]
+    if args.baseline_src:
+        runs = [run for t in args.transports for run in ((t + "@base", args.baseline_src.resolve()), (t, None))]
+    totals: dict[str, dict[str, float]] = {}
+    for _ in range(args.rounds):
+        for name, source in runs:
+            line, column = measure(name.split("@")[0], args.seconds, args.concurrency, source)
+            print(f"{name} {line}")
+            for role, value in column.items():
+                totals.setdefault(name, {})[role] = totals.get(name, {}).get(role, 0.0) + value / args.rounds
+    columns = totals
     roles = sorted({role for column in columns.values() for role in column} - {"load generator"}) + ["load generator"]
     print(f"{'ms CPU/request':<16}" + "".join(f"{t:>10}" for t in columns))
     for role in roles:

@@ -1,7 +1,7 @@
 """Gateway overhead: the full CrossLogic chain over each ext_authz transport vs plain Envoy routing.
 
     .venv/bin/python bench/gateway_overhead.py [--seconds 5] [--rounds 2] [--concurrency 1 16]
-                                               [--transports grpc http]
+                                               [--transports grpc http] [--baseline-src DIR]
 
 One run starts one `crosslogic up --demo` stack per transport (CROSSLOGIC_AUTHZ_TRANSPORT) and a plain Envoy
 with a static route to the first stack's simulated nodes, then measures them in interleaved rounds (the order
@@ -11,7 +11,9 @@ load generator; each row pools its rounds. Only the ratios are meaningful across
 Full chain = Envoy + ext_authz (key lookup, payload validation, rate-limit reservation in Valkey; over gRPC or
 the HTTP transport; CROSSLOGIC_ADMISSION=rls measures the older two-hop chain with `serve ratelimit`) + Lua
 usage extraction and lease release + gRPC access log and file log -> accounting sink -> Postgres ledger.
-Baseline = Envoy with a static route only. "authz CPU" is the ext_authz process's CPU per request in that run.
+`--baseline-src DIR` (a checkout of another commit) adds that commit's full chain (`--baseline-transports`, HTTP
+by default) to the same interleaved rounds: a before/after under the same load. Baseline = Envoy with a static
+route only. "authz CPU" is the ext_authz process's CPU per request in that run.
 """
 
 from __future__ import annotations
@@ -61,11 +63,16 @@ static_resources:
 """
 
 
+SOURCE_ENV = "CROSSLOGIC_BENCH_SOURCE"  # the checkout a stack runs (bench only; its services ignore it)
+
+
 def start_stack(state: Path, port: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     ready = state / "ready.json"
+    # `python -m` puts the working directory first on sys.path: a baseline checkout must be it.
+    source = (env or {}).get(SOURCE_ENV)
     proc = subprocess.Popen([sys.executable, "-m", "crosslogic", "--state-dir", str(state), "up", "--demo",
                              "--port", str(port), "--ready-file", str(ready)],
-                            stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT, env=env)
+                            stdout=open(state / "up.log", "wb"), stderr=subprocess.STDOUT, env=env, cwd=source)
     wait_until(ready.exists, 120, "crosslogic up", proc)
     info = json.loads(ready.read_text())
     asyncio.run(_lift_plan_limits(info["database_url"]))
@@ -99,8 +106,18 @@ def start_plain_envoy(state: Path, node_urls: list[str]) -> tuple[subprocess.Pop
     return proc, listen_port
 
 
-def transport_env(transport: str) -> dict[str, str]:
-    return {**os.environ, "CROSSLOGIC_AUTHZ_TRANSPORT": transport}
+def transport_env(transport: str, source: Path | None = None) -> dict[str, str]:
+    """The environment of a stack on `transport`; with `source` (a checkout of another commit) that commit's
+    package is imported instead of this one (an A/B of two versions in one run)."""
+    env = {**os.environ, "CROSSLOGIC_AUTHZ_TRANSPORT": transport}
+    env.pop(SOURCE_ENV, None)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
+        env[SOURCE_ENV] = str(source)
+    return env
+
+
+BASELINE = " (baseline)"
 
 
 def pooled(results: list[LoadResult]) -> LoadResult:
@@ -113,7 +130,7 @@ ROUTER = "envoy router only"
 
 
 def _name(transport: str) -> str:
-    return f"full chain, {transport}"
+    return f"full chain, {transport.replace(BASELINE, ' @base')}"
 
 
 async def measure(args: argparse.Namespace, stacks: dict[str, tuple[subprocess.Popen, dict]],
@@ -131,7 +148,7 @@ async def measure(args: argparse.Namespace, stacks: dict[str, tuple[subprocess.P
         targets[_name(transport)] = (port, build_request("127.0.0.1", port, "/v1/chat/completions", body,
                                                          {"authorization": f"Bearer {info['api_key']}"}), proc.pid)
     names = list(targets)
-    print(f"{'target':<22} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} {'+p50 ms':>8} "
+    print(f"{'target':<28} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>6} {'+p50 ms':>8} "
           f"{'authz CPU ms/req':>17}")
     for concurrency in args.concurrency:
         runs: dict[str, list[LoadResult]] = {name: [] for name in names}
@@ -147,7 +164,7 @@ async def measure(args: argparse.Namespace, stacks: dict[str, tuple[subprocess.P
         for name in names:
             result = pooled(runs[name])
             authz = f"{1000 * cpu[name] / result.requests:.3f}" if targets[name][2] and result.requests else "-"
-            print(f"{name:<22} {result.rps:>8.0f} {result.p50:>8.2f} {result.percentile(99):>8.2f} "
+            print(f"{name:<28} {result.rps:>8.0f} {result.p50:>8.2f} {result.percentile(99):>8.2f} "
                   f"{result.errors:>7d} {result.rps / router.rps:>6.2f} {result.p50 - router.p50:>+8.2f} "
                   f"{authz:>17}")
 
@@ -158,15 +175,22 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--transports", nargs="+", choices=AUTHZ_TRANSPORTS, default=["grpc", "http"])
+    parser.add_argument("--baseline-src", type=Path, help="a checkout of another commit (git worktree add "
+                        "--detach DIR <commit>): also measure its full chain, in the same rounds")
+    parser.add_argument("--baseline-transports", nargs="+", choices=AUTHZ_TRANSPORTS, default=["http"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="clp-bench-") as tmp:
         stacks: dict[str, tuple[subprocess.Popen, dict]] = {}
         plain = None
         try:
-            for transport in args.transports:
-                state = Path(tmp) / transport
+            runs = [(t, None) for t in args.transports]
+            if args.baseline_src:
+                runs += [(t, args.baseline_src.resolve()) for t in args.baseline_transports]
+            for transport, source in runs:
+                name = transport + (BASELINE if source else "")
+                state = Path(tmp) / name.replace(" ", "_")
                 state.mkdir()
-                stacks[transport] = start_stack(state, free_port(), transport_env(transport))
+                stacks[name] = start_stack(state, free_port(), transport_env(transport, source))
             nodes = [n["url"] for n in next(iter(stacks.values()))[1]["demo_nodes"] if n["model"] == "llama-3-8b"]
             plain, plain_port = start_plain_envoy(Path(tmp), nodes)
             asyncio.run(measure(args, stacks, plain_port))

@@ -119,6 +119,9 @@ class Settings:
                                   "`crosslogic up`: `<state-dir>/usage/envoy-usage.jsonl`")
     usage_log_rotate_bytes: int = setting("USAGE_LOG_ROTATE_BYTES", 64 << 20, "rotate the usage log past this size "
                                           "once replayed (needs ENVOY_ADMIN_URL); 0 = never", minimum=0)
+    backstop_grace_s: float = setting("BACKSTOP_GRACE", 2.0, "accounting: the backstop leaves a usage-log line "
+                                      "this many seconds for the gRPC access log to commit before it writes and "
+                                      "settles the line itself (it skips lines already committed)", minimum=0.0)
     envoy_admin_url: str = setting("ENVOY_ADMIN_URL", "", "Envoy's admin URL, for reopening the rotated usage log")
     stripe_api_key: str = setting("STRIPE_API_KEY", "", "Stripe secret key; unset = usage is recorded but not "
                                   "exported", secret=True)

@@ -151,6 +151,40 @@ async def test_lines_the_fast_path_committed_are_skipped_and_the_rest_written_an
         await pool.close()
 
 
+async def test_a_line_within_its_grace_waits_for_the_fast_path_and_is_written_when_the_fast_path_missed_it(
+        database_url, tmp_path):
+    from crosslogic.accounting.recent import RecentIds
+
+    log_path, state = tmp_path / "usage.jsonl", tmp_path / "usage.position"
+    logged_at = 1795810144.134357 + 0.012  # start_time + duration_ms of usage_line
+    append(log_path, usage_line("g-0"), usage_line("g-1"), usage_line("g-2"))
+    committed, settled, now = RecentIds(), [], [logged_at + 0.5]
+    committed.add_many(["g-0"])  # the fast path has the first; g-1 and g-2 may still be on their way
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        replayer = BackstopReplayer(UsageLogTailer(log_path, state), pool, settle=settled.append,
+                                    committed=committed, grace_s=2.0, clock=lambda: now[0])
+        assert await replayer.step() == 1  # g-0 skipped (and its position saved); g-1 is still within its grace
+        assert replayer.wait_s == pytest.approx(1.5)
+        assert await replayer.step() == 0
+        assert (replayer.replayed, settled) == (0, [])
+        saved = json.loads(state.read_text())["offset"]
+        assert saved == len(usage_line("g-0"))
+        committed.add_many(["g-1"])  # the fast path committed g-1 meanwhile; g-2 was lost on the way
+        now[0] = logged_at + 2.5
+        while await replayer.step():
+            pass
+        assert (replayer.skipped, replayer.replayed, [r.request_id for r in settled]) == (2, 1, ["g-2"])
+        assert json.loads(state.read_text())["offset"] == log_path.stat().st_size
+        now[0] = logged_at - 3600  # our clock an hour behind Envoy's: a new line is taken at once, not held
+        append(log_path, usage_line("g-3"))
+        assert await replayer.step() == 1
+        async with pool.acquire() as conn:
+            assert await ledger_totals(conn) == (2, 30)
+    finally:
+        await pool.close()
+
+
 def test_recent_ids_forget_the_oldest_beyond_their_capacity():
     from crosslogic.accounting.recent import RecentIds
 

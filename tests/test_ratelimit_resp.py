@@ -95,6 +95,27 @@ async def test_a_forgotten_script_is_loaded_again_and_a_cancelled_caller_keeps_t
     assert await scripts.execute("ECHO", "after") == b"after"
 
 
+async def test_a_batch_is_one_write_its_replies_in_order_and_a_forgotten_script_is_loaded_once(redis, scripts,
+                                                                                               monkeypatch):
+    script = LuaScript("return {KEYS[1], ARGV[1]}")
+    writes: list[int] = []
+    await scripts.execute("PING")
+    write = scripts._conn.transport.write
+    monkeypatch.setattr(scripts._conn.transport, "write", lambda data: (writes.append(len(data)), write(data)))
+    await redis.script_flush()
+    replies = await scripts.evalsha_many(script, [([f"k{i}"], [i]) for i in range(50)])
+    assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(50)]
+    assert len(writes) == 3  # the batch, SCRIPT LOAD after its NOSCRIPT replies, the batch again
+    writes.clear()
+    assert await scripts.execute_many([("SET", "batch-key", 5), ("INCRBY", "batch-key", 2), ("GET", "batch-key")]) \
+        == [b"OK", 7, b"7"]
+    assert len(writes) == 1
+    with pytest.raises(ResponseError):
+        await scripts.execute_many([("PING",), ("NOSUCHCOMMAND",)])
+    assert await scripts.execute_many([]) == []
+    assert await scripts.execute("PING") == b"PONG"  # the order survived the error
+
+
 async def test_a_script_error_is_raised_and_leaves_the_connection_usable(scripts):
     with pytest.raises(ResponseError):
         await scripts.execute("NOSUCHCOMMAND")

@@ -9,12 +9,15 @@ from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crosslogic.accounting.usage import UsageRecord
 from crosslogic.ratelimit import admission
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, UNRESERVED, Limiter, tenant_scope
 from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
-from crosslogic.ratelimit.quota import quota_keys
+from crosslogic.ratelimit.quota import count_usage_commands, quota_keys
+from crosslogic.ratelimit.resp import ScriptClient
 from crosslogic.ratelimit.settlement import Settler
 
 
@@ -25,6 +28,18 @@ async def redis(valkey_url):
     await client.aclose()
 
 
+@pytest.fixture(params=["redis-py", "lean"])
+async def settling_limiter(request, redis, valkey_url):
+    """A limiter whose batched settlement goes through redis-py or the lean pipelined client (the accounting
+    service's); both must settle alike."""
+    if request.param == "redis-py":
+        yield Limiter(redis)
+        return
+    scripts = ScriptClient(valkey_url, timeout=2.0)
+    yield Limiter(redis, scripts=scripts)
+    await scripts.aclose()
+
+
 def _record(org: str, env: str, key: str, request_id: str, tokens: int) -> UsageRecord:
     return UsageRecord(request_id=request_id, occurred_at=datetime.now(UTC), org_id=org, env_id=env, key_id=key,
                        region="ap-south", model="llama-3-8b", endpoint="chat.completions", streamed=False,
@@ -32,8 +47,8 @@ def _record(org: str, env: str, key: str, request_id: str, tokens: int) -> Usage
                        latency_ms=5, node=None)
 
 
-async def test_settle_tells_a_settlement_from_a_request_never_reserved_and_from_a_replay(redis):
-    limiter = Limiter(redis)
+async def test_settle_tells_a_settlement_from_a_request_never_reserved_and_from_a_replay(settling_limiter):
+    limiter = settling_limiter
     org, env, key = (str(uuid.uuid4()) for _ in range(3))
     limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
     reserved, unreserved = uuid.uuid4().hex, uuid.uuid4().hex
@@ -44,9 +59,9 @@ async def test_settle_tells_a_settlement_from_a_request_never_reserved_and_from_
     assert await limiter.settle_many(calls) == [ALREADY_SETTLED, ALREADY_SETTLED]
 
 
-async def test_requests_admitted_without_a_reservation_count_against_quotas_once(redis):
+async def test_requests_admitted_without_a_reservation_count_against_quotas_once(redis, settling_limiter):
     # e.g. admitted fail-open while Redis was down: nothing reserved, yet the tokens were spent.
-    limiter = Limiter(redis)
+    limiter = settling_limiter
     settler = Settler(limiter)
     org, env, key = (str(uuid.uuid4()) for _ in range(3))
     limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
@@ -126,3 +141,18 @@ async def test_after_a_valkey_restart_a_bucket_hands_back_at_most_a_minute_of_re
     finally:
         await redis.aclose()
         server.stop()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["o1", "o2"]), st.sampled_from(["e1", "e2"]), st.integers(-5, 1_000),
+                          st.sampled_from([datetime(2026, 12, 1, 23, 59, tzinfo=UTC),
+                                           datetime(2026, 12, 2, 0, 1, tzinfo=UTC)])), max_size=40))
+def test_a_batch_s_quota_commands_add_what_each_request_would_once_per_counter(usages):
+    expected: dict[str, int] = {}
+    for org, env, tokens, at in usages:
+        for key in quota_keys(org, env, at):
+            if tokens > 0:
+                expected[key] = expected.get(key, 0) + tokens
+    commands = count_usage_commands(usages)
+    assert {key: n for name, key, n in commands if name == "INCRBY"} == expected
+    assert len(commands) == 2 * len(expected)  # one INCRBY and one EXPIRE per counter
+    assert {key for name, key, _ in commands if name == "EXPIRE"} == set(expected)

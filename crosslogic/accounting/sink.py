@@ -48,7 +48,8 @@ def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], No
     tailer = UsageLogTailer(path, path.with_name(path.name + ".position"))
     reopen = envoy_reopen_logs(settings.envoy_admin_url) if settings.envoy_admin_url else None
     replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen,
-                                settle=settle, committed=committed, on_owed=on_owed)
+                                settle=settle, committed=committed, on_owed=on_owed,
+                                grace_s=settings.backstop_grace_s)
     return asyncio.create_task(replayer.run())
 
 

@@ -164,8 +164,9 @@ class ReservePlan:
 
 class Limiter:
     """`scripts`: the per-request calls (reserve, release) go through this lean client (resp.py: what the
-    services use, measured cheaper); without it through redis-py, coalesced by ScriptBatcher. Settlement and
-    the operator reads always use redis-py (batched already, off the request path)."""
+    services use, measured cheaper); without it through redis-py, coalesced by ScriptBatcher. Batched settlement
+    (`settle_many`) also goes through it when given (the accounting service: measured its largest cost in redis-py);
+    the operator reads always use redis-py."""
 
     def __init__(self, redis: aioredis.Redis, clock: Clock = wall_clock_ms,
                  reservation_ttl_ms: int = DEFAULT_RESERVATION_TTL_MS, lease_ttl_ms: int | None = None,
@@ -183,6 +184,7 @@ class Limiter:
         self._reserve_call: ScriptCall
         self._release_call: ScriptCall
         self._encode = scripts is not None
+        self.scripts = scripts
         self._plans: dict[tuple, tuple[object, object, ReservePlan]] = {}  # see plan()
         if scripts is not None:
             self._reserve_call = partial(scripts.evalsha, self._reserve)
@@ -268,6 +270,11 @@ class Limiter:
             return []
         script = self._settle
         now = self.clock()
+        if self.scripts is not None:  # one write; NOSCRIPT handled by the client (settling twice is a no-op)
+            replies = await self.scripts.evalsha_many(script, [
+                (stage_keys(scopes, request_id), self._settle_args(request_id, actual, False, now))
+                for scopes, request_id, actual in settlements])
+            return [int(out[0]) for out in replies]
         for attempt in range(2):
             sha = await script.load(self.redis, again=attempt > 0)
             try:

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from crosslogic import errors
 from crosslogic.ratelimit.engine import org_tag
+from crosslogic.ratelimit.resp import ScriptClient
 
 log = logging.getLogger("crosslogic.ratelimit")
 # Over orgs o and environments e; named as the Quotas fields.
@@ -112,15 +113,31 @@ class QuotaCounters:
             raise errors.quota_exceeded(_LEVELS[hit[0]], _PERIODS[hit[1]])
 
 
-async def count_usage_many(redis: aioredis.Redis, usages: list[tuple[str, str, int, datetime]]) -> None:
-    """count_usage for many settled requests (org, env, tokens, when) in one round trip."""
-    usages = [u for u in usages if u[2] > 0]
-    if not usages:
+def count_usage_commands(usages: list[tuple[str, str, int, datetime]]) -> list[tuple[str, str, int]]:
+    """The Redis commands that count settled requests (org, env, tokens, when) against their quotas: one
+    INCRBY (the batch's sum) and one EXPIRE per counter, however many of the batch's requests it counts."""
+    totals: dict[str, int] = {}
+    for org_id, env_id, tokens, at in usages:
+        if tokens > 0:
+            for key in quota_keys(org_id, env_id, at):
+                totals[key] = totals.get(key, 0) + tokens
+    commands: list[tuple[str, str, int]] = []
+    for key, tokens in totals.items():
+        commands.append(("INCRBY", key, tokens))
+        commands.append(("EXPIRE", key, PERIOD_TTL_S[key.rsplit(":", 2)[1]]))
+    return commands
+
+
+async def count_usage_many(redis: aioredis.Redis | ScriptClient, usages: list[tuple[str, str, int, datetime]]) -> None:
+    """count_usage for many settled requests (org, env, tokens, when) in one round trip (either client)."""
+    commands = count_usage_commands(usages)
+    if not commands:
+        return
+    if isinstance(redis, ScriptClient):
+        await redis.execute_many(commands)
         return
     async with redis.pipeline(transaction=False) as pipe:
-        for org_id, env_id, tokens, at in usages:
-            for key in quota_keys(org_id, env_id, at):
-                pipe.incrby(key, tokens)
-                pipe.expire(key, PERIOD_TTL_S[key.rsplit(":", 2)[1]])
+        for name, key, value in commands:
+            pipe.execute_command(name, key, value)
         await pipe.execute()
 

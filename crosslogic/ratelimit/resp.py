@@ -198,6 +198,34 @@ class ScriptClient:
                 raise NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
         return reply
 
+    async def evalsha_many(self, script: LuaScript,
+                           calls: Sequence[tuple[Sequence[Arg | Encoded], Sequence[Arg | Encoded]]]) -> list[Any]:
+        """Many calls of one script sent in one write (a pipeline, not a transaction); their replies in order.
+        Calls Redis answered NOSCRIPT did not run: the script is loaded and those calls sent again. Raises the
+        first script error, or ConnectionError / TimeoutError as `evalsha` does."""
+        payloads = [self._evalsha(script, keys, args) for keys, args in calls]
+        replies = await self._call_many(payloads)
+        missing = [i for i, reply in enumerate(replies)
+                   if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")]
+        if missing:
+            loaded = await self._call(command("SCRIPT", "LOAD", script.source))
+            if isinstance(loaded, ResponseError):
+                raise loaded
+            for i, reply in zip(missing, await self._call_many([payloads[i] for i in missing]), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
+        return replies
+
+    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Many commands in one write (a pipeline); their replies in order; raises the first error reply."""
+        replies = await self._call_many([command(*parts) for parts in commands])
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
+
     async def execute(self, *parts: Arg) -> Any:
         """Any other command (tests, PING)."""
         reply = await self._call(command(*parts))
@@ -218,6 +246,15 @@ class ScriptClient:
         if conn is None or conn.broken is not None:
             conn = await self._connection()
         return await conn.send(payload)
+
+    async def _call_many(self, payloads: list[bytes]) -> list[Any]:
+        if not payloads:
+            return []
+        conn = self._conn
+        if conn is None or conn.broken is not None:
+            conn = await self._connection()
+        # All sent in this event-loop turn, so one write; a broken connection fails them all alike.
+        return list(await asyncio.gather(*[conn.send(payload) for payload in payloads]))
 
     async def _connection(self) -> _Connection:
         if self._closed:

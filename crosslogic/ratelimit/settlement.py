@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from crosslogic.ratelimit.admission import settlement_calls
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, Limiter, limiter_from_settings
 from crosslogic.ratelimit.quota import count_usage_many
+from crosslogic.ratelimit.resp import ScriptClient
 from crosslogic.runtime.health import dependency
 from crosslogic.settings import Settings
 from crosslogic.usage_record import UsageRecord
@@ -69,7 +70,7 @@ class Settler:
         settled = [(r, a, then) for r, a, (_, then), status in zip(records, amounts, calls, first, strict=True)
                    if status == SETTLED]
         await self.limiter.settle_many([(scopes, r.request_id, a) for r, a, then in settled for scopes in then])
-        await count_usage_many(self.limiter.redis, [
+        await count_usage_many(self.limiter.scripts or self.limiter.redis, [
             (r.org_id, r.env_id, r.total_tokens, r.occurred_at)
             for r, status in zip(records, first, strict=True) if status != ALREADY_SETTLED])
         return [status == SETTLED for status in first]
@@ -102,11 +103,15 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
         yield None
         return
     redis = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
-    settler = Settler(limiter_from_settings(redis, settings))
+    # Settlement's batches go through the lean pipelined client (resp.py): in redis-py they were the accounting
+    # service's largest cost (bench/profile_stack.py; docs/architecture.md "The access-log path").
+    scripts = ScriptClient(settings.redis_url, connect_timeout=0.5, timeout=2.0)
+    settler = Settler(limiter_from_settings(redis, settings, scripts))
     task = asyncio.create_task(settler.run())
     try:
         yield settler.submit
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await scripts.aclose()
         await redis.aclose()

@@ -203,12 +203,17 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
 
 
 
+def _billable() -> dict:
+    """Only requests ext_authz identified carry something to bill (the others' entries would be decoded and
+    dropped by the sink: bench/abuse.py's floods of bad keys cost the accounting service nothing now)."""
+    return {"metadata_filter": {"matcher": {"filter": AUTHZ_NAMESPACE, "path": [
+        {"key": AuthzMeta.ORG_ID}], "value": {"present_match": True}}, "match_if_key_not_found": False}}
+
+
 def _usage_file_log(path: str) -> dict:
     return {
         "name": "envoy.access_loggers.file",
-        # Only requests ext_authz let through carry something to bill.
-        "filter": {"metadata_filter": {"matcher": {"filter": AUTHZ_NAMESPACE, "path": [
-            {"key": AuthzMeta.ORG_ID}], "value": {"present_match": True}}, "match_if_key_not_found": False}},
+        "filter": _billable(),
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": path,
@@ -221,6 +226,7 @@ def _access_log(settings: GatewaySettings) -> list[dict]:
     file_log = [_usage_file_log(settings.usage_log_path)] if settings.usage_log_path else []
     return file_log + [{
         "name": "envoy.access_loggers.http_grpc",
+        "filter": _billable(),
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {
