@@ -8,6 +8,8 @@ import logging
 from aiohttp import web
 
 from crosslogic.api.models import build_app
+from crosslogic.runtime.ops_http import ops_server
+from crosslogic.runtime.readiness import Readiness, postgres_check
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -21,6 +23,7 @@ async def serve_api(settings: Settings, host: str, port: int) -> None:
         await web.TCPSite(runner, host, port).start()
         log.info("api listening on %s:%d", host, port)
         try:
-            await asyncio.Event().wait()
+            async with ops_server(settings.api_metrics_port, "api", Readiness().add("postgres", postgres_check(pool))):
+                await asyncio.Event().wait()
         finally:
             await runner.cleanup()

@@ -82,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
                                   authz_transport=args.transport or settings.authz_transport,
                                   **client_bounds(settings))
         return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
-                                              nodeagent_listen=args.nodeagent_listen))
+                                              nodeagent_listen=args.nodeagent_listen,
+                                              metrics_port=settings.xds_metrics_port))
     raise SystemExit(f"unknown service {args.service}")
 
 
@@ -242,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(args: argparse.Namespace, settings: Settings) -> None:
     from crosslogic.logs import configure_logging
 
-    configure_logging(args.log_level, json_lines=args.json and args.command in ("serve", "agent", "up"),
-                      repeat_interval_s=settings.log_repeat_interval_s)
+    long_running = args.command in ("serve", "agent", "up")
+    configure_logging(args.log_level, json_lines=long_running and (args.json or settings.log_format == "json"),
+                      repeat_interval_s=settings.log_repeat_interval_s,
+                      service=getattr(args, "service", None) or args.command)
 
 
 def _missing_server_module(exc: ModuleNotFoundError) -> bool:
