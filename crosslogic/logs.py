@@ -6,9 +6,10 @@ through at most once per interval, and the next one that passes says how many we
 same logger, level, message template and string arguments (a child's name, a key): numbers and exceptions
 in the arguments vary from one failure to the next and do not make a message new.
 
-JSON lines (CROSSLOGIC_LOG_FORMAT=json) carry `request_id` whenever the line was logged while a request was being
-handled (`request_context`): Envoy's x-request-id, which is also the ledger's idempotency key and a field of Envoy's
-own access log, so one id finds a request in Envoy's log, ext_authz's, the accounting service's and the ledger.
+JSON lines (CROSSLOGIC_LOG_FORMAT=json) carry `request_id` (and `trace_id` when Envoy traces) whenever the line
+was logged while a request was being handled (`request_context`): Envoy's x-request-id, which is also the
+ledger's idempotency key and a field of Envoy's own access log, so one id finds a request in Envoy's log,
+ext_authz's, the accounting service's and the ledger.
 
 Connection failures that third-party libraries log with a traceback (asyncpg's pool refilling itself while
 Postgres restarts) are logged in one line: the traceback says nothing the message does not.
@@ -28,16 +29,18 @@ from contextlib import contextmanager
 _MAX_TEMPLATES = 1024  # messages built with f-strings have no shared template: bound what is remembered
 # The request being handled by the current task (asyncio copies the context into every task it starts).
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("crosslogic_request_id", default="")
+_trace_id: contextvars.ContextVar[str] = contextvars.ContextVar("crosslogic_trace_id", default="")
 
 
 @contextmanager
-def request_context(request_id: str) -> Iterator[None]:
-    """Log lines written inside the block carry `request_id`."""
-    token = _request_id.set(request_id)
+def request_context(request_id: str, trace_id: str = "") -> Iterator[None]:
+    """Log lines written inside the block carry `request_id` (and `trace_id`, the OpenTelemetry trace's)."""
+    token, trace_token = _request_id.set(request_id), _trace_id.set(trace_id)
     try:
         yield
     finally:
         _request_id.reset(token)
+        _trace_id.reset(trace_token)
 
 
 def current_request_id() -> str:
@@ -110,6 +113,9 @@ class JsonLines(logging.Formatter):
         request_id = getattr(record, "request_id", "") or _request_id.get()
         if request_id:
             entry["request_id"] = request_id
+        trace_id = _trace_id.get()
+        if trace_id:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

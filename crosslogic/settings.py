@@ -185,6 +185,11 @@ class Settings:
                                        "address may make at once before its requests get 429 (0 = off)", minimum=0)
     abuse_failure_refill_per_s: float = setting("ABUSE_FAILURE_REFILL", 10.0, "failed requests per second a client "
                                                 "address earns back", minimum=0)
+    otlp_endpoint: str = setting("OTLP_ENDPOINT", "", "OpenTelemetry: HOST:PORT of an OTLP/gRPC collector; Envoy "
+                                 "traces requests (ingress, ext_authz, node) and ext_authz adds its span (needs "
+                                 "`crosslogic[tracing]`); empty = no tracing")
+    trace_sample_percent: float = setting("TRACE_SAMPLE_PERCENT", 100.0, "share of requests traced when "
+                                          "OTLP_ENDPOINT is set, in percent", minimum=0, maximum=100)
     envoy_stats_port: int = setting("ENVOY_STATS_PORT", 0, "`crosslogic up`: port of Envoy's stats listener "
                                     "(only /stats/prometheus and /ready of its admin, on the gateway's host); 0 = a "
                                     "free port", **_PORT)

@@ -80,6 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
                                   usage_log_path=settings.usage_log_path,
                                   admission=args.admission or settings.admission,
                                   authz_transport=args.transport or settings.authz_transport,
+                                  trace_sample_percent=settings.trace_sample_percent if settings.otlp_endpoint
+                                  else 0.0,
                                   **client_bounds(settings))
         return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen,

@@ -16,6 +16,7 @@ from prometheus_client import Counter, Histogram
 from crosslogic.contract import REQUEST_ID_HEADER, AuthzMeta
 from crosslogic.extauthz.check import Checker, Denied, Verdict
 from crosslogic.logs import request_context
+from crosslogic.tracing import NO_TRACER, TRACEPARENT_HEADER, Tracer, trace_id_of
 
 log = logging.getLogger("crosslogic.extauthz")
 
@@ -31,11 +32,14 @@ _allowed = checks.labels("allowed", "200", "")
 
 
 class ObservedChecker:
-    def __init__(self, inner: Checker) -> None:
+    def __init__(self, inner: Checker, tracer: Tracer = NO_TRACER) -> None:
         self.inner = inner
+        self.tracer = tracer
 
     async def check(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes) -> Verdict:
-        with request_context(headers.get(REQUEST_ID_HEADER, "")):
+        trace_id = trace_id_of(headers.get(TRACEPARENT_HEADER, ""))
+        with request_context(headers.get(REQUEST_ID_HEADER, ""), trace_id), \
+                self.tracer.span("ext_authz check", headers) as span:
             started = time.perf_counter()
             verdict = await self.inner.check(peer, method, path, headers, body)
             check_seconds.observe(time.perf_counter() - started)
@@ -43,10 +47,17 @@ class ObservedChecker:
                 error = verdict.error
                 checks.labels("refused", str(error.status), error.code or "").inc()
                 log.debug("%s %s refused: %d %s", method, path, error.status, error.code)
+                outcome = {"crosslogic.outcome": "refused", "http.response.status_code": error.status,
+                           "crosslogic.error_code": error.code or ""}
             else:
                 _allowed.inc()
                 region, model = verdict.metadata.get(AuthzMeta.REGION), verdict.metadata.get(AuthzMeta.MODEL)
                 if region and model:
                     routed.labels(str(region), str(model)).inc()
                 log.debug("%s %s allowed to %s/%s", method, path, region, model)
+                outcome = {"crosslogic.outcome": "allowed", "http.response.status_code": 200,
+                           "crosslogic.region": str(region or ""), "crosslogic.model": str(model or "")}
+            if span is not None:  # no tenant ids on spans either: they leave for a third-party collector
+                span.set_attributes({"http.request.method": method, "url.path": path[:200],
+                                     "crosslogic.request_id": headers.get(REQUEST_ID_HEADER, ""), **outcome})
             return verdict

@@ -38,6 +38,7 @@ from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
+from crosslogic.tracing import tracer_from_settings
 
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 
@@ -93,23 +94,27 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
     transport = transport or settings.authz_transport
     async with authorizer_from_settings(settings) as parts:
         budget = FailureBudget(settings.abuse_failure_burst, settings.abuse_failure_refill_per_s)
+        tracer = tracer_from_settings(settings.otlp_endpoint, "crosslogic-authz")
         checker = ObservedChecker(ThrottledChecker(GuardedAuthorizer(parts.authorizer), budget,
-                                                   settings.xff_trusted_hops))
+                                                   settings.xff_trusted_hops), tracer)
         releaser = LeaseReleaser(parts.limiter) if parts.admits else None
         bounds = http_limits(settings)
-        # /metrics: admission (ratelimit/metrics.py) and checks (extauthz/observe.py); /healthz, /readyz
-        async with ops_server(settings.authz_metrics_port, "ext_authz", parts.readiness):
-            async with AsyncExitStack() as stack:
-                http_listens = [listen] if transport == "http" else []
-                if release_listen and release_listen not in http_listens:
-                    http_listens.append(release_listen)
-                for address in http_listens:
-                    await stack.enter_async_context(authz_http_server(address, checker, releaser, bounds))
-                if transport == "grpc":
-                    servicer = AuthorizationServicer(checker)
-                    server = await stack.enter_async_context(grpc_server(
-                        listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
-                        "ext_authz", readiness=parts.readiness, services=[AUTHORIZATION_SERVICE]))
-                    await server.wait_for_termination()
-                else:
-                    await asyncio.Event().wait()  # until cancelled (SIGTERM)
+        try:
+            # /metrics: admission (ratelimit/metrics.py) and checks (extauthz/observe.py); /healthz, /readyz
+            async with ops_server(settings.authz_metrics_port, "ext_authz", parts.readiness):
+                async with AsyncExitStack() as stack:
+                    http_listens = [listen] if transport == "http" else []
+                    if release_listen and release_listen not in http_listens:
+                        http_listens.append(release_listen)
+                    for address in http_listens:
+                        await stack.enter_async_context(authz_http_server(address, checker, releaser, bounds))
+                    if transport == "grpc":
+                        servicer = AuthorizationServicer(checker)
+                        server = await stack.enter_async_context(grpc_server(
+                            listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
+                            "ext_authz", readiness=parts.readiness, services=[AUTHORIZATION_SERVICE]))
+                        await server.wait_for_termination()
+                    else:
+                        await asyncio.Event().wait()  # until cancelled (SIGTERM)
+        finally:
+            tracer.shutdown()

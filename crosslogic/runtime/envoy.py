@@ -60,6 +60,7 @@ class BootstrapParams:
     authz_transport: str = "http"  # "http": the authz cluster speaks HTTP/1.1; "grpc": HTTP/2
     stats_port: int = 0  # a listener serving only /stats/prometheus and /ready of the admin; 0: none
     stats_host: str = "127.0.0.1"
+    otlp_endpoint: str = ""  # HOST:PORT of the OTLP/gRPC collector Envoy traces to; "": none
 
 
 _CLUSTER_NAMES = {"xds_cluster": contract.XDS_CLUSTER, "authz_cluster": contract.AUTHZ_CLUSTER,
@@ -73,6 +74,22 @@ _CLUSTER_NAMES = {"xds_cluster": contract.XDS_CLUSTER, "authz_cluster": contract
 _HTTP1 = ('{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {"@type": type.googleapis.com/envoy.extensions'
           '.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {http_protocol_options: {}}, '
           'common_http_protocol_options: {idle_timeout: 60s}}}')
+
+
+def _otel_cluster(params: BootstrapParams) -> str:
+    """The collector of Envoy's spans (the gateway's HCM names it when tracing is on, xds/resources.py)."""
+    if not params.otlp_endpoint:
+        return ""
+    host, _, port = params.otlp_endpoint.rpartition(":")
+    address = f"{{socket_address: {{address: {host or '127.0.0.1'}, port_value: {int(port)}}}}}"
+    return f"""  - name: {contract.OTEL_CLUSTER}
+    type: STRICT_DNS
+    connect_timeout: 1s
+    typed_extension_protocol_options: *h2
+    load_assignment:
+      cluster_name: {contract.OTEL_CLUSTER}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {address}}}}}]}}]
+"""
 
 
 def _stats_resources(params: BootstrapParams) -> str:
@@ -110,7 +127,7 @@ def render_bootstrap(params: BootstrapParams) -> str:
     authz = "*h2" if params.authz_transport == "grpc" else _HTTP1
     return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(
         {**asdict(params), **_CLUSTER_NAMES, "authz_protocol_options": authz, "http1_protocol_options": _HTTP1,
-         "stats_resources": _stats_resources(params)})
+         "stats_resources": _otel_cluster(params) + _stats_resources(params)})
 
 
 class EnvoyProcess:

@@ -181,7 +181,7 @@ def start_stack(stack: Stack) -> Stack:
         node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
         release_port=ports["release"], authz_transport=transport,
         accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"],
-        stats_port=ports["envoy_stats"], stats_host=options.host)).start()
+        stats_port=ports["envoy_stats"], stats_host=options.host, otlp_endpoint=settings.otlp_endpoint)).start()
     gateway_url = f"http://{options.host}:{options.port}"
     assert envoy.child is not None
     wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", envoy.child.proc)
