@@ -13,26 +13,26 @@ import asyncpg
 import grpc
 import openai
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from crosslogic.commands import build_parser
+from crosslogic.commands.observe import TARGETS, targets
+from tests.cli_helpers import runner
 from tests.gateway_helpers import client, ledger_row
 from tests.promql import selectors
 from tests.ratelimit_helpers import wait_for
 from tests.test_observability_assets import alert_rules, dashboard_queries, dashboard_sql
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
-# runtime.json ports -> the path that serves Prometheus text there.
-SCRAPED = {"authz_metrics": "/metrics", "accounting_metrics": "/metrics", "api_metrics": "/metrics",
-           "xds_metrics": "/metrics", "supervisor_metrics": "/metrics", "fleet": "/metrics",
-           "envoy_stats": "/stats/prometheus"}
 
 
 def _ops_ports(stack: dict) -> dict[str, str]:
-    ports = dict(SCRAPED)
-    if stack["admission"] == "rls":
-        ports["ratelimit_metrics"] = "/metrics"
-    return ports
+    """runtime.json port name -> the path serving Prometheus text there: what `crosslogic observe scrape-config`
+    tells Prometheus to scrape (so the check below also checks that configuration)."""
+    running = targets(stack)
+    return {port_name: path for port_name, (job, path) in TARGETS.items() if job in running}
 
 
 async def _get(url: str) -> tuple[int, str, str]:
@@ -205,3 +205,16 @@ async def test_the_dashboards_sql_panels_run_on_the_ledger(gateway):
         assert any(row["org"] == "demo" and row["tokens"] > 0 for row in orgs)
     finally:
         await conn.close()
+
+
+def test_observe_health_and_scrape_config_read_the_running_stack(gateway, capsys):
+    run = runner(build_parser(), capsys)
+    health = run("observe", "health", "--state-dir", gateway["state_dir"], "--json")
+    assert health.code == 0, health.out
+    report = health.json()
+    assert set(report) == set(targets(gateway)) - {"envoy"} and all(e["ready"] for e in report.values())
+    config = run("observe", "scrape-config", "--state-dir", gateway["state_dir"])
+    jobs = {job["job_name"]: job for job in yaml.safe_load(config.out)["scrape_configs"]}
+    assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
+    assert jobs["crosslogic-xds"]["static_configs"] == [{"targets": [f"127.0.0.1:{gateway['ports']['xds_metrics']}"]}]
+    assert ("crosslogic-ratelimit" in jobs) == (gateway["admission"] == "rls")

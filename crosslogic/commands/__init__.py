@@ -232,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(handler=_config)
 
     from crosslogic.commands import agent as agent_cli
+    from crosslogic.commands import observe as observe_cli
 
     agent_cli.register(sub)
+    observe_cli.register(sub)
     _register_server_commands(sub)
 
     _add_global_options(parser, default=True)
