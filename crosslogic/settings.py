@@ -136,6 +136,8 @@ class Settings:
                                       "decisions, limiter latency, degraded mode); 0 = off", **_PORT)
     ratelimit_metrics_port: int = setting("RATELIMIT_METRICS_PORT", 0, "Prometheus /metrics of `serve ratelimit`; "
                                           "0 = off", **_PORT)
+    metrics_host: str = setting("METRICS_HOST", "127.0.0.1", "address every service's /metrics, /healthz and "
+                                "/readyz listen on (`0.0.0.0` where Prometheus or the kubelet scrape from outside)")
     api_metrics_port: int = setting("API_METRICS_PORT", 0, "Prometheus /metrics, /healthz, /readyz of `serve api`; "
                                     "0 = off", **_PORT)
     xds_metrics_port: int = setting("XDS_METRICS_PORT", 0, "Prometheus /metrics, /healthz, /readyz of `serve xds` "

@@ -164,3 +164,31 @@ def test_every_service_metric_has_the_prefix_and_base_units():
             assert name.endswith(("_seconds", "_bytes", "_tokens")), f"{name}: a histogram says its unit"
         if "money" in name or "microdollars" in name:
             assert name.endswith(("_microdollars", "_microdollars_total")) or kind == "counter", name
+
+
+def test_json_log_lines_carry_the_request_and_trace_ids_only_inside_the_request():
+    import logging
+
+    from crosslogic.logs import JsonLines, request_context
+
+    formatter = JsonLines("authz")
+
+    def line(message: str) -> dict:
+        return json.loads(formatter.format(logging.LogRecord("crosslogic.extauthz", logging.WARNING, __file__, 1,
+                                                             message, None, None)))
+
+    outside = line("before")
+    assert outside["service"] == "authz" and "request_id" not in outside and outside["time"].endswith("Z")
+    with request_context("req-1", "4bf92f3577b34da6a3ce929d0e0e4736"):
+        inside = line("during")
+    assert (inside["request_id"], inside["trace_id"], inside["message"]) == (
+        "req-1", "4bf92f3577b34da6a3ce929d0e0e4736", "during")
+    assert "request_id" not in line("after")
+
+
+def test_trace_ids_are_read_from_w3c_traceparent_only():
+    from crosslogic.tracing import trace_id_of
+
+    assert trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    for bad in ("", "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "00-abc-def-01"):
+        assert trace_id_of(bad) == ""

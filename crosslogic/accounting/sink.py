@@ -105,7 +105,8 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         if ping is not None:
             readiness.add("valkey", redis_check(ping))
         try:
-            async with ops_server(settings.accounting_metrics_port, "accounting", readiness), \
+            async with ops_server(settings.accounting_metrics_port, "accounting", readiness,
+                                  settings.metrics_host), \
                     grpc_server(listen, lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(sink, s),
                                 "access-log sink", grace_s=2, readiness=readiness,
                                 services=["envoy.service.accesslog.v3.AccessLogService"]) as server:

@@ -23,7 +23,8 @@ async def serve_api(settings: Settings, host: str, port: int) -> None:
         await web.TCPSite(runner, host, port).start()
         log.info("api listening on %s:%d", host, port)
         try:
-            async with ops_server(settings.api_metrics_port, "api", Readiness().add("postgres", postgres_check(pool))):
+            ready = Readiness().add("postgres", postgres_check(pool))
+            async with ops_server(settings.api_metrics_port, "api", ready, settings.metrics_host):
                 await asyncio.Event().wait()
         finally:
             await runner.cleanup()

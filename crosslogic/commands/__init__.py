@@ -85,7 +85,8 @@ def _serve(args: argparse.Namespace) -> int:
                                   **client_bounds(settings))
         return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen,
-                                              metrics_port=settings.xds_metrics_port))
+                                              metrics_port=settings.xds_metrics_port,
+                                              metrics_host=settings.metrics_host))
     raise SystemExit(f"unknown service {args.service}")
 
 

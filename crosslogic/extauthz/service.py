@@ -101,7 +101,8 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
         bounds = http_limits(settings)
         try:
             # /metrics: admission (ratelimit/metrics.py) and checks (extauthz/observe.py); /healthz, /readyz
-            async with ops_server(settings.authz_metrics_port, "ext_authz", parts.readiness):
+            async with ops_server(settings.authz_metrics_port, "ext_authz", parts.readiness,
+                                  settings.metrics_host):
                 async with AsyncExitStack() as stack:
                     http_listens = [listen] if transport == "http" else []
                     if release_listen and release_listen not in http_listens:

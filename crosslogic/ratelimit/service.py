@@ -82,7 +82,8 @@ async def serve_ratelimit(settings: Settings, listen: str) -> None:
         servicer = RateLimitServicer(limiter, store)
         readiness = Readiness().add("postgres", postgres_check(pool)).add("valkey", redis_check(redis))
         try:
-            async with ops_server(settings.ratelimit_metrics_port, "rate-limit service", readiness):
+            async with ops_server(settings.ratelimit_metrics_port, "rate-limit service", readiness,
+                                  settings.metrics_host):
                 async with grpc_server(listen, lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
                         servicer, s), "rate-limit service", readiness=readiness,
                         services=["envoy.service.ratelimit.v3.RateLimitService"]) as server:

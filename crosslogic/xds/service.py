@@ -119,7 +119,7 @@ def readiness(pool: asyncpg.Pool, cache: SnapshotCache, ads: AggregatedDiscovery
 
 async def serve_xds(database_url: str, listen: str, gateway: GatewaySettings,
                     settings: SchedulerSettings | None = None, nodeagent_listen: str | None = None,
-                    metrics_port: int = 0) -> None:
+                    metrics_port: int = 0, metrics_host: str = "127.0.0.1") -> None:
     settings = settings or SchedulerSettings()
     cache = SnapshotCache()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=8)
@@ -129,7 +129,7 @@ async def serve_xds(database_url: str, listen: str, gateway: GatewaySettings,
     ready = readiness(pool, cache, ads)
     try:
         async with AsyncExitStack() as stack:
-            await stack.enter_async_context(ops_server(metrics_port, "xds", ready))
+            await stack.enter_async_context(ops_server(metrics_port, "xds", ready, metrics_host))
             if nodeagent_listen:
                 tls = bool(settings.pki_dir)
                 servicer = NodeAgentServicer(pool, tls=tls, heartbeat_interval_ms=settings.heartbeat_interval_ms,
