@@ -111,9 +111,9 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
                                 "access-log sink", grace_s=2, readiness=readiness,
                                 services=["envoy.service.accesslog.v3.AccessLogService"]) as server:
                 await server.wait_for_termination()
-        finally:
+        finally:  # after the server stopped: every entry that arrived is in `ledger`
             if ping is not None:
-                await ping.aclose()  # after the server stopped: every entry that arrived is in `ledger`
+                await ping.aclose()
             writer.cancel()
             for task in (backstop, reporter, guardrails, held_task, held_feed):
                 if task is not None:

@@ -35,10 +35,12 @@ class ObservedChecker:
     def __init__(self, inner: Checker, tracer: Tracer = NO_TRACER) -> None:
         self.inner = inner
         self.tracer = tracer
+        self._routed: dict[tuple[str, str], object] = {}  # bound children: labels() takes a lock per call
 
     async def check(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes) -> Verdict:
-        trace_id = trace_id_of(headers.get(TRACEPARENT_HEADER, ""))
-        with request_context(headers.get(REQUEST_ID_HEADER, ""), trace_id), \
+        request_id = headers.get(REQUEST_ID_HEADER, "")
+        traceparent = headers.get(TRACEPARENT_HEADER)
+        with request_context(request_id, trace_id_of(traceparent) if traceparent else ""), \
                 self.tracer.span("ext_authz check", headers) as span:
             started = time.perf_counter()
             verdict = await self.inner.check(peer, method, path, headers, body)
@@ -48,16 +50,23 @@ class ObservedChecker:
                 checks.labels("refused", str(error.status), error.code or "").inc()
                 log.debug("%s %s refused: %d %s", method, path, error.status, error.code)
                 outcome = {"crosslogic.outcome": "refused", "http.response.status_code": error.status,
-                           "crosslogic.error_code": error.code or ""}
+                           "crosslogic.error_code": error.code or ""} if span is not None else None
             else:
                 _allowed.inc()
                 region, model = verdict.metadata.get(AuthzMeta.REGION), verdict.metadata.get(AuthzMeta.MODEL)
                 if region and model:
-                    routed.labels(str(region), str(model)).inc()
+                    self._pool_counter(str(region), str(model)).inc()
                 log.debug("%s %s allowed to %s/%s", method, path, region, model)
                 outcome = {"crosslogic.outcome": "allowed", "http.response.status_code": 200,
-                           "crosslogic.region": str(region or ""), "crosslogic.model": str(model or "")}
-            if span is not None:  # no tenant ids on spans either: they leave for a third-party collector
+                           "crosslogic.region": str(region or ""), "crosslogic.model": str(model or "")} \
+                    if span is not None else None
+            if outcome is not None:  # no tenant ids on spans either: they leave for a third-party collector
                 span.set_attributes({"http.request.method": method, "url.path": path[:200],
-                                     "crosslogic.request_id": headers.get(REQUEST_ID_HEADER, ""), **outcome})
+                                     "crosslogic.request_id": request_id, **outcome})
             return verdict
+
+    def _pool_counter(self, region: str, model: str):
+        counter = self._routed.get((region, model))
+        if counter is None:  # bounded: catalogue models in known regions (the decision refused the rest)
+            counter = self._routed[(region, model)] = routed.labels(region, model)
+        return counter
