@@ -19,10 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from crosslogic.commands import build_parser
 from crosslogic.commands.observe import TARGETS, targets
+from crosslogic.runtime.processes import free_port
 from tests.cli_helpers import runner
 from tests.gateway_helpers import client, ledger_row
 from tests.promql import selectors
 from tests.ratelimit_helpers import wait_for
+from tests.scheduler_helpers import WAIT_S, Fleet
 from tests.test_observability_assets import alert_rules, dashboard_queries, dashboard_sql
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -218,3 +220,43 @@ def test_observe_health_and_scrape_config_read_the_running_stack(gateway, capsys
     assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
     assert jobs["crosslogic-xds"]["static_configs"] == [{"targets": [f"127.0.0.1:{gateway['ports']['xds_metrics']}"]}]
     assert ("crosslogic-ratelimit" in jobs) == (gateway["admission"] == "rls")
+
+
+async def test_an_agent_reports_its_readiness_and_the_control_plane_exports_its_nodes_load(gateway, tmp_path):
+    fleet = Fleet(gateway, tmp_path)
+    try:
+        await fleet.setup({"r": []})
+        port = free_port()
+        node = fleet.start_node("observed", "r", agent_args=("--metrics-port", str(port)))
+        agent = f"http://127.0.0.1:{port}"
+
+        async def ready() -> dict | None:
+            try:
+                status, _, body = await _get(agent + "/readyz")
+            except aiohttp.ClientError:
+                return None
+            return json.loads(body) if status == 200 else None
+
+        checks = (await wait_for(ready, "the agent's /readyz", timeout_s=WAIT_S))["checks"]
+        assert checks["control_plane"]["ok"] and checks["engine"] == {"ok": True, "detail": "/health 200"}
+        text = (await _get(agent + "/metrics"))[2]
+        assert "crosslogic_agent_registered 1.0" in text and "crosslogic_agent_engine_ready_seconds" in text
+        xds = f"http://127.0.0.1:{gateway['ports']['xds_metrics']}/metrics"
+
+        async def load_exported() -> bool:
+            series = f'crosslogic_node_requests_running{{node="{node.name}",region="{node.region}"}}'
+            return series in (await _get(xds))[2]
+
+        await wait_for(load_exported, "the node's reported load on the xds /metrics", timeout_s=WAIT_S)
+
+        node.sim.kill()  # the engine dies: the agent is alive but not ready
+        node.sim.wait(10)
+
+        async def not_ready() -> dict | None:
+            status, _, body = await _get(agent + "/readyz")
+            return json.loads(body) if status == 503 else None
+
+        checks = (await wait_for(not_ready, "the agent's /readyz without its engine", timeout_s=WAIT_S))["checks"]
+        assert not checks["engine"]["ok"] and (await _get(agent + "/healthz"))[0] == 200
+    finally:
+        fleet.stop()
