@@ -49,7 +49,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         http = request.attributes.request.http
         headers = dict(http.headers)
         # Envoy's tracer puts the ext_authz call's trace context on the gRPC call, not in the client's headers.
-        for key, value in context.invocation_metadata() or ():
+        for key, value in (context.invocation_metadata() or ()) if context is not None else ():
             if key == TRACEPARENT_HEADER:
                 headers[TRACEPARENT_HEADER] = value
         verdict = await self.checker.check(request.attributes.source.address.socket_address.address, http.method,
