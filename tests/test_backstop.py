@@ -10,6 +10,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, parse_usage_line
 from crosslogic.runtime.processes import free_port
@@ -66,6 +68,17 @@ def test_a_usage_line_becomes_the_same_record_the_grpc_log_would_give():
 def test_unauthorised_or_garbled_lines_bill_nothing():
     assert parse_usage_line(b"{not json") is None
     assert parse_usage_line(json.dumps({"request_id": "x", "authz": None, "usage": None}).encode()) is None
+
+
+@given(cut=st.integers(min_value=1), sort_keys=st.booleans())
+def test_a_record_appended_after_a_torn_line_is_still_read(cut, sort_keys):
+    """Envoy killed mid-write leaves half a line; the restarted Envoy's first record lands right after it."""
+    torn = usage_line("torn", 3, 3)[:-1]
+    torn = torn[: 1 + cut % (len(torn) - 1)]
+    intact = json.loads(usage_line("intact", 21, 8))
+    record = parse_usage_line(torn + json.dumps(intact, sort_keys=sort_keys).encode())
+    assert record is not None
+    assert (record.request_id, record.prompt_tokens, record.completion_tokens) == ("intact", 21, 8)
 
 
 async def test_replay_writes_every_line_once_and_a_restart_resumes_from_the_saved_position(database_url, tmp_path):

@@ -179,7 +179,7 @@ async def test_reconciliation_finds_what_stripe_lost_and_sends_it_again_once(poo
 
 
 def test_vllm_token_counters_are_read_per_model():
-    from crosslogic.accounting.reconcile import parse_vllm_token_counters
+    from crosslogic.accounting.reconcile import parse_engine_token_counters
 
     text = """# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
 # TYPE vllm:prompt_tokens_total counter
@@ -188,4 +188,28 @@ vllm:prompt_tokens_created{engine="0",model_name="llama-3-8b"} 1.7e9
 vllm:generation_tokens_total{engine="0",model_name="llama-3-8b"} 45.0
 vllm:prompt_tokens_total{engine="0",model_name="bge-small"} 7.0
 """
-    assert parse_vllm_token_counters(text) == {"llama-3-8b": (120, 45), "bge-small": (7, 0)}
+    assert parse_engine_token_counters(text) == {"llama-3-8b": (120, 45), "bge-small": (7, 0)}
+
+
+async def test_sglang_token_counters_are_read_from_the_simulators_sglang_persona():
+    """Reconciliation reads an SGLang node too: the counters after real requests to `--engine sglang`."""
+    from crosslogic.accounting.reconcile import parse_engine_token_counters
+    from crosslogic.sim.server import SimulatorConfig, running_simulator
+
+    async with running_simulator(SimulatorConfig(models=("qwen-7b",), engine="sglang")) as sim:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.post(sim.url + "/v1/completions", json={"model": "qwen-7b", "prompt": "hello there",
+                                                                      "max_tokens": 4}) as response:
+                    usage = (await response.json())["usage"]
+            async with http.get(sim.url + "/metrics") as response:
+                text = await response.text()
+    prompt, generated = parse_engine_token_counters(text)["qwen-7b"]
+    assert (prompt, generated) == (3 * usage["prompt_tokens"], 3 * usage["completion_tokens"])
+
+
+def test_rank_copies_of_an_sglang_counter_count_once():
+    from crosslogic.accounting.reconcile import parse_engine_token_counters
+
+    text = "".join(f'sglang:generation_tokens_total{{model_name="m",tp_rank="{r}"}} 40.0\n' for r in range(4))
+    assert parse_engine_token_counters(text + 'sglang:prompt_tokens_total{model_name="m"} 9.0\n') == {"m": (9, 40)}

@@ -57,13 +57,35 @@ def _int(value: object) -> int:
         return 0
 
 
+def _glued_record(line: bytes) -> object:
+    """The whole record at the end of a line that starts with the torn remains of another.
+
+    Envoy killed in the middle of a write leaves a line without its newline; the restarted Envoy appends its
+    first record right after it. Reading that line as a whole would lose the intact record too, so try every
+    later `{"` as a record start: only a complete object reaching the end of the line parses."""
+    start = line.find(b'{"', 1)
+    while start > 0:
+        try:
+            fields = json.loads(line[start:])
+        except ValueError:
+            start = line.find(b'{"', start + 1)
+            continue
+        if isinstance(fields, dict) and "request_id" in fields:
+            return fields
+        start = line.find(b'{"', start + 1)
+    return None
+
+
 def parse_usage_line(line: bytes) -> UsageRecord | None:
     """One JSON line (format: crosslogic.contract.USAGE_LOG_FORMAT) -> a record; None if not billable."""
     try:
         fields = json.loads(line)
     except ValueError:
-        log.error("unreadable usage log line skipped: %.200r", line)
-        return None
+        fields = _glued_record(line)
+        log.error("torn usage log line (Envoy killed mid-write?): %s: %.200r",
+                  "kept the intact record after it" if fields is not None else "skipped", line)
+        if fields is None:
+            return None
     if not isinstance(fields, dict):
         return None
     upstream = fields.get("upstream")

@@ -4,7 +4,8 @@
   meter event summary for the org's customer. Stripe holding less means exports went missing: those
   exports are put back to `pending` and the reporter sends them again under the same identifiers (Stripe
   counts an identifier once, so this cannot double-bill what it did receive).
-- Ledger vs nodes, per model: vLLM's cumulative `vllm:prompt_tokens_total` / `vllm:generation_tokens_total`
+- Ledger vs nodes, per model: the engines' cumulative token counters (vLLM's `vllm:prompt_tokens_total` /
+  `vllm:generation_tokens_total`, SGLang's `sglang:prompt_tokens_total` / `sglang:generation_tokens_total`)
   (labelled model_name) against the ledger's tokens for that model. The counters are since the node
   started, so this comparison is meaningful over a node's lifetime (the caller picks the window); a cut
   stream leaves the node one token ahead (the token whose write failed).
@@ -19,6 +20,7 @@ from datetime import datetime
 
 import asyncpg
 import stripe
+from prometheus_client.parser import text_string_to_metric_families
 
 from crosslogic.accounting.reporter import COST_METER
 
@@ -35,7 +37,9 @@ _LEDGER_BY_MODEL_SQL = """
 SELECT model, sum(prompt_tokens)::bigint AS prompt, sum(completion_tokens)::bigint AS completion
 FROM usage_records WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY 1
 """
-_NODES_SQL = "SELECT endpoint_host, endpoint_port FROM nodes WHERE status <> 'dead'"
+# Nodes that serve (or finish serving) traffic; provisioning/registering ones have no endpoint yet, dead and
+# terminated ones no counters to read.
+_NODES_SQL = "SELECT endpoint_host, endpoint_port FROM nodes WHERE status IN ('active', 'draining')"
 _REQUEUE_SQL = """
 UPDATE billing_exports SET status = 'pending', next_attempt_at = now(), regenerations = regenerations + 1
 WHERE org_id = $1::uuid AND status = 'sent' AND interval_start >= $2 AND interval_start < $3
@@ -74,23 +78,28 @@ class Reconciliation:
                 "models": [asdict(m) for m in self.models], "requeued_orgs": self.requeued_orgs}
 
 
-def parse_vllm_token_counters(text: str) -> dict[str, tuple[int, int]]:
-    """Prometheus text -> {model_name: (prompt_tokens_total, generation_tokens_total)}."""
+# Cumulative token counters per engine -> (index in the (prompt, generation) pair). SGLang's come from its
+# tokenizer manager, one series per model; were a build to label them per rank (tp_rank, ...), those copies are
+# the same count and are collapsed by their maximum, as the agent does for its gauges.
+_TOKEN_COUNTERS = {"vllm:prompt_tokens_total": 0, "vllm:generation_tokens_total": 1,
+                   "sglang:prompt_tokens_total": 0, "sglang:generation_tokens_total": 1}
+_RANK_LABELS = frozenset({"tp_rank", "pp_rank", "moe_ep_rank", "attn_tp_rank", "attn_dp_rank"})
+
+
+def parse_engine_token_counters(text: str) -> dict[str, tuple[int, int]]:
+    """Prometheus text of a vLLM or SGLang node -> {model_name: (prompt_tokens_total, generation_tokens_total)}."""
+    copies: dict[tuple[str, int, tuple], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            index = _TOKEN_COUNTERS.get(sample.name)
+            if index is None:
+                continue
+            rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in _RANK_LABELS))
+            key = (sample.labels.get("model_name", ""), index, rest)
+            copies[key] = max(copies.get(key, 0.0), sample.value)
     totals: dict[str, list[int]] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or "{" not in line:
-            continue
-        name, _, rest = line.partition("{")
-        index = {"vllm:prompt_tokens_total": 0, "vllm:generation_tokens_total": 1}.get(name)
-        if index is None:
-            continue
-        labels, _, value = rest.rpartition("}")
-        model = ""
-        for pair in labels.split(","):
-            key, _, raw = pair.partition("=")
-            if key.strip() == "model_name":
-                model = raw.strip().strip('"')
-        totals.setdefault(model, [0, 0])[index] += int(float(value.split()[0]))
+    for (model, index, _), value in copies.items():
+        totals.setdefault(model, [0, 0])[index] += int(value)
     return {model: (p, g) for model, (p, g) in totals.items()}
 
 
@@ -106,7 +115,7 @@ async def node_token_counters(conn: asyncpg.Connection) -> dict[str, tuple[int, 
             text = await asyncio.to_thread(_fetch_metrics, node["endpoint_host"], node["endpoint_port"])
         except OSError:
             continue  # an unreachable node is reported by its health, not here
-        for model, (p, g) in parse_vllm_token_counters(text).items():
+        for model, (p, g) in parse_engine_token_counters(text).items():
             old = totals.get(model, (0, 0))
             totals[model] = (old[0] + p, old[1] + g)
     return totals
