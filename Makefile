@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/cpu_per_request.py
 	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/observe_overhead.py
 
 clean:
 	rm -rf $(VENV) .state dist build

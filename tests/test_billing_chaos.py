@@ -295,9 +295,10 @@ async def test_every_request_is_billed_exactly_once_through_sink_postgres_and_en
     metrics_port = chaos_stack["ports"]["accounting_metrics"]
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
         exposed = await r.text()
-    for name in ("billing_tokens_total", "billing_cost_total", "billing_records_pushed_total",
-                 "billing_records_failed_total", "backstop_replayed_total", "ledger_backlog_bytes",
-                 "ledger_rows_written_total"):
+    for name in ("crosslogic_billing_exported_tokens_total", "crosslogic_billing_exported_microdollars_total",
+                 "crosslogic_billing_meter_events_sent_total", "crosslogic_billing_meter_events_failed_total",
+                 "crosslogic_backstop_replayed_rows_total", "crosslogic_ledger_backlog_bytes",
+                 "crosslogic_ledger_rows_written_total"):
         assert f"# TYPE {name.removesuffix('_total')}" in exposed, name
 
     # Reconciliation agrees: no drift against Stripe, node counters ahead only by the cut streams' last tokens.

@@ -204,7 +204,8 @@ async def test_the_limiter_reports_degraded_mode_logs_it_once_and_recovers_when_
         async with open_pool(database_url) as pool:
             gate = AdmissionGate(Limiter(redis), LimitStore(pool))
             assert not (await gate.decide(*ids, "ap-south", uuid.uuid4().hex, 10)).degraded
-            degraded = _sample("ratelimit_degraded_decisions_total", outcome="admitted", reason="redis_unavailable")
+            degraded = _sample("crosslogic_ratelimit_degraded_decisions_total", outcome="admitted",
+                               reason="redis_unavailable")
             assert valkey.child is not None
             valkey.child.kill()
             with caplog.at_level(logging.WARNING):
@@ -215,7 +216,7 @@ async def test_the_limiter_reports_degraded_mode_logs_it_once_and_recovers_when_
                 decision = await gate.decide(*ids, "ap-south", uuid.uuid4().hex, 10)
             assert decision.admitted and not decision.degraded, "the Redis client did not reconnect"
             assert _sample("crosslogic_dependency_down", dependency="redis") == 0
-            assert _sample("ratelimit_degraded_decisions_total", outcome="admitted",
+            assert _sample("crosslogic_ratelimit_degraded_decisions_total", outcome="admitted",
                            reason="redis_unavailable") == degraded + 25
     finally:
         caplog.handler.removeFilter(throttle)
@@ -379,12 +380,13 @@ async def _serves_again(stack: dict, target: str, killed_at: float, out: Traffic
         await _within(RECOVERY_S, "GET /v1/models", models)
     elif target == "valkey":  # admission goes through the limiter again, not around it (fail-open)
         url = f"http://127.0.0.1:{ports['authz_metrics']}/metrics"
-        before = _metric((await _get(url))[1], 'ratelimit_decisions_total{kind="",layer="",outcome="admitted"}')
+        admitted = 'crosslogic_ratelimit_decisions_total{kind="",layer="",outcome="admitted"}'
+        before = _metric((await _get(url))[1], admitted)
 
         async def limiter_back() -> bool:
             text = (await _get(url))[1]
             return ('crosslogic_dependency_down{dependency="redis"} 0.0' in text and
-                    _metric(text, 'ratelimit_decisions_total{kind="",layer="",outcome="admitted"}') > before)
+                    _metric(text, admitted) > before)
         await _within(RECOVERY_S, "limiter decisions through Valkey", limiter_back)
     elif target == "postgres":  # a key never used before authenticates (read from Postgres now), and revoking
         # it after its first use reaches ext_authz at once (its LISTEN feed is back; caches would hold it 30 s+)

@@ -16,8 +16,8 @@ from prometheus_client import Counter
 
 log = logging.getLogger("crosslogic.accounting.guardrails")
 ALERT_THRESHOLDS_PCT = (80, 100)
-cap_alerts = Counter("billing_cap_alerts_total", "Bill cap alerts raised", ["threshold_pct"])
-cap_suspensions = Counter("billing_cap_suspensions_total", "Orgs suspended on reaching their bill cap")
+cap_alerts = Counter("crosslogic_billing_cap_alerts", "Bill cap alerts raised", ["threshold_pct"])
+cap_suspensions = Counter("crosslogic_billing_cap_suspensions", "Orgs suspended on reaching their bill cap")
 
 _SPEND_SQL = """
 SELECT o.org_id, o.name, o.status, o.suspend_at_cap, o.monthly_bill_cap_microdollars AS cap,

@@ -236,6 +236,7 @@ class LedgerWriter:
 
     def add(self, record: UsageRecord) -> None:
         self.pending.append(record)
+        metrics.ledger_pending.set(len(self.pending))
         if len(self.pending) >= self.batch_size:
             self._wake.set()
 
@@ -251,6 +252,7 @@ class LedgerWriter:
             self.written += result.inserted
             metrics.ledger_rows.labels("als").inc(result.inserted)
             del self.pending[: len(batch)]
+            metrics.ledger_pending.set(len(self.pending))
 
     async def run(self) -> None:
         while True:

@@ -193,16 +193,16 @@ class BillingReporter:
                 async with self.pool.acquire() as conn:
                     await conn.execute(_SENT_SQL, export["export_id"])
                 sent += 1
-                metrics.records_pushed.inc()
-                metrics.billed_tokens.labels(export["model"]).inc(export["tokens"])
-                metrics.billed_cost.labels(export["model"]).inc(export["value"])
+                metrics.meter_events_sent.inc()
+                metrics.exported_tokens.labels(export["model"]).inc(export["tokens"])
+                metrics.exported_microdollars.labels(export["model"]).inc(export["value"])
             except stripe.StripeError as exc:
                 delay = backoff_s(export["retry_count"], self.settings.retry_base_s, self.settings.retry_max_s)
                 log.warning("Stripe refused export %s (%s); retry in %.0fs", export["export_id"], exc, delay)
                 async with self.pool.acquire() as conn:
                     await conn.execute(_FAILED_SQL, export["export_id"], str(exc)[:500], delay)
                 failed += 1
-                metrics.records_failed.inc()
+                metrics.meter_events_failed.inc()
         return sent, failed
 
     async def run_once(self) -> RunResult:
@@ -229,9 +229,37 @@ class BillingReporter:
                 result = await self.run_once()
                 if result.sent or result.failed:
                     log.info("billing run: %s", result)
+                if not result.failed:
+                    metrics.last_export_success.set_to_current_time()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, stripe.StripeError) as exc:
+                metrics.export_runs_failed.inc()
                 log.warning("billing run failed (%s); next run in %ss", exc, self.settings.interval_s)
+            try:
+                async with self.pool.acquire() as conn:
+                    await observe_billing_state(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.debug("billing state not read (%s)", exc)
             await asyncio.sleep(self.settings.interval_s)
+
+
+_UNBILLED_SQL = """
+SELECT count(*) AS n, coalesce(sum(cost_microdollars), 0)::bigint AS microdollars,
+       coalesce(EXTRACT(EPOCH FROM now() - min(recorded_at)), 0)::float8 AS oldest_s
+FROM usage_records WHERE NOT billed
+"""  # the partial index usage_records_unbilled_idx: with Stripe working, few rows
+_OPEN_EXPORTS_SQL = "SELECT status, count(*) AS n FROM billing_exports WHERE status <> 'sent' GROUP BY status"
+EXPORT_STATUSES = ("pending", "failed")
+
+
+async def observe_billing_state(conn: asyncpg.Connection) -> None:
+    """What an operator alerts on when exports stall: rows and money Stripe has not accepted, and for how long."""
+    row = await conn.fetchrow(_UNBILLED_SQL)
+    metrics.unbilled_rows.set(row["n"])
+    metrics.unbilled_microdollars.set(row["microdollars"])
+    metrics.oldest_unbilled_seconds.set(row["oldest_s"])
+    open_by_status = {r["status"]: r["n"] for r in await conn.fetch(_OPEN_EXPORTS_SQL)}
+    for status in {*EXPORT_STATUSES, *open_by_status}:
+        metrics.exports_open.labels(status).set(open_by_status.get(status, 0))
 
 
 def stripe_client(api_key: str, api_base: str = "") -> stripe.StripeClient:

@@ -7,9 +7,10 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import prometheus_client
+import redis.asyncio as aioredis
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from crosslogic.accounting import metrics
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs
 from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import HeldRows, LedgerWriter, OwedHook
@@ -17,7 +18,10 @@ from crosslogic.accounting.recent import RecentIds
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, stripe_client
 from crosslogic.accounting.usage import UsageRecord, record_from_entry
 from crosslogic.contract import PRICES_CHANNEL
+from crosslogic.logs import request_context
 from crosslogic.runtime.grpc_server import grpc_server
+from crosslogic.runtime.ops_http import ops_server
+from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
 from crosslogic.settings import Settings
 from crosslogic.store.db import follow_notifications, open_pool
 
@@ -34,6 +38,11 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
             for entry in message.http_logs.log_entry:
                 record = record_from_entry(entry)
                 if record is not None:
+                    with request_context(record.request_id):
+                        log.debug("usage of %s %s in %s: %d+%d tokens, status %d, %d ms", record.endpoint,
+                                  record.model, record.region, record.prompt_tokens, record.completion_tokens,
+                                  record.status_code, record.latency_ms)
+                    metrics.record_finished(record)
                     self.ledger.add(record)
                     if self.settle is not None:
                         self.settle(record)
@@ -54,6 +63,7 @@ def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], No
 
 
 def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:
+    metrics.export_enabled.set(1 if settings.stripe_api_key else 0)
     if not settings.stripe_api_key:
         log.info("no CROSSLOGIC_STRIPE_API_KEY: usage is recorded but not exported to Stripe")
         return None
@@ -88,14 +98,23 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         backstop = _start_backstop(settings, pool, settle, committed, on_owed)
         reporter = _start_reporter(settings, pool)
         guardrails = asyncio.create_task(watch_caps(pool, settings.guardrail_interval_s))
-        if settings.accounting_metrics_port:
-            prometheus_client.start_http_server(settings.accounting_metrics_port, "127.0.0.1")
         sink = AccessLogSink(ledger, settle)
+        # Readiness: the ledger's Postgres answers a query, and the Valkey settlement writes to answers PING.
+        readiness = Readiness().add("postgres", postgres_check(pool))
+        ping = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5) \
+            if settings.redis_url else None
+        if ping is not None:
+            readiness.add("valkey", redis_check(ping))
         try:
-            async with grpc_server(listen, lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(sink, s),
-                                   "access-log sink", grace_s=2) as server:
+            async with ops_server(settings.accounting_metrics_port, "accounting", readiness,
+                                  settings.metrics_host), \
+                    grpc_server(listen, lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(sink, s),
+                                "access-log sink", grace_s=2, readiness=readiness,
+                                services=["envoy.service.accesslog.v3.AccessLogService"]) as server:
                 await server.wait_for_termination()
         finally:  # after the server stopped: every entry that arrived is in `ledger`
+            if ping is not None:
+                await ping.aclose()
             writer.cancel()
             for task in (backstop, reporter, guardrails, held_task, held_feed):
                 if task is not None:

@@ -19,13 +19,14 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from crosslogic.agent import spot
+from crosslogic.agent import observe, spot
 from crosslogic.agent.disk import clean_model_dir
 from crosslogic.agent.engine import Backoff, Engine
 from crosslogic.agent.metrics import EngineSample, mean_ttft, parse_engine_metrics, tokens_per_sec
 from crosslogic.agent.proto import nodeagent_pb2 as pb
 from crosslogic.agent.proto import nodeagent_pb2_grpc as pb_grpc
 from crosslogic.agent.warmup import benchmark
+from crosslogic.runtime.ops_http import ops_server
 
 log = logging.getLogger("crosslogic.agent")
 
@@ -48,6 +49,8 @@ class AgentConfig:
     model_dir: Path | None = None  # disk cleanup: old models' files here are removed
     cleanup_interval_s: float = 3600.0
     cleanup_min_age_s: float = 3600.0
+    metrics_port: int = 0  # /metrics, /healthz, /readyz of the agent (agent/observe.py); 0 = none
+    metrics_host: str = "127.0.0.1"
 
 
 def channel(config: AgentConfig) -> grpc.aio.Channel:
@@ -75,6 +78,7 @@ class Agent:
         self.last_sample: EngineSample | None = None
         self.evicted = asyncio.Event()
         self.registration = config.registration  # completed by prepare()
+        self.health = observe.AgentHealth()
 
     async def register(self) -> None:
         try:
@@ -86,16 +90,20 @@ class Agent:
         self.node_id = answer.node_id
         self.heartbeat_s = self.config.heartbeat_interval_s or answer.heartbeat_interval_ms / 1000
         self.metrics_s = self.config.metrics_interval_s or answer.metrics_interval_ms / 1000
+        self.health.registered(self.node_id, self.heartbeat_s)
         log.info("registered as %s (heartbeat %.1f s, metrics %.1f s)", self.node_id, self.heartbeat_s, self.metrics_s)
 
     async def heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             healthy = await engine_healthy(self.session, self.config.engine_url)
+            observe.engine_up.set(1 if healthy else 0)
             try:
                 await self.stub.SendHeartbeat(pb.HeartbeatRequest(node_id=self.node_id, engine_unhealthy=not healthy),
                                               timeout=5)
+                self.health.heartbeat(True)
             except grpc.aio.AioRpcError as exc:
+                self.health.heartbeat(False)
                 if exc.code() == grpc.StatusCode.NOT_FOUND and not self.evicted.is_set():
                     log.warning("control plane forgot this node; registering again")
                     await self.register()
@@ -131,6 +139,7 @@ class Agent:
                 log.info("warm-up: prefill %d tokens/s, decode %d tokens/s", result.prefill_tokens_per_sec,
                          result.decode_tokens_per_sec)
                 request.prefill_tokens_per_sec = result.prefill_tokens_per_sec
+                observe.warmup_decode.set(result.decode_tokens_per_sec)
                 if not request.throughput_tokens_per_sec:
                     request.throughput_tokens_per_sec = result.decode_tokens_per_sec
         self.registration = request
@@ -156,7 +165,9 @@ class Agent:
                         node_id=self.node_id, requests_running=sample.requests_running,
                         requests_waiting=sample.requests_waiting, kv_cache_usage=sample.kv_cache_usage,
                         generation_tokens_per_sec=rate, mean_ttft_s=ttft), timeout=5)
+                    observe.reports.labels("metrics", "ok").inc()
                 except grpc.aio.AioRpcError as exc:
+                    observe.reports.labels("metrics", "failed").inc()
                     log.warning("metrics report failed: %s", exc.details())
             await asyncio.sleep(self.metrics_s)
 
@@ -165,6 +176,7 @@ class Agent:
 
         async def on_notice(notice: spot.SpotNotice) -> None:
             log.warning("spot notice from %s: %s; draining", notice.provider, notice.detail)
+            observe.spot_notices.labels(notice.provider).inc()
             self.evicted.set()
             await self.stub.NotifySpotEviction(pb.SpotEvictionRequest(
                 node_id=self.node_id, provider=notice.provider, detail=notice.detail), timeout=5)
@@ -181,38 +193,48 @@ class Agent:
                 break
             await asyncio.sleep(0.2)
         await self.stub.Shutdown(pb.ShutdownRequest(node_id=self.node_id, reason=reason, final=True), timeout=5)
+        self.health.left()
         log.info("drained (%s)", reason)
 
 
 async def run_agent(config: AgentConfig, stopping: asyncio.Event) -> None:
     """Runs until `stopping` is set (SIGTERM), then drains and stops the engine."""
     engine = Engine(list(config.engine_argv), config.backoff) if config.engine_argv else None
+    started = time.monotonic()
     async with channel(config) as chan, aiohttp.ClientSession() as session:
         agent = Agent(config, pb_grpc.NodeAgentStub(chan), session)
-        tasks: list[asyncio.Task] = []
-        if engine is not None:
-            tasks.append(asyncio.create_task(engine.supervise()))
+        ready = agent.health.readiness(lambda: engine_healthy(session, config.engine_url))
+        async with ops_server(config.metrics_port, "agent", ready, config.metrics_host):
+            await _serve(agent, engine, stopping, started)
+
+
+async def _serve(agent: Agent, engine: Engine | None, stopping: asyncio.Event, started: float) -> None:
+    config, session = agent.config, agent.session
+    tasks: list[asyncio.Task] = []
+    if engine is not None:
+        tasks.append(asyncio.create_task(engine.supervise()))
+    try:
+        await wait_engine_ready(session, config.engine_url, stopping)
+        if stopping.is_set():
+            return
+        observe.engine_ready_seconds.set(time.monotonic() - started)
+        await agent.prepare()
+        if not await _register_with_retry(agent, stopping, config.backoff):
+            return
+        tasks += [asyncio.create_task(agent.heartbeats()), asyncio.create_task(agent.metrics()),
+                  asyncio.create_task(agent.watch_spot()), asyncio.create_task(agent.clean_disk())]
+        # A spot notice drains at once (the cloud takes the machine soon); SIGTERM drains too.
+        await _first_of(stopping, agent.evicted)
         try:
-            await wait_engine_ready(session, config.engine_url, stopping)
-            if stopping.is_set():
-                return
-            await agent.prepare()
-            if not await _register_with_retry(agent, stopping, config.backoff):
-                return
-            tasks += [asyncio.create_task(agent.heartbeats()), asyncio.create_task(agent.metrics()),
-                      asyncio.create_task(agent.watch_spot()), asyncio.create_task(agent.clean_disk())]
-            # A spot notice drains at once (the cloud takes the machine soon); SIGTERM drains too.
-            await _first_of(stopping, agent.evicted)
-            try:
-                await agent.drain("agent stopped" if not agent.evicted.is_set() else "spot eviction")
-            except grpc.aio.AioRpcError as exc:  # control plane unreachable: its heartbeat timeout takes over
-                log.warning("could not report the drain: %s", exc.details())
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if engine is not None:
-                await engine.stop()
+            await agent.drain("agent stopped" if not agent.evicted.is_set() else "spot eviction")
+        except grpc.aio.AioRpcError as exc:  # control plane unreachable: its heartbeat timeout takes over
+            log.warning("could not report the drain: %s", exc.details())
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if engine is not None:
+            await engine.stop()
 
 
 async def _register_with_retry(agent: Agent, stopping: asyncio.Event, backoff: Backoff) -> bool:

@@ -8,6 +8,8 @@ import logging
 from aiohttp import web
 
 from crosslogic.api.models import build_app
+from crosslogic.runtime.ops_http import ops_server
+from crosslogic.runtime.readiness import Readiness, postgres_check
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -21,6 +23,8 @@ async def serve_api(settings: Settings, host: str, port: int) -> None:
         await web.TCPSite(runner, host, port).start()
         log.info("api listening on %s:%d", host, port)
         try:
-            await asyncio.Event().wait()
+            ready = Readiness().add("postgres", postgres_check(pool))
+            async with ops_server(settings.api_metrics_port, "api", ready, settings.metrics_host):
+                await asyncio.Event().wait()
         finally:
             await runner.cleanup()

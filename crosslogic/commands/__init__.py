@@ -80,9 +80,13 @@ def _serve(args: argparse.Namespace) -> int:
                                   usage_log_path=settings.usage_log_path,
                                   admission=args.admission or settings.admission,
                                   authz_transport=args.transport or settings.authz_transport,
+                                  trace_sample_percent=settings.trace_sample_percent if settings.otlp_endpoint
+                                  else 0.0,
                                   **client_bounds(settings))
         return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
-                                              nodeagent_listen=args.nodeagent_listen))
+                                              nodeagent_listen=args.nodeagent_listen,
+                                              metrics_port=settings.xds_metrics_port,
+                                              metrics_host=settings.metrics_host))
     raise SystemExit(f"unknown service {args.service}")
 
 
@@ -229,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(handler=_config)
 
     from crosslogic.commands import agent as agent_cli
+    from crosslogic.commands import observe as observe_cli
 
     agent_cli.register(sub)
+    observe_cli.register(sub)
     _register_server_commands(sub)
 
     _add_global_options(parser, default=True)
@@ -242,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(args: argparse.Namespace, settings: Settings) -> None:
     from crosslogic.logs import configure_logging
 
-    configure_logging(args.log_level, json_lines=args.json and args.command in ("serve", "agent", "up"),
-                      repeat_interval_s=settings.log_repeat_interval_s)
+    long_running = args.command in ("serve", "agent", "up")
+    configure_logging(args.log_level, json_lines=long_running and (args.json or settings.log_format == "json"),
+                      repeat_interval_s=settings.log_repeat_interval_s,
+                      service=getattr(args, "service", None) or args.command)
 
 
 def _missing_server_module(exc: ModuleNotFoundError) -> bool:

@@ -32,7 +32,8 @@ def _agent(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout, tls_dir=Path(args.tls_dir) if args.tls_dir else None,
         backoff=Backoff(initial_s=args.restart_backoff), warmup_requests=args.warmup_requests,
         warmup_decode_tokens=args.warmup_decode_tokens, model_dir=Path(args.model_dir) if args.model_dir else None,
-        cleanup_interval_s=args.cleanup_interval, cleanup_min_age_s=args.cleanup_min_age)
+        cleanup_interval_s=args.cleanup_interval, cleanup_min_age_s=args.cleanup_min_age,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host)
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -112,6 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds to wait for in-flight requests when draining")
     a.add_argument("--restart-backoff", type=float, default=1.0, help="first restart delay in seconds")
+    a.add_argument("--metrics-port", type=int, default=0, help="serve the agent's /metrics, /healthz and /readyz "
+                   "here (registered, heartbeat accepted, engine healthy); 0 = off")
+    a.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default: loopback)")
     a.add_argument("--tls-dir", help="directory with ca.pem, node.pem, node.key (`crosslogic pki issue-node`)")
     a.add_argument("--engine", choices=["vllm", "sglang"], help="the engine (default: found from its /metrics)")
     a.add_argument("--warmup-requests", type=int, default=4, help="concurrent streams of the warm-up benchmark "

@@ -46,7 +46,7 @@ COALESCE(s.owed_microdollars, 0) AS cap_owed
 """
 CAP_JOIN = ("LEFT JOIN org_monthly_spend s ON o.monthly_bill_cap_microdollars IS NOT NULL AND s.org_id = o.org_id "
             "AND s.month = {month}")
-decisions = Counter("billcap_decisions_total", "Bill-cap admissions of capped orgs' requests",
+decisions = Counter("crosslogic_billcap_decisions", "Bill-cap admissions of capped orgs' requests",
                     ["outcome"])  # reserved | refused | degraded_admitted | degraded_refused | unavailable
 
 

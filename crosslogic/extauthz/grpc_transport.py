@@ -12,6 +12,7 @@ from google.rpc import code_pb2, status_pb2
 
 from crosslogic.extauthz.check import Checker, Denied, unexpected
 from crosslogic.extauthz.decision import Allowed
+from crosslogic.tracing import TRACEPARENT_HEADER
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -46,8 +47,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     async def Check(self, request, context):  # noqa: N802 (gRPC name)
         http = request.attributes.request.http
+        headers = dict(http.headers)
+        # Envoy's tracer puts the ext_authz call's trace context on the gRPC call, not in the client's headers.
+        for key, value in (context.invocation_metadata() or ()) if context is not None else ():
+            if key == TRACEPARENT_HEADER:
+                headers[TRACEPARENT_HEADER] = value
         verdict = await self.checker.check(request.attributes.source.address.socket_address.address, http.method,
-                                           http.path, dict(http.headers), http.raw_body)
+                                           http.path, headers, http.raw_body)
         try:
             return allowed_response(verdict) if isinstance(verdict, Allowed) else denied_response(verdict)
         except Exception as exc:  # noqa: BLE001 - e.g. a value protobuf cannot carry

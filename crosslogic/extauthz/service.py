@@ -24,6 +24,7 @@ from crosslogic.extauthz.decision import Authorizer
 from crosslogic.extauthz.grpc_transport import AuthorizationServicer
 from crosslogic.extauthz.http_transport import authz_http_server
 from crosslogic.extauthz.http_wire import Limits
+from crosslogic.extauthz.observe import ObservedChecker
 from crosslogic.extauthz.release import LeaseReleaser
 from crosslogic.extauthz.tenants import TenantCache, follow_changes
 from crosslogic.extauthz.throttle import ThrottledChecker
@@ -33,9 +34,13 @@ from crosslogic.ratelimit.money import MoneyLimiter
 from crosslogic.ratelimit.quota import QuotaCounters
 from crosslogic.ratelimit.resp import ScriptClient
 from crosslogic.runtime.grpc_server import grpc_server
-from crosslogic.runtime.metrics_server import metrics_server
+from crosslogic.runtime.ops_http import ops_server
+from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
+from crosslogic.tracing import tracer_from_settings
+
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 
 
 def http_limits(settings: Settings) -> Limits:
@@ -49,6 +54,7 @@ class AuthzParts:
     authorizer: Authorizer
     limiter: Limiter
     admits: bool  # the reservation is made in the decision (admission "authz")
+    readiness: Readiness  # the decision's own Postgres pool and Valkey client answer
 
 
 @asynccontextmanager
@@ -69,7 +75,8 @@ async def authorizer_from_settings(settings: Settings) -> AsyncIterator[AuthzPar
             feed = asyncio.create_task(follow_changes(settings.require_database(), views, catalogue.mark_stale,
                                                       caps.prices_changed))
             try:
-                yield AuthzParts(authorizer, limiter, admits)
+                readiness = Readiness().add("postgres", postgres_check(pool)).add("valkey", redis_check(redis))
+                yield AuthzParts(authorizer, limiter, admits, readiness)
             finally:
                 feed.cancel()
                 await asyncio.gather(feed, return_exceptions=True)
@@ -87,21 +94,28 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
     transport = transport or settings.authz_transport
     async with authorizer_from_settings(settings) as parts:
         budget = FailureBudget(settings.abuse_failure_burst, settings.abuse_failure_refill_per_s)
-        checker = ThrottledChecker(GuardedAuthorizer(parts.authorizer), budget, settings.xff_trusted_hops)
+        tracer = tracer_from_settings(settings.otlp_endpoint, "crosslogic-authz")
+        checker = ObservedChecker(ThrottledChecker(GuardedAuthorizer(parts.authorizer), budget,
+                                                   settings.xff_trusted_hops), tracer)
         releaser = LeaseReleaser(parts.limiter) if parts.admits else None
         bounds = http_limits(settings)
-        with metrics_server(settings.authz_metrics_port, "ext_authz"):  # admission metrics (ratelimit/metrics.py)
-            async with AsyncExitStack() as stack:
-                http_listens = [listen] if transport == "http" else []
-                if release_listen and release_listen not in http_listens:
-                    http_listens.append(release_listen)
-                for address in http_listens:
-                    await stack.enter_async_context(authz_http_server(address, checker, releaser, bounds))
-                if transport == "grpc":
-                    servicer = AuthorizationServicer(checker)
-                    server = await stack.enter_async_context(grpc_server(
-                        listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
-                        "ext_authz"))
-                    await server.wait_for_termination()
-                else:
-                    await asyncio.Event().wait()  # until cancelled (SIGTERM)
+        try:
+            # /metrics: admission (ratelimit/metrics.py) and checks (extauthz/observe.py); /healthz, /readyz
+            async with ops_server(settings.authz_metrics_port, "ext_authz", parts.readiness,
+                                  settings.metrics_host):
+                async with AsyncExitStack() as stack:
+                    http_listens = [listen] if transport == "http" else []
+                    if release_listen and release_listen not in http_listens:
+                        http_listens.append(release_listen)
+                    for address in http_listens:
+                        await stack.enter_async_context(authz_http_server(address, checker, releaser, bounds))
+                    if transport == "grpc":
+                        servicer = AuthorizationServicer(checker)
+                        server = await stack.enter_async_context(grpc_server(
+                            listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
+                            "ext_authz", readiness=parts.readiness, services=[AUTHORIZATION_SERVICE]))
+                        await server.wait_for_termination()
+                    else:
+                        await asyncio.Event().wait()  # until cancelled (SIGTERM)
+        finally:
+            tracer.shutdown()

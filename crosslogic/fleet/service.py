@@ -1,5 +1,6 @@
-"""`crosslogic serve fleet --listen HOST:PORT`: the autoscaler as its own process (Prometheus /metrics on the
-listen address). Any number of replicas may run against one Postgres: pools are decided under advisory locks."""
+"""`crosslogic serve fleet --listen HOST:PORT`: the autoscaler as its own process (Prometheus /metrics,
+/healthz and /readyz on the listen address). Any number of replicas may run against one Postgres: pools are
+decided under advisory locks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from prometheus_client.exposition import choose_encoder
 from crosslogic.fleet.autoscaler import Autoscaler, AutoscalerOptions
 from crosslogic.fleet.metrics import FleetMetrics
 from crosslogic.fleet.provider import Machine, NodeSpec, Provider
+from crosslogic.runtime.ops_http import add_health_routes
+from crosslogic.runtime.readiness import Readiness, postgres_check
 from crosslogic.settings import FleetSettings, SchedulerSettings, Settings, SettingsError
 from crosslogic.store.db import open_pool
 
@@ -74,10 +77,13 @@ async def serve_fleet(settings: Settings, listen_host: str, listen_port: int) ->
 
     app = web.Application()
     app.router.add_get("/metrics", scrape)
+    readiness = Readiness()
+    add_health_routes(app, "fleet", readiness)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         async with open_pool(settings.require_database(), max_size=4) as pool:
+            readiness.add("postgres", postgres_check(pool))
             await _run(pool, provider, metrics, fleet, runner, listen_host, listen_port)
     finally:
         close = getattr(provider, "close", None)

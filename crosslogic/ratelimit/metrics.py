@@ -14,14 +14,15 @@ from crosslogic.ratelimit.engine import KINDS, Decision
 LAYERS = frozenset(("org", "env", "key", "lane", "global", "region"))
 _KINDS = frozenset(KINDS)
 
-decisions = Counter("ratelimit_decisions_total", "Admission decisions the limiter made, by outcome and, for "
+decisions = Counter("crosslogic_ratelimit_decisions", "Admission decisions the limiter made, by outcome and, for "
                     "refusals, the refusing layer and limit kind", ["outcome", "layer", "kind"])
-shadow_refusals = Counter("ratelimit_shadow_refusals_total", "Requests a shadow-mode limit would have refused "
+shadow_refusals = Counter("crosslogic_ratelimit_shadow_refusals", "Requests a shadow-mode limit would have refused "
                           "(admitted anyway)", ["layer", "kind"])
-degraded = Counter("ratelimit_degraded_decisions_total", "Decisions made without the limiter: Redis unreachable "
+degraded = Counter("crosslogic_ratelimit_degraded_decisions", "Decisions made without the limiter: Redis unreachable "
                    "(fail-open admits, fail-closed refuses) or limits unreadable", ["outcome", "reason"])
 # Sub-millisecond to a second: one or two EVALSHA round trips normally, the socket timeout when Redis hangs.
-limiter_seconds = Histogram("ratelimit_limiter_seconds", "Time of one admission's limiter calls (Redis)",
+limiter_seconds = Histogram("crosslogic_ratelimit_limiter_duration_seconds",
+                            "Time of one admission's limiter calls (Redis)",
                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 _admitted = decisions.labels("admitted", "", "")  # the hot path: bound once
 

@@ -21,14 +21,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from crosslogic.accounting.ledger import MonthlyOwed
 from crosslogic.ratelimit.engine import DEFAULT_RESERVATION_TTL_MS, Clock, org_tag, tenant_scope, wall_clock_ms
 from crosslogic.ratelimit.lua import LuaScript
 from crosslogic.settings import Settings
+
+if TYPE_CHECKING:  # a type only: the limiter's processes (ext_authz) do not load the ledger and its metrics
+    from crosslogic.accounting.ledger import MonthlyOwed
 
 log = logging.getLogger("crosslogic.ratelimit")
 REFUSED, RESERVED, REPEATED, ENDED, UNKNOWN = 0, 1, 2, 3, 4  # money_reserve.lua's statuses

@@ -22,7 +22,8 @@ from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
 from crosslogic.runtime.grpc_server import grpc_server
-from crosslogic.runtime.metrics_server import metrics_server
+from crosslogic.runtime.ops_http import ops_server
+from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
 from crosslogic.settings import Settings
 from crosslogic.store.db import open_pool
 
@@ -79,10 +80,13 @@ async def serve_ratelimit(settings: Settings, listen: str) -> None:
         limiter = limiter_from_settings(redis, settings)
         feed = asyncio.create_task(follow_limit_changes(settings.database_url, store.clear))
         servicer = RateLimitServicer(limiter, store)
+        readiness = Readiness().add("postgres", postgres_check(pool)).add("valkey", redis_check(redis))
         try:
-            with metrics_server(settings.ratelimit_metrics_port, "rate-limit service"):
+            async with ops_server(settings.ratelimit_metrics_port, "rate-limit service", readiness,
+                                  settings.metrics_host):
                 async with grpc_server(listen, lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-                        servicer, s), "rate-limit service") as server:
+                        servicer, s), "rate-limit service", readiness=readiness,
+                        services=["envoy.service.ratelimit.v3.RateLimitService"]) as server:
                     await server.wait_for_termination()
         finally:
             feed.cancel()

@@ -58,6 +58,9 @@ class BootstrapParams:
     release_port: int = 0  # ext_authz's POST /release (usage.lua); 0: none, leases are freed at settlement
     host: str = "127.0.0.1"
     authz_transport: str = "http"  # "http": the authz cluster speaks HTTP/1.1; "grpc": HTTP/2
+    stats_port: int = 0  # a listener serving only /stats/prometheus and /ready of the admin; 0: none
+    stats_host: str = "127.0.0.1"
+    otlp_endpoint: str = ""  # HOST:PORT of the OTLP/gRPC collector Envoy traces to; "": none
 
 
 _CLUSTER_NAMES = {"xds_cluster": contract.XDS_CLUSTER, "authz_cluster": contract.AUTHZ_CLUSTER,
@@ -73,10 +76,58 @@ _HTTP1 = ('{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {"@type": ty
           'common_http_protocol_options: {idle_timeout: 60s}}}')
 
 
+def _otel_cluster(params: BootstrapParams) -> str:
+    """The collector of Envoy's spans (the gateway's HCM names it when tracing is on, xds/resources.py)."""
+    if not params.otlp_endpoint:
+        return ""
+    host, _, port = params.otlp_endpoint.rpartition(":")
+    address = f"{{socket_address: {{address: {host or '127.0.0.1'}, port_value: {int(port)}}}}}"
+    return f"""  - name: {contract.OTEL_CLUSTER}
+    type: STRICT_DNS
+    connect_timeout: 1s
+    typed_extension_protocol_options: *h2
+    load_assignment:
+      cluster_name: {contract.OTEL_CLUSTER}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {address}}}}}]}}]
+"""
+
+
+def _stats_resources(params: BootstrapParams) -> str:
+    """The admin stays on loopback (it can stop Envoy, change log levels, dump config); Prometheus scrapes this
+    listener instead, which proxies two read-only admin paths and answers 404 to everything else."""
+    if not params.stats_port:
+        return ""
+    routes = ", ".join(f"{{match: {{path: \"{path}\"}}, route: {{cluster: {contract.ENVOY_ADMIN_CLUSTER}}}}}"
+                       for path in contract.STATS_PATHS)
+    admin = f"{{socket_address: {{address: 127.0.0.1, port_value: {params.admin_port}}}}}"
+    return f"""  - name: {contract.ENVOY_ADMIN_CLUSTER}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {contract.ENVOY_ADMIN_CLUSTER}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {admin}}}}}]}}]
+  listeners:
+  - name: crosslogic_stats
+    address: {{socket_address: {{address: {params.stats_host}, port_value: {params.stats_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: crosslogic_stats
+          route_config:
+            virtual_hosts: [{{name: stats, domains: ["*"], routes: [{routes}]}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"""
+
+
 def render_bootstrap(params: BootstrapParams) -> str:
     authz = "*h2" if params.authz_transport == "grpc" else _HTTP1
     return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(
-        {**asdict(params), **_CLUSTER_NAMES, "authz_protocol_options": authz, "http1_protocol_options": _HTTP1})
+        {**asdict(params), **_CLUSTER_NAMES, "authz_protocol_options": authz, "http1_protocol_options": _HTTP1,
+         "stats_resources": _otel_cluster(params) + _stats_resources(params)})
 
 
 class EnvoyProcess:

@@ -11,6 +11,7 @@ holds the key-hashing secret, the node CA's key, the demo key, logs and the usag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from crosslogic.pki import init_pki
 from crosslogic.runtime.backoff import Backoff
 from crosslogic.runtime.envoy import BootstrapParams, EnvoyProcess
+from crosslogic.runtime.ops_http import serve_ops
 from crosslogic.runtime.postgres import EmbeddedPostgres
 from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, port_open, wait_until, write_private
 from crosslogic.runtime.state import ensure_key_secret, secure_state_dir, write_runtime
@@ -129,12 +131,15 @@ def start_stack(stack: Stack) -> Stack:
     ports = {name: free_port() for name in ("xds", "authz", "release", "ratelimit", "accounting", "api", "admin",
                                             "nodeagent", "fleet",
                                             "accounting_metrics", "authz_metrics", "ratelimit_metrics",
-                                            "supervisor_metrics")}
+                                            "api_metrics", "xds_metrics", "supervisor_metrics", "envoy_stats")}
     ports["supervisor_metrics"] = SupervisorSettings().supervisor_metrics_port or ports["supervisor_metrics"]
-    # Prometheus /metrics: billing (§39) in accounting, admission in ext_authz (or `serve ratelimit` with "rls").
+    ports["envoy_stats"] = settings.envoy_stats_port or ports["envoy_stats"]
+    # Every service's /metrics, /healthz and /readyz (docs/observability.md); the fleet serves them on its own port.
     for name, configured in (("accounting_metrics", settings.accounting_metrics_port),
                              ("authz_metrics", settings.authz_metrics_port),
-                             ("ratelimit_metrics", settings.ratelimit_metrics_port)):
+                             ("ratelimit_metrics", settings.ratelimit_metrics_port),
+                             ("api_metrics", settings.api_metrics_port),
+                             ("xds_metrics", settings.xds_metrics_port)):
         ports[name] = configured or ports[name]
         env[f"CROSSLOGIC_{name.upper()}_PORT"] = str(ports[name])
     # The accounting service rotates Envoy's usage log and asks Envoy to reopen it.
@@ -175,7 +180,8 @@ def start_stack(stack: Stack) -> Stack:
     envoy = stack.envoy = EnvoyProcess(logs, BootstrapParams(
         node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
         release_port=ports["release"], authz_transport=transport,
-        accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"])).start()
+        accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"],
+        stats_port=ports["envoy_stats"], stats_host=options.host, otlp_endpoint=settings.otlp_endpoint)).start()
     gateway_url = f"http://{options.host}:{options.port}"
     assert envoy.child is not None
     wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", envoy.child.proc)
@@ -292,11 +298,15 @@ def _supervisor(stack: Stack, state: Path) -> Supervisor:
     return supervisor
 
 
-def _serve_supervisor_metrics(supervisor: Supervisor, port: int):
-    import prometheus_client
+def _serve_supervisor_ops(supervisor: Supervisor, port: int):
+    """/metrics (children ready, restarts, degraded), /healthz, /readyz (every child ready) of `crosslogic up`."""
 
-    server, thread = prometheus_client.start_http_server(port, "127.0.0.1", registry=supervisor.registry)
-    return server
+    def probe() -> tuple[bool, dict[str, dict]]:
+        children = supervisor.status()["children"]
+        return not supervisor.degraded, {name: {"ok": c["state"] == "ready", "detail": c["state"]}
+                                         for name, c in children.items()}
+
+    return serve_ops(port, "supervisor", lambda: True, probe, registry=supervisor.registry)
 
 
 def run_up(options: UpOptions) -> int:
@@ -309,11 +319,11 @@ def run_up(options: UpOptions) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stack = Stack(options)
-    metrics = None
+    ops = contextlib.ExitStack()
     try:
         start_stack(stack)
         supervisor = _supervisor(stack, options.state_dir.resolve())
-        metrics = _serve_supervisor_metrics(supervisor, stack.info["ports"]["supervisor_metrics"])
+        ops.enter_context(_serve_supervisor_ops(supervisor, stack.info["ports"]["supervisor_metrics"]))
         write_runtime(options.state_dir.resolve(), {**stack.info, "supervisor": supervisor.status()})
         if options.json_output:
             print(json.dumps(stack.info), flush=True)
@@ -332,5 +342,4 @@ def run_up(options: UpOptions) -> int:
         return 1
     finally:
         stop_stack(stack)
-        if metrics is not None:
-            metrics.shutdown()
+        ops.close()

@@ -75,6 +75,8 @@ class GatewaySettings:
     max_request_headers: int = 100
     max_request_headers_kib: int = 60
     xff_trusted_hops: int = 0
+    # OpenTelemetry (settings.otlp_endpoint): Envoy traces to the bootstrap's collector cluster; 0 = off.
+    trace_sample_percent: float = 0.0
 
 
 CLIENT_BOUND_FIELDS = ("request_headers_timeout_s", "request_timeout_s", "connection_idle_timeout_s",

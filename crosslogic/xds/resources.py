@@ -12,6 +12,7 @@ from envoy.config.core.v3 import address_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.config.trace.v3 import opentelemetry_pb2 as _opentelemetry  # noqa: F401
 
 # Registers every type the dict-built resources name in "@type".
 from envoy.extensions.access_loggers.file.v3 import file_pb2 as _file_log  # noqa: F401
@@ -41,7 +42,9 @@ from crosslogic.contract import (
     CLIENT_ADDRESS_HEADER,
     DESCRIPTOR_METADATA_KEYS,
     DESCRIPTOR_REQUEST_ID,
+    GATEWAY_TRACE_SERVICE,
     METADATA_HEADERS,
+    OTEL_CLUSTER,
     RATELIMIT_CLUSTER,
     RATELIMIT_DOMAIN,
     RATELIMIT_HEADER_PREFIX,
@@ -271,6 +274,24 @@ def _client_bounds(settings: GatewaySettings) -> dict:
     }
 
 
+def _tracing(settings: GatewaySettings) -> dict:
+    """OpenTelemetry (off unless CROSSLOGIC_OTLP_ENDPOINT): one span per request, a child span for the ext_authz
+    call and one for the call to the node (spawn_upstream_span), W3C traceparent sent to both, OTLP/gRPC to
+    the bootstrap's collector cluster. Spans carry Envoy's request id (x-request-id is the ledger's key)."""
+    if not settings.trace_sample_percent:
+        return {}
+    return {"tracing": {
+        "random_sampling": {"value": settings.trace_sample_percent},
+        "spawn_upstream_span": True,
+        "custom_tags": [{"tag": "crosslogic.request_id",
+                         "request_header": {"name": REQUEST_ID_HEADER, "default_value": ""}}],
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            "grpc_service": {"envoy_grpc": {"cluster_name": OTEL_CLUSTER}, "timeout": "1s"},
+            "service_name": GATEWAY_TRACE_SERVICE}},
+    }}
+
+
 def build_listener(settings: GatewaySettings, name: str = LISTENER_NAME,
                    host: str | None = None, port: int | None = None) -> listener_pb2.Listener:
     hcm = {
@@ -291,6 +312,7 @@ def build_listener(settings: GatewaySettings, name: str = LISTENER_NAME,
                                                  settings.max_request_bytes),
         **_client_bounds(settings),
         "server_name": "crosslogic",  # replaces the server header of every reply (nodes', aiohttp's, Envoy's)
+        **_tracing(settings),
     }
     listener = {
         "name": name,

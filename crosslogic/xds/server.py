@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from crosslogic.xds import metrics
 from crosslogic.xds.cache import SnapshotCache
 from crosslogic.xds.snapshot import CLUSTER_TYPE, ENDPOINT_TYPE, PUSH_ORDER, Snapshot
 
@@ -57,6 +58,7 @@ class _Stream:
         # response was in flight must still be answered once Envoy ACKs that response.
         state.names = list(request.resource_names)
         if request.HasField("error_detail"):
+            metrics.nacks.labels(metrics.type_name(type_url)).inc()
             log.warning("NACK from %s for %s version %s: %s", self.node_id, type_url,
                         state.sent_version, request.error_detail.message)
             state.acked = True  # Envoy keeps the old config; resend only when the snapshot changes
@@ -84,9 +86,12 @@ class _Stream:
 class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, cache: SnapshotCache) -> None:
         self.cache = cache
+        self.open_streams = 0
 
     async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
         stream = _Stream(self.cache)
+        self.open_streams += 1
+        metrics.streams.inc()
         events: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
         async def read_requests() -> None:
@@ -118,8 +123,11 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
                 else:
                     next_request.cancel()
                 for type_url in due:
+                    metrics.responses.labels(metrics.type_name(type_url)).inc()
                     yield stream.response(type_url, snapshot)
         finally:
+            self.open_streams -= 1
+            metrics.streams.dec()
             self.cache.unwatch(changes)
             reader.cancel()
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import asyncpg
-import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from crosslogic.contract import ROUTING_CHANNEL
+from crosslogic.runtime.grpc_server import grpc_server
+from crosslogic.runtime.ops_http import ops_server
+from crosslogic.runtime.readiness import Readiness, postgres_check
 from crosslogic.settings import SchedulerSettings
-from crosslogic.xds import node_registry
+from crosslogic.xds import metrics, node_registry
 from crosslogic.xds.cache import SnapshotCache
 from crosslogic.xds.model import GatewaySettings
 from crosslogic.xds.nodeagent import NodeAgentServicer, add_to_server, server_credentials
@@ -41,6 +45,7 @@ class Scheduler:
         self.policy: RoutingPolicy | None = None
         self._policy_message = ""
         self.changed = asyncio.Event()
+        self.nodes = metrics.NodeObserver()
 
     async def _refresh_policy(self, conn: asyncpg.Connection) -> None:
         try:
@@ -53,18 +58,24 @@ class Scheduler:
             (log.info if accepted else log.error)("%s%s", message, kept)
             await record_status(conn, accepted, message)
             self._policy_message = message
+        metrics.policy_rejected.set(0 if accepted else 1)
         if policy is not None:
             self.policy = policy
 
     async def rebuild(self) -> None:
+        started = time.perf_counter()
         async with self.pool.acquire() as conn:
             await node_registry.sweep(conn, self.lifetimes)
+            await self.nodes.read(conn)
             await self._refresh_policy(conn)
             if self.policy is None:
                 return  # no valid policy yet: Envoy waits rather than receiving a bad one
             pools = await load_pools(conn, self.policy, self.lifetimes)
+        self.nodes.observe_pools(pools)
         if self.cache.set(build_snapshot(pools, self.gateway)):
+            metrics.snapshots.inc()
             log.info("pushed snapshot: %d pools", len(pools))
+        metrics.rebuild_seconds.observe(time.perf_counter() - started)
 
     async def run(self, database_url: str) -> None:
         """Rebuild on every NOTIFY (debounced) and on every tick (liveness, weights); forever."""
@@ -86,40 +97,59 @@ class Scheduler:
                 finally:
                     await listener.close()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                metrics.rebuild_failures.inc()
                 log.warning("routing state unavailable (%s); keeping the last snapshot", exc)
                 await asyncio.sleep(1.0)
 
 
+def readiness(pool: asyncpg.Pool, cache: SnapshotCache, ads: AggregatedDiscoveryServicer) -> Readiness:
+    """Ready = Postgres answers and a snapshot is built (a valid policy was read and turned into resources).
+
+    Connected Envoys are reported, not required: Envoy starts after the control plane (it needs xDS for its
+    listener), and an xDS replica that waited for an Envoy before calling itself ready would never be sent one.
+    """
+
+    async def snapshot() -> str:
+        if cache.snapshot is None:
+            raise RuntimeError("no snapshot built yet (no valid routing policy read)")
+        return f"built; {ads.open_streams} Envoy ADS stream(s) connected"
+
+    return Readiness().add("postgres", postgres_check(pool)).add("snapshot", snapshot)
+
+
 async def serve_xds(database_url: str, listen: str, gateway: GatewaySettings,
-                    settings: SchedulerSettings | None = None, nodeagent_listen: str | None = None) -> None:
+                    settings: SchedulerSettings | None = None, nodeagent_listen: str | None = None,
+                    metrics_port: int = 0, metrics_host: str = "127.0.0.1") -> None:
     settings = settings or SchedulerSettings()
     cache = SnapshotCache()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=8)
     scheduler = Scheduler(pool, cache, gateway, settings)
     watcher = asyncio.create_task(scheduler.run(database_url))
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscoveryServicer(cache), server)
-    server.add_insecure_port(listen)
-    agents = None
-    if nodeagent_listen:
-        tls = bool(settings.pki_dir)
-        agents = grpc.aio.server()
-        add_to_server(agents, NodeAgentServicer(pool, tls=tls, heartbeat_interval_ms=settings.heartbeat_interval_ms,
-                                                metrics_interval_ms=settings.metrics_interval_ms))
-        if tls:
-            agents.add_secure_port(nodeagent_listen, server_credentials(Path(settings.pki_dir)))
-        else:
-            log.warning("NodeAgent API on %s WITHOUT TLS (no CROSSLOGIC_PKI_DIR): development only", nodeagent_listen)
-            agents.add_insecure_port(nodeagent_listen)
-        await agents.start()
-    await server.start()
-    log.info("xDS listening on %s", listen)
+    ads = AggregatedDiscoveryServicer(cache)
+    ready = readiness(pool, cache, ads)
     try:
-        await server.wait_for_termination()
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(ops_server(metrics_port, "xds", ready, metrics_host))
+            if nodeagent_listen:
+                tls = bool(settings.pki_dir)
+                servicer = NodeAgentServicer(pool, tls=tls, heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                                             metrics_interval_ms=settings.metrics_interval_ms)
+                if not tls:
+                    log.warning("NodeAgent API on %s WITHOUT TLS (no CROSSLOGIC_PKI_DIR): development only",
+                                nodeagent_listen)
+                await stack.enter_async_context(grpc_server(
+                    nodeagent_listen, lambda s: add_to_server(s, servicer), "NodeAgent API", readiness=ready,
+                    services=[NODEAGENT_SERVICE],
+                    credentials=server_credentials(Path(settings.pki_dir)) if tls else None))
+            server = await stack.enter_async_context(grpc_server(
+                listen, lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, s), "xDS",
+                readiness=ready, services=[ADS_SERVICE]))
+            await server.wait_for_termination()
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-        if agents is not None:
-            await agents.stop(1)
-        await server.stop(1)
         await pool.close()
+
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+NODEAGENT_SERVICE = "crosslogic.nodeagent.v1.NodeAgent"
