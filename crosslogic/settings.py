@@ -134,6 +134,8 @@ class Settings:
                                       "decisions, limiter latency, degraded mode); 0 = off", **_PORT)
     ratelimit_metrics_port: int = setting("RATELIMIT_METRICS_PORT", 0, "Prometheus /metrics of `serve ratelimit`; "
                                           "0 = off", **_PORT)
+    api_metrics_port: int = setting("API_METRICS_PORT", 0, "Prometheus /metrics of `serve api` (admin API requests, "
+                                    "degraded mode); 0 = off (`crosslogic up` picks one)", **_PORT)
     limits_cache_ttl_s: float = setting("LIMITS_CACHE_TTL", 10.0, "seconds a key's tenant view (ext_authz) or limits "
                                         "(`serve ratelimit`) are served before being re-read; a NOTIFY drops them "
                                         "at once", minimum=0)
