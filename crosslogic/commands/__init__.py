@@ -28,7 +28,7 @@ SERVER_COMMANDS: dict[str, dict[str, str]] = {
     "crosslogic.commands.policy": {"policy": "routing policy: pinning, spill share, retries, scorer weights"},
     "crosslogic.commands.tenancy": {"org": "organisations (tenants)", "env": "environments inside an organisation",
                              "key": "API keys", "model": "model catalogue", "region": "regions",
-                             "node": "inference nodes"},
+                             "node": "inference nodes", "token": "admin tokens (admin API and developer dashboard)"},
     "crosslogic.commands.billing": {"billing": "Stripe metering, reconciliation",
                                "finops": "internal cost model: GPU cost, cost per token, margins"},
     "crosslogic.commands.limits": {"limits": "rate limits, quotas and layer policy"},
