@@ -8,6 +8,7 @@ offending parameter, never a 500.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -114,6 +115,8 @@ def check(value: Any, schema: Schema, where: str) -> Any:
                 problems.append(exc.message)
         raise _bad(problems[0], where)
     expected = schema["type"]
+    if expected == "integer" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema: 1.0 is an integer
     if not _type_ok(value, expected):
         raise _bad(f"{where} must be of type {expected}", where)
     if expected == "string":
@@ -132,8 +135,6 @@ def check(value: Any, schema: Schema, where: str) -> Any:
 
 
 def _check_string(value: str, schema: Schema, where: str) -> Any:
-    import re
-
     if "enum" in schema and value not in schema["enum"]:
         raise _bad(f"{where} must be one of {', '.join(schema['enum'])}", where)
     if len(value) > schema.get("maxLength", 10_000) or len(value) < schema.get("minLength", 0):
