@@ -71,7 +71,8 @@ def admin_server(postgres_server_url) -> Iterator[dict]:
 
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                 HealthCheck.function_scoped_fixture])
 def test_the_admin_api_conforms_to_its_openapi_document(case, admin_server):
     # Left out: ignored_auth (it re-sends a request without schemathesis' own auth, while the token travels in
     # `headers` here; tests/test_admin_api.py holds every route to 401 without a token) and
