@@ -103,6 +103,12 @@ async def test_org_a_admin_never_sees_org_b(world):
     assert revoke.status == 404
     made = await client.post(f"{P}/tokens", json={"role": "admin", "org_id": b.org_id}, headers=a_admin)
     assert made.status == 404
+    b_tokens = await (await client.get(f"{P}/tokens", headers=bearer(w.tokens["b:admin"]))).json()
+    for other in (b_tokens["data"][0]["token_id"], str(uuid.uuid4())):  # org B's token, and none at all
+        revoked = await client.post(f"{P}/tokens/{other}/revoke", headers=a_admin)
+        assert revoked.status == 404 and (await openai_error(revoked))["message"] == "Admin token not found."
+    a_tokens = await (await client.get(f"{P}/tokens", headers=a_admin)).json()
+    assert {x["org_id"] for x in a_tokens["data"]} == {w.orgs["a"].org_id}
     # an unknown org answers exactly the same
     unknown = await client.get(f"{P}/orgs/{uuid.uuid4()}", headers=a_admin)
     assert unknown.status == 404 and (await openai_error(unknown))["message"] == "Organization not found."

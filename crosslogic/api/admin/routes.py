@@ -367,8 +367,12 @@ async def create_token(c: Call) -> dict:
 
 
 async def revoke_token(c: Call) -> dict:
-    token = await admin_tokens.get_token(c.conn, c.path["token_id"])
-    access.require_org(c.principal, token.org_id or "")  # an org admin cannot touch platform tokens
+    try:
+        token = await admin_tokens.get_token(c.conn, c.path["token_id"])
+    except t.NotFound:
+        raise access.not_found("Admin token") from None
+    if not c.principal.platform and token.org_id != c.principal.token.org_id:
+        raise access.not_found("Admin token")  # another org's, or a platform token: as if it did not exist
     return _token_json(await admin_tokens.revoke_token(c.conn, token.token_id, actor=c.actor))
 
 
