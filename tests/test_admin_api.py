@@ -212,7 +212,7 @@ async def _ledger_row(conn, org: t.Org, env: t.Environment, key: t.ApiKeyRecord,
 
 async def test_usage_in_hour_and_day_buckets_with_breakdowns_only_of_the_callers_org(world):
     client, w, database_url = world
-    now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+    now = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)  # inside the default window
     conn = await asyncpg.connect(database_url)
     try:
         for hours_ago, model, tokens in ((0, "llama-3-8b", 100), (0, "bge-small", 7), (2, "llama-3-8b", 50)):
@@ -225,7 +225,7 @@ async def test_usage_in_hour_and_day_buckets_with_breakdowns_only_of_the_callers
     org = w.orgs["a"].org_id
     hourly = await (await client.get(f"{P}/orgs/{org}/usage", params={"bucket": "hour"}, headers=a_ro)).json()
     by_bucket = {r["bucket"]: r["total_tokens"] for r in hourly["data"]}
-    this_hour = now.replace(minute=0).isoformat()
+    this_hour = now.replace(minute=0).isoformat()  # the rows "0 hours ago" are in now's hour bucket
     assert by_bucket[this_hour] == 107 and sum(by_bucket.values()) == 157
     models = await (await client.get(f"{P}/orgs/{org}/usage", params={"bucket": "day", "group_by": "model"},
                                      headers=a_ro)).json()
