@@ -408,3 +408,16 @@ def test_token_create_list_revoke_and_the_token_authenticates_until_revoked(acme
     assert not asyncio.run(usable())
     (audit,) = sql(database_url, "SELECT actor FROM audit_log WHERE action = 'admin_token.revoke'")
     assert audit["actor"] == "test-operator"
+
+
+def test_usage_show_and_month_are_the_admin_apis_queries(acme, database_url):
+    key = ok(acme("key", "create", "--org", "acme", "--env", "prod", "--json")).json()
+    sql(database_url, "INSERT INTO usage_records (request_id, occurred_at, org_id, env_id, key_id, region, model, "
+        "endpoint, status_code, prompt_tokens, completion_tokens, total_tokens, usage_source, cost_microdollars) "
+        "VALUES ('r1', now() - interval '1 minute', $1, $2, $3, 'ap-south', 'llama-3-8b', 'chat.completions', "
+        "200, 30, 12, 42, 'reported', 7)", uuid.UUID(key["org_id"]), uuid.UUID(key["env_id"]),
+        uuid.UUID(key["key_id"]))
+    rows = ok(acme("usage", "show", "--org", "acme", "--group-by", "model", "--json")).json()
+    assert [(r["group"], r["total_tokens"], r["cost_microdollars"]) for r in rows] == [("llama-3-8b", 42, 7)]
+    month = ok(acme("usage", "month", "--org", "acme"))
+    assert "org acme (serverless)" in month.out and "free tier:" in month.out

@@ -10,6 +10,8 @@
                                               [--expires-at TIME]
     crosslogic key list [--org ORG] [--env ENV] | key revoke KEY | key rotate KEY [--overlap SECONDS]
     crosslogic token create --role admin|developer|read-only [--org ORG] [--name N] [--expires-at TIME]
+    crosslogic usage show [--org ORG] [--bucket hour|day] [--group-by model|region|key|env|org] [--since T] [--until T]
+    crosslogic usage month --org ORG                                 (the admin API's usage and billing queries)
     crosslogic token list [--org ORG] | token revoke TOKEN        (admin API tokens; no --org = platform scope)
     crosslogic model add MODEL [--kind chat|completion|embedding] [--served-name S] [--context-length N]
                                [--max-output-tokens N] [--default-max-tokens N] [--max-n N] [--vram-gb N]
@@ -47,7 +49,7 @@ from datetime import datetime
 from typing import Any
 
 from crosslogic.commands.common import Action, Ctx, Output, col, csv_list, db_command, many, one, table
-from crosslogic.store import admin_tokens
+from crosslogic.store import admin_tokens, usage_queries
 from crosslogic.store import tenancy as t
 
 ORG_COLS = [col("name"), col("org_id", "ID"), col("status"), col("billing_plan", "PLAN"),
@@ -70,6 +72,9 @@ REGION_COLS = [col("region_id", "REGION"), col("display_name", "NAME"),
                ("FALLBACK", lambda r: " > ".join(r.fallback_chain) or "-"),
                ("PRICE_X", lambda r: t.ppm_to_multiplier(r.price_multiplier_ppm)),
                col("status")]  # fmt: skip
+USAGE_COLS = [("BUCKET", lambda r: r["bucket"]), ("GROUP", lambda r: r["group"] or "-"),
+              ("REQUESTS", lambda r: r["requests"]), ("TOKENS", lambda r: r["total_tokens"]),
+              ("COST_$", lambda r: t.microdollars_to_dollars(r["cost_microdollars"]))]
 TOKEN_COLS = [col("token_prefix", "PREFIX"), col("token_id", "ID"), col("name"), col("role"),
               ("SCOPE", lambda x: x.org_name or "platform"), col("status"), col("expires_at", "EXPIRES"),
               col("last_used_at", "LAST_USED")]  # fmt: skip
@@ -154,6 +159,30 @@ async def _key_rotate(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     _warn_if_suspended(record, await t.suspended_owner(db, record))
     old = f"Key {a.key} works for {a.overlap} s more." if a.overlap else f"Key {a.key} is revoked."
     return _new_key(record, plaintext, f"{old} New API key:")
+
+
+async def _usage_show(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    """The admin API's usage query (store/usage_queries.py), for an org or (no --org) the platform."""
+    org_id = None if a.org is None else (await t.get_org(db, a.org)).org_id
+    query = usage_queries.SeriesQuery(bucket=a.bucket, since=a.since, until=a.until, group_by=a.group_by,
+                                      org_id=org_id)
+    rows = await usage_queries.usage_series(db, query)
+    return Output(rows, table(rows, USAGE_COLS))
+
+
+async def _usage_month(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    month = await usage_queries.org_month(db, (await t.get_org(db, a.org)).org_id)
+    free = month["free_tier"]
+    text = "\n".join([
+        f"org {month['org_name']} ({month['billing_plan']}), {month['month']}: {month['tokens']:,} tokens, "
+        f"cost ${t.microdollars_to_dollars(month['cost_microdollars'])}, "
+        f"owed ${t.microdollars_to_dollars(month['owed_microdollars'])}",
+        "free tier: " + ("unlimited" if free["unlimited"] else
+                         f"{free['remaining_tokens']:,} of {free['allowance_tokens']:,} tokens left"),
+        f"reserved: {month['reserved_tokens_per_sec']} tokens/s; bill cap: "
+        + ("none" if month["bill_cap_microdollars"] is None
+           else "$" + t.microdollars_to_dollars(month["bill_cap_microdollars"]))])
+    return Output(month, text)
 
 
 async def _token_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
@@ -304,6 +333,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=0, metavar="SECONDS",
                    help="keep the old key working this long, so clients switch without downtime (default 0: "
                         "revoke it now, e.g. a leaked key)")
+
+    usage = group("usage", "usage and cost out of the ledger")
+    p = command(usage, "show", "tokens, requests and cost per hour or day", _usage_show)
+    p.add_argument("--org", help="one organisation (default: every org)")
+    p.add_argument("--bucket", default="hour", choices=usage_queries.BUCKETS, help="hour or day (UTC)")
+    p.add_argument("--group-by", choices=list(usage_queries.GROUPS), help="break down by model, region, key, env, org")
+    p.add_argument("--since", type=_aware_time, metavar="TIME", help="start (default: 24 buckets before --until)")
+    p.add_argument("--until", type=_aware_time, metavar="TIME", help="end (default: now)")
+    p = command(usage, "month", "an org's month so far: cost, free tier left, reserved capacity, cap", _usage_month)
+    p.add_argument("--org", required=True, help="the organisation (name or id)")
 
     token = group("token", "admin tokens (admin API and developer dashboard)")
     p = command(token, "create", "create an admin token (shown once)", _token_create, secret=True)
