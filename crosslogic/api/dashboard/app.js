@@ -147,12 +147,15 @@ function drawChart(xs, prompt, completion) {
   const opts = {
     width, height: 260,
     scales: { x: { time: true } },
-    series: [{}, { label: "prompt tokens", stroke: "#3867d6", fill: "rgba(56,103,214,0.35)", paths: bars },
-      { label: "completion tokens", stroke: "#20bf6b", fill: "rgba(32,191,107,0.35)", paths: bars }],
+    // Stacked by drawing the total first and the prompt part over it: the green above the blue is completion.
+    series: [{}, { label: "completion tokens (stacked on prompt)", stroke: "#20bf6b", fill: "rgba(32,191,107,0.45)",
+      paths: bars, value: (u, v, si, i) => (i === null ? "--" : num(completion[i])) },
+    { label: "prompt tokens", stroke: "#3867d6", fill: "rgba(56,103,214,0.55)", paths: bars }],
     axes: [{}, { size: 70 }],
   };
   if (chart) chart.destroy();
-  chart = new uPlot(opts, [xs, prompt, completion], el);
+  const total = prompt.map((p, i) => p + completion[i]);
+  chart = new uPlot(opts, [xs, total, prompt], el);
 }
 
 async function loadKeys() {
