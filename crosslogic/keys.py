@@ -26,3 +26,21 @@ def hash_api_key(secret: bytes, api_key: str) -> str:
 def display_prefix(api_key: str) -> str:
     """What humans see in listings: enough to recognise a key, useless to an attacker."""
     return api_key[: len(KEY_PREFIX) + 6]
+
+
+# Admin tokens (the admin API and the developer dashboard): another prefix, so a token pasted where an API key
+# belongs (or the reverse) is refused by its shape and never looked up; hashed with the same secret.
+ADMIN_TOKEN_PREFIX = "clat_"
+_ADMIN_TOKEN_PATTERN = re.compile(r"^clat_[0-9a-f]{40}$")
+
+
+def generate_admin_token() -> str:
+    return ADMIN_TOKEN_PREFIX + secrets.token_hex(20)
+
+
+def looks_like_admin_token(candidate: str) -> bool:
+    return bool(_ADMIN_TOKEN_PATTERN.match(candidate))
+
+
+def admin_token_prefix(token: str) -> str:
+    return token[: len(ADMIN_TOKEN_PREFIX) + 6]

@@ -141,8 +141,8 @@ class Settings:
                                           "0 = off", **_PORT)
     metrics_host: str = setting("METRICS_HOST", "127.0.0.1", "address every service's /metrics, /healthz and "
                                 "/readyz listen on (`0.0.0.0` where Prometheus or the kubelet scrape from outside)")
-    api_metrics_port: int = setting("API_METRICS_PORT", 0, "Prometheus /metrics, /healthz, /readyz of `serve api`; "
-                                    "0 = off", **_PORT)
+    api_metrics_port: int = setting("API_METRICS_PORT", 0, "Prometheus /metrics, /healthz, /readyz of `serve api` "
+                                    "(admin API requests, degraded mode); 0 = off (`crosslogic up` picks one)", **_PORT)
     xds_metrics_port: int = setting("XDS_METRICS_PORT", 0, "Prometheus /metrics, /healthz, /readyz of `serve xds` "
                                     "(snapshot pushes, ADS streams, nodes by state); 0 = off", **_PORT)
     limits_cache_ttl_s: float = setting("LIMITS_CACHE_TTL", 10.0, "seconds a key's tenant view (ext_authz) or limits "

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from crosslogic.commands.tenancy import register
 from crosslogic.keys import hash_api_key
-from crosslogic.store import tenancy
+from crosslogic.store import admin_tokens, tenancy
 from crosslogic.store.demo import seed_demo
 from tests.cli_helpers import Run, runner
 
@@ -294,7 +295,10 @@ async def test_seed_demo_is_idempotent_and_always_returns_a_working_key(database
         first = await seed_demo(pool, secret, nodes)
         async with pool.acquire() as conn:
             second = await seed_demo(conn, secret, [("sim-1", "127.0.0.2", 9101)])
-            assert set(first) == {"api_key", "org_id", "env_id", "key_id"}
+            assert set(first) == {"api_key", "org_id", "env_id", "key_id", "admin_token", "org_admin_token"}
+            for name in ("admin_token", "org_admin_token"):  # each run's tokens work, the previous run's no more
+                assert await admin_tokens.authenticate(conn, secret, second[name]) is not None
+                assert await admin_tokens.authenticate(conn, secret, first[name]) is None
             assert (first["org_id"], first["env_id"]) == (second["org_id"], second["env_id"])
             assert KEY_RE.fullmatch(second["api_key"]) and second["api_key"] != first["api_key"]
             assert await _key_is_usable(conn, secret, second["api_key"])
@@ -374,3 +378,46 @@ async def test_data_functions_accept_a_pool(database_url, key_secret):
             await tenancy.create_env(pool, org.org_id, "prod")
     finally:
         await pool.close()
+
+
+def test_key_rotate_with_an_overlap_keeps_the_old_key_until_then(acme, database_url):
+    old = ok(acme("key", "create", "--org", "acme", "--env", "prod", "--json")).json()
+    run = ok(acme("key", "rotate", old["key_id"], "--overlap", "600"))
+    assert "works for 600 s more" in run.out
+    (row,) = sql(database_url, "SELECT status, expires_at - now() AS left FROM api_keys WHERE key_id = $1",
+                 uuid.UUID(old["key_id"]))
+    assert row["status"] == "active" and 590 < row["left"].total_seconds() <= 600
+    assert acme("key", "rotate", old["key_id"], "--overlap", "-1").code == 2
+
+
+def test_token_create_list_revoke_and_the_token_authenticates_until_revoked(acme, database_url, key_secret):
+    made = ok(acme("token", "create", "--role", "read-only", "--org", "acme", "--name", "viewer", "--json")).json()
+    assert re.fullmatch(r"clat_[0-9a-f]{40}", made["token"]) and made["org_name"] == "acme"
+    listed = ok(acme("token", "list", "--json")).json()
+    assert [t["name"] for t in listed] == ["viewer"] and "token" not in listed[0]
+
+    async def usable() -> bool:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await admin_tokens.authenticate(conn, key_secret.encode(), made["token"]) is not None
+        finally:
+            await conn.close()
+
+    assert asyncio.run(usable())
+    ok(acme("token", "revoke", made["token_prefix"]))
+    assert not asyncio.run(usable())
+    (audit,) = sql(database_url, "SELECT actor FROM audit_log WHERE action = 'admin_token.revoke'")
+    assert audit["actor"] == "test-operator"
+
+
+def test_usage_show_and_month_are_the_admin_apis_queries(acme, database_url):
+    key = ok(acme("key", "create", "--org", "acme", "--env", "prod", "--json")).json()
+    sql(database_url, "INSERT INTO usage_records (request_id, occurred_at, org_id, env_id, key_id, region, model, "
+        "endpoint, status_code, prompt_tokens, completion_tokens, total_tokens, usage_source, cost_microdollars) "
+        "VALUES ('r1', now() - interval '1 minute', $1, $2, $3, 'ap-south', 'llama-3-8b', 'chat.completions', "
+        "200, 30, 12, 42, 'reported', 7)", uuid.UUID(key["org_id"]), uuid.UUID(key["env_id"]),
+        uuid.UUID(key["key_id"]))
+    rows = ok(acme("usage", "show", "--org", "acme", "--group-by", "model", "--json")).json()
+    assert [(r["group"], r["total_tokens"], r["cost_microdollars"]) for r in rows] == [("llama-3-8b", 42, 7)]
+    month = ok(acme("usage", "month", "--org", "acme"))
+    assert "org acme (serverless)" in month.out and "free tier:" in month.out

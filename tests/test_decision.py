@@ -153,6 +153,17 @@ async def test_suspension_is_403_naming_the_level_and_a_revoked_key_401(statuses
         assert words in error.message
 
 
+async def test_a_key_past_its_expiry_is_401_and_before_it_is_served():
+    """Expiry (and a rotation's overlap) is decided by the clock against the cached view: no NOTIFY needed."""
+    now = [1_000.0]
+    auth, calls = authorizer(replace(VIEW, key_expires_at=1_000.5))
+    auth.wall_clock = lambda: now[0]
+    assert (await auth.decide("GET", "/v1/models", headers(), b"")).headers
+    now[0] = 1_000.5
+    error = await refusal(auth)
+    assert (error.status, error.code) == (401, "invalid_api_key") and calls[-1] == "view"
+
+
 async def test_an_allowed_request_checks_in_order_and_carries_identity_route_and_limits():
     auth, calls = authorizer(replace(VIEW, cap=Cap(10_000, False, 0, False, None)))  # type: ignore[arg-type]
     allowed = await auth.decide("POST", "/v1/chat/completions",

@@ -75,7 +75,8 @@ def test_the_wheel_ships_the_envoy_assets_migrations_and_lua_scripts(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("crosslogic/envoy_assets/bootstrap.yaml.tmpl", "crosslogic/envoy_assets/lua/usage.lua",
                    "crosslogic/ratelimit/scripts/reserve.lua",
-                   "crosslogic/store/migrations/001_tenancy_and_ledger.sql"):
+                   "crosslogic/store/migrations/001_tenancy_and_ledger.sql",
+                   "crosslogic/api/dashboard/index.html", "crosslogic/api/dashboard/uPlot.iife.min.js"):
         assert needed in names, needed
     assert not any(n.startswith(("envoy/", "tests/", "bench/", "scripts/")) for n in names)
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
@@ -111,6 +112,20 @@ async def test_the_installed_gateway_answers_and_bills_the_request(installed_sta
     assert reply.choices[0].message.content and reply.usage.completion_tokens == 4
     row = await ledger_row(installed_stack["database_url"], raw.headers["x-request-id"])
     assert (row["prompt_tokens"], row["completion_tokens"]) == (reply.usage.prompt_tokens, 4)
+
+
+def test_the_installed_wheel_serves_the_dashboard_and_the_admin_api(installed_stack):
+    import urllib.request
+
+    admin = installed_stack["admin_url"]
+    with urllib.request.urlopen(f"{admin}/dashboard/", timeout=10) as page:
+        assert b"CrossLogic developer dashboard" in page.read()
+    with urllib.request.urlopen(f"{admin}/dashboard/static/uPlot.iife.min.js", timeout=10) as chart_lib:
+        assert chart_lib.headers["content-type"].startswith("text/javascript") and b"uPlot" in chart_lib.read()
+    request = urllib.request.Request(f"{admin}/admin/v1/me",
+                                     headers={"authorization": f"Bearer {installed_stack['admin_token']}"})
+    with urllib.request.urlopen(request, timeout=10) as me:
+        assert json.loads(me.read())["scope"] == "platform"
 
 
 def test_the_agent_installs_without_the_control_plane_and_joins_the_installed_gateway(

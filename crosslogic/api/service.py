@@ -1,4 +1,5 @@
-"""The public/admin HTTP API process (aiohttp)."""
+"""The API process (aiohttp): the public `GET /v1/models` that Envoy routes to (--listen), and the admin API with
+the developer dashboard on a listener of its own (--admin-listen) that Envoy has no route to."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 
 from aiohttp import web
 
+from crosslogic.api.admin.app import build_admin_app
 from crosslogic.api.models import build_app
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check
@@ -16,15 +18,23 @@ from crosslogic.store.db import open_pool
 log = logging.getLogger("crosslogic.api")
 
 
-async def serve_api(settings: Settings, host: str, port: int) -> None:
-    async with open_pool(settings.require_database(), min_size=1, max_size=4) as pool:
-        runner = web.AppRunner(build_app(pool), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        log.info("api listening on %s:%d", host, port)
+async def serve_api(settings: Settings, host: str, port: int, admin: tuple[str, int] | None = None) -> None:
+    async with open_pool(settings.require_database(), min_size=1, max_size=6) as pool:
+        runners = [web.AppRunner(build_app(pool), access_log=None)]
+        sites = [(host, port)]
+        if admin is not None:
+            runners.append(web.AppRunner(build_admin_app(pool, settings.key_secret.encode(),
+                                                         settings.default_region), access_log=None))
+            sites.append(admin)
         try:
+            for runner, (site_host, site_port) in zip(runners, sites, strict=True):
+                await runner.setup()
+                await web.TCPSite(runner, site_host, site_port).start()
+            log.info("api listening on %s:%d%s", host, port,
+                     f"; admin API and dashboard on http://{admin[0]}:{admin[1]}/" if admin else "")
             ready = Readiness().add("postgres", postgres_check(pool))
             async with ops_server(settings.api_metrics_port, "api", ready, settings.metrics_host):
                 await asyncio.Event().wait()
         finally:
-            await runner.cleanup()
+            for runner in runners:
+                await runner.cleanup()

@@ -28,7 +28,8 @@ SERVER_COMMANDS: dict[str, dict[str, str]] = {
     "crosslogic.commands.policy": {"policy": "routing policy: pinning, spill share, retries, scorer weights"},
     "crosslogic.commands.tenancy": {"org": "organisations (tenants)", "env": "environments inside an organisation",
                              "key": "API keys", "model": "model catalogue", "region": "regions",
-                             "node": "inference nodes"},
+                             "node": "inference nodes", "token": "admin tokens (admin API and developer dashboard)",
+                             "usage": "usage and cost out of the ledger"},
     "crosslogic.commands.billing": {"billing": "Stripe metering, reconciliation",
                                "finops": "internal cost model: GPU cost, cost per token, margins"},
     "crosslogic.commands.limits": {"limits": "rate limits, quotas and layer policy"},
@@ -65,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
         from crosslogic.api.service import serve_api
 
         host, port = split_listen(args.listen)
-        return run_service(lambda: serve_api(settings, host, port))
+        admin = split_listen(args.admin_listen) if args.admin_listen else None
+        return run_service(lambda: serve_api(settings, host, port, admin))
     if args.service == "fleet":
         from crosslogic.fleet.service import serve_fleet
 
@@ -220,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--release-listen", metavar="HOST:PORT",
                        help="authz: also serve the HTTP server here (POST /release, concurrency leases freed as a "
                             "response ends; with --transport http it is on --listen already)")
+    serve.add_argument("--admin-listen", metavar="HOST:PORT",
+                       help="api: also serve the admin API and the developer dashboard here (not routed by Envoy)")
     serve.add_argument("--nodeagent-listen", metavar="HOST:PORT",
                        help="xds: also serve the NodeAgent API to node agents")
     serve.set_defaults(handler=_serve)

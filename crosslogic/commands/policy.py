@@ -6,32 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 import asyncpg
 
-from crosslogic.xds.policy import SQL_POLICY, SQL_REGIONS, PolicyRejected, validate
-
-SQL_UPSERT = """
-INSERT INTO routing_policy (region, pinning, spill_share, retries, score_weights, queue_capacity, load_aware,
-    updated_at)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, now())
-ON CONFLICT (region) DO UPDATE SET pinning = $2, spill_share = $3, retries = $4, score_weights = $5::jsonb,
-    queue_capacity = $6, load_aware = $7, updated_at = now()
-"""
-SQL_DELETE = "DELETE FROM routing_policy WHERE region = $1 AND region <> '*'"
-SQL_STATUS = "SELECT accepted, message, checked_at FROM routing_policy_status"
-FIELDS = ("pinning", "spill_share", "retries", "score_weights", "queue_capacity", "load_aware")
-
-
-def _rows(records: list[asyncpg.Record]) -> list[dict]:
-    rows = []
-    for record in records:
-        row = dict(record)
-        if isinstance(row["score_weights"], str):
-            row["score_weights"] = json.loads(row["score_weights"])
-        rows.append(row)
-    return rows
+from crosslogic.store import routing_policy as rp
+from crosslogic.store.tenancy import InvalidArgument, TenancyError
 
 
 async def _connect(args: argparse.Namespace) -> asyncpg.Connection:
@@ -40,14 +21,17 @@ async def _connect(args: argparse.Namespace) -> asyncpg.Connection:
     return await asyncpg.connect(resolve_settings(args.state_dir).require_database())
 
 
+def _actor(args: argparse.Namespace) -> str:
+    return getattr(args, "actor", None) or os.environ.get("USER") or "cli"
+
+
 async def _show(args: argparse.Namespace) -> int:
     conn = await _connect(args)
     try:
-        rows = _rows(await conn.fetch(SQL_POLICY))
-        status = await conn.fetchrow(SQL_STATUS)
+        rows, status = await rp.read_policy(conn)
     finally:
         await conn.close()
-    for row in sorted(rows, key=lambda r: r["region"]):
+    for row in rows:
         print(json.dumps(row, default=str))
     if status:
         print(f"last check: {'accepted' if status['accepted'] else 'REJECTED'}: {status['message']}")
@@ -57,21 +41,14 @@ async def _show(args: argparse.Namespace) -> int:
 async def _set(args: argparse.Namespace) -> int:
     conn = await _connect(args)
     try:
-        rows = {r["region"]: r for r in _rows(await conn.fetch(SQL_POLICY))}
-        row = dict(rows.get(args.region) or rows["*"], region=args.region)
-        for name in FIELDS:
-            value = getattr(args, name)
-            if value is not None:
-                row[name] = json.loads(value) if name == "score_weights" else value
-        rows[args.region] = row
-        regions = {r["region_id"]: tuple(r["fallback_chain"]) for r in await conn.fetch(SQL_REGIONS)}
+        changes = {n: getattr(args, n) for n in rp.FIELDS if getattr(args, n) is not None}
+        if "score_weights" in changes:
+            changes["score_weights"] = json.loads(changes["score_weights"])
         try:
-            validate(list(rows.values()), regions)
-        except PolicyRejected as exc:
-            print(f"crosslogic policy: refused, nothing written: {exc}", file=sys.stderr)
+            await rp.set_policy(conn, args.region, changes, actor=_actor(args))
+        except InvalidArgument as exc:
+            print(f"crosslogic policy: {exc}", file=sys.stderr)
             return 2
-        await conn.execute(SQL_UPSERT, args.region, *(json.dumps(row[n]) if n == "score_weights" else row[n]
-                                                      for n in FIELDS))
     finally:
         await conn.close()
     print(f"routing policy for {args.region} saved; every Envoy follows within a second")
@@ -81,7 +58,10 @@ async def _set(args: argparse.Namespace) -> int:
 async def _reset(args: argparse.Namespace) -> int:
     conn = await _connect(args)
     try:
-        await conn.execute(SQL_DELETE, args.region)
+        await rp.reset_policy(conn, args.region, actor=_actor(args))
+    except TenancyError as exc:
+        print(f"crosslogic policy: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidArgument) else 1
     finally:
         await conn.close()
     print(f"routing policy for {args.region} removed (the '*' default applies)")

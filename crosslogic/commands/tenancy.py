@@ -7,7 +7,12 @@
     crosslogic env list [--org ORG] | env suspend ENV [--org ORG] | env resume ENV [--org ORG]
     crosslogic key create --org ORG --env ENV [--name N] [--region R] [--role admin|developer|read-only]
                                               [--rate-limit-tokens-per-min N] [--allow-suspended]
-    crosslogic key list [--org ORG] [--env ENV] | key revoke KEY | key rotate KEY
+                                              [--expires-at TIME]
+    crosslogic key list [--org ORG] [--env ENV] | key revoke KEY | key rotate KEY [--overlap SECONDS]
+    crosslogic token create --role admin|developer|read-only [--org ORG] [--name N] [--expires-at TIME]
+    crosslogic usage show [--org ORG] [--bucket hour|day] [--group-by model|region|key|env|org] [--since T] [--until T]
+    crosslogic usage month --org ORG                                 (the admin API's usage and billing queries)
+    crosslogic token list [--org ORG] | token revoke TOKEN        (admin API tokens; no --org = platform scope)
     crosslogic model add MODEL [--kind chat|completion|embedding] [--served-name S] [--context-length N]
                                [--max-output-tokens N] [--default-max-tokens N] [--max-n N] [--vram-gb N]
                                [--tokens-per-sec N] [--input-price DOLLARS] [--output-price DOLLARS]
@@ -40,9 +45,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime
 from typing import Any
 
 from crosslogic.commands.common import Action, Ctx, Output, col, csv_list, db_command, many, one, table
+from crosslogic.store import admin_tokens, usage_queries
 from crosslogic.store import tenancy as t
 
 ORG_COLS = [col("name"), col("org_id", "ID"), col("status"), col("billing_plan", "PLAN"),
@@ -65,6 +72,12 @@ REGION_COLS = [col("region_id", "REGION"), col("display_name", "NAME"),
                ("FALLBACK", lambda r: " > ".join(r.fallback_chain) or "-"),
                ("PRICE_X", lambda r: t.ppm_to_multiplier(r.price_multiplier_ppm)),
                col("status")]  # fmt: skip
+USAGE_COLS = [("BUCKET", lambda r: r["bucket"]), ("GROUP", lambda r: r["group"] or "-"),
+              ("REQUESTS", lambda r: r["requests"]), ("TOKENS", lambda r: r["total_tokens"]),
+              ("COST_$", lambda r: t.microdollars_to_dollars(r["cost_microdollars"]))]
+TOKEN_COLS = [col("token_prefix", "PREFIX"), col("token_id", "ID"), col("name"), col("role"),
+              ("SCOPE", lambda x: x.org_name or "platform"), col("status"), col("expires_at", "EXPIRES"),
+              col("last_used_at", "LAST_USED")]  # fmt: skip
 NODE_COLS = [col("name"), col("region"), col("status"), col("status_reason", "REASON"), col("engine"),
              ("ENDPOINT", lambda n: f"{n.endpoint_host}:{n.endpoint_port}"), col("model_list", "MODELS"),
              col("cloud"), col("spot"), col("gpu_type", "GPU"), col("reserved_org_id", "RESERVED_FOR"),
@@ -126,7 +139,7 @@ async def _key_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     assert c.secret is not None
     record, plaintext = await t.create_key(
         db, c.secret, a.org, a.env, a.name, a.region, a.role, a.rate_limit_tokens_per_min, actor=c.actor,
-        allow_suspended=a.allow_suspended,
+        allow_suspended=a.allow_suspended, expires_at=a.expires_at,
     )
     _warn_if_suspended(record, await t.suspended_owner(db, record))
     return _new_key(record, plaintext, "API key:")
@@ -142,9 +155,52 @@ async def _key_revoke(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
 
 async def _key_rotate(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     assert c.secret is not None
-    record, plaintext = await t.rotate_key(db, c.secret, a.key, actor=c.actor)
+    record, plaintext = await t.rotate_key(db, c.secret, a.key, actor=c.actor, overlap_s=a.overlap)
     _warn_if_suspended(record, await t.suspended_owner(db, record))
-    return _new_key(record, plaintext, f"Key {a.key} is revoked. New API key:")
+    old = f"Key {a.key} works for {a.overlap} s more." if a.overlap else f"Key {a.key} is revoked."
+    return _new_key(record, plaintext, f"{old} New API key:")
+
+
+async def _usage_show(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    """The admin API's usage query (store/usage_queries.py), for an org or (no --org) the platform."""
+    org_id = None if a.org is None else (await t.get_org(db, a.org)).org_id
+    query = usage_queries.SeriesQuery(bucket=a.bucket, since=a.since, until=a.until, group_by=a.group_by,
+                                      org_id=org_id)
+    rows = await usage_queries.usage_series(db, query)
+    return Output(rows, table(rows, USAGE_COLS))
+
+
+async def _usage_month(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    month = await usage_queries.org_month(db, (await t.get_org(db, a.org)).org_id)
+    free = month["free_tier"]
+    text = "\n".join([
+        f"org {month['org_name']} ({month['billing_plan']}), {month['month']}: {month['tokens']:,} tokens, "
+        f"cost ${t.microdollars_to_dollars(month['cost_microdollars'])}, "
+        f"owed ${t.microdollars_to_dollars(month['owed_microdollars'])}",
+        "free tier: " + ("unlimited" if free["unlimited"] else
+                         f"{free['remaining_tokens']:,} of {free['allowance_tokens']:,} tokens left"),
+        f"reserved: {month['reserved_tokens_per_sec']} tokens/s; bill cap: "
+        + ("none" if month["bill_cap_microdollars"] is None
+           else "$" + t.microdollars_to_dollars(month["bill_cap_microdollars"]))])
+    return Output(month, text)
+
+
+async def _token_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    assert c.secret is not None
+    record, plaintext = await admin_tokens.create_token(db, c.secret, a.role, a.org, a.name,
+                                                        expires_at=a.expires_at, actor=c.actor)
+    text = (f"{table([record], TOKEN_COLS)}\n\nAdmin token:\n\n    {plaintext}\n\n"
+            "Store it now: it cannot be shown again (only its hash is kept).")
+    return Output({**t.to_json(record), "token": plaintext}, text)
+
+
+async def _token_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    org_id = None if a.org is None else (await t.get_org(db, a.org)).org_id
+    return many(await admin_tokens.list_tokens(db, org_id), TOKEN_COLS)
+
+
+async def _token_revoke(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
+    return one(await admin_tokens.revoke_token(db, a.token, actor=c.actor), TOKEN_COLS)
 
 
 def _model_upsert(*, must_exist: bool) -> Action:
@@ -203,6 +259,16 @@ async def _node_drain(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
 KEY_HELP = "key_id, display prefix (clsk_live_1a2b3c) or the key itself"
 
 
+def _aware_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError("give a time zone, e.g. 2027-01-01T00:00:00Z")
+    return parsed
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the org / env / key / model / region / node commands to the main `crosslogic` parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -256,12 +322,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rate-limit-tokens-per-min", type=int, help="the key's own tokens-per-minute limit")
     p.add_argument("--allow-suspended", action="store_true",
                    help="create the key even if its org or environment is suspended (it is refused until resumed)")
+    p.add_argument("--expires-at", type=_aware_time, metavar="TIME",
+                   help="the key stops working then (ISO 8601 with a zone, e.g. 2027-01-01T00:00:00Z)")
     p = command(key, "list", "list API keys (never the keys themselves)", _key_list)
     p.add_argument("--org", help="only this organisation's")
     p.add_argument("--env", help="only this environment's")
     command(key, "revoke", "revoke an API key", _key_revoke).add_argument("key", help=KEY_HELP)
     p = command(key, "rotate", "replace an API key by a new one", _key_rotate, secret=True)
     p.add_argument("key", help=KEY_HELP)
+    p.add_argument("--overlap", type=int, default=0, metavar="SECONDS",
+                   help="keep the old key working this long, so clients switch without downtime (default 0: "
+                        "revoke it now, e.g. a leaked key)")
+
+    usage = group("usage", "usage and cost out of the ledger")
+    p = command(usage, "show", "tokens, requests and cost per hour or day", _usage_show)
+    p.add_argument("--org", help="one organisation (default: every org)")
+    p.add_argument("--bucket", default="hour", choices=usage_queries.BUCKETS, help="hour or day (UTC)")
+    p.add_argument("--group-by", choices=list(usage_queries.GROUPS), help="break down by model, region, key, env, org")
+    p.add_argument("--since", type=_aware_time, metavar="TIME", help="start (default: 24 buckets before --until)")
+    p.add_argument("--until", type=_aware_time, metavar="TIME", help="end (default: now)")
+    p = command(usage, "month", "an org's month so far: cost, free tier left, reserved capacity, cap", _usage_month)
+    p.add_argument("--org", required=True, help="the organisation (name or id)")
+
+    token = group("token", "admin tokens (admin API and developer dashboard)")
+    p = command(token, "create", "create an admin token (shown once)", _token_create, secret=True)
+    p.add_argument("--role", required=True, choices=admin_tokens.ADMIN_ROLES, help="admin, developer or read-only")
+    p.add_argument("--org", help="scope it to this organisation (default: the whole platform)")
+    p.add_argument("--name", default="", help="a label for the token")
+    p.add_argument("--expires-at", type=_aware_time, metavar="TIME", help="the token stops working then")
+    command(token, "list", "list admin tokens (never the tokens)", _token_list).add_argument(
+        "--org", help="only this organisation's")
+    command(token, "revoke", "revoke an admin token", _token_revoke).add_argument("token", help="token id or prefix")
 
     model = group("model", "model catalogue")
     for verb, help_text, must_exist in (("add", "add or update a model", False),

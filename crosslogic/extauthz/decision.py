@@ -5,8 +5,9 @@ wired in service.py; tests/test_decision.py drives every refusal with fakes)."""
 from __future__ import annotations
 
 import logging
+import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -96,7 +97,9 @@ def _bearer_token(headers: dict[str, str]) -> str | None:
     return token.strip()
 
 
-def _check_status(view: TenantView) -> None:
+def _check_status(view: TenantView, now: float) -> None:
+    if view.key_expires_at is not None and view.key_expires_at <= now:
+        raise errors.invalid_api_key()  # OpenAI has no "expired": a key past its time is simply not valid
     if view.org_status == "active" and view.env_status == "active" and view.key_status == "active":
         return
     for level, status in (("organization", view.org_status), ("environment", view.env_status),
@@ -144,8 +147,9 @@ class Authorizer:
 
     def __init__(self, views: TenantViews, catalogue: Catalogue, secret: bytes, default_region: str,
                  quotas: QuotaCheck | None = None, caps: BillCap | None = None,
-                 gate: Admission | None = None) -> None:
+                 gate: Admission | None = None, wall_clock: Callable[[], float] = time.time) -> None:
         self.views = views
+        self.wall_clock = wall_clock  # key expiry (a view is cached; the clock decides when it expired)
         self.catalogue = catalogue
         self.secret = secret
         self.default_region = default_region
@@ -165,7 +169,7 @@ class Authorizer:
         view = await self.views.view(hash_api_key(self.secret, token))
         if view is None:
             raise errors.invalid_api_key()
-        _check_status(view)
+        _check_status(view, self.wall_clock())
 
         out: dict[str, str] = {Header.ORG: view.org_id, Header.ENV: view.env_id, Header.KEY: view.key_id}
         metadata: dict[str, object] = {AuthzMeta.ORG_ID: view.org_id, AuthzMeta.ENV_ID: view.env_id,

@@ -52,7 +52,8 @@ log = logging.getLogger("crosslogic.extauthz")
 IDENTITY_COLUMNS = """
 k.key_id::text AS key_id, k.org_id::text AS org_id, k.env_id::text AS env_id,
 k.status AS key_status, e.status AS env_status, o.status AS org_status,
-COALESCE(k.region, e.region, o.region_preferences ->> 0) AS region, e.model_list AS env_models
+COALESCE(k.region, e.region, o.region_preferences ->> 0) AS region, e.model_list AS env_models,
+extract(epoch FROM k.expires_at)::float8 AS key_expires_at
 """
 # $1 = the key's HMAC, $2 = the current UTC month (for the bill cap's owed amount).
 TENANT_VIEW_SQL = (f"SELECT {IDENTITY_COLUMNS}, {TENANT_LIMIT_COLUMNS}, {QUOTA_COLUMNS}, {CAP_COLUMNS} "
@@ -75,6 +76,7 @@ class TenantView:
     limits: TenantLimits
     quotas: Quotas
     cap: Cap | None  # None: the org has no monthly bill cap
+    key_expires_at: float | None = None  # Unix time the key stops working (expiry, rotation overlap); None = never
 
 
 def _json_list(value: object) -> list:
@@ -88,7 +90,7 @@ def view_from_row(row: asyncpg.Record, month: object) -> TenantView:
         key_id=row["key_id"], org_id=row["org_id"], env_id=row["env_id"], key_status=row["key_status"],
         env_status=row["env_status"], org_status=row["org_status"], region=row["region"],
         allowed_models=frozenset(_json_list(row["env_models"])), limits=tenant_limits(row),
-        quotas=Quotas.from_row(row), cap=Cap.from_row(row, month))
+        quotas=Quotas.from_row(row), cap=Cap.from_row(row, month), key_expires_at=row["key_expires_at"])
 
 
 class TenantCache:

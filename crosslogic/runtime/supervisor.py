@@ -129,7 +129,7 @@ def start_stack(stack: Stack) -> Stack:
                       CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"),
                       CROSSLOGIC_LOG_LEVEL=options.log_level)
     ports = {name: free_port() for name in ("xds", "authz", "release", "ratelimit", "accounting", "api", "admin",
-                                            "nodeagent", "fleet",
+                                            "nodeagent", "fleet", "admin_api",
                                             "accounting_metrics", "authz_metrics", "ratelimit_metrics",
                                             "api_metrics", "xds_metrics", "supervisor_metrics", "envoy_stats")}
     ports["supervisor_metrics"] = SupervisorSettings().supervisor_metrics_port or ports["supervisor_metrics"]
@@ -162,7 +162,9 @@ def start_stack(stack: Stack) -> Stack:
                    "--release-listen", f"127.0.0.1:{ports['release']}"]),
         *rls,
         ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
-        ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}"]),
+        # The admin API and dashboard: the api process's second listener, loopback, no Envoy route to it.
+        ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}",
+                 "--admin-listen", f"127.0.0.1:{ports['admin_api']}"]),
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
                  "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}",
                  "--admission", settings.admission, "--transport", transport]),
@@ -172,6 +174,8 @@ def start_stack(stack: Stack) -> Stack:
         child = _service(name, argv, logs, env)
         stack.services.append(child)
         _start_and_wait(stack, child, ports[name])
+    api_child = next(c for c in stack.services if c.name == "api")
+    wait_until(lambda: port_open("127.0.0.1", ports["admin_api"]), 30, "admin API", api_child.proc)
 
     demo: dict = {}
     if options.demo:
@@ -195,7 +199,8 @@ def start_stack(stack: Stack) -> Stack:
                   "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
                   "ports": ports, "nodeagent_address": f"127.0.0.1:{ports['nodeagent']}", "pki_dir": str(pki_dir),
                   "pid": os.getpid(), "admission": settings.admission,
-                  "authz_transport": transport, "state_dir": str(state), **demo}
+                  "authz_transport": transport, "state_dir": str(state),
+                  "admin_url": f"http://127.0.0.1:{ports['admin_api']}", **demo}
     write_runtime(state, stack.info)
     if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
         write_private(options.ready_file, json.dumps(stack.info, indent=2))
@@ -263,7 +268,12 @@ def stop_stack(stack: Stack) -> None:
 
 def banner(info: dict) -> str:
     url = info["gateway_url"]
-    lines = [f"CrossLogic gateway: {url}", f"Database: {info['database_url']}", f"Redis: {info['redis_url']}"]
+    lines = [f"CrossLogic gateway: {url}", f"Database: {info['database_url']}", f"Redis: {info['redis_url']}",
+             f"Admin API and developer dashboard: {info['admin_url']}/dashboard/ (OpenAPI: {info['admin_url']}"
+             "/openapi.json)"]
+    if "admin_token" in info:
+        lines += [f"Platform admin token: {info['admin_token']}",
+                  f"Dashboard token of org 'demo' (admin): {info['org_admin_token']}"]
     if "api_key" in info:
         key = info["api_key"]
         lines += [

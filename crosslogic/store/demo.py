@@ -12,11 +12,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from crosslogic.store import admin_tokens
 from crosslogic.store import tenancy as t
 
 DEMO_ORG = "demo"
 DEMO_ENV = "dev"
 DEMO_KEY_NAME = "demo"
+DEMO_PLATFORM_TOKEN = "demo-platform-admin"
+DEMO_ORG_TOKEN = "demo-org-admin"
 DEMO_REGION = "ap-south"
 ACTOR = "seed-demo"
 T = TypeVar("T")
@@ -51,7 +54,8 @@ MODELS: list[dict[str, Any]] = [
 
 
 async def seed_demo(pool_or_conn: Any, secret: bytes, nodes: list[tuple]) -> dict:
-    """Create (or refresh) the demo tenancy; returns {"api_key", "org_id", "env_id", "key_id"}."""
+    """Create (or refresh) the demo tenancy; returns {"api_key", "org_id", "env_id", "key_id", "admin_token",
+    "org_admin_token"}."""
     if isinstance(pool_or_conn, asyncpg.Pool):
         async with pool_or_conn.acquire() as conn:
             return await _seed(conn, secret, nodes)
@@ -97,7 +101,20 @@ async def _seed(conn: Any, secret: bytes, nodes: list[tuple]) -> dict:
             record, plaintext = await t.create_key(
                 conn, secret, org.org_id, env.env_id, DEMO_KEY_NAME, actor=ACTOR
             )
-        return {"api_key": plaintext, "org_id": org.org_id, "env_id": env.env_id, "key_id": record.key_id}
+        tokens = await _demo_tokens(conn, secret, org.org_id)
+        return {"api_key": plaintext, "org_id": org.org_id, "env_id": env.env_id, "key_id": record.key_id,
+                **tokens}
+
+
+async def _demo_tokens(conn: Any, secret: bytes, org_id: str) -> dict:
+    """A platform admin token (the operator's) and an org-scoped admin token of `demo` (the dashboard's), new on
+    every run like the demo key; the previous run's are revoked."""
+    for old in await admin_tokens.list_tokens(conn):
+        if old.name in (DEMO_PLATFORM_TOKEN, DEMO_ORG_TOKEN) and old.status == "active":
+            await admin_tokens.revoke_token(conn, old.token_id, actor=ACTOR)
+    _, platform = await admin_tokens.create_token(conn, secret, "admin", None, DEMO_PLATFORM_TOKEN, actor=ACTOR)
+    _, org_admin = await admin_tokens.create_token(conn, secret, "admin", org_id, DEMO_ORG_TOKEN, actor=ACTOR)
+    return {"admin_token": platform, "org_admin_token": org_admin}
 
 
 async def _maybe(lookup: Awaitable[T]) -> T | None:

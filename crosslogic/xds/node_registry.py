@@ -90,7 +90,8 @@ WHERE l.node_id = n.node_id AND n.agent_managed AND n.status IN ('active', 'drai
 """
 SQL_SWEEP_DRAINED = """
 UPDATE nodes SET status = 'dead', status_reason = 'drain finished'
-WHERE agent_managed AND status = 'draining' AND status_changed_at < now() - make_interval(secs => $1)
+WHERE agent_managed AND status = 'draining' AND status_reason <> 'cordoned'
+  AND status_changed_at < now() - make_interval(secs => $1)
 """
 SQL_SWEEP_REMOVE = """
 DELETE FROM nodes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from crosslogic.store.tenancy.api_keys import (
     KEY_ROLES,
+    MAX_ROTATION_OVERLAP_S,
     SQL_INSERT_KEY,
     SQL_LOCK_KEY,
     SQL_REVOKE_KEY,
@@ -76,6 +77,7 @@ from crosslogic.store.tenancy.models import (
     require_models,
 )
 from crosslogic.store.tenancy.nodes import (
+    CORDONED,
     NODE_STATUSES,
     SQL_DELETE_NODE,
     SQL_SELECT_NODE_BY_REF,
@@ -114,6 +116,7 @@ from crosslogic.store.tenancy.regions import (
 )
 
 __all__ = [
+    "CORDONED",
     "ApiKeyRecord",
     "BILLING_PLANS",
     "Conflict",
@@ -122,6 +125,7 @@ __all__ = [
     "Environment",
     "InvalidArgument",
     "KEY_ROLES",
+    "MAX_ROTATION_OVERLAP_S",
     "MICRO",
     "MODEL_KINDS",
     "Model",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -47,6 +47,7 @@ class ApiKeyRecord:
     status: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None = None  # stops working then (expiry, or the end of a rotation's overlap)
 
 
 def _key(r: asyncpg.Record) -> ApiKeyRecord:
@@ -64,11 +65,12 @@ def _key(r: asyncpg.Record) -> ApiKeyRecord:
         status=r["status"],
         created_at=r["created_at"],
         revoked_at=r["revoked_at"],
+        expires_at=r["expires_at"],
     )
 
 
 _KEY_COLS = """k.key_id, k.key_prefix, k.org_id, o.name AS org_name, k.env_id, e.name AS env_name, k.name,
-    k.region, k.role, k.rate_limit_tokens_per_min, k.status, k.created_at, k.revoked_at, k.user_id"""
+    k.region, k.role, k.rate_limit_tokens_per_min, k.status, k.created_at, k.revoked_at, k.user_id, k.expires_at"""
 
 
 _KEY_FROM = "FROM api_keys k JOIN orgs o ON o.org_id = k.org_id JOIN environments e ON e.env_id = k.env_id"
@@ -94,12 +96,18 @@ SQL_LOCK_KEY = "SELECT key_id, status FROM api_keys WHERE key_id = $1 FOR UPDATE
 
 SQL_INSERT_KEY = """
 INSERT INTO api_keys (key_hash, key_prefix, org_id, env_id, user_id, name, region, role,
-    rate_limit_tokens_per_min)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    rate_limit_tokens_per_min, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 RETURNING key_id"""
 
 
 SQL_REVOKE_KEY = "UPDATE api_keys SET status = 'revoked', revoked_at = now() WHERE key_id = $1"
+# The end of a rotation's overlap: the old key works until then (never later than an expiry it already had).
+SQL_EXPIRE_KEY = """
+UPDATE api_keys SET expires_at = LEAST(coalesce(expires_at, 'infinity'), now() + make_interval(secs => $2))
+WHERE key_id = $1"""
+# Longest overlap a rotation may keep the old key alive: a week is enough to roll any deployment.
+MAX_ROTATION_OVERLAP_S = 7 * 24 * 3600
 
 
 async def list_keys(db: Db, org: str | None = None, env: str | None = None) -> list[ApiKeyRecord]:
@@ -140,11 +148,12 @@ async def _insert_key(
     region: str | None,
     role: str,
     rate_limit: int | None,
+    expires_at: datetime | None = None,
 ) -> tuple[ApiKeyRecord, str]:
     plaintext = generate_api_key()
     key_id = await conn.fetchval(
         SQL_INSERT_KEY, hash_api_key(secret, plaintext), display_prefix(plaintext),
-        org_id, env_id, user_id, name, region, role, rate_limit,
+        org_id, env_id, user_id, name, region, role, rate_limit, expires_at,
     )  # fmt: skip
     return _key(await conn.fetchrow(SQL_SELECT_KEY_BY_ID, key_id)), plaintext
 
@@ -152,6 +161,15 @@ async def _insert_key(
 def _key_audit(record: ApiKeyRecord) -> dict:
     # Only what the listing shows: the audit log must never become a place to find key material.
     return {k: v for k, v in to_json(record).items() if k not in ("created_at", "revoked_at")}
+
+
+def _check_expiry(expires_at: datetime | None) -> None:
+    if expires_at is None:
+        return
+    if expires_at.tzinfo is None:
+        raise InvalidArgument("the expiry needs a time zone (e.g. 2027-01-01T00:00:00+00:00)")
+    if expires_at <= datetime.now(UTC):
+        raise InvalidArgument("the expiry must be in the future")
 
 
 @db_errors
@@ -167,6 +185,7 @@ async def create_key(
     *,
     actor: str = "system",
     allow_suspended: bool = False,
+    expires_at: datetime | None = None,
 ) -> tuple[ApiKeyRecord, str]:
     """A new key; returns its record and the plaintext, which exists nowhere else afterwards.
 
@@ -177,6 +196,7 @@ async def create_key(
         raise InvalidArgument("the key secret is empty")
     choice(role, KEY_ROLES, "role")
     positive(rate_limit_tokens_per_min, "rate limit (tokens/min)")
+    _check_expiry(expires_at)
     async with transaction(db) as conn:
         owner_env = await get_env(conn, env, org)
         suspended = await _suspended(conn, owner_env)
@@ -187,7 +207,7 @@ async def create_key(
         await require_regions(conn, [region])
         record, plaintext = await _insert_key(
             conn, secret, uuid.UUID(owner_env.org_id), uuid.UUID(owner_env.env_id), None,
-            name, region, role, rate_limit_tokens_per_min,
+            name, region, role, rate_limit_tokens_per_min, expires_at,
         )  # fmt: skip
         await audit(conn, actor, "key.create", "api_key", record.key_id, _key_audit(record))
         return record, plaintext
@@ -221,10 +241,16 @@ async def revoke_key(db: Db, key: str, *, secret: bytes | None = None, actor: st
 
 
 @db_errors
-async def rotate_key(db: Db, secret: bytes, key: str, *, actor: str = "system") -> tuple[ApiKeyRecord, str]:
-    """Replace a key by a new one with the same attributes; the old one is revoked in the same transaction."""
+async def rotate_key(db: Db, secret: bytes, key: str, *, actor: str = "system",
+                     overlap_s: int = 0) -> tuple[ApiKeyRecord, str]:
+    """Replace a key by a new one with the same attributes (and expiry), in one transaction.
+
+    overlap_s = 0 revokes the old key at once (a leaked key); otherwise the old key keeps working for
+    overlap_s seconds (its expires_at), so clients switch to the new one without a failed request."""
     if not secret:
         raise InvalidArgument("the key secret is empty")
+    if not 0 <= overlap_s <= MAX_ROTATION_OVERLAP_S:
+        raise InvalidArgument(f"the overlap must be between 0 and {MAX_ROTATION_OVERLAP_S} seconds, not {overlap_s}")
     async with transaction(db) as conn:
         found = await get_key(conn, key, secret=secret)
         lock = await conn.fetchrow(SQL_LOCK_KEY, uuid.UUID(found.key_id))
@@ -233,10 +259,13 @@ async def rotate_key(db: Db, secret: bytes, key: str, *, actor: str = "system") 
         old = await conn.fetchrow(SQL_SELECT_KEY_BY_ID, lock["key_id"])
         record, plaintext = await _insert_key(
             conn, secret, old["org_id"], old["env_id"], old["user_id"], old["name"], old["region"],
-            old["role"], old["rate_limit_tokens_per_min"],
+            old["role"], old["rate_limit_tokens_per_min"], old["expires_at"],
         )  # fmt: skip
-        await conn.execute(SQL_REVOKE_KEY, lock["key_id"])
-        details = {"replaced_by": record.key_id, "new_key_prefix": record.key_prefix}
+        if overlap_s:
+            await conn.execute(SQL_EXPIRE_KEY, lock["key_id"], overlap_s)
+        else:
+            await conn.execute(SQL_REVOKE_KEY, lock["key_id"])
+        details = {"replaced_by": record.key_id, "new_key_prefix": record.key_prefix, "overlap_s": overlap_s}
         await audit(conn, actor, "key.rotate", "api_key", found.key_id, details)
         await audit(conn, actor, "key.create", "api_key", record.key_id, _key_audit(record))
         return record, plaintext

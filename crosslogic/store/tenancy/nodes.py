@@ -27,6 +27,8 @@ from crosslogic.store.tenancy.orgs import get_org
 from crosslogic.store.tenancy.regions import require_regions
 
 NODE_STATUSES = ("active", "draining", "dead")
+# status_reason of a node an operator cordoned: draining (no new requests) until uncordoned, never swept dead.
+CORDONED = "cordoned"
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ ON CONFLICT (name) DO UPDATE SET
 RETURNING {_NODE_COLS}"""
 
 
-SQL_SET_NODE_STATUS = f"UPDATE nodes SET status = $2 WHERE node_id = $1 RETURNING {_NODE_COLS}"
+SQL_SET_NODE_STATUS = f"""UPDATE nodes SET status = $2, status_reason = coalesce($3, status_reason)
+WHERE node_id = $1 RETURNING {_NODE_COLS}"""
 
 
 SQL_DELETE_NODE = "DELETE FROM nodes WHERE node_id = $1"
@@ -149,14 +152,16 @@ async def add_node(
 
 
 @db_errors
-async def set_node_status(db: Db, node: str, status: str, *, actor: str = "system") -> Node:
+async def set_node_status(db: Db, node: str, status: str, *, actor: str = "system",
+                          reason: str | None = None) -> Node:
+    """`reason` (kept unless given): CORDONED marks a drain an operator holds; the registry's drain timeout
+    never turns such a node dead, and uncordoning puts it back to active."""
     choice(status, NODE_STATUSES, "node status")
     async with transaction(db) as conn:
         current = await get_node(conn, node)
-        updated = _node(await conn.fetchrow(SQL_SET_NODE_STATUS, uuid.UUID(current.node_id), status))
-        await audit(
-            conn, actor, "node.set_status", "node", updated.node_id, {"from": current.status, "to": status}
-        )
+        updated = _node(await conn.fetchrow(SQL_SET_NODE_STATUS, uuid.UUID(current.node_id), status, reason))
+        await audit(conn, actor, "node.set_status", "node", updated.node_id,
+                    {"from": current.status, "to": status, "reason": updated.status_reason})
         return updated
 
 
