@@ -119,7 +119,8 @@ class Settings:
                                   "`crosslogic up`: `<state-dir>/usage/envoy-usage.jsonl`")
     usage_log_rotate_bytes: int = setting("USAGE_LOG_ROTATE_BYTES", 64 << 20, "rotate the usage log past this size "
                                           "once replayed (needs ENVOY_ADMIN_URL); 0 = never", minimum=0)
-    envoy_admin_url: str = setting("ENVOY_ADMIN_URL", "", "Envoy's admin URL, for reopening the rotated usage log")
+    envoy_admin_url: str = setting("ENVOY_ADMIN_URL", "", "Envoy's admin URL, for reopening the rotated usage log "
+                                   "(comma-separated: every Envoy that writes the log)")
     stripe_api_key: str = setting("STRIPE_API_KEY", "", "Stripe secret key; unset = usage is recorded but not "
                                   "exported", secret=True)
     stripe_api_base: str = setting("STRIPE_API_BASE", "", "Stripe API base URL (empty = api.stripe.com)")

@@ -14,6 +14,7 @@ to the new one; after a restart it finds the renamed file again by inode. A trun
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from crosslogic.accounting.usage import UsageRecord, record_from_fields
 log = logging.getLogger("crosslogic.accounting.backstop")
 READ_CHUNK_BYTES = 1 << 20
 POLL_INTERVAL_S = 0.2
+REOPEN_GRACE_S = 1.0
 
 
 def _as_dict(value: object) -> dict:
@@ -93,6 +95,9 @@ class UsageLogTailer:
         self._offset = 0
         self._read_start = 0
         self._opened = False
+        # False while a rotation waits for every Envoy to reopen its log: an Envoy that has not reopened yet
+        # still appends to the renamed file, so the tailer must not leave (and delete) it.
+        self.may_leave_renamed: Callable[[], bool] = lambda: True
 
     def _load_position(self) -> Position | None:
         try:
@@ -161,7 +166,7 @@ class UsageLogTailer:
         end = data.rfind(b"\n")
         if end < 0:
             current = self._path_inode()
-            if not data and current is not None and current != self._inode:
+            if not data and current is not None and current != self._inode and self.may_leave_renamed():
                 # Renamed away and fully read (everything before was committed): continue with the file
                 # Envoy now writes, and drop the old one.
                 finished = self._find_by_inode(self._inode)
@@ -234,6 +239,14 @@ class BackstopReplayer:
         self.on_owed = on_owed  # bill-cap settlement, once the rows are in the ledger
         self.replayed = 0
         self.lines_read = 0
+        # Since when every Envoy has reopened its log after our last rotation (None: not yet).
+        self._reopened_at: float | None = time.monotonic()
+        tailer.may_leave_renamed = self._renamed_file_finished
+
+    def _renamed_file_finished(self) -> bool:
+        # Envoy reopens on its flush thread after the admin call returns: a second of grace for the last lines
+        # it still had for the old file.
+        return self._reopened_at is not None and time.monotonic() - self._reopened_at >= REOPEN_GRACE_S
 
     async def step(self) -> int:
         """One batch: read, write, commit. Returns the number of lines consumed (0 = caught up)."""
@@ -276,14 +289,16 @@ class BackstopReplayer:
         if not self.rotate_bytes or self.reopen is None:
             return
         if self.tailer.rotate_if_caught_up(self.rotate_bytes):
+            self._reopened_at = None
             self.rotations += 1
             log.info("usage log rotated (%d so far)", self.rotations)
-        elif self.tailer.path.exists():
+        elif self.tailer.path.exists() and self._reopened_at is not None:
             return
         # Also retries a reopen that failed (Envoy restarting): until then Envoy writes to the renamed
         # file, which the tailer keeps reading, so nothing is lost meanwhile.
         try:
             await asyncio.to_thread(self.reopen)
+            self._reopened_at = time.monotonic()
         except OSError as exc:
             log.debug("Envoy did not reopen its logs yet (%s); retrying", exc)
 
@@ -302,12 +317,40 @@ class BackstopReplayer:
                 backoff = min(backoff * 2, 5.0)
 
 
-def envoy_reopen_logs(admin_url: str) -> Callable[[], None]:
-    """Envoy's admin `POST /reopen_logs`: access logs are reopened at their configured path."""
+async def run_exclusively(replayer: BackstopReplayer, lock_path: Path, retry_s: float = 0.5) -> None:
+    """Runs the replayer while this process holds the usage log's lock; replicas of the accounting service
+    (`crosslogic up --replicas N`) wait as standbys, and one takes over the moment the holder dies (the kernel
+    drops a dead process's lock). Replaying twice would only be wasted work (the ledger and settlement are
+    idempotent per request id), but two tailers would race over the position file and the rotation."""
+    lock = open(lock_path, "a")  # noqa: SIM115, ASYNC230 - held for the life of the task; opening is instant
+    try:
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(retry_s)
+        log.info("replaying the usage log %s (this replica holds its lock)", replayer.tailer.path)
+        await replayer.run()
+    finally:
+        lock.close()
+
+
+def envoy_reopen_logs(admin_urls: str) -> Callable[[], None]:
+    """Envoy's admin `POST /reopen_logs` on every gateway (`admin_urls`: comma-separated, all Envoys that write
+    this log): access logs are reopened at their configured path. Fails unless every Envoy answered."""
+    urls = [url.strip().rstrip("/") for url in admin_urls.split(",") if url.strip()]
 
     def reopen() -> None:
-        request = urllib.request.Request(admin_url.rstrip("/") + "/reopen_logs", method="POST")
-        with urllib.request.urlopen(request, timeout=5) as response:
-            response.read()
+        failures: list[OSError] = []
+        for url in urls:
+            try:
+                request = urllib.request.Request(url + "/reopen_logs", method="POST")
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    response.read()
+            except OSError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     return reopen

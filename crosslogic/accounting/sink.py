@@ -10,7 +10,7 @@ from pathlib import Path
 import prometheus_client
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs
+from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs, run_exclusively
 from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import HeldRows, LedgerWriter, OwedHook
 from crosslogic.accounting.recent import RecentIds
@@ -49,7 +49,7 @@ def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], No
     reopen = envoy_reopen_logs(settings.envoy_admin_url) if settings.envoy_admin_url else None
     replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen,
                                 settle=settle, committed=committed, on_owed=on_owed)
-    return asyncio.create_task(replayer.run())
+    return asyncio.create_task(run_exclusively(replayer, path.with_name(path.name + ".lock")))
 
 
 def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:

@@ -91,7 +91,7 @@ def _up(args: argparse.Namespace) -> int:
 
     return run_up(UpOptions(state_dir=Path(args.state_dir), host=args.host, port=args.port, demo=args.demo,
                             ready_file=Path(args.ready_file) if args.ready_file else None,
-                            log_level=args.log_level, json_output=args.json))
+                            log_level=args.log_level, json_output=args.json, replicas=args.replicas))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080, help="gateway listen port (default: 8080)")
     up.add_argument("--ready-file", metavar="PATH", help="write connection details (with the demo key) as JSON "
                     "here, mode 0600, once everything answers")
+    up.add_argument("--replicas", type=int, default=1, metavar="N",
+                    help="run N replicas of every control-plane service and N Envoy gateways on the one gateway "
+                    "port, active-active (default: 1; docs/deploy.md)")
     up.set_defaults(handler=_up)
 
     serve = sub.add_parser("serve", help="run one control-plane service",

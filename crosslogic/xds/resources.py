@@ -125,11 +125,27 @@ def _hide_internal_headers() -> dict:
     }
 
 
+# A check whose ext_authz replica died (refused connection, or reset with the check in flight) goes to another
+# replica (`crosslogic up --replicas N`, docs/deploy.md): checks are idempotent per request id (the reserve
+# script answers "already reserved" to a repeat), so a retry never charges twice. Nothing else is retried: an
+# answer, whatever its status, is ext_authz's decision. With one replica the retries meet the same refusal.
+AUTHZ_RETRY_POLICY = {
+    "retry_on": "connect-failure,refused-stream,reset",
+    "num_retries": 2,
+    "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                              "typed_config": {"@type": "type.googleapis.com/envoy.extensions"
+                                                        ".retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 5,
+}
+
+
 def _grpc_authz(settings: GatewaySettings) -> dict:
     """The standard envoy.service.auth.v3.Authorization service (extauthz/grpc_transport.py)."""
     return {
         "grpc_service": {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
-                         "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s"},
+                         "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s",
+                         "retry_policy": AUTHZ_RETRY_POLICY},
         "with_request_body": {"max_request_bytes": settings.max_request_bytes, "allow_partial_message": False,
                               "pack_as_bytes": True},
     }
@@ -156,6 +172,7 @@ def _http_authz(settings: GatewaySettings) -> dict:
             "server_uri": {"uri": "http://crosslogic-authz", "cluster": AUTHZ_CLUSTER,
                            "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s"},
             "path_prefix": AUTHZ_CHECK_PREFIX,
+            "retry_policy": AUTHZ_RETRY_POLICY,
             "authorization_request": {"headers_to_add": [
                 {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"}]},
             "authorization_response": {
@@ -345,6 +362,13 @@ def _pool_routes(pool: Pool, settings: GatewaySettings) -> list[dict]:
     return [spill, local]
 
 
+def _api_route() -> dict:
+    """The api service's reads: a replica that died (refused or reset connection) is retried on another one."""
+    return {"cluster": API_CLUSTER, "timeout": "10s",
+            "retry_policy": {key: AUTHZ_RETRY_POLICY[key] for key in
+                             ("retry_on", "num_retries", "retry_host_predicate", "host_selection_retry_max_attempts")}}
+
+
 def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> route_pb2.RouteConfiguration:
     no_authz = {"envoy.filters.http.ext_authz": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
@@ -354,9 +378,8 @@ def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> r
          "direct_response": {"status": 200, "body": {"inline_string": '{"status": "ok"}'}}},
         # Exactly the list and one model (ids may hold "/"); `/v1/models/`, `/v1/modelsfoo` are unknown URLs.
         # Any method goes there: the api service answers what it does not serve with a JSON 405.
-        {"name": "models", "match": {"path": "/v1/models"}, "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
-        {"name": "model", "match": {"safe_regex": {"regex": "/v1/models/.+"}},
-         "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
+        {"name": "models", "match": {"path": "/v1/models"}, "route": _api_route()},
+        {"name": "model", "match": {"safe_regex": {"regex": "/v1/models/.+"}}, "route": _api_route()},
         *(r for p in sorted(pools, key=lambda p: p.cluster_name) for r in _pool_routes(p, settings)),
         # Authorised, but no pool for this model in the chosen region (yet).
         {"name": "no-pool", "match": {"prefix": "/v1/", "headers": [{"name": Header.ROUTE,
