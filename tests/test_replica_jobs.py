@@ -12,7 +12,7 @@ import pytest
 
 from crosslogic.accounting import backstop
 from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, run_exclusively
-from tests.billing_helpers import API_KEY, local_stripe
+from tests.billing_helpers import local_stripe
 from tests.test_backstop import append, database_url, ledger_totals, usage_line  # noqa: F401 (fixture)
 from tests.test_billing_reporter import _org, _reporter, _stripe_total, _usage
 

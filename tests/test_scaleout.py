@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +109,30 @@ async def _within(seconds: float, what: str, check) -> None:
         await asyncio.sleep(0.1)
 
 
-KILLED = ("authz-1", "accounting-1", "api-1", "xds-1", "authz-2", "accounting-2")
+KILLED = ("authz-1", "accounting-1", "api-1", "xds-1", "authz-2", "accounting-2", "xds-2")
+
+
+def _admin(url: str, path: str) -> str:
+    with urllib.request.urlopen(url + path, timeout=5) as response:
+        return response.read().decode()
+
+
+def _listener_changes(stack: dict) -> list[str]:
+    """Per Envoy: listeners added, modified, removed (a flap drains the gateway listener and builds it again)."""
+    return [" ".join(line for line in _admin(url, "/stats?filter=^listener_manager.listener_(added|modified|removed)$")
+                     .splitlines()) for url in stack["envoy_admin_urls"]]
+
+
+def _dynamic_versions(url: str) -> dict[str, str]:
+    dump = json.loads(_admin(url, "/config_dump?resource=dynamic_active_clusters"))["configs"]
+    dump += json.loads(_admin(url, "/config_dump?resource=dynamic_listeners"))["configs"]
+    return {c.get("name") or c["cluster"]["name"]: c.get("version_info") or c["active_state"]["version_info"]
+            for c in dump}
 
 
 async def test_killing_any_replica_costs_no_client_a_request_and_no_usage_record(replicated):
     stack = replicated
+    listeners_before = _listener_changes(stack)
     children = _children(stack)
     assert {f"{s}-{i}" for s in ("authz", "accounting", "api", "xds", "envoy") for i in (1, 2)} <= set(children)
     out = Load()
@@ -136,6 +156,11 @@ async def test_killing_any_replica_costs_no_client_a_request_and_no_usage_record
         out.stopping = True
         await load
     print(f"answered: {out.done}; errors: { {k: len(v) for k, v in out.errors.items()} }")
+    # Both xDS replicas were killed in turn and every Envoy reconnected to the other one: no listener was
+    # rebuilt, and both Envoys hold the same versions (the same snapshot, whichever replica sent it).
+    assert _listener_changes(stack) == listeners_before
+    first, second = (_dynamic_versions(url) for url in stack["envoy_admin_urls"])
+    assert first == second and first
     assert out.errors == {}, out.errors
     assert out.done["chat"] > 50 and out.done["stream"] > 50 and out.done["models"] > 20
 
