@@ -144,6 +144,8 @@ class Settings:
                                 "long (the 600 s upstream timeout plus a minute)", minimum=1)
     limiter_split_scopes: bool = setting("LIMITER_SPLIT_SCOPES", False, "Redis Cluster: one limiter script call per "
                                          "scope (each in one hash slot) instead of one per request")
+    redis_cluster: bool = setting("REDIS_CLUSTER", False, "REDIS_URL names a node of a Redis / Valkey Cluster: "
+                                  "cluster-aware clients (MOVED/ASK, failover) and one limiter call per scope")
     admission: str = setting("ADMISSION", "authz", "where the rate-limit reservation is made: `authz` (inside the "
                              "ext_authz call) or `rls` (Envoy's ratelimit filter + `serve ratelimit`)",
                              choices=ADMISSION_MODES)

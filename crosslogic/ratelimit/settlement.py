@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 
 from crosslogic.ratelimit.admission import settlement_calls
+from crosslogic.ratelimit.connect import redis_client
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, Limiter, limiter_from_settings
 from crosslogic.ratelimit.quota import count_usage_many
 from crosslogic.runtime.health import dependency
@@ -101,7 +102,7 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
     if not settings.redis_url:
         yield None
         return
-    redis = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
+    redis = redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=2.0)
     settler = Settler(limiter_from_settings(redis, settings))
     task = asyncio.create_task(settler.run())
     try:

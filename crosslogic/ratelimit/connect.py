@@ -1,0 +1,27 @@
+"""Redis clients from the settings: one server, or a Redis / Valkey Cluster (CROSSLOGIC_REDIS_CLUSTER).
+
+On a cluster, redis-py's cluster client carries the settlement pipelines, quota counters and bill-cap scripts (it
+routes each command by its key's hash slot and follows MOVED/ASK), and the lean ClusterScriptClient the per-request
+reserve and release calls. Every multi-key command and script of ours names keys of one hash tag (engine.py).
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from crosslogic.ratelimit.resp import ScriptClient
+from crosslogic.ratelimit.resp_cluster import ClusterScriptClient
+
+
+def redis_client(url: str, cluster: bool, *, connect_timeout: float, timeout: float) -> aioredis.Redis:
+    if cluster:
+        return RedisCluster.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=timeout)
+    return aioredis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=timeout)
+
+
+def script_client(url: str, cluster: bool, *, connect_timeout: float,
+                  timeout: float) -> ScriptClient | ClusterScriptClient:
+    if cluster:
+        return ClusterScriptClient(url, connect_timeout=connect_timeout, timeout=timeout)
+    return ScriptClient(url, connect_timeout=connect_timeout, timeout=timeout)
