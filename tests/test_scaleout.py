@@ -16,7 +16,9 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from redis.cluster import RedisCluster
 
+from crosslogic.ratelimit.engine import org_tag
 from tests.conftest import up_demo
 
 RECOVERY_S = 60.0
@@ -24,8 +26,9 @@ RECOVERY_S = 60.0
 
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Its own stack (this module kills its children): 2 replicas of every service, 2 Envoys on one port."""
-    with up_demo(tmp_path_factory.mktemp("replicas"), up_args=("--replicas", "2")) as info:
+    """Its own stack (this module kills its children): 2 replicas of every service, 2 Envoys on one port, a
+    3-primary Valkey Cluster."""
+    with up_demo(tmp_path_factory.mktemp("replicas"), up_args=("--replicas", "2", "--redis-cluster")) as info:
         yield {**info, "state_dir": Path(info["state_dir"])}
 
 
@@ -109,7 +112,14 @@ async def _within(seconds: float, what: str, check) -> None:
         await asyncio.sleep(0.1)
 
 
-KILLED = ("authz-1", "accounting-1", "api-1", "xds-1", "authz-2", "accounting-2", "xds-2")
+KILLED = ("authz-1", "accounting-1", "api-1", "xds-1", "authz-2", "accounting-2", "xds-2", "valkey-primary")
+
+
+def _valkey_primary_of_the_demo_org(stack: dict) -> str:
+    """The cluster node serving the demo org's limiter keys now (its hash tag's slot)."""
+    with RedisCluster.from_url(stack["redis_url"]) as cluster:
+        node = cluster.get_node_from_key(org_tag(stack["org_id"]))
+        return f"valkey-{node.port}"
 
 
 def _admin(url: str, path: str) -> str:
@@ -140,6 +150,8 @@ async def test_killing_any_replica_costs_no_client_a_request_and_no_usage_record
     try:
         await _within(RECOVERY_S, "traffic flowing", lambda: out.done.get("chat", 0) > 5)
         for target in KILLED:
+            if target == "valkey-primary":  # its replica takes over; the old primary comes back as a replica
+                target = _valkey_primary_of_the_demo_org(stack)
             before = _children(stack)[target]
             assert before["state"] == "ready", before
             answered = sum(out.done.values())

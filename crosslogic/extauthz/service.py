@@ -54,7 +54,8 @@ class AuthzParts:
 async def authorizer_from_settings(settings: Settings) -> AsyncIterator[AuthzParts]:
     """The decision with its real parts (one Postgres pool, the per-key tenant views and their one change feed,
     the catalogue, the limiter on a lean script client, the bill cap), torn down in order on exit."""
-    redis = redis_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
+    redis = redis_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5,
+                         request_path=True)
     scripts = script_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
     try:
         async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:

@@ -30,6 +30,7 @@ from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, p
 from crosslogic.runtime.state import ensure_key_secret, secure_state_dir, write_runtime
 from crosslogic.runtime.supervision import Supervised, Supervisor
 from crosslogic.runtime.valkey import EmbeddedValkey
+from crosslogic.runtime.valkey_cluster import EmbeddedValkeyCluster
 from crosslogic.settings import SchedulerSettings, Settings, SupervisorSettings, load_all
 from crosslogic.store.db import migrate
 
@@ -48,6 +49,7 @@ class UpOptions:
     json_output: bool = False  # print the connection details as one JSON line instead of the banner
     # Active-active replicas of every control-plane service and of Envoy (docs/deploy.md, "Replicas").
     replicas: int = 1
+    redis_cluster: bool = False  # a 3-primary Valkey Cluster (with a replica each) instead of one Valkey
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Stack:
     options: UpOptions
     postgres: EmbeddedPostgres | None = None
     valkey: EmbeddedValkey | None = None
+    valkey_cluster: EmbeddedValkeyCluster | None = None
     services: list[ChildProcess] = field(default_factory=list)
     envoy: EnvoyProcess | None = None  # the first gateway (every gateway: `envoys`)
     envoys: list[EnvoyProcess] = field(default_factory=list)
@@ -139,7 +142,13 @@ def start_stack(stack: Stack) -> Stack:
         database_url = postgres.url
         stack.supervised.append(Supervised("postgres", lambda: postgres.child, postgres.spawn, postgres.ready))
     redis_url = settings.redis_url
-    if not redis_url:
+    redis_cluster = settings.redis_cluster
+    if not redis_url and options.redis_cluster:
+        cluster = stack.valkey_cluster = EmbeddedValkeyCluster(state / "valkey-cluster").start()
+        redis_url, redis_cluster = cluster.url, True
+        for node in cluster.nodes:
+            stack.supervised.append(Supervised(node.name, lambda node=node: node.child, node.spawn, node.ready))
+    elif not redis_url:
         valkey = stack.valkey = EmbeddedValkey(state / "valkey").start()
         redis_url = valkey.url
         stack.supervised.append(Supervised("valkey", lambda: valkey.child, valkey.spawn, valkey.ready))
@@ -155,6 +164,8 @@ def start_stack(stack: Stack) -> Stack:
                       CROSSLOGIC_KEY_SECRET=secret, CROSSLOGIC_PKI_DIR=str(pki_dir),
                       CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"),
                       CROSSLOGIC_LOG_LEVEL=options.log_level)
+    if redis_cluster:
+        env["CROSSLOGIC_REDIS_CLUSTER"] = "1"
     ports = {name: free_port() for name in ("xds", "authz", "release", "ratelimit", "accounting", "api", "admin",
                                             "nodeagent", "fleet",
                                             "accounting_metrics", "authz_metrics", "ratelimit_metrics",
@@ -227,7 +238,7 @@ def start_stack(stack: Stack) -> Stack:
                                            lambda envoy=envoy: envoy.ready() and port_open(options.host, options.port)))
 
     stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
-                  "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
+                  "redis_url": redis_url, "redis_cluster": redis_cluster, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
                   "ports": ports, "nodeagent_address": f"127.0.0.1:{ports['nodeagent']}", "pki_dir": str(pki_dir),
                   "pid": os.getpid(), "admission": settings.admission,
                   "authz_transport": transport, "state_dir": str(state), "replicas": replicas,
@@ -294,6 +305,8 @@ def stop_stack(stack: Stack) -> None:
         child.stop()
     if stack.valkey:
         stack.valkey.stop()
+    if stack.valkey_cluster:
+        stack.valkey_cluster.stop()
     if stack.postgres:
         stack.postgres.stop()
 

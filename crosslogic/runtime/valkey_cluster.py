@@ -67,6 +67,8 @@ class ClusterNode:
              # A replica's first sync starts at once (the default waits 5 s for more replicas to share it: a
              # primary lost in those seconds would hand over an empty replica).
              "--repl-diskless-sync-delay", "0",
+             # While a primary fails over, the other primaries' slots keep serving (the default stops them all).
+             "--cluster-require-full-coverage", "no",
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no"],
             self.data_dir / "valkey.log",
         ).start()
