@@ -127,3 +127,14 @@ def test_the_readiness_probe_fails_while_the_port_or_a_store_does_not_answer(dat
     finally:
         listener.close()
     assert _probe("--port", port, env=stores).returncode == 1  # nothing listens any more
+
+
+@pytest.mark.skipif(not __import__("shutil").which("kubectl"), reason="kubectl is not installed")
+def test_kubectl_kustomize_renders_the_whole_set_and_it_stays_valid():
+    rendered = subprocess.run(["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60,
+                              check=True).stdout
+    documents = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    assert len(documents) == len(_documents())
+    for doc in documents:
+        assert doc["metadata"].get("namespace", "crosslogic") == "crosslogic"
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
