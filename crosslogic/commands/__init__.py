@@ -92,7 +92,7 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(UpOptions(state_dir=Path(args.state_dir), host=args.host, port=args.port, demo=args.demo,
                             ready_file=Path(args.ready_file) if args.ready_file else None,
                             log_level=args.log_level, json_output=args.json, replicas=args.replicas,
-                            redis_cluster=args.redis_cluster))
+                            redis_cluster=args.redis_cluster, envoys=args.envoys))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=int, default=1, metavar="N",
                     help="run N replicas of every control-plane service and N Envoy gateways on the one gateway "
                     "port, active-active (default: 1; docs/deploy.md)")
+    up.add_argument("--envoys", type=int, metavar="N",
+                    help="run N Envoy gateways (default: --replicas)")
     up.add_argument("--redis-cluster", action="store_true",
                     help="start a Valkey Cluster (3 primaries with a replica each) instead of one Valkey")
     up.set_defaults(handler=_up)

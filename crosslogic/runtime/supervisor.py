@@ -49,6 +49,7 @@ class UpOptions:
     json_output: bool = False  # print the connection details as one JSON line instead of the banner
     # Active-active replicas of every control-plane service and of Envoy (docs/deploy.md, "Replicas").
     replicas: int = 1
+    envoys: int | None = None  # Envoy gateways; None = `replicas` (bench/scaleout.py varies the two apart)
     redis_cluster: bool = False  # a 3-primary Valkey Cluster (with a replica each) instead of one Valkey
 
 
@@ -190,7 +191,8 @@ def start_stack(stack: Stack) -> Stack:
     if transport == "http":
         ports["release"] = ports["authz"]
     replicas = max(1, options.replicas)
-    admin_ports = [ports["admin"], *(free_port() for _ in range(replicas - 1))]
+    envoys = max(1, options.envoys or replicas)
+    admin_ports = [ports["admin"], *(free_port() for _ in range(envoys - 1))]
     # The accounting service rotates Envoy's usage log and asks every Envoy to reopen it.
     env["CROSSLOGIC_ENVOY_ADMIN_URL"] = ",".join(f"http://127.0.0.1:{port}" for port in admin_ports)
     # Per replica: its own listen, metrics and NodeAgent ports; replica 1 keeps the ports of the single stack.
@@ -226,7 +228,7 @@ def start_stack(stack: Stack) -> Stack:
             authz_transport=transport, accounting_port=_many(replica_ports["accounting"]),
             api_port=_many(replica_ports["api"]),
             ratelimit_port=_many(replica_ports.get("ratelimit", [ports["ratelimit"]]))),
-            name="envoy" if replicas == 1 else f"envoy-{index + 1}").start()
+            name="envoy" if envoys == 1 else f"envoy-{index + 1}").start()
         stack.envoys.append(envoy)
         stack.envoy = stack.envoy or envoy
         assert envoy.child is not None
