@@ -119,6 +119,9 @@ class Settings:
                                   "`crosslogic up`: `<state-dir>/usage/envoy-usage.jsonl`")
     usage_log_rotate_bytes: int = setting("USAGE_LOG_ROTATE_BYTES", 64 << 20, "rotate the usage log past this size "
                                           "once replayed (needs ENVOY_ADMIN_URL); 0 = never", minimum=0)
+    gateway_tls_cert: str = setting("GATEWAY_TLS_CERT", "", "PEM certificate chain of the public listener, a path "
+                                    "Envoy reads (with GATEWAY_TLS_KEY: HTTPS only, HTTP/1.1 and HTTP/2 by ALPN)")
+    gateway_tls_key: str = setting("GATEWAY_TLS_KEY", "", "PEM private key of GATEWAY_TLS_CERT (a path Envoy reads)")
     envoy_admin_url: str = setting("ENVOY_ADMIN_URL", "", "Envoy's admin URL, for reopening the rotated usage log "
                                    "(comma-separated: every Envoy that writes the log)")
     stripe_api_key: str = setting("STRIPE_API_KEY", "", "Stripe secret key; unset = usage is recorded but not "

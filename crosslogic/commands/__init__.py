@@ -75,9 +75,12 @@ def _serve(args: argparse.Namespace) -> int:
         from crosslogic.xds.model import GatewaySettings, client_bounds
         from crosslogic.xds.service import serve_xds
 
+        if bool(settings.gateway_tls_cert) != bool(settings.gateway_tls_key):
+            raise SystemExit("set both CROSSLOGIC_GATEWAY_TLS_CERT and CROSSLOGIC_GATEWAY_TLS_KEY, or neither")
         gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
                                   max_request_bytes=settings.max_request_bytes,
                                   usage_log_path=settings.usage_log_path,
+                                  tls_cert_path=settings.gateway_tls_cert, tls_key_path=settings.gateway_tls_key,
                                   admission=args.admission or settings.admission,
                                   authz_transport=args.transport or settings.authz_transport,
                                   **client_bounds(settings))

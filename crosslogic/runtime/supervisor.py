@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 import urllib.error
@@ -114,8 +115,11 @@ def _service_argv(options: UpOptions, admission: str, transport: str, ports: dic
 
 def _http_status(url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
     request = urllib.request.Request(url, data=body, headers=headers or {})
+    # Our own listener on this machine, asked only whether it answers: its certificate (GATEWAY_TLS_CERT) may
+    # be for the public name, not for the loopback address this probe dials.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None  # noqa: S323
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -218,7 +222,10 @@ def start_stack(stack: Stack) -> Stack:
     if options.demo:
         demo = _start_demo(stack, database_url, secret.encode(), logs, env)
 
-    gateway_url = f"http://{options.host}:{options.port}"
+    if bool(settings.gateway_tls_cert) != bool(settings.gateway_tls_key):
+        raise RuntimeError("set both CROSSLOGIC_GATEWAY_TLS_CERT and CROSSLOGIC_GATEWAY_TLS_KEY, or neither")
+    scheme = "https" if settings.gateway_tls_cert else "http"
+    gateway_url = f"{scheme}://{options.host}:{options.port}"
     for index, admin_port in enumerate(admin_ports):
         # Every gateway listens on the one gateway port (the xDS listener binds with SO_REUSEPORT, the kernel
         # spreads connections over them) and lists every replica of every service.

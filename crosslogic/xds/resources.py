@@ -26,6 +26,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
     http_connection_manager_pb2 as _hcm,
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2 as _previous_hosts  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _upstream_http  # noqa: F401
 from google.protobuf import json_format
 from google.protobuf.wrappers_pb2 import UInt32Value
@@ -311,9 +312,24 @@ def build_listener(settings: GatewaySettings, name: str = LISTENER_NAME,
         "address": {"socket_address": {"address": host or settings.listen_host,
                                        "port_value": port or settings.listen_port}},
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                        "typed_config": hcm}]}],
+                                        "typed_config": hcm}],
+                           **({"transport_socket": _public_tls(settings)} if settings.tls_cert_path else {})}],
     }
     return json_format.ParseDict(listener, listener_pb2.Listener())
+
+
+def _public_tls(settings: GatewaySettings) -> dict:
+    """HTTPS on the public listener: the certificate from files on the Envoy's host (a mounted Secret in
+    Kubernetes), HTTP/2 or HTTP/1.1 as the client's ALPN asks (the connection manager's codec is AUTO), TLS 1.2+."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {
+            "tls_certificates": [{"certificate_chain": {"filename": settings.tls_cert_path},
+                                  "private_key": {"filename": settings.tls_key_path}}],
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        },
+    }}
 
 
 def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
