@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scheduler.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/cpu_per_request.py
+	$(BIN)/python bench/scaleout.py
 
 clean:
 	rm -rf $(VENV) .state dist build
