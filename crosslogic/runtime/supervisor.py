@@ -87,9 +87,10 @@ def _start_and_wait(stack: Stack, child: ChildProcess, port: int) -> None:
     stack.supervised.append(Supervised(child.name, lambda: child, child.start, ready))
 
 
-# What `--replicas N` runs N of: every service without a leader. (Fleet runs N too: it decides each pool under
-# the pool's advisory lock. "ratelimit" exists only with admission "rls".)
-REPLICATED = ("authz", "ratelimit", "accounting", "api", "xds", "fleet")
+# What `--replicas N` runs N of: every service without a leader ("ratelimit" exists only with admission "rls").
+# Not the fleet: its decisions are safe N times over (each pool under its advisory lock), but the local provider's
+# machines are child processes of the replica that launched them, which alone can stop them.
+REPLICATED = ("authz", "ratelimit", "accounting", "api", "xds")
 
 
 def _many(ports: list[int]) -> int | tuple[int, ...]:
