@@ -215,7 +215,8 @@ def start_stack(stack: Stack) -> Stack:
             replica_ports.setdefault(name, []).append(own[name])
             if name == "authz":
                 replica_ports.setdefault("release", []).append(own["release"])
-            child = _service(name if replicas == 1 else f"{name}-{index + 1}", argv, logs, child_env)
+            child = _service(f"{name}-{index + 1}" if replicas > 1 and name in REPLICATED else name, argv, logs,
+                             child_env)
             stack.services.append(child)
             _start_and_wait(stack, child, own[name])
 
