@@ -239,14 +239,17 @@ class BackstopReplayer:
         self.on_owed = on_owed  # bill-cap settlement, once the rows are in the ledger
         self.replayed = 0
         self.lines_read = 0
-        # Since when every Envoy has reopened its log after our last rotation (None: not yet).
-        self._reopened_at: float | None = time.monotonic()
+        # Since when every Envoy has reopened its log after our last rotation (None: not yet; no rotation of
+        # ours pending at the start, so a renamed log found then is left as soon as it is read).
+        self._reopened_at: float | None = float("-inf")
         tailer.may_leave_renamed = self._renamed_file_finished
 
     def _renamed_file_finished(self) -> bool:
-        # Envoy reopens on its flush thread after the admin call returns: a second of grace for the last lines
-        # it still had for the old file.
-        return self._reopened_at is not None and time.monotonic() - self._reopened_at >= REOPEN_GRACE_S
+        # One Envoy: the new file exists only once it reopened (after flushing the old one), which the tailer
+        # sees. Several: the first one's new file says nothing of the others, which reopen on their flush
+        # thread after the admin call returned: a second of grace for the lines they still had for the old file.
+        grace = REOPEN_GRACE_S if getattr(self.reopen, "targets", 1) > 1 else 0.0
+        return self._reopened_at is not None and time.monotonic() - self._reopened_at >= grace
 
     async def step(self) -> int:
         """One batch: read, write, commit. Returns the number of lines consumed (0 = caught up)."""
@@ -341,6 +344,12 @@ def envoy_reopen_logs(admin_urls: str) -> Callable[[], None]:
     this log): access logs are reopened at their configured path. Fails unless every Envoy answered."""
     urls = [url.strip().rstrip("/") for url in admin_urls.split(",") if url.strip()]
 
+    class Reopen:
+        targets = len(urls)  # how many Envoys write the log (BackstopReplayer's grace after a rotation)
+
+        def __call__(self) -> None:
+            reopen()
+
     def reopen() -> None:
         failures: list[OSError] = []
         for url in urls:
@@ -353,4 +362,4 @@ def envoy_reopen_logs(admin_urls: str) -> Callable[[], None]:
         if failures:
             raise failures[0]
 
-    return reopen
+    return Reopen()
