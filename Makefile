@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cpu_per_request.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/observe_overhead.py
+	$(BIN)/python bench/scaleout.py
 
 clean:
 	rm -rf $(VENV) .state dist build

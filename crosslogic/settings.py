@@ -123,7 +123,11 @@ class Settings:
     backstop_grace_s: float = setting("BACKSTOP_GRACE", 2.0, "accounting: the backstop leaves a usage-log line "
                                       "this many seconds for the gRPC access log to commit before it writes and "
                                       "settles the line itself (it skips lines already committed)", minimum=0.0)
-    envoy_admin_url: str = setting("ENVOY_ADMIN_URL", "", "Envoy's admin URL, for reopening the rotated usage log")
+    gateway_tls_cert: str = setting("GATEWAY_TLS_CERT", "", "PEM certificate chain of the public listener, a path "
+                                    "Envoy reads (with GATEWAY_TLS_KEY: HTTPS only, HTTP/1.1 and HTTP/2 by ALPN)")
+    gateway_tls_key: str = setting("GATEWAY_TLS_KEY", "", "PEM private key of GATEWAY_TLS_CERT (a path Envoy reads)")
+    envoy_admin_url: str = setting("ENVOY_ADMIN_URL", "", "Envoy's admin URL, for reopening the rotated usage log "
+                                   "(comma-separated: every Envoy that writes the log)")
     stripe_api_key: str = setting("STRIPE_API_KEY", "", "Stripe secret key; unset = usage is recorded but not "
                                   "exported", secret=True)
     stripe_api_base: str = setting("STRIPE_API_BASE", "", "Stripe API base URL (empty = api.stripe.com)")
@@ -154,6 +158,8 @@ class Settings:
                                 "long (the 600 s upstream timeout plus a minute)", minimum=1)
     limiter_split_scopes: bool = setting("LIMITER_SPLIT_SCOPES", False, "Redis Cluster: one limiter script call per "
                                          "scope (each in one hash slot) instead of one per request")
+    redis_cluster: bool = setting("REDIS_CLUSTER", False, "REDIS_URL names a node of a Redis / Valkey Cluster: "
+                                  "cluster-aware clients (MOVED/ASK, failover) and one limiter call per scope")
     admission: str = setting("ADMISSION", "authz", "where the rate-limit reservation is made: `authz` (inside the "
                              "ext_authz call) or `rls` (Envoy's ratelimit filter + `serve ratelimit`)",
                              choices=ADMISSION_MODES)

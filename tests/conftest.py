@@ -102,7 +102,8 @@ def repo_root() -> Path:
 
 @contextmanager
 def up_demo(state: Path, *, crosslogic: list[str] | None = None, cwd: Path | None = None,
-            env: dict[str, str] | None = None, log_path: Path | None = None) -> Iterator[dict]:
+            env: dict[str, str] | None = None, log_path: Path | None = None,
+            up_args: tuple[str, ...] = ()) -> Iterator[dict]:
     """`crosslogic up --demo` on `state` (by default this checkout's, run from it) until the block ends; yields
     the ready file's details and `state_dir`. Its output goes to `log_path` (default `<state>/up.log`)."""
     import json
@@ -118,7 +119,7 @@ def up_demo(state: Path, *, crosslogic: list[str] | None = None, cwd: Path | Non
     log = open(log_path, "wb")  # noqa: SIM115 - closed at the end of the block
     proc = subprocess.Popen(
         [*(crosslogic or [sys.executable, "-m", "crosslogic"]), "--state-dir", str(state), "up", "--demo",
-         "--port", str(free_port()), "--ready-file", str(ready)],
+         "--port", str(free_port()), "--ready-file", str(ready), *up_args],
         stdout=log, stderr=subprocess.STDOUT, cwd=cwd or repo_root(), env=env)
     try:
         deadline = time.monotonic() + 120

@@ -14,6 +14,7 @@ to the new one; after a restart it finds the renamed file again by inode. A trun
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from crosslogic.accounting.usage import UsageRecord, record_from_fields
 log = logging.getLogger("crosslogic.accounting.backstop")
 READ_CHUNK_BYTES = 1 << 20
 POLL_INTERVAL_S = 0.2
+REOPEN_GRACE_S = 1.0
 
 
 def _as_dict(value: object) -> dict:
@@ -143,6 +145,9 @@ class UsageLogTailer:
         self._read_start = 0
         self.line_ends: list[int] = []  # end offset of each line the last read_lines returned
         self._opened = False
+        # False while a rotation waits for every Envoy to reopen its log: an Envoy that has not reopened yet
+        # still appends to the renamed file, so the tailer must not leave (and delete) it.
+        self.may_leave_renamed: Callable[[], bool] = lambda: True
 
     def _load_position(self) -> Position | None:
         try:
@@ -211,7 +216,7 @@ class UsageLogTailer:
         end = data.rfind(b"\n")
         if end < 0:
             current = self._path_inode()
-            if not data and current is not None and current != self._inode:
+            if not data and current is not None and current != self._inode and self.may_leave_renamed():
                 # Renamed away and fully read (everything before was committed): continue with the file
                 # Envoy now writes, and drop the old one.
                 finished = self._find_by_inode(self._inode)
@@ -305,6 +310,17 @@ class BackstopReplayer:
         self.on_owed = on_owed  # bill-cap settlement, once the rows are in the ledger
         self.replayed = 0
         self.lines_read = 0
+        # Since when every Envoy has reopened its log after our last rotation (None: not yet; no rotation of
+        # ours pending at the start, so a renamed log found then is left as soon as it is read).
+        self._reopened_at: float | None = float("-inf")
+        tailer.may_leave_renamed = self._renamed_file_finished
+
+    def _renamed_file_finished(self) -> bool:
+        # One Envoy: the new file exists only once it reopened (after flushing the old one), which the tailer
+        # sees. Several: the first one's new file says nothing of the others, which reopen on their flush
+        # thread after the admin call returned: a second of grace for the lines they still had for the old file.
+        grace = REOPEN_GRACE_S if getattr(self.reopen, "targets", 1) > 1 else 0.0
+        return self._reopened_at is not None and time.monotonic() - self._reopened_at >= grace
 
     async def step(self) -> int:
         """One batch: read, write, commit. Returns the number of lines consumed (0 = caught up)."""
@@ -375,14 +391,16 @@ class BackstopReplayer:
         if not self.rotate_bytes or self.reopen is None:
             return
         if self.tailer.rotate_if_caught_up(self.rotate_bytes):
+            self._reopened_at = None
             self.rotations += 1
             log.info("usage log rotated (%d so far)", self.rotations)
-        elif self.tailer.path.exists():
+        elif self.tailer.path.exists() and self._reopened_at is not None:
             return
         # Also retries a reopen that failed (Envoy restarting): until then Envoy writes to the renamed
         # file, which the tailer keeps reading, so nothing is lost meanwhile.
         try:
             await asyncio.to_thread(self.reopen)
+            self._reopened_at = time.monotonic()
         except OSError as exc:
             log.debug("Envoy did not reopen its logs yet (%s); retrying", exc)
 
@@ -401,12 +419,46 @@ class BackstopReplayer:
                 backoff = min(backoff * 2, 5.0)
 
 
-def envoy_reopen_logs(admin_url: str) -> Callable[[], None]:
-    """Envoy's admin `POST /reopen_logs`: access logs are reopened at their configured path."""
+async def run_exclusively(replayer: BackstopReplayer, lock_path: Path, retry_s: float = 0.5) -> None:
+    """Runs the replayer while this process holds the usage log's lock; replicas of the accounting service
+    (`crosslogic up --replicas N`) wait as standbys, and one takes over the moment the holder dies (the kernel
+    drops a dead process's lock). Replaying twice would only be wasted work (the ledger and settlement are
+    idempotent per request id), but two tailers would race over the position file and the rotation."""
+    lock = open(lock_path, "a")  # noqa: SIM115, ASYNC230 - held for the life of the task; opening is instant
+    try:
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(retry_s)
+        log.info("replaying the usage log %s (this replica holds its lock)", replayer.tailer.path)
+        await replayer.run()
+    finally:
+        lock.close()
+
+
+def envoy_reopen_logs(admin_urls: str) -> Callable[[], None]:
+    """Envoy's admin `POST /reopen_logs` on every gateway (`admin_urls`: comma-separated, all Envoys that write
+    this log): access logs are reopened at their configured path. Fails unless every Envoy answered."""
+    urls = [url.strip().rstrip("/") for url in admin_urls.split(",") if url.strip()]
+
+    class Reopen:
+        targets = len(urls)  # how many Envoys write the log (BackstopReplayer's grace after a rotation)
+
+        def __call__(self) -> None:
+            reopen()
 
     def reopen() -> None:
-        request = urllib.request.Request(admin_url.rstrip("/") + "/reopen_logs", method="POST")
-        with urllib.request.urlopen(request, timeout=5) as response:
-            response.read()
+        failures: list[OSError] = []
+        for url in urls:
+            try:
+                request = urllib.request.Request(url + "/reopen_logs", method="POST")
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    response.read()
+            except OSError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
-    return reopen
+    return Reopen()

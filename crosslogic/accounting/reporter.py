@@ -160,12 +160,21 @@ class BillingReporter:
         if self._meter_ready:
             return
 
-        def ensure() -> None:
+        def active() -> bool:
             meters = self.client.v1.billing.meters.list()
-            if not any(m.event_name == self.settings.meter and m.status == "active" for m in meters.data):
+            return any(m.event_name == self.settings.meter and m.status == "active" for m in meters.data)
+
+        def ensure() -> None:
+            if active():
+                return
+            try:
                 self.client.v1.billing.meters.create(params={
                     "display_name": "CrossLogic usage (micro-dollars)", "event_name": self.settings.meter,
                     "default_aggregation": {"formula": "sum"}})
+            except stripe.InvalidRequestError:
+                # Another replica's reporter created it between our list and our create.
+                if not active():
+                    raise
 
         await asyncio.to_thread(ensure)
         self._meter_ready = True

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from crosslogic.accounting import metrics
-from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs
+from crosslogic.accounting.backstop import BackstopReplayer, UsageLogTailer, envoy_reopen_logs, run_exclusively
 from crosslogic.accounting.guardrails import watch_caps
 from crosslogic.accounting.ledger import HeldRows, LedgerWriter, OwedHook
 from crosslogic.accounting.recent import RecentIds
@@ -59,7 +59,7 @@ def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], No
     replayer = BackstopReplayer(tailer, pool, rotate_bytes=settings.usage_log_rotate_bytes, reopen=reopen,
                                 settle=settle, committed=committed, on_owed=on_owed,
                                 grace_s=settings.backstop_grace_s)
-    return asyncio.create_task(replayer.run())
+    return asyncio.create_task(run_exclusively(replayer, path.with_name(path.name + ".lock")))
 
 
 def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:

@@ -77,9 +77,12 @@ def _serve(args: argparse.Namespace) -> int:
         from crosslogic.xds.model import GatewaySettings, client_bounds
         from crosslogic.xds.service import serve_xds
 
+        if bool(settings.gateway_tls_cert) != bool(settings.gateway_tls_key):
+            raise SystemExit("set both CROSSLOGIC_GATEWAY_TLS_CERT and CROSSLOGIC_GATEWAY_TLS_KEY, or neither")
         gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
                                   max_request_bytes=settings.max_request_bytes,
                                   usage_log_path=settings.usage_log_path,
+                                  tls_cert_path=settings.gateway_tls_cert, tls_key_path=settings.gateway_tls_key,
                                   admission=args.admission or settings.admission,
                                   authz_transport=args.transport or settings.authz_transport,
                                   trace_sample_percent=settings.trace_sample_percent if settings.otlp_endpoint
@@ -97,7 +100,8 @@ def _up(args: argparse.Namespace) -> int:
 
     return run_up(UpOptions(state_dir=Path(args.state_dir), host=args.host, port=args.port, demo=args.demo,
                             ready_file=Path(args.ready_file) if args.ready_file else None,
-                            log_level=args.log_level, json_output=args.json))
+                            log_level=args.log_level, json_output=args.json, replicas=args.replicas,
+                            redis_cluster=args.redis_cluster, envoys=args.envoys))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -205,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080, help="gateway listen port (default: 8080)")
     up.add_argument("--ready-file", metavar="PATH", help="write connection details (with the demo key) as JSON "
                     "here, mode 0600, once everything answers")
+    up.add_argument("--replicas", type=int, default=1, metavar="N",
+                    help="run N replicas of every control-plane service and N Envoy gateways on the one gateway "
+                    "port, active-active (default: 1; docs/deploy.md)")
+    up.add_argument("--envoys", type=int, metavar="N",
+                    help="run N Envoy gateways (default: --replicas)")
+    up.add_argument("--redis-cluster", action="store_true",
+                    help="start a Valkey Cluster (3 primaries with a replica each) instead of one Valkey")
     up.set_defaults(handler=_up)
 
     serve = sub.add_parser("serve", help="run one control-plane service",

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from crosslogic.commands.common import Ctx, Output, db_command, table
 from crosslogic.ratelimit import explain, live
+from crosslogic.ratelimit.connect import redis_client
 from crosslogic.ratelimit.engine import wall_clock_ms
 from crosslogic.settings import Settings
 from crosslogic.store import limit_overrides as lo
@@ -147,7 +148,7 @@ async def _usage(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
         raise t.InvalidArgument("no Redis: set CROSSLOGIC_REDIS_URL or start the stack (crosslogic up)")
     ids = who["ids"]
     reading = await explain.read_limits(db, ids["org"], ids["env"], ids["key"])
-    redis = aioredis.from_url(c.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0)
+    redis = redis_client(c.redis_url, Settings().redis_cluster, connect_timeout=2.0, timeout=2.0)
     try:
         usage = await live.key_usage(redis, ids, who["region"], reading, wall_clock_ms(), datetime.now(UTC))
     except (OSError, aioredis.RedisError) as e:

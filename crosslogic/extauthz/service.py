@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from crosslogic.extauthz.abuse import FailureBudget
@@ -28,11 +27,11 @@ from crosslogic.extauthz.observe import ObservedChecker
 from crosslogic.extauthz.release import LeaseReleaser
 from crosslogic.extauthz.tenants import TenantCache, follow_changes
 from crosslogic.extauthz.throttle import ThrottledChecker
+from crosslogic.ratelimit.connect import redis_client, script_client
 from crosslogic.ratelimit.engine import Limiter, limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.money import MoneyLimiter
 from crosslogic.ratelimit.quota import QuotaCounters
-from crosslogic.ratelimit.resp import ScriptClient
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
@@ -61,8 +60,9 @@ class AuthzParts:
 async def authorizer_from_settings(settings: Settings) -> AsyncIterator[AuthzParts]:
     """The decision with its real parts (one Postgres pool, the per-key tenant views and their one change feed,
     the catalogue, the limiter on a lean script client, the bill cap), torn down in order on exit."""
-    redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
-    scripts = ScriptClient(settings.require_redis(), connect_timeout=0.5, timeout=0.5)
+    redis = redis_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5,
+                         request_path=True)
+    scripts = script_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
     try:
         async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
             views = TenantCache(pool, ttl_s=settings.limits_cache_ttl_s)

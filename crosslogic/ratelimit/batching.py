@@ -13,7 +13,7 @@ import asyncio
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from crosslogic.ratelimit.lua import LuaScript
+from crosslogic.ratelimit.lua import LuaScript, cluster_calls, on_cluster
 
 Call = tuple[list[str], list, asyncio.Future]
 
@@ -62,6 +62,9 @@ class ScriptBatcher:
                 future.set_result(out)
 
     async def _pipelined(self, batch: list[Call]) -> list:
+        if on_cluster(self.redis):
+            return await cluster_calls(self.redis, self.script, [(keys, args) for keys, args, _ in batch],
+                                       raise_on_error=False)
         sha = await self.script.load(self.redis)
         results = await self._execute(sha, batch)
         missing = [i for i, out in enumerate(results) if isinstance(out, NoScriptError)]

@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError
 from crosslogic.contract import LIMIT_KINDS
 from crosslogic.ratelimit.batching import ScriptBatcher
 from crosslogic.ratelimit.limits import LAYERS, LayerLimits, TenantLimits
-from crosslogic.ratelimit.lua import LuaScript, script_source
+from crosslogic.ratelimit.lua import LuaScript, cluster_calls, on_cluster, script_source
 from crosslogic.ratelimit.resp import Encoded, ScriptClient
 from crosslogic.settings import Settings
 
@@ -270,6 +270,10 @@ class Limiter:
             return []
         script = self._settle
         now = self.clock()
+        if on_cluster(self.redis):
+            calls = [(stage_keys(scopes, request_id), self._settle_args(request_id, actual, False, now))
+                     for scopes, request_id, actual in settlements]
+            return [int(out[0]) for out in await cluster_calls(self.redis, script, calls)]
         if self.scripts is not None:  # one write; NOSCRIPT handled by the client (settling twice is a no-op)
             replies = await self.scripts.evalsha_many(script, [
                 (stage_keys(scopes, request_id), self._settle_args(request_id, actual, False, now))
@@ -310,7 +314,7 @@ class Limiter:
 
 def limiter_from_settings(redis: aioredis.Redis, settings: Settings, scripts: ScriptClient | None = None) -> Limiter:
     return Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms, lease_ttl_ms=settings.lease_ttl_ms,
-                   split_scopes=settings.limiter_split_scopes, scripts=scripts)
+                   split_scopes=settings.limiter_split_scopes or settings.redis_cluster, scripts=scripts)
 
 
 def _slot(names: Sequence[str], slot: int) -> tuple[str | None, str | None]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from importlib import resources
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 
@@ -30,3 +33,15 @@ class LuaScript:
             return await redis.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
             return await redis.evalsha(await self.load(redis, again=True), len(keys), *keys, *args)
+
+
+def on_cluster(redis: aioredis.Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+async def cluster_calls(redis: aioredis.Redis, script: LuaScript, calls: Sequence[tuple[Sequence, Sequence]],
+                        raise_on_error: bool = True) -> list:
+    """Many calls of one script on a Redis Cluster, concurrently (redis-py's cluster pipeline refuses EVALSHA):
+    each goes to its own slot's primary; a primary without the script (promoted since) gets it loaded again."""
+    return list(await asyncio.gather(*(script(redis, list(keys), list(args)) for keys, args in calls),
+                                     return_exceptions=not raise_on_error))

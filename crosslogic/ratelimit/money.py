@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from crosslogic.ratelimit.connect import redis_client
 from crosslogic.ratelimit.engine import DEFAULT_RESERVATION_TTL_MS, Clock, org_tag, tenant_scope, wall_clock_ms
-from crosslogic.ratelimit.lua import LuaScript
+from crosslogic.ratelimit.lua import LuaScript, cluster_calls, on_cluster
 from crosslogic.settings import Settings
 
 if TYPE_CHECKING:  # a type only: the limiter's processes (ext_authz) do not load the ledger and its metrics
@@ -97,6 +98,10 @@ class MoneyLimiter:
         """The ledger committed these rows: one pipelined round trip; returns the reservations released."""
         if not owed:
             return 0
+        if on_cluster(self.redis):
+            calls = [(money_keys(o.org_id, o.month), [o.owed_microdollars, keys_expire_at_ms(o.month), *o.request_ids])
+                     for o in owed]
+            return sum(int(n) for n in await cluster_calls(self.redis, self._settle, calls))
         for attempt in range(2):
             sha = await self._settle.load(self.redis, again=attempt > 0)
             try:
@@ -148,7 +153,7 @@ async def money_settlement(settings: Settings) -> AsyncIterator[Callable[[list[M
     if not settings.redis_url:
         yield None
         return
-    redis = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
+    redis = redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=2.0)
     settler = MoneySettler(MoneyLimiter(redis, settings.reservation_ttl_ms))
     task = asyncio.create_task(settler.run())
     try:

@@ -12,11 +12,11 @@ import asyncio
 import logging
 
 import grpc
-import redis.asyncio as aioredis
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from crosslogic.contract import DESCRIPTOR_REQUEST_ID, REQUIRED_DESCRIPTOR_KEYS, AuthzMeta
+from crosslogic.ratelimit.connect import redis_client
 from crosslogic.ratelimit.engine import Decision, Limiter, limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
@@ -74,7 +74,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
 
 
 async def serve_ratelimit(settings: Settings, listen: str) -> None:
-    redis = aioredis.from_url(settings.require_redis(), socket_connect_timeout=0.5, socket_timeout=0.5)
+    redis = redis_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
     async with open_pool(settings.require_database(), min_size=1, max_size=8) as pool:
         store = LimitStore(pool, ttl_s=settings.limits_cache_ttl_s)
         limiter = limiter_from_settings(redis, settings)

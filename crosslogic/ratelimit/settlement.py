@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 
 from crosslogic.ratelimit.admission import settlement_calls
+from crosslogic.ratelimit.connect import redis_client
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, Limiter, limiter_from_settings
 from crosslogic.ratelimit.quota import count_usage_many
 from crosslogic.ratelimit.resp import ScriptClient
@@ -102,10 +103,11 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
     if not settings.redis_url:
         yield None
         return
-    redis = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=2.0)
+    redis = redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=2.0)
     # Settlement's batches go through the lean pipelined client (resp.py): in redis-py they were the accounting
-    # service's largest cost (bench/profile_stack.py; docs/architecture.md "The access-log path").
-    scripts = ScriptClient(settings.redis_url, connect_timeout=0.5, timeout=2.0)
+    # service's largest cost (bench/profile_stack.py; docs/architecture.md "The access-log path"). On a cluster,
+    # redis-py's cluster client routes them by slot (engine.settle_many, lua.cluster_calls).
+    scripts = None if settings.redis_cluster else ScriptClient(settings.redis_url, connect_timeout=0.5, timeout=2.0)
     settler = Settler(limiter_from_settings(redis, settings, scripts))
     task = asyncio.create_task(settler.run())
     try:
@@ -113,5 +115,6 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await scripts.aclose()
+        if scripts is not None:
+            await scripts.aclose()
         await redis.aclose()

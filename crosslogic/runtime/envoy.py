@@ -46,16 +46,19 @@ def envoy_asset(relative: str) -> str:
     return (resources.files("crosslogic") / ASSETS / relative).read_text()
 
 
+Ports = int | tuple[int, ...]  # one service process, or every replica of it (`crosslogic up --replicas N`)
+
+
 @dataclass(frozen=True)
 class BootstrapParams:
     node_id: str
     admin_port: int
-    xds_port: int
-    authz_port: int
-    accounting_port: int
-    api_port: int
-    ratelimit_port: int
-    release_port: int = 0  # ext_authz's POST /release (usage.lua); 0: none, leases are freed at settlement
+    xds_port: Ports
+    authz_port: Ports
+    accounting_port: Ports
+    api_port: Ports
+    ratelimit_port: Ports
+    release_port: Ports = 0  # ext_authz's POST /release (usage.lua); 0: none, leases are freed at settlement
     host: str = "127.0.0.1"
     authz_transport: str = "http"  # "http": the authz cluster speaks HTTP/1.1; "grpc": HTTP/2
     stats_port: int = 0  # a listener serving only /stats/prometheus and /ready of the admin; 0: none
@@ -123,15 +126,44 @@ def _stats_resources(params: BootstrapParams) -> str:
 """
 
 
+# Several replicas behind one static cluster (docs/deploy.md, "Replicas"): a replica that dies is seen by the
+# connection that fails (outlier detection ejects it at once; the ext_authz filter, the ALS and ADS retry on
+# another host) and by an active TCP check every second (a replica that came back takes traffic again). Never
+# more than half the hosts are ejected, and with one host none of this is rendered: the single-process stack
+# is exactly what it was.
+_RESILIENCE = ("\n    health_checks: [{timeout: 0.5s, interval: 1s, no_traffic_interval: 1s, unhealthy_threshold: 1, "
+               "healthy_threshold: 1, tcp_health_check: {}}]"
+               "\n    outlier_detection: {consecutive_5xx: 1000000, consecutive_gateway_failure: 1000000, "
+               "split_external_local_origin_errors: true, consecutive_local_origin_failure: 1, "
+               "enforcing_consecutive_local_origin_failure: 100, interval: 1s, base_ejection_time: 2s, "
+               "max_ejection_percent: 50}")
+
+
+def _ports(value: Ports) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _endpoints(host: str, ports: Ports) -> str:
+    return "[" + ", ".join(f"{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}"
+                           for port in _ports(ports)) + "]"
+
+
 def render_bootstrap(params: BootstrapParams) -> str:
     authz = "*h2" if params.authz_transport == "grpc" else _HTTP1
-    return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(
-        {**asdict(params), **_CLUSTER_NAMES, "authz_protocol_options": authz, "http1_protocol_options": _HTTP1,
-         "stats_resources": _otel_cluster(params) + _stats_resources(params)})
+    values: dict[str, object] = {**asdict(params), **_CLUSTER_NAMES, "authz_protocol_options": authz,
+                                 "http1_protocol_options": _HTTP1,
+                                 "stats_resources": _otel_cluster(params) + _stats_resources(params)}
+    for service in ("xds", "authz", "accounting", "ratelimit", "api", "release"):
+        ports = getattr(params, f"{service}_port")
+        values[f"{service}_endpoints"] = _endpoints(params.host, ports)
+        values[f"{service}_resilience"] = _RESILIENCE if len(_ports(ports)) > 1 else ""
+    return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(values)
 
 
 class EnvoyProcess:
-    def __init__(self, work_dir: Path, params: BootstrapParams, *, base_id: int | None = None) -> None:
+    def __init__(self, work_dir: Path, params: BootstrapParams, *, base_id: int | None = None,
+                 name: str = "envoy") -> None:
+        self.name = name
         self.work_dir = work_dir
         self.params = params
         self.base_id = base_id if base_id is not None else free_port() % 60000
@@ -141,7 +173,7 @@ class EnvoyProcess:
         """Starts Envoy and waits until its admin says it is ready (initial xDS received)."""
         self.spawn()
         assert self.child is not None
-        wait_until(self.ready, 30, "envoy", self.child.proc)
+        wait_until(self.ready, 30, self.name, self.child.proc)
         return self
 
     def spawn(self) -> None:
@@ -152,7 +184,7 @@ class EnvoyProcess:
         config = self.work_dir / f"envoy-{self.params.node_id}.yaml"
         write_private(config, render_bootstrap(self.params))
         self.child = ChildProcess(
-            "envoy",
+            self.name,
             [str(envoy_binary()), "-c", str(config), "--log-level", "warning",
              "--base-id", str(self.base_id), "--drain-time-s", "2", "--concurrency", "2",
              # The usage log is the billing backstop: a line goes to the file as soon as it is written

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 import urllib.error
@@ -32,6 +33,7 @@ from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, p
 from crosslogic.runtime.state import ensure_key_secret, secure_state_dir, write_runtime
 from crosslogic.runtime.supervision import Supervised, Supervisor
 from crosslogic.runtime.valkey import EmbeddedValkey
+from crosslogic.runtime.valkey_cluster import EmbeddedValkeyCluster
 from crosslogic.settings import SchedulerSettings, Settings, SupervisorSettings, load_all
 from crosslogic.store.db import migrate
 
@@ -48,6 +50,10 @@ class UpOptions:
     demo_nodes: int = 2
     log_level: str = "INFO"
     json_output: bool = False  # print the connection details as one JSON line instead of the banner
+    # Active-active replicas of every control-plane service and of Envoy (docs/deploy.md, "Replicas").
+    replicas: int = 1
+    envoys: int | None = None  # Envoy gateways; None = `replicas` (bench/scaleout.py varies the two apart)
+    redis_cluster: bool = False  # a 3-primary Valkey Cluster (with a replica each) instead of one Valkey
 
 
 @dataclass
@@ -55,14 +61,16 @@ class Stack:
     options: UpOptions
     postgres: EmbeddedPostgres | None = None
     valkey: EmbeddedValkey | None = None
+    valkey_cluster: EmbeddedValkeyCluster | None = None
     services: list[ChildProcess] = field(default_factory=list)
-    envoy: EnvoyProcess | None = None
+    envoy: EnvoyProcess | None = None  # the first gateway (every gateway: `envoys`)
+    envoys: list[EnvoyProcess] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     # Every child once it first answered, with its readiness probe: what the supervisor restarts.
     supervised: list[Supervised] = field(default_factory=list)
 
     def children(self) -> list[ChildProcess]:
-        return list(self.services) + ([self.envoy.child] if self.envoy and self.envoy.child else [])
+        return list(self.services) + [envoy.child for envoy in self.envoys if envoy.child]
 
 
 def _python(*argv: str) -> list[str]:
@@ -81,10 +89,42 @@ def _start_and_wait(stack: Stack, child: ChildProcess, port: int) -> None:
     stack.supervised.append(Supervised(child.name, lambda: child, child.start, ready))
 
 
+# What `--replicas N` runs N of: every service without a leader ("ratelimit" exists only with admission "rls").
+# Not the fleet: its decisions are safe N times over (each pool under its advisory lock), but the local provider's
+# machines are child processes of the replica that launched them, which alone can stop them.
+REPLICATED = ("authz", "ratelimit", "accounting", "api", "xds")
+
+
+def _many(ports: list[int]) -> int | tuple[int, ...]:
+    return ports[0] if len(ports) == 1 else tuple(ports)
+
+
+def _service_argv(options: UpOptions, admission: str, transport: str, ports: dict[str, int],
+                  rls: bool) -> list[tuple[str, list[str]]]:
+    """The control-plane services in start order, each with its `crosslogic serve` arguments."""
+    return [
+        ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}", "--transport", transport,
+                   "--release-listen", f"127.0.0.1:{ports['release']}"]),
+        *([("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"])] if rls else []),
+        ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
+        # The admin API and dashboard: the api process's second listener, loopback, no Envoy route to it.
+        ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}",
+                 "--admin-listen", f"127.0.0.1:{ports['admin_api']}"]),
+        ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
+                 "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}",
+                 "--admission", admission, "--transport", transport]),
+        # The GPU autoscaler (docs/fleet.md): launches nodes only for pools with a fleet policy row.
+        ("fleet", ["serve", "fleet", "--listen", f"127.0.0.1:{ports['fleet']}"]),
+    ]
+
+
 def _http_status(url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
     request = urllib.request.Request(url, data=body, headers=headers or {})
+    # Our own listener on this machine, asked only whether it answers: its certificate (GATEWAY_TLS_CERT) may
+    # be for the public name, not for the loopback address this probe dials.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None  # noqa: S323
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -112,7 +152,13 @@ def start_stack(stack: Stack) -> Stack:
         database_url = postgres.url
         stack.supervised.append(Supervised("postgres", lambda: postgres.child, postgres.spawn, postgres.ready))
     redis_url = settings.redis_url
-    if not redis_url:
+    redis_cluster = settings.redis_cluster
+    if not redis_url and options.redis_cluster:
+        cluster = stack.valkey_cluster = EmbeddedValkeyCluster(state / "valkey-cluster").start()
+        redis_url, redis_cluster = cluster.url, True
+        for node in cluster.nodes:
+            stack.supervised.append(Supervised(node.name, lambda node=node: node.child, node.spawn, node.ready))
+    elif not redis_url:
         valkey = stack.valkey = EmbeddedValkey(state / "valkey").start()
         redis_url = valkey.url
         stack.supervised.append(Supervised("valkey", lambda: valkey.child, valkey.spawn, valkey.ready))
@@ -128,6 +174,8 @@ def start_stack(stack: Stack) -> Stack:
                       CROSSLOGIC_KEY_SECRET=secret, CROSSLOGIC_PKI_DIR=str(pki_dir),
                       CROSSLOGIC_USAGE_LOG=settings.usage_log_path or str(usage_dir / "envoy-usage.jsonl"),
                       CROSSLOGIC_LOG_LEVEL=options.log_level)
+    if redis_cluster:
+        env["CROSSLOGIC_REDIS_CLUSTER"] = "1"
     ports = {name: free_port() for name in ("xds", "authz", "release", "ratelimit", "accounting", "api", "admin",
                                             "nodeagent", "fleet", "admin_api",
                                             "accounting_metrics", "authz_metrics", "ratelimit_metrics",
@@ -142,64 +190,82 @@ def start_stack(stack: Stack) -> Stack:
                              ("xds_metrics", settings.xds_metrics_port)):
         ports[name] = configured or ports[name]
         env[f"CROSSLOGIC_{name.upper()}_PORT"] = str(ports[name])
-    # The accounting service rotates Envoy's usage log and asks Envoy to reopen it.
-    env["CROSSLOGIC_ENVOY_ADMIN_URL"] = f"http://127.0.0.1:{ports['admin']}"
     for name, value in (("FLEET_CONTROL_PLANE", f"127.0.0.1:{ports['nodeagent']}"),
                         ("FLEET_WORKDIR", str(state / "fleet"))):
         env[f"CROSSLOGIC_{name}"] = env.get(f"CROSSLOGIC_{name}") or value
     # Rate-limit admission: inside ext_authz (default), or Envoy's ratelimit filter + `serve ratelimit`.
     env["CROSSLOGIC_ADMISSION"] = settings.admission
-    rls = [("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"])] \
-        if settings.admission == "rls" else []
+    rls = settings.admission == "rls"
     # ext_authz's transport: Envoy's authz cluster and filter follow it. With "http" the one HTTP server answers
     # checks and POST /release on one port; with "grpc" the release endpoint has its own.
     transport = settings.authz_transport
     env["CROSSLOGIC_AUTHZ_TRANSPORT"] = transport
     if transport == "http":
         ports["release"] = ports["authz"]
-    for name, argv in (
-        ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}", "--transport", transport,
-                   "--release-listen", f"127.0.0.1:{ports['release']}"]),
-        *rls,
-        ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
-        # The admin API and dashboard: the api process's second listener, loopback, no Envoy route to it.
-        ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}",
-                 "--admin-listen", f"127.0.0.1:{ports['admin_api']}"]),
-        ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
-                 "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}",
-                 "--admission", settings.admission, "--transport", transport]),
-        # The GPU autoscaler (docs/fleet.md): launches nodes only for pools with a fleet policy row.
-        ("fleet", ["serve", "fleet", "--listen", f"127.0.0.1:{ports['fleet']}"]),
-    ):
-        child = _service(name, argv, logs, env)
-        stack.services.append(child)
-        _start_and_wait(stack, child, ports[name])
-    api_child = next(c for c in stack.services if c.name == "api")
+    replicas = max(1, options.replicas)
+    envoys = max(1, options.envoys or replicas)
+    admin_ports = [ports["admin"], *(free_port() for _ in range(envoys - 1))]
+    # The accounting service rotates Envoy's usage log and asks every Envoy to reopen it.
+    env["CROSSLOGIC_ENVOY_ADMIN_URL"] = ",".join(f"http://127.0.0.1:{port}" for port in admin_ports)
+    # Per replica: its own listen, metrics and NodeAgent ports; replica 1 keeps the ports of the single stack.
+    replica_ports: dict[str, list[int]] = {}
+    for index in range(replicas):
+        own = ports if index == 0 else {name: free_port() for name in ports}
+        if transport == "http":
+            own["release"] = own["authz"]
+        child_env = env if index == 0 else {
+            **env, **{f"CROSSLOGIC_{name.upper()}_PORT": str(own[name])
+                      for name in ("accounting_metrics", "authz_metrics", "ratelimit_metrics", "api_metrics",
+                                   "xds_metrics")}}
+        for name, argv in _service_argv(options, settings.admission, transport, own, rls=rls):
+            if index > 0 and name not in REPLICATED:
+                continue
+            replica_ports.setdefault(name, []).append(own[name])
+            if name == "authz":
+                replica_ports.setdefault("release", []).append(own["release"])
+            child = _service(f"{name}-{index + 1}" if replicas > 1 and name in REPLICATED else name, argv, logs,
+                             child_env)
+            stack.services.append(child)
+            _start_and_wait(stack, child, own[name])
+    api_child = next(c for c in stack.services if c.name in ("api", "api-1"))
     wait_until(lambda: port_open("127.0.0.1", ports["admin_api"]), 30, "admin API", api_child.proc)
 
     demo: dict = {}
     if options.demo:
         demo = _start_demo(stack, database_url, secret.encode(), logs, env)
 
-    envoy = stack.envoy = EnvoyProcess(logs, BootstrapParams(
-        node_id="gateway-1", admin_port=ports["admin"], xds_port=ports["xds"], authz_port=ports["authz"],
-        release_port=ports["release"], authz_transport=transport,
-        accounting_port=ports["accounting"], api_port=ports["api"], ratelimit_port=ports["ratelimit"],
-        stats_port=ports["envoy_stats"], stats_host=options.host, otlp_endpoint=settings.otlp_endpoint)).start()
-    gateway_url = f"http://{options.host}:{options.port}"
-    assert envoy.child is not None
-    wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", envoy.child.proc)
-    if demo:
-        _wait_demo_route(envoy, gateway_url, demo["api_key"])
-    # Ready again after a restart: the admin says the initial xDS arrived and the gateway port answers.
-    stack.supervised.append(Supervised("envoy", lambda: envoy.child, envoy.spawn,
-                                       lambda: envoy.ready() and port_open(options.host, options.port)))
+    if bool(settings.gateway_tls_cert) != bool(settings.gateway_tls_key):
+        raise RuntimeError("set both CROSSLOGIC_GATEWAY_TLS_CERT and CROSSLOGIC_GATEWAY_TLS_KEY, or neither")
+    scheme = "https" if settings.gateway_tls_cert else "http"
+    gateway_url = f"{scheme}://{options.host}:{options.port}"
+    for index, admin_port in enumerate(admin_ports):
+        # Every gateway listens on the one gateway port (the xDS listener binds with SO_REUSEPORT, the kernel
+        # spreads connections over them) and lists every replica of every service.
+        envoy = EnvoyProcess(logs, BootstrapParams(
+            node_id=f"gateway-{index + 1}", admin_port=admin_port, xds_port=_many(replica_ports["xds"]),
+            authz_port=_many(replica_ports["authz"]), release_port=_many(replica_ports["release"]),
+            authz_transport=transport, accounting_port=_many(replica_ports["accounting"]),
+            api_port=_many(replica_ports["api"]),
+            ratelimit_port=_many(replica_ports.get("ratelimit", [ports["ratelimit"]])),
+            stats_port=ports["envoy_stats"] if index == 0 else free_port(), stats_host=options.host,
+            otlp_endpoint=settings.otlp_endpoint),
+            name="envoy" if envoys == 1 else f"envoy-{index + 1}").start()
+        stack.envoys.append(envoy)
+        stack.envoy = stack.envoy or envoy
+        assert envoy.child is not None
+        wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", envoy.child.proc)
+        if demo:
+            _wait_demo_route(envoy, gateway_url, demo["api_key"])
+        # Ready again after a restart: the admin says the initial xDS arrived and the gateway port answers.
+        stack.supervised.append(Supervised(envoy.name, lambda envoy=envoy: envoy.child, envoy.spawn,
+                                           lambda envoy=envoy: envoy.ready() and port_open(options.host, options.port)))
 
     stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
-                  "redis_url": redis_url, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
+                  "redis_url": redis_url, "redis_cluster": redis_cluster, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
                   "ports": ports, "nodeagent_address": f"127.0.0.1:{ports['nodeagent']}", "pki_dir": str(pki_dir),
                   "pid": os.getpid(), "admission": settings.admission,
-                  "authz_transport": transport, "state_dir": str(state),
+                  "authz_transport": transport, "state_dir": str(state), "replicas": replicas,
+                  "replica_ports": replica_ports, "envoy_admin_urls": [f"http://127.0.0.1:{p}" for p in admin_ports],
                   "admin_url": f"http://127.0.0.1:{ports['admin_api']}", **demo}
     write_runtime(state, stack.info)
     if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
@@ -256,12 +322,14 @@ def _wait_demo_route(envoy: EnvoyProcess, gateway_url: str, api_key: str) -> Non
 
 
 def stop_stack(stack: Stack) -> None:
-    if stack.envoy:
-        stack.envoy.stop()
+    for envoy in stack.envoys:
+        envoy.stop()
     for child in reversed(stack.services):
         child.stop()
     if stack.valkey:
         stack.valkey.stop()
+    if stack.valkey_cluster:
+        stack.valkey_cluster.stop()
     if stack.postgres:
         stack.postgres.stop()
 

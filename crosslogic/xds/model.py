@@ -63,6 +63,9 @@ class GatewaySettings:
     # Durable usage backstop: Envoy also appends every finished request here as one JSON line, which the
     # accounting service replays into the ledger (crosslogic/accounting/backstop.py). "" = off.
     usage_log_path: str = ""
+    # HTTPS on the public listener: certificate chain and key, paths on the Envoy's host ("" = plain HTTP).
+    tls_cert_path: str = ""
+    tls_key_path: str = ""
     # Rate-limit admission: "authz" = ext_authz reserves in its Check call (no ratelimit filter);
     # "rls" = Envoy's ratelimit filter calls `crosslogic serve ratelimit` (crosslogic.settings.admission).
     admission: str = "authz"

@@ -21,6 +21,7 @@ SELECT n.node_id::text AS node_id, n.region, n.endpoint_host, n.endpoint_port, n
        l.ttft_s, l.ttft_baseline_s
 FROM nodes n LEFT JOIN node_load l USING (node_id)
 WHERE n.status IN ('active', 'draining')  -- provisioning / registering / dead / terminated are never routed
+ORDER BY n.node_id  -- a stable order: the same state gives the same snapshot version on every xDS replica
 """
 _MODELS_SQL = "SELECT model_id, tokens_per_sec FROM models WHERE status = 'active'"
 

@@ -27,6 +27,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
     http_connection_manager_pb2 as _hcm,
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2 as _previous_hosts  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as _upstream_http  # noqa: F401
 from google.protobuf import json_format
 from google.protobuf.wrappers_pb2 import UInt32Value
@@ -128,11 +129,30 @@ def _hide_internal_headers() -> dict:
     }
 
 
+# A check whose ext_authz replica died (refused connection, or reset with the check in flight) goes to another
+# replica (`crosslogic up --replicas N`, docs/deploy.md): checks are idempotent per request id (the reserve
+# script answers "already reserved" to a repeat), so a retry never charges twice. Nothing else is retried: an
+# answer, whatever its status, is ext_authz's decision. With one replica the retries meet the same refusal.
+# Measured (Envoy 1.40): the ext_authz client takes its per-try timeout from retry_back_off.max_interval, so
+# that is the whole check timeout here; the backoff itself stays at a few ms (base 5 ms, two retries).
+_PREVIOUS_HOSTS = [{"name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions"
+                                              ".retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]
+
+
+def _authz_retry_policy(settings: GatewaySettings) -> dict:
+    return {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2,
+            "retry_back_off": {"base_interval": "0.005s",
+                               "max_interval": f"{settings.authz_timeout_ms / 1000:.3f}s"},
+            "retry_host_predicate": _PREVIOUS_HOSTS, "host_selection_retry_max_attempts": 5}
+
+
 def _grpc_authz(settings: GatewaySettings) -> dict:
     """The standard envoy.service.auth.v3.Authorization service (extauthz/grpc_transport.py)."""
     return {
         "grpc_service": {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
-                         "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s"},
+                         "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s",
+                         "retry_policy": _authz_retry_policy(settings)},
         "with_request_body": {"max_request_bytes": settings.max_request_bytes, "allow_partial_message": False,
                               "pack_as_bytes": True},
     }
@@ -159,6 +179,7 @@ def _http_authz(settings: GatewaySettings) -> dict:
             "server_uri": {"uri": "http://crosslogic-authz", "cluster": AUTHZ_CLUSTER,
                            "timeout": f"{settings.authz_timeout_ms / 1000:.3f}s"},
             "path_prefix": AUTHZ_CHECK_PREFIX,
+            "retry_policy": _authz_retry_policy(settings),
             "authorization_request": {"headers_to_add": [
                 {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"}]},
             "authorization_response": {
@@ -319,9 +340,24 @@ def build_listener(settings: GatewaySettings, name: str = LISTENER_NAME,
         "address": {"socket_address": {"address": host or settings.listen_host,
                                        "port_value": port or settings.listen_port}},
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                        "typed_config": hcm}]}],
+                                        "typed_config": hcm}],
+                           **({"transport_socket": _public_tls(settings)} if settings.tls_cert_path else {})}],
     }
     return json_format.ParseDict(listener, listener_pb2.Listener())
+
+
+def _public_tls(settings: GatewaySettings) -> dict:
+    """HTTPS on the public listener: the certificate from files on the Envoy's host (a mounted Secret in
+    Kubernetes), HTTP/2 or HTTP/1.1 as the client's ALPN asks (the connection manager's codec is AUTO), TLS 1.2+."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {
+            "tls_certificates": [{"certificate_chain": {"filename": settings.tls_cert_path},
+                                  "private_key": {"filename": settings.tls_key_path}}],
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        },
+    }}
 
 
 def _pool_route(pool: Pool, settings: GatewaySettings) -> dict:
@@ -373,6 +409,13 @@ def _pool_routes(pool: Pool, settings: GatewaySettings) -> list[dict]:
     return [spill, local]
 
 
+def _api_route() -> dict:
+    """The api service's reads: a replica that died (refused or reset connection) is retried on another one."""
+    return {"cluster": API_CLUSTER, "timeout": "10s",
+            "retry_policy": {"retry_on": "connect-failure,refused-stream,reset", "num_retries": 2,
+                             "retry_host_predicate": _PREVIOUS_HOSTS, "host_selection_retry_max_attempts": 5}}
+
+
 def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> route_pb2.RouteConfiguration:
     no_authz = {"envoy.filters.http.ext_authz": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
@@ -382,9 +425,8 @@ def build_route_configuration(pools: list[Pool], settings: GatewaySettings) -> r
          "direct_response": {"status": 200, "body": {"inline_string": '{"status": "ok"}'}}},
         # Exactly the list and one model (ids may hold "/"); `/v1/models/`, `/v1/modelsfoo` are unknown URLs.
         # Any method goes there: the api service answers what it does not serve with a JSON 405.
-        {"name": "models", "match": {"path": "/v1/models"}, "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
-        {"name": "model", "match": {"safe_regex": {"regex": "/v1/models/.+"}},
-         "route": {"cluster": API_CLUSTER, "timeout": "10s"}},
+        {"name": "models", "match": {"path": "/v1/models"}, "route": _api_route()},
+        {"name": "model", "match": {"safe_regex": {"regex": "/v1/models/.+"}}, "route": _api_route()},
         *(r for p in sorted(pools, key=lambda p: p.cluster_name) for r in _pool_routes(p, settings)),
         # Authorised, but no pool for this model in the chosen region (yet).
         {"name": "no-pool", "match": {"prefix": "/v1/", "headers": [{"name": Header.ROUTE,
