@@ -52,3 +52,26 @@ async def test_two_xds_replicas_build_identical_versions_whatever_order_postgres
         assert first_cache.set(second_cache.snapshot) is False
     finally:
         await pool.close()
+
+
+_VERSIONS_SCRIPT = """
+import json
+from crosslogic.xds.model import GatewaySettings
+from crosslogic.xds.snapshot import build_snapshot
+snapshot = build_snapshot([], GatewaySettings(usage_log_path="/var/log/usage.jsonl", listen_port=8080))
+print(json.dumps({type_url: typed.version for type_url, typed in snapshot.types.items()}))
+"""
+
+
+def test_versions_do_not_depend_on_the_processs_hash_seed():
+    """Two xDS processes are two hash seeds: a Struct inside an Any (the usage log's json_format) must not make
+    their versions of one config differ (each replica announced its own listener version before)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    versions = [json.loads(subprocess.run([sys.executable, "-c", _VERSIONS_SCRIPT], check=True, capture_output=True,
+                                          text=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout)
+                for seed in (1, 2, 3, 4)]
+    assert all(v == versions[0] for v in versions), versions

@@ -45,10 +45,48 @@ class Snapshot:
         return [typed.by_name[n] for n in names if n in typed.by_name]
 
 
-def _typed(named: list[tuple[str, Message]]) -> TypedResources:
+def canonical(message: Message) -> Message:
+    """`message` with every nested Any re-packed deterministically, in place.
+
+    `SerializeToString(deterministic=True)` orders the maps of the message itself, but an Any's `value` is bytes
+    packed when the resource was built, and a Struct inside it (the usage log's `json_format`, filter metadata)
+    is a map serialised in hash-seed order: the same listener hashed differently in every xDS process, so
+    replicas announced different versions for one config (tests/test_scaleout.py) and a restart pushed again."""
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if isinstance(value, Message):
+            items = [value]
+        elif field.message_type.GetOptions().map_entry:
+            items = list(value.values())
+        else:
+            items = list(value)
+        for item in items:
+            if isinstance(item, Message):
+                _canonical_one(item)
+    return message
+
+
+def _canonical_one(item: Message) -> None:
+    if isinstance(item, any_pb2.Any) and item.type_url:
+        from google.protobuf import symbol_database
+
+        inner = symbol_database.Default().GetSymbol(item.type_url.rsplit("/", 1)[-1])()
+        item.Unpack(inner)
+        canonical(inner)
+        item.value = inner.SerializeToString(deterministic=True)
+    else:
+        canonical(item)
+
+
+def _typed(named: list[tuple[str, Message]], *, has_any: bool = True) -> TypedResources:
+    """`has_any`: the type may hold Any fields (listeners, routes, clusters); endpoints never do, and with 10,000
+    of them the walk would cost the scheduler's rebuild time."""
     digest = hashlib.sha256()
     by_name: dict[str, any_pb2.Any] = {}
     for name, message in sorted(named, key=lambda item: item[0]):
+        if has_any:
+            canonical(message)
         packed = any_pb2.Any()
         packed.Pack(message)
         by_name[name] = packed
@@ -66,5 +104,5 @@ def build_snapshot(pools: list[Pool], settings: GatewaySettings) -> Snapshot:
         LISTENER_TYPE: _typed(listeners),
         ROUTE_TYPE: _typed([(resources.ROUTE_CONFIG_NAME, resources.build_route_configuration(pools, settings))]),
         CLUSTER_TYPE: _typed([(p.cluster_name, resources.build_cluster(p)) for p in pools]),
-        ENDPOINT_TYPE: _typed([(p.cluster_name, resources.build_load_assignment(p)) for p in pools]),
+        ENDPOINT_TYPE: _typed([(p.cluster_name, resources.build_load_assignment(p)) for p in pools], has_any=False),
     })
