@@ -52,3 +52,23 @@ async def test_two_xds_replicas_build_identical_versions_whatever_order_postgres
         assert first_cache.set(second_cache.snapshot) is False
     finally:
         await pool.close()
+
+
+_VERSIONS_SCRIPT = """
+from crosslogic.xds.model import GatewaySettings
+from crosslogic.xds.snapshot import PUSH_ORDER, build_snapshot
+snapshot = build_snapshot([], GatewaySettings(listen_host="0.0.0.0", listen_port=8080, usage_log_path="/spool/u.jsonl"))
+print(",".join(snapshot.version(t) for t in PUSH_ORDER))
+"""
+
+
+def test_the_versions_do_not_depend_on_the_processs_hash_seed():
+    """Each replica is its own process with its own hash seed: the usage log's JSON format (a Struct, a map
+    inside an Any) once serialised in seed order, so two replicas sent different listener bytes."""
+    import os
+    import subprocess
+    import sys
+
+    versions = {subprocess.run([sys.executable, "-c", _VERSIONS_SCRIPT], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3, 4)}
+    assert len(versions) == 1, versions

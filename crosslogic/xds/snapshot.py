@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from crosslogic.xds import resources
@@ -45,12 +45,36 @@ class Snapshot:
         return [typed.by_name[n] for n in names if n in typed.by_name]
 
 
+def _repack_anys(message: Message) -> None:
+    """Re-serialises every nested Any deterministically, in place. json_format packs an Any with plain
+    serialisation, whose order of map entries (a Struct's fields: the usage log's json_format) follows a
+    per-process hash seed: two xDS replicas built different bytes, so different versions, from the same state,
+    and Envoy updated its listener in place on every reconnect to the other replica."""
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, Message)]
+        else:
+            items = [value] if isinstance(value, Message) else list(value)
+        for item in items:
+            if isinstance(item, any_pb2.Any):
+                inner = message_factory.GetMessageClass(
+                    descriptor_pool.Default().FindMessageTypeByName(item.TypeName()))()
+                item.Unpack(inner)
+                _repack_anys(inner)
+                item.Pack(inner, deterministic=True)
+            else:
+                _repack_anys(item)
+
+
 def _typed(named: list[tuple[str, Message]]) -> TypedResources:
     digest = hashlib.sha256()
     by_name: dict[str, any_pb2.Any] = {}
     for name, message in sorted(named, key=lambda item: item[0]):
+        _repack_anys(message)
         packed = any_pb2.Any()
-        packed.Pack(message)
+        packed.Pack(message, deterministic=True)
         by_name[name] = packed
         digest.update(name.encode())
         digest.update(message.SerializeToString(deterministic=True))
