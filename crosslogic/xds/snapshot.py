@@ -88,7 +88,7 @@ def _typed(named: list[tuple[str, Message]], *, has_any: bool = True) -> TypedRe
         if has_any:
             canonical(message)
         packed = any_pb2.Any()
-        packed.Pack(message)
+        packed.Pack(message, deterministic=True)
         by_name[name] = packed
         digest.update(name.encode())
         digest.update(message.SerializeToString(deterministic=True))
