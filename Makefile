@@ -9,6 +9,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# xds-protos ships an old copy of the OpenTelemetry protos in the same files (opentelemetry/proto/...):
+	# whichever installs last wins. Put opentelemetry-proto's (a superset) back, as the trace test's receiver needs.
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps opentelemetry-proto
 	touch $(STAMP)
 
 run: $(STAMP)
