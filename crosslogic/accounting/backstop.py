@@ -72,8 +72,7 @@ def _glued_record(line: bytes) -> object:
         try:
             fields = json.loads(line[start:])
         except ValueError:
-            start = line.find(b'{"', start + 1)
-            continue
+            fields = None
         if isinstance(fields, dict) and "request_id" in fields:
             return fields
         start = line.find(b'{"', start + 1)

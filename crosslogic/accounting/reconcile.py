@@ -23,6 +23,7 @@ import stripe
 from prometheus_client.parser import text_string_to_metric_families
 
 from crosslogic.accounting.reporter import COST_METER
+from crosslogic.agent.metrics import RANK_LABELS
 
 _LEDGER_BY_ORG_SQL = """
 SELECT u.org_id::text AS org_id, coalesce(o.stripe_customer_id, o.org_id::text) AS customer,
@@ -83,7 +84,6 @@ class Reconciliation:
 # the same count and are collapsed by their maximum, as the agent does for its gauges.
 _TOKEN_COUNTERS = {"vllm:prompt_tokens_total": 0, "vllm:generation_tokens_total": 1,
                    "sglang:prompt_tokens_total": 0, "sglang:generation_tokens_total": 1}
-_RANK_LABELS = frozenset({"tp_rank", "pp_rank", "moe_ep_rank", "attn_tp_rank", "attn_dp_rank"})
 
 
 def parse_engine_token_counters(text: str) -> dict[str, tuple[int, int]]:
@@ -94,7 +94,7 @@ def parse_engine_token_counters(text: str) -> dict[str, tuple[int, int]]:
             index = _TOKEN_COUNTERS.get(sample.name)
             if index is None:
                 continue
-            rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in _RANK_LABELS))
+            rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in RANK_LABELS))
             key = (sample.labels.get("model_name", ""), index, rest)
             copies[key] = max(copies.get(key, 0.0), sample.value)
     totals: dict[str, list[int]] = {}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-_RANK_LABELS = frozenset({"tp_rank", "pp_rank", "moe_ep_rank", "attn_tp_rank", "attn_dp_rank"})
+RANK_LABELS = frozenset({"tp_rank", "pp_rank", "moe_ep_rank", "attn_tp_rank", "attn_dp_rank"})
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _collapse(series: list[tuple[dict[str, str], float]], combine) -> float | No
         series = [(labels, v) for labels, v in series if labels.get("priority", "") == ""]
     groups: dict[tuple, float] = defaultdict(lambda: float("-inf"))
     for labels, value in series:
-        key = tuple(sorted((k, v) for k, v in labels.items() if k not in _RANK_LABELS))
+        key = tuple(sorted((k, v) for k, v in labels.items() if k not in RANK_LABELS))
         groups[key] = max(groups[key], value)
     return combine(groups.values()) if groups else None
 
