@@ -107,7 +107,7 @@ async def _until_answered(call, deadline: float):
     while True:
         try:
             return await call()
-        except RedisError:
+        except (OSError, RedisError):  # the Settler's own retry set (a reset connection is an OSError)
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
