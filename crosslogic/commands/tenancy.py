@@ -7,7 +7,7 @@
     crosslogic env list [--org ORG] | env suspend ENV [--org ORG] | env resume ENV [--org ORG]
     crosslogic key create --org ORG --env ENV [--name N] [--region R] [--role admin|developer|read-only]
                                               [--rate-limit-tokens-per-min N] [--allow-suspended]
-                                              [--expires-at TIME]
+                                              [--expires-at TIME] [--test]
     crosslogic key list [--org ORG] [--env ENV] | key revoke KEY | key rotate KEY [--overlap SECONDS]
     crosslogic token create --role admin|developer|read-only [--org ORG] [--name N] [--expires-at TIME]
     crosslogic usage show [--org ORG] [--bucket hour|day] [--group-by model|region|key|env|org] [--since T] [--until T]
@@ -57,7 +57,7 @@ ORG_COLS = [col("name"), col("org_id", "ID"), col("status"), col("billing_plan",
 ENV_COLS = [col("org_name", "ORG"), col("name"), col("env_id", "ID"), col("status"), col("region"),
             col("model_list", "MODELS"), col("quota_tokens_per_day", "QUOTA/DAY"),
             col("concurrency_limit", "CONCURRENCY")]  # fmt: skip
-KEY_COLS = [col("key_prefix", "PREFIX"), col("key_id", "ID"), col("org_name", "ORG"),
+KEY_COLS = [col("key_prefix", "PREFIX"), col("key_id", "ID"), col("mode"), col("org_name", "ORG"),
             col("env_name", "ENV"), col("name"), col("role"), col("region"),
             col("rate_limit_tokens_per_min", "TOKENS/MIN"), col("status"), col("created_at", "CREATED"),
             col("revoked_at", "REVOKED")]  # fmt: skip
@@ -139,10 +139,12 @@ async def _key_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     assert c.secret is not None
     record, plaintext = await t.create_key(
         db, c.secret, a.org, a.env, a.name, a.region, a.role, a.rate_limit_tokens_per_min, actor=c.actor,
-        allow_suspended=a.allow_suspended, expires_at=a.expires_at,
+        allow_suspended=a.allow_suspended, expires_at=a.expires_at, mode="test" if a.test else "live",
     )
     _warn_if_suspended(record, await t.suspended_owner(db, record))
-    return _new_key(record, plaintext, "API key:")
+    headline = (f"Test API key (free, never billed; its limits: crosslogic limits show --key {record.key_prefix}):"
+                if a.test else "API key:")
+    return _new_key(record, plaintext, headline)
 
 
 async def _key_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
@@ -324,6 +326,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="create the key even if its org or environment is suspended (it is refused until resumed)")
     p.add_argument("--expires-at", type=_aware_time, metavar="TIME",
                    help="the key stops working then (ISO 8601 with a zone, e.g. 2027-01-01T00:00:00Z)")
+    p.add_argument("--test", action="store_true",
+                   help="a test key (clsk_test_…): same models and nodes, usage shown but never billed, low "
+                        "limits of its own (crosslogic limits set --test-keys …)")
     p = command(key, "list", "list API keys (never the keys themselves)", _key_list)
     p.add_argument("--org", help="only this organisation's")
     p.add_argument("--env", help="only this environment's")
