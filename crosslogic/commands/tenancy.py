@@ -10,7 +10,8 @@
                                               [--expires-at TIME] [--test]
     crosslogic key list [--org ORG] [--env ENV] | key revoke KEY | key rotate KEY [--overlap SECONDS]
     crosslogic token create --role admin|developer|read-only [--org ORG] [--name N] [--expires-at TIME]
-    crosslogic usage show [--org ORG] [--bucket hour|day] [--group-by model|region|key|env|org] [--since T] [--until T]
+    crosslogic usage show [--org ORG] [--bucket hour|day] [--group-by model|region|key|env|mode|org] [--mode live|test]
+                          [--since T] [--until T]
     crosslogic usage month --org ORG                                 (the admin API's usage and billing queries)
     crosslogic token list [--org ORG] | token revoke TOKEN        (admin API tokens; no --org = platform scope)
     crosslogic model add MODEL [--kind chat|completion|embedding] [--served-name S] [--context-length N]
@@ -34,6 +35,8 @@ out keep their current value. `--max-n` caps `n` (and completions' `best_of`) pe
 gateway (403 tenant_suspended) until the org / environment is resumed. `--allow-suspended` creates it anyway
 (e.g. to hand out keys before resuming) and says so on stderr. `key rotate` works in a suspended tenant (a
 leaked key must be replaceable at any time) and says the new key is unusable until it is resumed.
+`key create --test` makes a test key (`clsk_test_…`): served by the same nodes, its usage in the ledger at cost 0
+and never billed, capped by `crosslogic limits set --test-keys` (docs/admin-api.md, "Test keys").
 
 Every command takes `--json` (a JSON object or list on stdout) and `--actor` (the audit log's actor,
 default $USER). The database and the key secret come from CROSSLOGIC_DATABASE_URL / CROSSLOGIC_KEY_SECRET
@@ -49,6 +52,7 @@ from datetime import datetime
 from typing import Any
 
 from crosslogic.commands.common import Action, Ctx, Output, col, csv_list, db_command, many, one, table
+from crosslogic.keys import KEY_MODES
 from crosslogic.store import admin_tokens, usage_queries
 from crosslogic.store import tenancy as t
 
@@ -167,7 +171,7 @@ async def _usage_show(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     """The admin API's usage query (store/usage_queries.py), for an org or (no --org) the platform."""
     org_id = None if a.org is None else (await t.get_org(db, a.org)).org_id
     query = usage_queries.SeriesQuery(bucket=a.bucket, since=a.since, until=a.until, group_by=a.group_by,
-                                      org_id=org_id)
+                                      org_id=org_id, mode=a.mode)
     rows = await usage_queries.usage_series(db, query)
     return Output(rows, table(rows, USAGE_COLS))
 
@@ -343,7 +347,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = command(usage, "show", "tokens, requests and cost per hour or day", _usage_show)
     p.add_argument("--org", help="one organisation (default: every org)")
     p.add_argument("--bucket", default="hour", choices=usage_queries.BUCKETS, help="hour or day (UTC)")
-    p.add_argument("--group-by", choices=list(usage_queries.GROUPS), help="break down by model, region, key, env, org")
+    p.add_argument("--group-by", choices=list(usage_queries.GROUPS),
+                   help="break down by model, region, key, env, mode (live / test keys), org")
+    p.add_argument("--mode", choices=KEY_MODES, help="only live or only test keys' usage (test usage costs 0)")
     p.add_argument("--since", type=_aware_time, metavar="TIME", help="start (default: 24 buckets before --until)")
     p.add_argument("--until", type=_aware_time, metavar="TIME", help="end (default: now)")
     p = command(usage, "month", "an org's month so far: cost, free tier left, reserved capacity, cap", _usage_month)
