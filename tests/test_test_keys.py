@@ -16,7 +16,7 @@ from crosslogic.accounting import metrics
 from crosslogic.accounting.ledger import write_batch
 from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, observe_billing_state, stripe_client
 from crosslogic.accounting.usage import UsageRecord
-from crosslogic.store import tenancy
+from crosslogic.store import tenancy, usage_queries
 from tests.billing_helpers import API_KEY, local_stripe
 from tests.gateway_helpers import client, ledger_row
 
@@ -74,6 +74,18 @@ async def test_test_usage_is_in_the_ledger_at_cost_0_and_in_no_spend_free_tier_c
         # Two live requests of 200 micro-dollars, 150 tokens each; the first is free, the second owed.
         assert dict(spend) == {"cost_microdollars": 400, "tokens": 300, "free_tokens": 150, "owed_microdollars": 200}
         customer = await conn.fetchval("SELECT stripe_customer_id FROM orgs WHERE org_id = $1", uuid.UUID(org))
+        # What the developer sees: test usage beside the live usage, at $0, and outside the month's bill.
+        series = await usage_queries.usage_series(conn, usage_queries.SeriesQuery(org_id=org, group_by="mode"))
+        by_mode = {}
+        for r in series:
+            tokens, cost = by_mode.get(r["group"], (0, 0))
+            by_mode[r["group"]] = (tokens + r["total_tokens"], cost + r["cost_microdollars"])
+        assert by_mode == {"live": (300, 400), "test": (900, 0)}
+        only_test = await usage_queries.usage_series(conn, usage_queries.SeriesQuery(org_id=org, mode="test"))
+        assert sum(r["requests"] for r in only_test) == 6
+        month = await usage_queries.org_month(conn, org)
+        assert month["test_usage"] == {"requests": 6, "tokens": 900}
+        assert (month["tokens"], month["free_tier"]["used_tokens"], month["owed_microdollars"]) == (300, 150, 200)
 
     async with local_stripe() as (fake, base):
         reporter = BillingReporter(pool, stripe_client(API_KEY, base), ReporterSettings())
