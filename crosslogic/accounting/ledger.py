@@ -41,12 +41,15 @@ WITH batch AS (
         $15::text[])
         AS b(request_id, occurred_at, org_id, env_id, key_id, region, model, endpoint, streamed, status_code,
              prompt_tokens, completion_tokens, usage_source, latency_ms, node_id)
+), test_keys AS (  -- the batch's few distinct keys looked up once each, not once per row (bench/ledger.py)
+    SELECT k.key_id FROM api_keys k WHERE k.key_id IN (SELECT DISTINCT key_id FROM batch) AND k.mode = 'test'
 ), priced AS (
-    SELECT b.*, coalesce(k.mode, 'live') AS mode, p.price_version_id, p.input_price_microdollars_per_1m AS input_price,
+    SELECT b.*, CASE WHEN tk.key_id IS NULL THEN 'live' ELSE 'test' END AS mode, p.price_version_id,
+           p.input_price_microdollars_per_1m AS input_price,
            p.output_price_microdollars_per_1m AS output_price, r.multiplier_ppm AS region_ppm,
            t.tier_multiplier_ppm, t.discount_ppm
     FROM batch b
-    LEFT JOIN api_keys k ON k.key_id = b.key_id
+    LEFT JOIN test_keys tk ON tk.key_id = b.key_id
     LEFT JOIN LATERAL (SELECT v.price_version_id, v.input_price_microdollars_per_1m,
                               v.output_price_microdollars_per_1m
                        FROM price_versions v WHERE v.model_id = b.model AND v.effective_from <= b.occurred_at
