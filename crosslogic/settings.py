@@ -160,6 +160,13 @@ class Settings:
                                          "scope (each in one hash slot) instead of one per request")
     redis_cluster: bool = setting("REDIS_CLUSTER", False, "REDIS_URL names a node of a Redis / Valkey Cluster: "
                                   "cluster-aware clients (MOVED/ASK, failover) and one limiter call per scope")
+    redis_wait_replicas: int = setting("REDIS_WAIT_REPLICAS", -1, "replicas a reservation or settlement must reach "
+                                       "(`WAIT`, one per pipelined write) before it is answered; -1 = 1 with "
+                                       "REDIS_CLUSTER, 0 on one server (set it to its replica count if it has "
+                                       "any); fewer within the timeout is answered anyway and logged",
+                                       minimum=-1)
+    redis_wait_timeout_ms: int = setting("REDIS_WAIT_TIMEOUT_MS", 50, "... how long a WAIT waits for them",
+                                         minimum=1)
     admission: str = setting("ADMISSION", "authz", "where the rate-limit reservation is made: `authz` (inside the "
                              "ext_authz call) or `rls` (Envoy's ratelimit filter + `serve ratelimit`)",
                              choices=ADMISSION_MODES)
@@ -210,6 +217,12 @@ class Settings:
         if not self.database_url:
             raise SettingsError(f"{PREFIX}DATABASE_URL is not set (crosslogic up sets it for its children)")
         return self.database_url
+
+    def redis_wait(self) -> int:
+        """How many replicas a durable limiter write waits for (REDIS_WAIT_REPLICAS resolved)."""
+        if self.redis_wait_replicas >= 0:
+            return self.redis_wait_replicas
+        return 1 if self.redis_cluster else 0
 
     def require_redis(self) -> str:
         if not self.redis_url:

@@ -62,7 +62,8 @@ async def authorizer_from_settings(settings: Settings) -> AsyncIterator[AuthzPar
     the catalogue, the limiter on a lean script client, the bill cap), torn down in order on exit."""
     redis = redis_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5,
                          request_path=True)
-    scripts = script_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
+    scripts = script_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5,
+                            wait_replicas=settings.redis_wait(), wait_timeout_ms=settings.redis_wait_timeout_ms)
     try:
         async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
             views = TenantCache(pool, ttl_s=settings.limits_cache_ttl_s)
