@@ -123,6 +123,10 @@ class Settings:
     backstop_grace_s: float = setting("BACKSTOP_GRACE", 2.0, "accounting: the backstop leaves a usage-log line "
                                       "this many seconds for the gRPC access log to commit before it writes and "
                                       "settles the line itself (it skips lines already committed)", minimum=0.0)
+    internal_tls_dir: str = setting("INTERNAL_TLS_DIR", "", "production mode: mutual TLS between Envoy and every "
+                                    "control-plane service (xDS, ext_authz, accounting, ratelimit, api); the "
+                                    "directory holds ca.pem and <service>.pem/.key (Envoy: envoy.pem/.key); "
+                                    "`crosslogic up --internal-tls`: `<state-dir>/pki/internal`; empty = plain")
     gateway_tls_cert: str = setting("GATEWAY_TLS_CERT", "", "PEM certificate chain of the public listener, a path "
                                     "Envoy reads (with GATEWAY_TLS_KEY: HTTPS only, HTTP/1.1 and HTTP/2 by ALPN)")
     gateway_tls_key: str = setting("GATEWAY_TLS_KEY", "", "PEM private key of GATEWAY_TLS_CERT (a path Envoy reads)")
@@ -267,6 +271,9 @@ class SupervisorSettings:
                                      "next crash restarts after the first delay again", minimum=0)
     ready_timeout_s: float = setting("READY_TIMEOUT", 60.0, "a (re)started child not ready within this long is "
                                      "killed and counted as a crash", minimum=1)
+    internal_tls: bool = setting("INTERNAL_TLS", False, "`crosslogic up`: issue internal certificates from the "
+                                 "project's CA and run every Envoy-to-service hop over mutual TLS (as "
+                                 "`--internal-tls`; INTERNAL_TLS_DIR set names certificates of your own instead)")
     supervisor_metrics_port: int = setting("SUPERVISOR_METRICS_PORT", 0, "Prometheus /metrics of `crosslogic up` "
                                            "(child up/ready, restarts, degraded); 0 = a free port", **_PORT)
 
