@@ -25,10 +25,16 @@ from tests.gateway_helpers import ledger_row
 TRANSPORTS = [t for t in os.environ.get("CROSSLOGIC_TEST_TRANSPORTS", "http,grpc").split(",") if t]
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
+# Each ext_authz transport, and the two-hop admission (Envoy's ratelimit filter + `serve ratelimit`).
+VARIANTS = [(t, "authz") for t in TRANSPORTS] + [("http", "rls")]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: "-".join(v))
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    env = {**os.environ, "CROSSLOGIC_AUTHZ_TRANSPORT": request.param}
-    with up_demo(tmp_path_factory.mktemp(f"itls-{request.param}"), env=env, up_args=("--internal-tls",)) as info:
+    transport, admission = request.param
+    env = {**os.environ, "CROSSLOGIC_AUTHZ_TRANSPORT": transport, "CROSSLOGIC_ADMISSION": admission}
+    with up_demo(tmp_path_factory.mktemp(f"itls-{transport}-{admission}"), env=env,
+                 up_args=("--internal-tls",)) as info:
         yield info
 
 
@@ -51,7 +57,10 @@ def test_a_completion_is_served_and_billed_with_every_hop_on_mutual_tls(stack):
     stats = httpx.get(stack["envoy_admin_url"] + "/stats?filter=ssl.handshake$", timeout=10).text
     handshakes = {line.split(".")[1]: int(line.rsplit(" ", 1)[1]) for line in stats.splitlines()
                   if line.startswith("cluster.")}
-    for cluster in (contract.XDS_CLUSTER, contract.AUTHZ_CLUSTER, contract.ACCOUNTING_CLUSTER, contract.API_CLUSTER):
+    clusters = [contract.XDS_CLUSTER, contract.AUTHZ_CLUSTER, contract.ACCOUNTING_CLUSTER, contract.API_CLUSTER]
+    if stack["admission"] == "rls":
+        clusters.append(contract.RATELIMIT_CLUSTER)
+    for cluster in clusters:
         assert handshakes.get(cluster, 0) > 0, (cluster, stats)  # Envoy reached it over TLS
 
 
@@ -59,9 +68,12 @@ def _services(info: dict) -> dict[str, tuple[int, bool]]:
     """Every listener Envoy reaches: (port, speaks gRPC)."""
     ports = info["ports"]
     grpc_authz = info["authz_transport"] == "grpc"
-    return {"xds": (ports["xds"], True), "accounting": (ports["accounting"], True),
-            "authz": (ports["authz"], grpc_authz), "release": (ports["release"], False),
-            "api": (ports["api"], False)}
+    services = {"xds": (ports["xds"], True), "accounting": (ports["accounting"], True),
+                "authz": (ports["authz"], grpc_authz), "release": (ports["release"], False),
+                "api": (ports["api"], False)}
+    if info["admission"] == "rls":
+        services["ratelimit"] = (ports["ratelimit"], True)
+    return services
 
 
 def _other_ca_client(directory: Path) -> tuple[bytes, bytes]:
