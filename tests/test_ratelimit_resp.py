@@ -116,6 +116,29 @@ async def test_a_batch_is_one_write_its_replies_in_order_and_a_forgotten_script_
     assert await scripts.execute("PING") == b"PONG"  # the order survived the error
 
 
+async def test_durable_calls_share_one_wait_per_write_and_a_short_wait_keeps_the_write(valkey_url, monkeypatch):
+    # This Valkey has no replica: every WAIT answers 0 after its timeout; the calls are answered anyway (the write
+    # stands on the primary), each short write counted once.
+    client = ScriptClient(valkey_url, wait_replicas=1, wait_timeout_ms=20)
+    script = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    key = f"durable-{uuid.uuid4().hex}"
+    try:
+        await client.execute("SCRIPT", "LOAD", script.source)  # (a NOSCRIPT retry is a second write, a second WAIT)
+        written: list[bytes] = []
+        write = client._conn.transport.write
+        monkeypatch.setattr(client._conn.transport, "write", lambda data: (written.append(data), write(data)))
+        replies = await asyncio.gather(*(client.evalsha(script, [key], [1], durable=True) for _ in range(10)))
+        assert sorted(replies) == list(range(1, 11))
+        assert b"".join(written).count(b"WAIT") == 1 and client.wait_short == 1
+        assert await client.evalsha_many(script, [([key], [5])] * 3, durable=True) == [15, 20, 25]
+        assert client.wait_short == 2
+        assert await client.evalsha(script, [key], [1]) == 26  # not durable: no WAIT
+        assert b"".join(written).count(b"WAIT") == 2 and client.wait_short == 2
+        assert await client.execute("GET", key) == b"26"
+    finally:
+        await client.aclose()
+
+
 async def test_a_script_error_is_raised_and_leaves_the_connection_usable(scripts):
     with pytest.raises(ResponseError):
         await scripts.execute("NOSUCHCOMMAND")

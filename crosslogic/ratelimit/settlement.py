@@ -12,10 +12,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
-
 from crosslogic.ratelimit.admission import settlement_calls
-from crosslogic.ratelimit.connect import redis_client
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE, redis_client, script_client
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, Limiter, limiter_from_settings
 from crosslogic.ratelimit.quota import count_usage_many
 from crosslogic.ratelimit.resp import ScriptClient
@@ -71,7 +69,9 @@ class Settler:
         settled = [(r, a, then) for r, a, (_, then), status in zip(records, amounts, calls, first, strict=True)
                    if status == SETTLED]
         await self.limiter.settle_many([(scopes, r.request_id, a) for r, a, then in settled for scopes in then])
-        await count_usage_many(self.limiter.scripts or self.limiter.redis, [
+        scripts = self.limiter.scripts
+        # Quota keys of one org span slots: on a cluster redis-py's client routes them.
+        await count_usage_many(scripts if isinstance(scripts, ScriptClient) else self.limiter.redis, [
             (r.org_id, r.env_id, r.total_tokens, r.occurred_at)
             for r, status in zip(records, first, strict=True) if status != ALREADY_SETTLED])
         return [status == SETTLED for status in first]
@@ -91,7 +91,7 @@ class Settler:
                     self.settled += len(batch)
                     redis.succeeded()
                     break
-                except (OSError, aioredis.RedisError) as exc:
+                except REDIS_UNAVAILABLE as exc:
                     redis.failed(exc)
                     log.warning("cannot settle %d requests yet (%s); retrying", len(batch), exc)
                     await asyncio.sleep(0.5)
@@ -105,9 +105,10 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
         return
     redis = redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=2.0)
     # Settlement's batches go through the lean pipelined client (resp.py): in redis-py they were the accounting
-    # service's largest cost (bench/profile_stack.py; docs/architecture.md "The access-log path"). On a cluster,
-    # redis-py's cluster client routes them by slot (engine.settle_many, lua.cluster_calls).
-    scripts = None if settings.redis_cluster else ScriptClient(settings.redis_url, connect_timeout=0.5, timeout=2.0)
+    # service's largest cost (bench/profile_stack.py; docs/architecture.md "The access-log path"). On a cluster, one
+    # per primary (resp_cluster.py); either way a settlement is answered once its replicas have it (WAIT).
+    scripts = script_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=2.0,
+                            wait_replicas=settings.redis_wait(), wait_timeout_ms=settings.redis_wait_timeout_ms)
     settler = Settler(limiter_from_settings(redis, settings, scripts))
     task = asyncio.create_task(settler.run())
     try:
@@ -115,6 +116,5 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        if scripts is not None:
-            await scripts.aclose()
+        await scripts.aclose()
         await redis.aclose()

@@ -15,6 +15,7 @@ from pathlib import Path
 from string import Template
 
 from crosslogic import contract
+from crosslogic.runtime import internal_tls
 from crosslogic.runtime.processes import ChildProcess, free_port, wait_until, write_private
 
 # Package data, not a Python package: inside `crosslogic` so it ships in the wheel, and not named `envoy`
@@ -64,6 +65,7 @@ class BootstrapParams:
     stats_port: int = 0  # a listener serving only /stats/prometheus and /ready of the admin; 0: none
     stats_host: str = "127.0.0.1"
     otlp_endpoint: str = ""  # HOST:PORT of the OTLP/gRPC collector Envoy traces to; "": none
+    internal_tls_dir: str = ""  # mutual TLS to every control-plane cluster (runtime/internal_tls.py); "": plain
 
 
 _CLUSTER_NAMES = {"xds_cluster": contract.XDS_CLUSTER, "authz_cluster": contract.AUTHZ_CLUSTER,
@@ -148,6 +150,30 @@ def _endpoints(host: str, ports: Ports) -> str:
                            for port in _ports(ports)) + "]"
 
 
+# Which service's certificate each control-plane cluster must present (its URI SAN), and whether it speaks HTTP/2
+# (gRPC servers refuse a TLS handshake without ALPN h2).
+_TLS_PEERS = {"xds": ("xds", True), "accounting": ("accounting", True), "ratelimit": ("ratelimit", True),
+              "api": ("api", False), "release": ("authz", False)}
+
+
+def _upstream_tls(tls_dir: str, service: str, h2: bool) -> str:
+    """The cluster's UpstreamTlsContext: Envoy's client certificate and the CA by file-based SDS (rotated in
+    place), and the peer's URI SAN checked, so a cluster only talks to the service it is for."""
+    root = Path(tls_dir).resolve()
+    sds = "{{path_config_source: {{path: \"{}\"}}, resource_api_version: V3}}"
+    alpn = "alpn_protocols: [h2], " if h2 else ""
+    return (
+        "\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n"
+        "        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n"
+        f"        common_tls_context: {{{alpn}"
+        f"tls_certificate_sds_secret_configs: [{{name: {internal_tls.SDS_CERT_NAME}, "
+        f"sds_config: {sds.format(root / internal_tls.SDS_CERT)}}}], "
+        "combined_validation_context: {default_validation_context: {match_typed_subject_alt_names: "
+        f"[{{san_type: URI, matcher: {{exact: \"{internal_tls.service_uri(service)}\"}}}}]}}, "
+        f"validation_context_sds_secret_config: {{name: {internal_tls.SDS_CA_NAME}, "
+        f"sds_config: {sds.format(root / internal_tls.SDS_CA)}}}}}}}")
+
+
 def render_bootstrap(params: BootstrapParams) -> str:
     authz = "*h2" if params.authz_transport == "grpc" else _HTTP1
     values: dict[str, object] = {**asdict(params), **_CLUSTER_NAMES, "authz_protocol_options": authz,
@@ -157,6 +183,9 @@ def render_bootstrap(params: BootstrapParams) -> str:
         ports = getattr(params, f"{service}_port")
         values[f"{service}_endpoints"] = _endpoints(params.host, ports)
         values[f"{service}_resilience"] = _RESILIENCE if len(_ports(ports)) > 1 else ""
+        if params.internal_tls_dir:
+            peer, h2 = _TLS_PEERS.get(service, ("authz", params.authz_transport == "grpc"))
+            values[f"{service}_resilience"] += _upstream_tls(params.internal_tls_dir, peer, h2)
     return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(values)
 
 
