@@ -62,21 +62,24 @@ def test_an_evalsha_is_the_script_digest_the_key_count_the_keys_and_the_argument
 
 
 async def test_concurrent_reservations_share_writes_and_stay_exact(redis, scripts, monkeypatch):
-    writes = []
+    writes, loads = [], []
     flush = resp._Connection._flush
 
     def counting(self):
         writes.append(len(self.out))
+        loads.extend(payload for payload in self.out if b"SCRIPT" in payload[:32])
         flush(self)
 
     monkeypatch.setattr(resp._Connection, "_flush", counting)
     limiter = Limiter(redis, scripts=scripts)
     org, env, key = _ids()
+    await redis.script_flush()  # every call meets NOSCRIPT: one SCRIPT LOAD serves them all
     decisions = await asyncio.gather(*(limiter.reserve(org, env, key, uuid.uuid4().hex, 10, LIMITS)
                                        for _ in range(100)))
     assert sum(d.admitted for d in decisions) == 37  # the request limit, exactly
     assert {(d.layer, d.kind) for d in decisions if not d.admitted} == {("env", "requests_per_min")}
-    assert sum(writes) >= 100 and len(writes) < 10, writes  # 100 concurrent calls, a few writes
+    assert len(loads) == 1  # one SCRIPT LOAD for the 100 calls that met NOSCRIPT
+    assert sum(writes) >= 200 and len(writes) < 10, writes  # 100 concurrent calls, sent twice, in a few writes
 
 
 async def test_a_forgotten_script_is_loaded_again_and_a_cancelled_caller_keeps_the_others_in_order(redis, scripts):

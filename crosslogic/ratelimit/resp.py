@@ -219,6 +219,7 @@ class ScriptClient:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task | None = None
         self._prefixes: dict[int, bytes] = {}  # id(script) -> its encoded "EVALSHA <sha>"
+        self._loading: dict[int, asyncio.Future] = {}  # id(script) -> its SCRIPT LOAD in flight
         self._closed = False
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
@@ -234,9 +235,7 @@ class ScriptClient:
         if isinstance(reply, ResponseError):
             if not str(reply).startswith("NOSCRIPT"):
                 raise reply
-            loaded = await self._call(command("SCRIPT", "LOAD", script.source))
-            if isinstance(loaded, ResponseError):
-                raise loaded
+            await self._load(script)
             reply = await call(self._evalsha(script, keys, args))
             if isinstance(reply, ResponseError):
                 raise NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
@@ -253,9 +252,7 @@ class ScriptClient:
         missing = [i for i, reply in enumerate(replies)
                    if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")]
         if missing:
-            loaded = await self._call(command("SCRIPT", "LOAD", script.source))
-            if isinstance(loaded, ResponseError):
-                raise loaded
+            await self._load(script)
             again = await self._call_many([payloads[i] for i in missing], durable and self.wait_replicas > 0)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
@@ -263,6 +260,17 @@ class ScriptClient:
             if isinstance(reply, ResponseError):
                 raise NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
         return replies
+
+    async def _load(self, script: LuaScript) -> None:
+        """SCRIPT LOAD once for every caller that met NOSCRIPT meanwhile (a Valkey restart or failover empties
+        the script cache under load: one load, not one per in-flight call)."""
+        loading = self._loading.get(id(script))
+        if loading is None or loading.done():
+            loading = self._loading[id(script)] = asyncio.ensure_future(
+                self._call(command("SCRIPT", "LOAD", script.source)))
+        loaded = await asyncio.shield(loading)  # one caller cancelled must not cancel the others' load
+        if isinstance(loaded, ResponseError):
+            raise loaded
 
     async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Many commands in one write (a pipeline); their replies in order; raises the first error reply."""
