@@ -217,8 +217,9 @@ class EnvoyProcess:
             [str(envoy_binary()), "-c", str(config), "--log-level", "warning",
              "--base-id", str(self.base_id), "--drain-time-s", "2", "--concurrency", "2",
              # The usage log is the billing backstop: a line goes to the file as soon as it is written
-             # (min size 0 wakes the flush thread at once; it batches what piled up meanwhile), so a
-             # SIGKILLed Envoy loses no line of a response its client received. 100 ms is the backstop.
+             # (min size 0 wakes the flush thread at once; it batches what piled up meanwhile). That thread
+             # still races the worker's last socket write: a SIGKILL in between loses the line of a response
+             # its client received (docs/billing.md, "Envoy SIGKILL"). 100 ms is the backstop.
              "--file-flush-min-size-kb", "0", "--file-flush-interval-msec", "100",
              "--service-node", self.params.node_id, "--service-cluster", "crosslogic-gateway"],
             self.work_dir / f"envoy-{self.params.node_id}.log",

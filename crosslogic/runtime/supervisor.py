@@ -30,7 +30,15 @@ from crosslogic.runtime.envoy import BootstrapParams, EnvoyProcess
 from crosslogic.runtime.internal_tls import SDS_CERT, issue_internal, write_envoy_sds
 from crosslogic.runtime.ops_http import serve_ops
 from crosslogic.runtime.postgres import EmbeddedPostgres
-from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, port_open, wait_until, write_private
+from crosslogic.runtime.processes import (
+    ChildProcess,
+    free_port,
+    inherit_env,
+    port_open,
+    reserve_port,
+    wait_until,
+    write_private,
+)
 from crosslogic.runtime.state import ensure_key_secret, secure_state_dir, write_runtime
 from crosslogic.runtime.supervision import Supervised, Supervisor
 from crosslogic.runtime.valkey import EmbeddedValkey
@@ -145,6 +153,9 @@ def start_stack(stack: Stack) -> Stack:
     logs.mkdir(parents=True, exist_ok=True)
     if port_open(options.host, options.port):
         raise RuntimeError(f"{options.host}:{options.port} is already in use; pick another with --port")
+    # Envoy binds the gateway port last (its listener comes over xDS): until then it looks free, and a service
+    # given the same port would take it first.
+    reserve_port(options.port)
     settings = Settings()
     secret = settings.key_secret or ensure_key_secret(state)
 
@@ -281,9 +292,14 @@ def start_stack(stack: Stack) -> Stack:
                   "replica_ports": replica_ports, "envoy_admin_urls": [f"http://127.0.0.1:{p}" for p in admin_ports],
                   "admin_url": f"http://127.0.0.1:{ports['admin_api']}", **demo}
     write_runtime(state, stack.info)
-    if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
-        write_private(options.ready_file, json.dumps(stack.info, indent=2))
     return stack
+
+
+def announce_ready(options: UpOptions, info: dict) -> None:
+    """The ready file, written once nothing is left that can fail: the supervisor's own listener was bound
+    after it once, and a port taken meanwhile stopped the whole stack right after it said ready."""
+    if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
+        write_private(options.ready_file, json.dumps(info, indent=2))
 
 
 def _start_demo(stack: Stack, database_url: str, secret: bytes, logs: Path, env: dict[str, str]) -> dict:
@@ -416,6 +432,7 @@ def run_up(options: UpOptions) -> int:
         supervisor = _supervisor(stack, options.state_dir.resolve())
         ops.enter_context(_serve_supervisor_ops(supervisor, stack.info["ports"]["supervisor_metrics"]))
         write_runtime(options.state_dir.resolve(), {**stack.info, "supervisor": supervisor.status()})
+        announce_ready(options, stack.info)
         if options.json_output:
             print(json.dumps(stack.info), flush=True)
         else:
@@ -425,7 +442,7 @@ def run_up(options: UpOptions) -> int:
             if not stopping:
                 supervisor.poll()
         return 0
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: a port taken (TimeoutError is one too)
         print(f"crosslogic up failed: {exc}", file=sys.stderr)
         for child in stack.children():
             if not child.running:
