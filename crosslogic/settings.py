@@ -104,8 +104,10 @@ class Settings:
 
     database_url: str = setting("DATABASE_URL", "", "Postgres URL; `crosslogic up` starts an embedded one when unset",
                                 secret=True)
-    redis_url: str = setting("REDIS_URL", "", "Redis / Valkey URL; `crosslogic up` starts an embedded Valkey when "
-                             "unset", secret=True)
+    redis_url: str = setting("REDIS_URL", "", "Redis / Valkey URL: `redis://` (one server, or a node of a "
+                             "cluster with REDIS_CLUSTER) or `redis+sentinel://[[user]:password@]host1:26379,host2:"
+                             "26379/<master-name>[/<db>]` (the primary its Sentinels name, followed through "
+                             "failovers); `crosslogic up` starts an embedded Valkey when unset", secret=True)
     key_secret: str = setting("KEY_SECRET", "", "HMAC-SHA256 secret for API keys (the database never sees a "
                               "plaintext key); `crosslogic up` keeps one in `<state-dir>/key_secret`", secret=True)
     default_region: str = setting("DEFAULT_REGION", "ap-south",
@@ -166,9 +168,9 @@ class Settings:
                                   "cluster-aware clients (MOVED/ASK, failover) and one limiter call per scope")
     redis_wait_replicas: int = setting("REDIS_WAIT_REPLICAS", -1, "replicas a reservation or settlement must reach "
                                        "(`WAIT`, one per pipelined write) before it is answered; -1 = 1 with "
-                                       "REDIS_CLUSTER, 0 on one server (set it to its replica count if it has "
-                                       "any); fewer within the timeout is answered anyway and logged",
-                                       minimum=-1)
+                                       "REDIS_CLUSTER or a redis+sentinel:// URL, 0 on one server (set it to its "
+                                       "replica count if it has any); fewer within the timeout is answered anyway "
+                                       "and logged", minimum=-1)
     redis_wait_timeout_ms: int = setting("REDIS_WAIT_TIMEOUT_MS", 50, "... how long a WAIT waits for them",
                                          minimum=1)
     admission: str = setting("ADMISSION", "authz", "where the rate-limit reservation is made: `authz` (inside the "
@@ -226,7 +228,7 @@ class Settings:
         """How many replicas a durable limiter write waits for (REDIS_WAIT_REPLICAS resolved)."""
         if self.redis_wait_replicas >= 0:
             return self.redis_wait_replicas
-        return 1 if self.redis_cluster else 0
+        return 1 if self.redis_cluster or self.redis_url.lower().startswith("redis+sentinel:") else 0
 
     def require_redis(self) -> str:
         if not self.redis_url:

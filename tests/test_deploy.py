@@ -1,20 +1,25 @@
 """deploy/kubernetes: every manifest is valid against the Kubernetes schemas, the gateway's bootstrap is valid for
 Envoy itself, every command line parses with the real CLI, and every tier has its probes, disruption budget and
-autoscaler; the readiness probe checks what it claims to."""
+autoscaler; the readiness probe checks what it claims to; internal mutual TLS is wired (each service mounts its own
+certificate from the Secret `crosslogic pki issue-internal` makes, and Envoy loads its own from it)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 
+from crosslogic import pki
 from crosslogic.commands import build_parser
-from crosslogic.runtime.envoy import envoy_binary
+from crosslogic.runtime import internal_tls
+from crosslogic.runtime.envoy import _TLS_PEERS, envoy_binary
 from crosslogic.runtime.processes import free_port
 from tests.conftest import repo_root
 
@@ -47,13 +52,118 @@ def test_the_kustomization_applies_every_manifest():
     assert sorted(listed) == sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
+INTERNAL_TLS_MOUNT = "/etc/crosslogic/internal-tls"
+
+
+def _issue_secret(tmp_path: Path) -> Path:
+    """The Secret's files as docs/deploy.md makes them: `crosslogic pki issue-internal --secret-dir`."""
+    secret = tmp_path / "secret"
+    args = build_parser().parse_args(["pki", "issue-internal", "--dir", str(tmp_path / "ca"), "--secret-dir",
+                                      str(secret), "--host", "crosslogic-authz"])
+    assert args.handler(args) == 0
+    return secret
+
+
+def _gateway_config(tmp_path: Path, secret: Path, admin_port: int = 9901) -> Path:
+    """The gateway ConfigMap's files written as Envoy's pod sees them, its two mounts moved under tmp_path."""
+    etc_envoy = tmp_path / "etc-envoy"
+    etc_envoy.mkdir()
+    for name, text in _of_kind("ConfigMap")["crosslogic-envoy-bootstrap"]["data"].items():
+        text = text.replace("/etc/envoy/", f"{etc_envoy}/").replace(INTERNAL_TLS_MOUNT, str(secret))
+        (etc_envoy / name).write_text(text.replace("port_value: 9901", f"port_value: {admin_port}"))
+    return etc_envoy / "bootstrap.yaml"
+
+
 def test_envoy_accepts_the_gateway_bootstrap_without_deprecated_fields(tmp_path):
-    bootstrap = tmp_path / "bootstrap.yaml"
-    bootstrap.write_text(_of_kind("ConfigMap")["crosslogic-envoy-bootstrap"]["data"]["bootstrap.yaml"])
+    bootstrap = _gateway_config(tmp_path, _issue_secret(tmp_path))
     result = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(bootstrap), "--service-node", "g"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Deprecated field" not in result.stderr
+
+
+def test_envoy_loads_its_client_certificate_and_the_ca_from_the_secret_the_cli_issues(tmp_path):
+    """The real Envoy on the ConfigMap's bootstrap and SDS files, the Secret's files where the pod mounts them:
+    its /certs shows the CA and its own certificate (the files and names of both sides agree)."""
+    secret = _issue_secret(tmp_path)
+    assert sorted(p.name for p in secret.iterdir()) == sorted(internal_tls.secret_files())  # no CA key
+    admin = free_port()
+    bootstrap = _gateway_config(tmp_path, secret, admin)
+    envoy = subprocess.Popen([str(envoy_binary()), "-c", str(bootstrap), "--service-node", "g", "--base-id",
+                              str(admin), "--log-level", "warning"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    wanted = {pki.x509.load_pem_x509_certificate((secret / f"{name}.pem").read_bytes()).serial_number
+              for name in (internal_tls.CA, internal_tls.ENVOY)}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert envoy.poll() is None, envoy.stderr.read()[-2000:] if envoy.stderr else ""
+            try:
+                certs = httpx.get(f"http://127.0.0.1:{admin}/certs", timeout=2).json()
+            except httpx.HTTPError:
+                certs = {}
+            loaded = {int(c["serial_number"], 16) for entry in certs.get("certificates", [])
+                      for kind in ("ca_cert", "cert_chain") for c in entry.get(kind, [])}
+            if wanted <= loaded:
+                break
+            assert time.monotonic() < deadline, f"Envoy loaded {loaded}, not {wanted}"
+            time.sleep(0.2)
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=30)
+
+
+def _internal_tls_mount(pod: dict, container: dict) -> tuple[str, set[str]] | None:
+    """(mount path, the Secret's keys in it) of the internal-TLS Secret in this container, if mounted."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret", {})
+        if secret.get("secretName") == "crosslogic-internal-tls":
+            assert mount.get("readOnly") and not secret.get("optional")
+            items = {item["key"] for item in secret["items"]}
+            assert all(item["key"] == item["path"] for item in secret["items"])
+            return mount["mountPath"], items
+    return None
+
+
+def test_every_service_envoy_reaches_mounts_only_its_own_certificate_and_envoy_checks_each_identity():
+    served = set()
+    for name, deployment in _of_kind("Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            args = container.get("args", [])
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            mounted = _internal_tls_mount(pod, container)
+            if container["name"] == "envoy":
+                assert mounted == (INTERNAL_TLS_MOUNT, {"ca.pem", "envoy.pem", "envoy.key"}), name
+                continue
+            if "serve" not in args:
+                continue
+            service = args[args.index("serve") + 1]
+            listen = args[args.index("--listen") + 1] if "--listen" in args else ""
+            if service not in internal_tls.SERVICES or listen.startswith("127.0.0.1"):
+                assert mounted is None and "CROSSLOGIC_INTERNAL_TLS_DIR" not in env, (name, container["name"])
+                continue
+            # The service reads <dir>/ca.pem, <service>.pem/.key (internal_tls.service_identity): exactly those.
+            who = internal_tls.identity(INTERNAL_TLS_MOUNT, service)
+            assert env["CROSSLOGIC_INTERNAL_TLS_DIR"] == INTERNAL_TLS_MOUNT, name
+            assert mounted == (INTERNAL_TLS_MOUNT, {who.ca.name, who.cert.name, who.key.name}), name
+            assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]  # 0440 keys readable
+            served.add(service)
+    assert served == {"xds", "authz", "accounting", "api"}  # no ratelimit tier: admission is `authz` here
+    config = _of_kind("ConfigMap")["crosslogic-envoy-bootstrap"]["data"]
+    bootstrap = yaml.safe_load(config["bootstrap.yaml"])
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        peer, h2 = _TLS_PEERS.get(cluster["name"].removeprefix("crosslogic_"), ("authz", False))  # as `up` renders
+        context = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+        assert context.get("alpn_protocols") == (["h2"] if h2 else None), cluster["name"]
+        sans = context["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]
+        assert sans == [{"san_type": "URI", "matcher": {"exact": internal_tls.service_uri(peer)}}], cluster["name"]
+        cert_sds = context["tls_certificate_sds_secret_configs"][0]
+        ca_sds = context["combined_validation_context"]["validation_context_sds_secret_config"]
+        for sds, key in ((cert_sds, "envoy-cert.sds.yaml"), (ca_sds, "envoy-ca.sds.yaml")):
+            assert sds["sds_config"]["path_config_source"]["path"] == f"/etc/envoy/{key}"
+            assert yaml.safe_load(config[key])["resources"][0]["name"] == sds["name"]
 
 
 def _containers() -> list[tuple[str, dict]]:

@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from crosslogic.accounting import metrics
@@ -19,6 +18,7 @@ from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, st
 from crosslogic.accounting.usage import UsageRecord, record_from_entry
 from crosslogic.contract import PRICES_CHANNEL
 from crosslogic.logs import request_context
+from crosslogic.ratelimit.connect import redis_client
 from crosslogic.runtime import internal_tls
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
@@ -102,7 +102,7 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         sink = AccessLogSink(ledger, settle)
         # Readiness: the ledger's Postgres answers a query, and the Valkey settlement writes to answers PING.
         readiness = Readiness().add("postgres", postgres_check(pool))
-        ping = aioredis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5) \
+        ping = redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=0.5) \
             if settings.redis_url else None
         if ping is not None:
             readiness.add("valkey", redis_check(ping))

@@ -68,6 +68,27 @@ def _pki_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pki_issue_internal(args: argparse.Namespace) -> int:
+    import shutil
+
+    from crosslogic.runtime import internal_tls
+
+    directory = Path(args.dir)
+    internal_tls.issue_internal(directory, args.host or ["127.0.0.1", "localhost"], days=args.days)
+    print(f"internal CA and certificates for {', '.join((*internal_tls.SERVICES, internal_tls.ENVOY))} in "
+          f"{directory} (CROSSLOGIC_INTERNAL_TLS_DIR={directory})")
+    if args.secret_dir:
+        # What the pods mount: every certificate and key but the CA's key, which stays with whoever issues.
+        out = Path(args.secret_dir)
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in internal_tls.secret_files():
+            shutil.copyfile(directory / name, out / name)
+            (out / name).chmod(0o600)
+        print(f"the Secret's files in {out}: kubectl -n crosslogic create secret generic crosslogic-internal-tls "
+              f"--from-file={out}")
+    return 0
+
+
 def _upgrade(args: argparse.Namespace) -> int:
     import asyncpg
 
@@ -134,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--version", required=True, help="the version to keep")
     u.set_defaults(handler=_upgrade)
 
-    p = sub.add_parser("pki", help="the control plane's CA for node agents")
+    p = sub.add_parser("pki", help="the control plane's CAs: for node agents, and internal (Envoy-to-service)")
     psub = p.add_subparsers(dest="pki_command", required=True)
     init = psub.add_parser("init", help="create the CA (once) and the NodeAgent server certificate")
     init.add_argument("--dir", required=True, help="where the CA and server certificate are written")
@@ -147,3 +168,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     issue.add_argument("--out", required=True, help="directory for node.pem, node.key and ca.pem")
     issue.add_argument("--days", type=int, default=90, help="validity in days (default: 90)")
     issue.set_defaults(handler=_pki_issue)
+    internal = psub.add_parser("issue-internal", help="create the internal CA (once) and (re-)issue every "
+                               "certificate of the Envoy-to-service mutual TLS (docs/deploy.md)")
+    internal.add_argument("--dir", required=True, help="where the internal CA and certificates are written (kept: "
+                          "running it again re-issues from the same CA, which is rotation)")
+    internal.add_argument("--host", action="append", default=None, help="DNS name or IP in the service "
+                          "certificates (repeatable; default 127.0.0.1 and localhost)")
+    internal.add_argument("--secret-dir", help="also copy what the pods need (no CA key) here, for `kubectl create "
+                          "secret generic crosslogic-internal-tls --from-file=DIR`")
+    internal.add_argument("--days", type=int, default=90, help="validity of the certificates in days (default: 90)")
+    internal.set_defaults(handler=_pki_issue_internal)

@@ -27,6 +27,13 @@ answering takes the acknowledged write along (tests/test_valkey_cluster.py saw i
 than asked within the timeout (a replica down or lagging) is answered anyway: the write stands on the primary, as on
 an unreplicated Valkey; it is counted (`wait_short`) and logged. Refusing there would turn a replica's outage into a
 client-facing outage; retrying the WAIT would stall every admission on that connection behind it.
+
+Through Sentinel (a `redis+sentinel://` URL, sentinel_url.py): every (re)connect asks the Sentinels, in turn, for
+the primary's address (SENTINEL get-master-addr-by-name) and checks the server it reaches says ROLE master (a
+Sentinel may answer with the old primary for a moment after a failover). A READONLY reply (the server was demoted
+under an open connection: a planned failover, or an old primary back as a replica) breaks the connection like a
+lost one: the call fails with ConnectionError (a write refused as READONLY did not run, so a retry is safe) and the
+next call resolves the primary again.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from crosslogic.ratelimit.lua import LuaScript
+from crosslogic.ratelimit.sentinel_url import SCHEME as SENTINEL_SCHEME
+from crosslogic.ratelimit.sentinel_url import Address, parse_sentinel_url
 
 Arg = str | bytes | int
 log = logging.getLogger("crosslogic.ratelimit")
@@ -162,6 +171,13 @@ class _Connection(asyncio.Protocol):
                 self._break(RedisConnectionError("redis sent a reply nobody asked for"))
                 return
             future, _ = pending.popleft()
+            if type(reply) is ResponseError and str(reply).startswith("READONLY"):
+                # Demoted under us: nothing more goes to this server (the script refused did not run).
+                broken = RedisConnectionError(f"redis is a replica now ({reply})")
+                if not future.done():
+                    future.set_exception(broken)
+                self._break(broken)
+                return
             if not future.done():  # done: its caller was cancelled; the reply is dropped, the order kept
                 future.set_result(reply)
 
@@ -199,21 +215,27 @@ class _Connection(asyncio.Protocol):
 
 class ScriptClient:
     """EVALSHA of the limiter's scripts on one pipelined connection to the server of a redis:// (rediss://,
-    unix://) URL. Close it with `aclose`."""
+    unix://) URL, or to the primary a redis+sentinel:// URL's Sentinels name. Close it with `aclose`."""
 
     def __init__(self, url: str, *, connect_timeout: float = 0.5, timeout: float = 0.5, wait_replicas: int = 0,
                  wait_timeout_ms: int = 50) -> None:
         parsed = urlparse(url)
-        if parsed.scheme not in ("redis", "rediss", "unix"):
+        self.sentinel = parse_sentinel_url(url) if parsed.scheme.lower() == SENTINEL_SCHEME else None
+        if self.sentinel is not None:
+            self.scheme, self.path = "redis", ""
+            self.host, self.port = self.sentinel.sentinels[0]  # until the first connect resolves the primary
+            self.username, self.password, self.db = self.sentinel.username, self.sentinel.password, self.sentinel.db
+        elif parsed.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"unsupported redis URL scheme {parsed.scheme!r}")
-        self.scheme = parsed.scheme
-        self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or 6379
-        self.path = parsed.path if parsed.scheme == "unix" else ""
-        self.username = unquote(parsed.username) if parsed.username else None
-        self.password = unquote(parsed.password) if parsed.password else None
-        db = parsed.path.strip("/") if parsed.scheme != "unix" else ""
-        self.db = int(db) if db.isdigit() else 0
+        else:
+            self.scheme = parsed.scheme
+            self.host = parsed.hostname or "127.0.0.1"
+            self.port = parsed.port or 6379
+            self.path = parsed.path if parsed.scheme == "unix" else ""
+            self.username = unquote(parsed.username) if parsed.username else None
+            self.password = unquote(parsed.password) if parsed.password else None
+            db = parsed.path.strip("/") if parsed.scheme != "unix" else ""
+            self.db = int(db) if db.isdigit() else 0
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self._conn: _Connection | None = None
@@ -307,7 +329,7 @@ class ScriptClient:
             conn = await self._connection()
         reply, waited = conn.send_durable(payload)
         result = await reply
-        self._raise_refused(await waited)
+        self._raise_refused(conn, await waited)
         return result
 
     async def _call_many(self, payloads: list[bytes], durable: bool = False) -> list[Any]:
@@ -321,13 +343,15 @@ class ScriptClient:
             return list(await asyncio.gather(*[conn.send(payload) for payload in payloads]))
         sent = [conn.send_durable(payload) for payload in payloads]
         replies = list(await asyncio.gather(*(reply for reply, _ in sent)))
-        self._raise_refused(await sent[-1][1])  # the one WAIT of the write (a broken connection: its error)
+        self._raise_refused(conn, await sent[-1][1])  # the one WAIT of the write (a broken connection: its error)
         return replies
 
     @staticmethod
-    def _raise_refused(replicas: Any) -> None:
+    def _raise_refused(conn: _Connection, replicas: Any) -> None:
         if isinstance(replicas, ResponseError):
-            raise replicas
+            # WAIT is refused by a replica (the only refusal of a well-formed WAIT): demoted, as READONLY says.
+            conn._break(RedisConnectionError(f"redis refused WAIT, a replica now? ({replicas})"))
+            raise conn.broken  # type: ignore[misc]
 
     def _acknowledged(self, replicas: Any) -> None:
         if not isinstance(replicas, ResponseError) and int(replicas) < self.wait_replicas:
@@ -345,36 +369,86 @@ class ScriptClient:
         # Shielded: a cancelled caller does not cancel the connect the other callers wait for.
         return await asyncio.shield(task)
 
-    async def _connect(self) -> _Connection:
+    async def _open(self, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             if self.scheme == "unix":
                 opening = loop.create_unix_connection(lambda: _Connection(loop, self.timeout), self.path)
             else:
                 context = ssl.create_default_context() if self.scheme == "rediss" else None
-                opening = loop.create_connection(lambda: _Connection(loop, self.timeout), self.host, self.port,
-                                                 ssl=context)
+                opening = loop.create_connection(lambda: _Connection(loop, self.timeout), host, port, ssl=context)
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await opening
         except TimeoutError:
-            raise RedisTimeoutError(f"connecting to redis timed out after {self.connect_timeout} s") from None
+            raise RedisTimeoutError(f"connecting to redis {host}:{port} timed out after {self.connect_timeout} s") \
+                from None
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to redis: {exc}") from exc
+        conn.wait_command = command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        conn.wait_timeout_s = self.wait_timeout_ms / 1000
+        conn.on_wait = self._acknowledged
+        return conn
+
+    @staticmethod
+    async def _setup(conn: _Connection, payloads: list[bytes]) -> list[Any]:
+        """The replies of a connection's first commands; any error breaks it (the caller's ConnectionError)."""
+        replies = await asyncio.gather(*(conn.send(p) for p in payloads), return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                conn._break(RedisConnectionError(f"redis refused the connection setup: {reply}"))
+                raise conn.broken  # type: ignore[misc]
+        return replies
+
+    async def _primary(self) -> Address:
+        """The primary's address from the first Sentinel that knows it; that Sentinel is asked first next time."""
+        assert self.sentinel is not None
+        members, errors = list(self.sentinel.sentinels), []
+        for index, (host, port) in enumerate(members):
+            try:
+                conn = await self._open(host, port)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                errors.append(f"{host}:{port}: {exc}")
+                continue
+            try:
+                auth = [command("AUTH", *filter(None, (self.sentinel.sentinel_username,
+                                                      self.sentinel.sentinel_password)))] \
+                    if self.sentinel.sentinel_password else []
+                *_, reply = await self._setup(conn, [*auth, command("SENTINEL", "get-master-addr-by-name",
+                                                                    self.sentinel.master)])
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                errors.append(f"{host}:{port}: {exc}")
+                continue
+            finally:
+                if conn.transport is not None:
+                    conn.transport.close()
+            if isinstance(reply, ResponseError) or not reply:
+                errors.append(f"{host}:{port}: {reply or 'no such master'}")
+                continue
+            if index:
+                members.insert(0, members.pop(index))
+                self.sentinel = type(self.sentinel)(**{**vars(self.sentinel), "sentinels": tuple(members)})
+            return reply[0].decode(), int(reply[1])
+        raise RedisConnectionError(f"no Sentinel named a primary for {self.sentinel.master!r}: {'; '.join(errors)}")
+
+    async def _connect(self) -> _Connection:
+        if self.sentinel is not None:
+            self.host, self.port = await self._primary()
+        conn = await self._open(self.host, self.port)
         greeting = []
         if self.password is not None:
             greeting.append(command("AUTH", *([self.username] if self.username else []), self.password))
         if self.db:
             greeting.append(command("SELECT", self.db))
-        for reply in await asyncio.gather(*(conn.send(p) for p in greeting), return_exceptions=True):
-            if isinstance(reply, BaseException):
-                conn._break(RedisConnectionError(f"redis refused the connection setup: {reply}"))
-                raise conn.broken  # type: ignore[misc]
+        if self.sentinel is not None:
+            greeting.append(command("ROLE"))
+        replies = await self._setup(conn, greeting)
+        if self.sentinel is not None and (isinstance(replies[-1], ResponseError) or replies[-1][0] != b"master"):
+            conn._break(RedisConnectionError(f"redis {self.host}:{self.port}, named primary by Sentinel, is not "
+                                             f"one (yet): ROLE {replies[-1]!r:.60}"))
+            raise conn.broken  # type: ignore[misc]
         if self._closed:
             conn._break(RedisConnectionError("the script client is closed"))
             raise conn.broken  # type: ignore[misc]
-        conn.wait_command = command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-        conn.wait_timeout_s = self.wait_timeout_ms / 1000
-        conn.on_wait = self._acknowledged
         self._conn = conn
         return conn
 

@@ -46,6 +46,11 @@ def identity(directory: str | Path, name: str) -> Identity:
     return Identity(root / f"{name}.pem", root / f"{name}.key", root / f"{CA}.pem")
 
 
+def secret_files() -> list[str]:
+    """The files the parties read (a Kubernetes Secret's keys): the CA's certificate, each identity; not ca.key."""
+    return [f"{CA}.pem", *(f"{name}.{ext}" for name in (*SERVICES, ENVOY) for ext in ("pem", "key"))]
+
+
 def issue_internal(directory: Path, hosts: list[str], days: int = 90) -> None:
     """Creates the internal CA once and (re-)issues every identity: what `crosslogic up --internal-tls` does at
     each start, and what rotation is (docs/deploy.md). Each file is replaced by a rename, so a reader (Envoy's
