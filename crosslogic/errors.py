@@ -36,6 +36,11 @@ def tenant_suspended(level: str) -> ClientError:
                        "permission_error", "tenant_suspended")
 
 
+def wrong_site() -> ClientError:
+    return ClientError(403, "This API key belongs to another organization than this site's; use your own "
+                       "organization's gateway.", "permission_error", "wrong_site")
+
+
 def billing_cap_reached() -> ClientError:
     return ClientError(403, "Your organization has reached its monthly spending cap. Raise the cap or wait for "
                        "the next billing month.", "insufficient_quota", "billing_cap_reached")

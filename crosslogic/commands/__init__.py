@@ -90,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
                                   **client_bounds(settings))
         return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen,
+                                              site_listen=args.site_listen,
                                               metrics_port=settings.xds_metrics_port,
                                               metrics_host=settings.metrics_host))
     raise SystemExit(f"unknown service {args.service}")
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="api: also serve the admin API and the developer dashboard here (not routed by Envoy)")
     serve.add_argument("--nodeagent-listen", metavar="HOST:PORT",
                        help="xds: also serve the NodeAgent API to node agents")
+    serve.add_argument("--site-listen", metavar="HOST:PORT",
+                       help="xds: also serve on-prem sites here over mutual TLS: per-site ADS and the site-scoped "
+                            "NodeAgent API (docs/sites.md)")
     serve.set_defaults(handler=_serve)
 
     mig = sub.add_parser("migrate", help="apply database migrations")

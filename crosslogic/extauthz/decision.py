@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from crosslogic import errors
-from crosslogic.contract import AUTHORIZATION_HEADER, REQUEST_ID_HEADER, AuthzMeta, Header, route_key
+from crosslogic.contract import (
+    AUTHORIZATION_HEADER,
+    REQUEST_ID_HEADER,
+    SITE_ORG_HEADER,
+    AuthzMeta,
+    Header,
+    route_key,
+)
 from crosslogic.extauthz.billcap import Cap
 from crosslogic.extauthz.tenants import TenantView
 from crosslogic.extauthz.validation import Endpoint, ModelSpec, RequestFacts, endpoint_for, validate_request
@@ -170,6 +177,9 @@ class Authorizer:
         if view is None:
             raise errors.invalid_api_key()
         _check_status(view, self.wall_clock())
+        site_org = headers.get(SITE_ORG_HEADER)
+        if site_org and site_org != view.org_id:  # a site gateway serves its own org only (docs/sites.md)
+            raise errors.wrong_site()
 
         out: dict[str, str] = {Header.ORG: view.org_id, Header.ENV: view.env_id, Header.KEY: view.key_id}
         metadata: dict[str, object] = {AuthzMeta.ORG_ID: view.org_id, AuthzMeta.ENV_ID: view.env_id,
