@@ -256,6 +256,11 @@ class SupervisorSettings:
                                      "killed and counted as a crash", minimum=1)
     supervisor_metrics_port: int = setting("SUPERVISOR_METRICS_PORT", 0, "Prometheus /metrics of `crosslogic up` "
                                            "(child up/ready, restarts, degraded); 0 = a free port", **_PORT)
+    site_xds_listen: str = setting("SITE_XDS_LISTEN", "", "`crosslogic up`: HOST:PORT of the site listener (mutual "
+                                   "TLS: per-site xDS and the sites' NodeAgent API, docs/sites.md); empty = loopback, "
+                                   "a free port")
+    site_api_listen: str = setting("SITE_API_LISTEN", "", "`crosslogic up`: HOST:PORT of the site API (mutual TLS: "
+                                   "sites sync their org and push usage); empty = loopback, a free port")
 
 
 FLEET_PROVIDERS = ("local", "skypilot", "none")

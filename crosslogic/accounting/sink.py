@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -79,7 +80,9 @@ async def _retry_held_rows(settings: Settings, held: HeldRows) -> None:
                                held.wake.set, "price change feed")
 
 
-async def serve_accounting(settings: Settings, listen: str) -> None:
+async def serve_accounting(settings: Settings, listen: str, site_listen: str | None = None) -> None:
+    """`site_listen`: also serve the site API over mutual TLS there (crosslogic/sites/cloud_api.py): sites sync
+    their org's views and push their spooled usage into this ledger."""
     from crosslogic.ratelimit.money import money_settlement
     from crosslogic.ratelimit.settlement import settlement_hook
 
@@ -106,11 +109,21 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         if ping is not None:
             readiness.add("valkey", redis_check(ping))
         try:
-            async with ops_server(settings.accounting_metrics_port, "accounting", readiness,
-                                  settings.metrics_host), \
+            async with AsyncExitStack() as sites, ops_server(settings.accounting_metrics_port, "accounting",
+                                                              readiness, settings.metrics_host), \
                     grpc_server(listen, lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(sink, s),
                                 "access-log sink", grace_s=2, readiness=readiness,
                                 services=["envoy.service.accesslog.v3.AccessLogService"]) as server:
+                if site_listen:
+                    from crosslogic.settings import SchedulerSettings
+                    from crosslogic.sites.cloud_api import site_api_server
+
+                    pki_dir = SchedulerSettings().pki_dir
+                    if not pki_dir:
+                        raise SystemExit("--site-listen needs CROSSLOGIC_PKI_DIR (the CA of site certificates)")
+                    await sites.enter_async_context(site_api_server(
+                        site_listen, pool, Path(pki_dir), settings.require_key_secret().decode(),
+                        settings.default_region))
                 await server.wait_for_termination()
         finally:  # after the server stopped: every entry that arrived is in `ledger`
             if ping is not None:

@@ -34,6 +34,8 @@ SERVER_COMMANDS: dict[str, dict[str, str]] = {
                                "finops": "internal cost model: GPU cost, cost per token, margins"},
     "crosslogic.commands.limits": {"limits": "rate limits, quotas and layer policy"},
     "crosslogic.commands.fleet": {"fleet": "the GPU fleet: autoscaling policy per pool, machines"},
+    "crosslogic.commands.sites": {"site": "on-prem sites: create, list, revoke, rotate certificates, run one",
+                                  "bundle": "site bundles: everything one site needs, nothing of other orgs"},
 }
 # Accepted before and after any subcommand.
 GLOBAL_OPTIONS = ("--state-dir", "--log-level", "--json")
@@ -61,13 +63,19 @@ def _serve(args: argparse.Namespace) -> int:
     if args.service == "accounting":
         from crosslogic.accounting.sink import serve_accounting
 
-        return run_service(lambda: serve_accounting(settings, args.listen))
+        return run_service(lambda: serve_accounting(settings, args.listen, args.site_listen))
     if args.service == "api":
         from crosslogic.api.service import serve_api
 
         host, port = split_listen(args.listen)
         admin = split_listen(args.admin_listen) if args.admin_listen else None
         return run_service(lambda: serve_api(settings, host, port, admin))
+    if args.service == "site":
+        from crosslogic.sites.run import serve_site
+
+        if not args.dir:
+            raise SystemExit("serve site needs --dir (an unpacked bundle; `crosslogic site up` runs it for you)")
+        return run_service(lambda: serve_site(Path(args.dir)))
     if args.service == "fleet":
         from crosslogic.fleet.service import serve_fleet
 
@@ -221,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one control-plane service",
                            description="one service process (`crosslogic up` runs them all)")
-    serve.add_argument("service", choices=["authz", "ratelimit", "accounting", "api", "xds", "fleet"],
-                       help="which service (fleet: the GPU autoscaler; --listen serves its /metrics)")
+    serve.add_argument("service", choices=["authz", "ratelimit", "accounting", "api", "xds", "fleet", "site"],
+                       help="which service (fleet: the GPU autoscaler; --listen serves its /metrics; site: the "
+                            "site process of an on-prem site, ports from --dir's site.json)")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="where the service listens")
     serve.add_argument("--gateway-host", default="127.0.0.1", help="xds: the gateway listener address")
     serve.add_argument("--gateway-port", type=int, default=8080, help="xds: the gateway listener port")
@@ -240,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="xds: also serve the NodeAgent API to node agents")
     serve.add_argument("--site-listen", metavar="HOST:PORT",
                        help="xds: also serve on-prem sites here over mutual TLS: per-site ADS and the site-scoped "
-                            "NodeAgent API (docs/sites.md)")
+                            "NodeAgent API; accounting: the site API (sync, usage push) (docs/sites.md)")
+    serve.add_argument("--dir", metavar="DIR", help="site: the unpacked site bundle")
     serve.set_defaults(handler=_serve)
 
     mig = sub.add_parser("migrate", help="apply database migrations")

@@ -100,19 +100,21 @@ def _many(ports: list[int]) -> int | tuple[int, ...]:
 
 
 def _service_argv(options: UpOptions, admission: str, transport: str, ports: dict[str, int],
-                  rls: bool) -> list[tuple[str, list[str]]]:
-    """The control-plane services in start order, each with its `crosslogic serve` arguments."""
+                  rls: bool, sites: tuple[str, str] | None = None) -> list[tuple[str, list[str]]]:
+    """The control-plane services in start order, each with its `crosslogic serve` arguments; `sites`: the site
+    xDS and site API listen addresses (the first replica serves on-prem sites, docs/sites.md)."""
+    site_xds, site_api = (["--site-listen", sites[0]], ["--site-listen", sites[1]]) if sites else ([], [])
     return [
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}", "--transport", transport,
                    "--release-listen", f"127.0.0.1:{ports['release']}"]),
         *([("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"])] if rls else []),
-        ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
+        ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}", *site_api]),
         # The admin API and dashboard: the api process's second listener, loopback, no Envoy route to it.
         ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}",
                  "--admin-listen", f"127.0.0.1:{ports['admin_api']}"]),
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
                  "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}",
-                 "--admission", admission, "--transport", transport]),
+                 "--admission", admission, "--transport", transport, *site_xds]),
         # The GPU autoscaler (docs/fleet.md): launches nodes only for pools with a fleet policy row.
         ("fleet", ["serve", "fleet", "--listen", f"127.0.0.1:{ports['fleet']}"]),
     ]
@@ -209,6 +211,9 @@ def start_stack(stack: Stack) -> Stack:
     env["CROSSLOGIC_ENVOY_ADMIN_URL"] = ",".join(f"http://127.0.0.1:{port}" for port in admin_ports)
     # Per replica: its own listen, metrics and NodeAgent ports; replica 1 keeps the ports of the single stack.
     replica_ports: dict[str, list[int]] = {}
+    supervisor_settings = SupervisorSettings()
+    site_listens = (supervisor_settings.site_xds_listen or f"127.0.0.1:{free_port()}",
+                    supervisor_settings.site_api_listen or f"127.0.0.1:{free_port()}")
     for index in range(replicas):
         own = ports if index == 0 else {name: free_port() for name in ports}
         if transport == "http":
@@ -217,7 +222,8 @@ def start_stack(stack: Stack) -> Stack:
             **env, **{f"CROSSLOGIC_{name.upper()}_PORT": str(own[name])
                       for name in ("accounting_metrics", "authz_metrics", "ratelimit_metrics", "api_metrics",
                                    "xds_metrics")}}
-        for name, argv in _service_argv(options, settings.admission, transport, own, rls=rls):
+        for name, argv in _service_argv(options, settings.admission, transport, own, rls=rls,
+                                        sites=site_listens if index == 0 else None):
             if index > 0 and name not in REPLICATED:
                 continue
             replica_ports.setdefault(name, []).append(own[name])
@@ -266,7 +272,8 @@ def start_stack(stack: Stack) -> Stack:
                   "pid": os.getpid(), "admission": settings.admission,
                   "authz_transport": transport, "state_dir": str(state), "replicas": replicas,
                   "replica_ports": replica_ports, "envoy_admin_urls": [f"http://127.0.0.1:{p}" for p in admin_ports],
-                  "admin_url": f"http://127.0.0.1:{ports['admin_api']}", **demo}
+                  "admin_url": f"http://127.0.0.1:{ports['admin_api']}",
+                  "site_xds_address": site_listens[0], "site_api_url": f"https://{site_listens[1]}", **demo}
     write_runtime(state, stack.info)
     if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
         write_private(options.ready_file, json.dumps(stack.info, indent=2))

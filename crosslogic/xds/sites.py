@@ -54,9 +54,12 @@ def site_pools(site: SiteRow, nodes: list[NodeView], policy: RoutingPolicy, mode
 
 def site_gateway(site: SiteRow, cloud: GatewaySettings) -> GatewaySettings:
     """The cloud gateway's settings with the site's own listener, no file usage log (that path is the cloud host's;
-    a site's usage reaches the ledger over the access-log stream) and no public TLS files of the cloud's host."""
+    a site's usage goes over the access-log stream to its spool) and no public TLS files of the cloud's host. The
+    site process answers ext_authz over HTTP with admission inside the check (sites/run.py), whatever the cloud's
+    own gateways use."""
     return replace(cloud, listen_host=site.gateway_host, listen_port=site.gateway_port, extra_listeners=(),
-                   usage_log_path="", tls_cert_path="", tls_key_path="", site_org=site.org_id)
+                   usage_log_path="", tls_cert_path="", tls_key_path="", site_org=site.org_id,
+                   authz_transport="http", admission="authz")
 
 
 def site_snapshot(site: SiteRow, nodes: list[NodeView], policy: RoutingPolicy, models: Mapping[str, float],
