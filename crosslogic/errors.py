@@ -37,8 +37,13 @@ def tenant_suspended(level: str) -> ClientError:
 
 
 def wrong_site() -> ClientError:
-    return ClientError(403, "This API key belongs to another organization than this site's; use your own "
-                       "organization's gateway.", "permission_error", "wrong_site")
+    return ClientError(403, "This API key is not valid at this site: it serves one organization's keys. Use your "
+                       "own organization's gateway.", "permission_error", "wrong_site")
+
+
+def site_revoked() -> ClientError:
+    return ClientError(403, "This site's access has been revoked. Contact your administrator.", "permission_error",
+                       "site_revoked")
 
 
 def billing_cap_reached() -> ClientError:

@@ -46,6 +46,7 @@ class SiteState:
         self.default_region = ""
         self.views: dict[str, TenantView] = {}
         self.models: dict[str, ModelSpec] = {}
+        self.revoked = False  # the cloud refused our certificate (403): not a partition, a revocation
 
     def install(self, payload: Mapping) -> None:
         """A sync answer (or the copy on disk). Views of another org are dropped, whatever the payload says."""
@@ -65,12 +66,19 @@ class SiteState:
         return self.clock() - self.synced_at if self.synced_at else float("inf")
 
     def _fresh(self) -> None:
+        if self.revoked:
+            raise errors.site_revoked()
         if self.age_s() > self.offline_max_s:
             raise errors.service_unavailable()  # never synced, or offline past the bound
 
     async def view(self, key_hash: str) -> TenantView | None:
+        """A key of this org, else 403: the site holds no other org's keys, so it cannot tell another org's key
+        from an unknown one, and refuses both as not valid here (a malformed key is still a 401)."""
         self._fresh()
-        return self.views.get(key_hash)
+        view = self.views.get(key_hash)
+        if view is None:
+            raise errors.wrong_site()
+        return view
 
     async def platform(self) -> PlatformLimits:
         return PlatformLimits()
@@ -102,9 +110,14 @@ class Syncer:
 
     async def sync_once(self, session: aiohttp.ClientSession) -> None:
         async with session.get(self.url, ssl=self.ssl, timeout=aiohttp.ClientTimeout(total=10)) as response:
+            if response.status == 403:
+                if not self.state.revoked:
+                    log.error("the cloud refused this site's certificate (revoked or expired): refusing every request")
+                self.state.revoked = True
             if response.status != 200:
                 raise RuntimeError(f"site API answered {response.status}: {(await response.text())[:200]}")
             payload = await response.json()
+        self.state.revoked = False
         self.state.install(payload)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
