@@ -64,6 +64,13 @@ def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], No
 
 
 def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:
+    from crosslogic.settings import SupervisorSettings
+
+    if SupervisorSettings().airgap:  # billing by flat licence (extauthz/license_guard.py); never a call out
+        metrics.export_enabled.set(0)
+        if settings.stripe_api_key:
+            log.warning("air-gapped mode: CROSSLOGIC_STRIPE_API_KEY is ignored, nothing is exported to Stripe")
+        return None
     metrics.export_enabled.set(1 if settings.stripe_api_key else 0)
     if not settings.stripe_api_key:
         log.info("no CROSSLOGIC_STRIPE_API_KEY: usage is recorded but not exported to Stripe")

@@ -36,6 +36,7 @@ SERVER_COMMANDS: dict[str, dict[str, str]] = {
     "crosslogic.commands.fleet": {"fleet": "the GPU fleet: autoscaling policy per pool, machines"},
     "crosslogic.commands.sites": {"site": "on-prem sites: create, list, revoke, rotate certificates, run one",
                                   "bundle": "site bundles: everything one site needs, nothing of other orgs"},
+    "crosslogic.commands.license": {"license": "flat licences of air-gapped installs: issue, verify, show, install"},
 }
 # Accepted before and after any subcommand.
 GLOBAL_OPTIONS = ("--state-dir", "--log-level", "--json")
@@ -110,7 +111,7 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(UpOptions(state_dir=Path(args.state_dir), host=args.host, port=args.port, demo=args.demo,
                             ready_file=Path(args.ready_file) if args.ready_file else None,
                             log_level=args.log_level, json_output=args.json, replicas=args.replicas,
-                            redis_cluster=args.redis_cluster, envoys=args.envoys))
+                            redis_cluster=args.redis_cluster, envoys=args.envoys, airgap=args.airgap))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -225,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run N Envoy gateways (default: --replicas)")
     up.add_argument("--redis-cluster", action="store_true",
                     help="start a Valkey Cluster (3 primaries with a replica each) instead of one Valkey")
+    up.add_argument("--airgap", action="store_true",
+                    help="air-gapped: no process opens a socket to anything but this machine, no Stripe, every org "
+                         "needs a signed licence (`crosslogic license`; docs/sites.md)")
     up.set_defaults(handler=_up)
 
     serve = sub.add_parser("serve", help="run one control-plane service",
@@ -288,6 +292,9 @@ def _missing_server_module(exc: ModuleNotFoundError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from crosslogic.runtime import airgap
+
+    airgap.install_from_environment()  # first: nothing below may reach the network in air-gapped mode
     try:
         args = build_parser().parse_args(argv)
         settings = Settings()  # a bad CROSSLOGIC_* value fails here, for every command, in one line

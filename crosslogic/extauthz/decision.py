@@ -52,6 +52,12 @@ class QuotaCheck(Protocol):
     async def check(self, org_id: str, env_id: str, quotas: Quotas) -> None: ...
 
 
+class LicenseCheck(Protocol):
+    """Flat licences (license_guard.LicenseGuard): raises 403 / 429 when the org's licence does not admit this."""
+
+    async def check(self, org_id: str, reserve_tokens: int) -> None: ...
+
+
 class BillCap(Protocol):
     """Monthly bill caps (billcap.BillCapGuard): reserve raises 403/503, returns True when it holds money."""
 
@@ -154,8 +160,10 @@ class Authorizer:
 
     def __init__(self, views: TenantViews, catalogue: Catalogue, secret: bytes, default_region: str,
                  quotas: QuotaCheck | None = None, caps: BillCap | None = None,
-                 gate: Admission | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+                 gate: Admission | None = None, wall_clock: Callable[[], float] = time.time,
+                 license: LicenseCheck | None = None) -> None:
         self.views = views
+        self.license = license  # air-gapped installs: the org's signed licence (extauthz/license_guard.py)
         self.wall_clock = wall_clock  # key expiry (a view is cached; the clock decides when it expired)
         self.catalogue = catalogue
         self.secret = secret
@@ -194,6 +202,8 @@ class Authorizer:
                 raise violation
             if self.quotas is not None:
                 await self.quotas.check(view.org_id, view.env_id, view.quotas)
+            if self.license is not None:
+                await self.license.check(view.org_id, facts.reserve)
             region = view.region or self.default_region
             lane = view.org_id if view.org_id in self.catalogue.reserved_orgs else None
             out.update({Header.MODEL: facts.model, Header.REGION: region, Header.ROUTE: route_key(region, facts.model,
@@ -209,6 +219,8 @@ class Authorizer:
             if self.caps is not None or self.gate is not None:
                 response_headers = await self._reserve(view, region, facts, headers.get(REQUEST_ID_HEADER, ""),
                                                        metadata)
+        elif self.license is not None:  # reads (GET /v1/models) too: an unlicensed org gets nothing
+            await self.license.check(view.org_id, 0)
         remove = tuple(h for h in headers if h not in out and h not in FORWARDED_HEADERS and not h.startswith(":"))
         return Allowed(headers=out, remove=remove, metadata=metadata, response_headers=response_headers)
 
