@@ -4,6 +4,8 @@ site's snapshot holds, node scopes of a site, and the per-identity cache."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 
 import asyncpg
 import pytest
@@ -145,3 +147,81 @@ async def test_a_revoked_identity_is_closed_and_a_new_cache_starts_from_the_site
     assert await asyncio.wait_for(queue.get(), 1) is None and cache.closed
     assert await cache.wait_ready() is None
     assert caches.cache_for("site:s1:aa", "s1") is not cache  # a reconnect is checked again by the resolver
+
+
+def _config(**overrides):
+    from crosslogic.sites.run import SiteConfig
+
+    return SiteConfig(**{"site_id": "site-a", "site_name": "dc-1", "org_id": "org-a",
+                         "cloud_api_url": "https://127.0.0.1:1", "cloud_xds_address": "127.0.0.1:2", "authz_port": 3,
+                         "als_port": 4, "api_port": 5, "envoy_admin_port": 6, "gateway_port": 7, **overrides})
+
+
+def test_a_bundle_holds_the_sites_files_only_each_0600_and_unpacks_nothing_else(tmp_path):
+    import tarfile
+
+    from crosslogic.sites.bundle import build_bundle, extract_bundle, write_bundle
+
+    ca = pki.create_ca()
+    site_cert = pki.issue_site(ca, "org-a", "site-a", days=1)
+    path = tmp_path / "dc-1.tar.gz"
+    write_bundle(path, build_bundle(_config(), ca.cert_pem, site_cert))
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    with tarfile.open(path) as tar:
+        members = {m.name: m.mode for m in tar.getmembers()}
+        assert b"PRIVATE KEY" not in tar.extractfile("tls/ca.pem").read()  # the CA's certificate, never its key
+        bootstrap = tar.extractfile("envoy-bootstrap.yaml").read().decode()
+    assert set(members) == {"site.json", "tls/ca.pem", "tls/node.pem", "tls/node.key", "envoy-bootstrap.yaml",
+                            "agent.args", "README.md"}
+    assert set(members.values()) == {0o600}
+    assert "tls/node.pem" in bootstrap and "UpstreamTlsContext" in bootstrap
+    config = extract_bundle(path, tmp_path / "site")
+    assert config == _config()
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "site").rglob("*") if p.is_file()} == {"0o600"}
+
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../outside")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ValueError, match="unexpected member"):
+        extract_bundle(evil, tmp_path / "evil")
+    assert not (tmp_path / "outside").exists()
+
+
+def _record(request_id: str):
+    from datetime import UTC, datetime
+
+    from crosslogic.usage_record import UsageRecord
+
+    return UsageRecord(request_id=request_id, occurred_at=datetime.now(UTC), org_id="o", env_id="e", key_id="k",
+                       region="r", model="m", endpoint="chat.completions", streamed=False, status_code=200,
+                       prompt_tokens=3, completion_tokens=2, usage_source="reported", latency_ms=1, node=None)
+
+
+def test_the_spool_keeps_each_request_once_in_order_and_survives_reopening(tmp_path):
+    from crosslogic.sites.spool import Spool
+
+    spool = Spool(tmp_path / "spool.sqlite3")
+    spool.add([_record("r1"), _record("r2")])
+    spool.add([_record("r2"), _record("r3")])  # r2 again: kept once
+    spool.close()
+    reopened = Spool(tmp_path / "spool.sqlite3")
+    rows = reopened.oldest(10)
+    assert [r.request_id for _, r in rows] == ["r1", "r2", "r3"]
+    assert (rows[0][1].prompt_tokens, rows[0][1].completion_tokens) == (3, 2)
+    reopened.delete_through([seq for seq, _ in rows[:2]])
+    assert [r.request_id for _, r in reopened.oldest(10)] == ["r3"] and reopened.pending() == 1
+    assert oct((tmp_path / "spool.sqlite3").stat().st_mode & 0o777) == "0o600"
+
+
+def test_view_rows_and_usage_records_cross_the_site_api_exactly():
+    from datetime import UTC, date, datetime
+    from decimal import Decimal
+
+    from crosslogic.sites.protocol import decode_row, encode_row, record_from_json, record_to_json
+
+    row = {"a": Decimal("0.000001"), "b": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "c": date(2026, 1, 1),
+           "d": 7, "e": None, "f": "[\"m\"]"}
+    assert decode_row(json.loads(json.dumps(encode_row(row)))) == row
+    record = _record("r9")
+    assert record_from_json(json.loads(json.dumps(record_to_json(record)))) == record
