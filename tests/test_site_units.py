@@ -9,6 +9,8 @@ import json
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crosslogic import pki
 from crosslogic.store import sites
@@ -225,3 +227,47 @@ def test_view_rows_and_usage_records_cross_the_site_api_exactly():
     assert decode_row(json.loads(json.dumps(encode_row(row)))) == row
     record = _record("r9")
     assert record_from_json(json.loads(json.dumps(record_to_json(record)))) == record
+
+
+@given(st.lists(st.tuples(st.sampled_from(["spool", "push", "sync", "sync_with_push"]), st.integers(1, 50)),
+                max_size=60))
+def test_a_sites_quota_count_never_misses_its_own_usage_and_is_exact_after_a_quiet_sync(operations):
+    """Against a model of the cloud's counter: a push is counted in the cloud before it is acknowledged; a sync
+    reads that counter (a push may land between the sync's start and its read)."""
+    from datetime import UTC, datetime
+
+    from crosslogic.ratelimit.quota import quota_keys
+    from crosslogic.sites.quota import SiteQuotas
+
+    at = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    quotas = SiteQuotas(clock=lambda: at)
+    cloud = 0  # tokens the cloud's counter holds
+    spool: list = []
+    true_total = 0
+
+    def push() -> None:
+        nonlocal cloud
+        if spool:
+            batch = spool[:2]
+            del spool[:2]
+            cloud += sum(r.total_tokens for r in batch)
+            quotas.acknowledged(batch)
+
+    for step, (op, tokens) in enumerate(operations):
+        if op == "spool":
+            record = _record(f"r{step}")
+            record = record.__class__(**{**record.__dict__, "prompt_tokens": tokens, "completion_tokens": 0,
+                                         "occurred_at": at})
+            spool.append(record)
+            quotas.spooled([record])
+            true_total += tokens
+        elif op == "push":
+            push()
+        else:
+            quotas.begin_sync()
+            if op == "sync_with_push":
+                push()
+            quotas.synced_counters({quota_keys("o", "e", at)[2]: cloud})
+            if op == "sync":
+                assert quotas.used("o", "e")[2] == true_total
+        assert quotas.used("o", "e")[2] >= true_total

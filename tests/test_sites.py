@@ -35,6 +35,7 @@ WAIT_S = 60.0
 # The issue's partition is 60 s; CROSSLOGIC_TEST_PARTITION_S=60 runs it so (docs/sites.md has that run's numbers).
 PARTITION_S = float(os.environ.get("CROSSLOGIC_TEST_PARTITION_S", "15"))
 # Nodes stay healthy through the partition: their heartbeats cross the cut link too.
+QUOTA = 60  # tokens per day of org A's "capped" environment
 STACK_ENV = {"CROSSLOGIC_HEARTBEAT_TIMEOUT": "300", "CROSSLOGIC_NODE_DEAD_AFTER": "600"}
 
 
@@ -107,6 +108,7 @@ class Site:
 class Hybrid:
     cloud: dict
     sites: dict[str, Site]
+    capped_key: str
     proxies: list[LoopbackProxy]
     procs: list[subprocess.Popen]
     work: Path
@@ -216,6 +218,9 @@ async def hybrid(cloud: dict, tmp_path_factory: pytest.TempPathFactory) -> Async
             env = await t.create_env(conn, org.org_id, "prod", REGION)
             _, key = await t.create_key(conn, secret, org.org_id, env.env_id, "k")
             keys[short] = (org.org_id, key)
+            if short == "a":  # an environment with a small daily quota (the quota test)
+                capped = await t.create_env(conn, org.org_id, "capped", REGION, quota_tokens_per_day=QUOTA)
+                _, keys["capped"] = await t.create_key(conn, secret, org.org_id, capped.env_id, "capped")
     finally:
         await conn.close()
     xds_port = int(cloud["site_xds_address"].rpartition(":")[2])
@@ -236,7 +241,7 @@ async def hybrid(cloud: dict, tmp_path_factory: pytest.TempPathFactory) -> Async
             sites[short] = site
         for site in sites.values():
             await _wait(lambda site=site: _site_serves(site, 2), f"{site.name}'s own nodes healthy in its Envoy")
-        yield Hybrid(cloud, sites, proxies, procs, work)
+        yield Hybrid(cloud, sites, keys["capped"], proxies, procs, work)
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
@@ -414,6 +419,34 @@ async def test_a_site_keeps_serving_its_org_through_a_partition_and_the_ledger_h
           f"ledger +{n - start_count} rows ({ids - (start_count)} distinct), delivered {waited:.1f} s after")
     assert failed == 0 and served_during_cut > 0
     assert n == ids == start_count + served  # every request exactly once
+
+
+async def test_a_daily_quota_holds_at_the_site_and_the_sites_usage_counts_at_the_cloud_gateway(hybrid):
+    a = hybrid.sites["a"]
+    used = 0
+    for _ in range(100):
+        # One at a time, each after the last one's access-log entry reached the spool (Envoy flushes every 100 ms):
+        # then the overshoot is at most the last request's tokens.
+        await asyncio.sleep(0.3)
+        try:
+            answer = await _chat(a.url, hybrid.capped_key)
+        except openai.PermissionDeniedError as exc:
+            assert exc.response.json()["error"]["code"] == "quota_exceeded"
+            break
+        used += answer.usage.total_tokens
+    else:
+        raise AssertionError("the site never applied the quota")
+    last = answer.usage.total_tokens
+    assert QUOTA <= used < QUOTA + last
+    # delivered and counted in the cloud: the org's own cloud gateway refuses the same environment too
+
+    async def refused_at_cloud() -> bool:
+        try:
+            await _chat(hybrid.cloud["gateway_url"], hybrid.capped_key)
+        except openai.PermissionDeniedError as exc:
+            return exc.response.json()["error"]["code"] == "quota_exceeded"
+        return False
+    await _wait(refused_at_cloud, "the cloud counting the site's usage against the quota", 30)
 
 
 async def test_revoking_a_site_cuts_it_off_within_seconds(hybrid):

@@ -122,6 +122,7 @@ async def serve_accounting(settings: Settings, listen: str, site_listen: str | N
                                 "access-log sink", grace_s=2, readiness=readiness,
                                 services=["envoy.service.accesslog.v3.AccessLogService"]) as server:
                 if site_listen:
+                    from crosslogic.ratelimit.connect import redis_client
                     from crosslogic.settings import SchedulerSettings
                     from crosslogic.sites.cloud_api import site_api_server
 
@@ -130,7 +131,9 @@ async def serve_accounting(settings: Settings, listen: str, site_listen: str | N
                         raise SystemExit("--site-listen needs CROSSLOGIC_PKI_DIR (the CA of site certificates)")
                     await sites.enter_async_context(site_api_server(
                         site_listen, pool, Path(pki_dir), settings.require_key_secret().decode(),
-                        settings.default_region))
+                        settings.default_region, settle,
+                        redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
+                        if settings.redis_url else None))
                 await server.wait_for_termination()
         finally:  # after the server stopped: every entry that arrived is in `ledger`
             if ping is not None:

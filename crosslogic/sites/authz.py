@@ -27,6 +27,7 @@ from crosslogic.extauthz.validation import ModelSpec
 from crosslogic.ratelimit.limits import PlatformLimits
 from crosslogic.ratelimit.money import month_of
 from crosslogic.sites.protocol import SYNC_PATH, client_context, decode_row
+from crosslogic.sites.quota import SiteQuotas
 
 log = logging.getLogger("crosslogic.sites")
 
@@ -92,8 +93,10 @@ class Syncer:
     """Pulls the org's state every `interval_s`; each good answer is installed and written to `path` (0600: it
     holds the key-hashing secret) so a restarted site serves from it before the link is back."""
 
-    def __init__(self, state: SiteState, cloud_url: str, tls_dir: Path, path: Path, interval_s: float) -> None:
+    def __init__(self, state: SiteState, cloud_url: str, tls_dir: Path, path: Path, interval_s: float,
+                 quotas: SiteQuotas | None = None) -> None:
         self.state = state
+        self.quotas = quotas
         self.url = cloud_url.rstrip("/") + SYNC_PATH
         self.ssl = client_context(tls_dir)
         self.path = path
@@ -104,11 +107,16 @@ class Syncer:
     def load_saved(self) -> bool:
         if not self.path.exists():
             return False
-        self.state.install(json.loads(self.path.read_text()))
+        payload = json.loads(self.path.read_text())
+        self.state.install(payload)
+        if self.quotas is not None:
+            self.quotas.synced_counters(payload.get("quota_counters", {}))
         log.info("serving from the saved sync of %.0f s ago until the cloud answers", self.state.age_s())
         return True
 
     async def sync_once(self, session: aiohttp.ClientSession) -> None:
+        if self.quotas is not None:
+            self.quotas.begin_sync()
         async with session.get(self.url, ssl=self.ssl, timeout=aiohttp.ClientTimeout(total=10)) as response:
             if response.status == 403:
                 if not self.state.revoked:
@@ -119,6 +127,8 @@ class Syncer:
             payload = await response.json()
         self.state.revoked = False
         self.state.install(payload)
+        if self.quotas is not None:
+            self.quotas.synced_counters(payload.get("quota_counters", {}))
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import redis.asyncio as aioredis
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -32,10 +33,11 @@ from crosslogic.commands.process import split_listen
 from crosslogic.extauthz.billcap import CAP_COLUMNS, CAP_JOIN
 from crosslogic.extauthz.tenants import IDENTITY_COLUMNS
 from crosslogic.ratelimit.money import month_of
-from crosslogic.ratelimit.quota import QUOTA_COLUMNS
+from crosslogic.ratelimit.quota import QUOTA_COLUMNS, quota_keys
 from crosslogic.ratelimit.store import TENANT_JOINS, TENANT_LIMIT_COLUMNS
 from crosslogic.sites.protocol import SYNC_PATH, USAGE_PATH, encode_row, record_from_json, server_context
 from crosslogic.store import sites
+from crosslogic.usage_record import UsageRecord
 
 log = logging.getLogger("crosslogic.sites")
 
@@ -64,10 +66,29 @@ def peer_identity(request: web.Request) -> pki.SiteIdentity | None:
 
 
 class SiteApi:
-    def __init__(self, pool: asyncpg.Pool, key_secret: str, default_region: str) -> None:
+    """`settle`: the accounting sink's settlement hook (idempotent per request id): a site's delivered usage counts
+    against the org's quotas and rate-limit windows like the cloud's own. `redis`: where the sync reads the quota
+    counters (None: the site is sent none and counts only its own usage)."""
+
+    def __init__(self, pool: asyncpg.Pool, key_secret: str, default_region: str,
+                 settle: Callable[[UsageRecord], None] | None = None, redis=None) -> None:
         self.pool = pool
         self.key_secret = key_secret
         self.default_region = default_region
+        self.settle = settle
+        self.redis = redis
+
+    async def _quota_counters(self, org_id: str, env_ids: set[str]) -> dict[str, int]:
+        """The org's and its environments' current day / hour quota counters (ratelimit/quota.py keys)."""
+        if self.redis is None or not env_ids:
+            return {}
+        keys = sorted({k for env in env_ids for k in quota_keys(org_id, env, datetime.now(UTC))})
+        try:
+            values = await self.redis.mget(keys)
+        except (OSError, aioredis.RedisError) as exc:
+            log.warning("quota counters unavailable for a site sync (%s)", exc)
+            return {}
+        return {k: int(v or 0) for k, v in zip(keys, values, strict=True)}
 
     async def _identity(self, request: web.Request) -> pki.SiteIdentity | None:
         identity = peer_identity(request)
@@ -87,6 +108,7 @@ class SiteApi:
             "org_id": identity.org_id, "site_id": identity.site_id, "synced_at": time.time(),
             "key_secret": self.key_secret, "default_region": self.default_region,
             "models": [dict(m) for m in models],
+            "quota_counters": await self._quota_counters(identity.org_id, {v["env_id"] for v in views}),
             "views": [{"key_hash": v["key_hash"], "row": encode_row({k: v[k] for k in v.keys() if k != "key_hash"})}
                       for v in views]})
 
@@ -109,13 +131,17 @@ class SiteApi:
             return _forbidden(f"{foreign} record(s) are not of this site's organization")
         async with self.pool.acquire() as conn:
             result = await write_batch(conn, records, written_by="site")
+        if self.settle is not None:  # in the ledger now: count them (a re-sent record is counted once)
+            for record in records:
+                self.settle(record)
         return web.json_response({"accepted": len(records), "inserted": result.inserted, "held": result.held})
 
 
 @asynccontextmanager
-async def site_api_server(listen: str, pool: asyncpg.Pool, pki_dir: Path, key_secret: str,
-                          default_region: str) -> AsyncIterator[web.AppRunner]:
-    api = SiteApi(pool, key_secret, default_region)
+async def site_api_server(listen: str, pool: asyncpg.Pool, pki_dir: Path, key_secret: str, default_region: str,
+                          settle: Callable[[UsageRecord], None] | None = None,
+                          redis=None) -> AsyncIterator[web.AppRunner]:
+    api = SiteApi(pool, key_secret, default_region, settle, redis)
     app = web.Application(client_max_size=32 * 1024 * 1024)
     app.router.add_get(SYNC_PATH, api.sync)
     app.router.add_post(USAGE_PATH, api.usage)

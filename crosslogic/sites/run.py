@@ -24,6 +24,7 @@ from crosslogic.extauthz.http_transport import authz_http_server
 from crosslogic.extauthz.http_wire import Limits
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.sites.authz import SiteState, Syncer
+from crosslogic.sites.quota import SiteQuotas
 from crosslogic.sites.spool import Pusher, Spool, SpoolingSink
 
 log = logging.getLogger("crosslogic.sites")
@@ -53,10 +54,11 @@ class SiteConfig:
 
 
 class _LocalAuthorizer(Authorizer):
-    """The cloud's decision; its key-hashing secret and default region are the last sync's."""
+    """The cloud's decision with the site's quotas (no limiter or bill cap at a site: docs/sites.md); its
+    key-hashing secret and default region are the last sync's."""
 
-    def __init__(self, state: SiteState) -> None:
-        super().__init__(state, state, b"", "", None, None, None)
+    def __init__(self, state: SiteState, quotas: SiteQuotas) -> None:
+        super().__init__(state, state, b"", "", quotas, None, None)
         self.state = state
 
     async def decide(self, method, path, headers, body):
@@ -88,14 +90,16 @@ async def serve_site(directory: Path) -> None:
     config = SiteConfig.load(directory)
     tls_dir = directory / "tls"
     state = SiteState(config.org_id, config.offline_max_s)
-    syncer = Syncer(state, config.cloud_api_url, tls_dir, directory / "sync.json", config.sync_interval_s)
+    quotas = SiteQuotas()
+    syncer = Syncer(state, config.cloud_api_url, tls_dir, directory / "sync.json", config.sync_interval_s, quotas)
     syncer.load_saved()
     spool = Spool(directory / "usage-spool.sqlite3")
+    quotas.spooled(r for _, r in spool.oldest(10**9))  # what a previous run spooled and did not deliver
     wake = asyncio.Event()
-    pusher = Pusher(spool, config.cloud_api_url, tls_dir, wake)
+    pusher = Pusher(spool, config.cloud_api_url, tls_dir, wake, quotas=quotas)
     tasks = [asyncio.create_task(syncer.run()), asyncio.create_task(pusher.run())]
-    checker = GuardedAuthorizer(_LocalAuthorizer(state))
-    sink = SpoolingSink(spool, wake)
+    checker = GuardedAuthorizer(_LocalAuthorizer(state, quotas))
+    sink = SpoolingSink(spool, wake, quotas)
     runner = web.AppRunner(_models_app(state), access_log=None)
     await runner.setup()
     try:

@@ -21,6 +21,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from crosslogic.accounting.usage import record_from_entry
 from crosslogic.sites.protocol import USAGE_PATH, client_context, record_from_json, record_to_json
+from crosslogic.sites.quota import SiteQuotas
 from crosslogic.usage_record import UsageRecord
 
 log = logging.getLogger("crosslogic.sites")
@@ -59,14 +60,17 @@ class Spool:
 class SpoolingSink(als_pb2_grpc.AccessLogServiceServicer):
     """The site's access-log service: each message's records go to the spool in one durable transaction."""
 
-    def __init__(self, spool: Spool, wake: asyncio.Event) -> None:
+    def __init__(self, spool: Spool, wake: asyncio.Event, quotas: SiteQuotas | None = None) -> None:
         self.spool = spool
         self.wake = wake
+        self.quotas = quotas
 
     async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC name)
         async for message in request_iterator:
             records = [r for r in map(record_from_entry, message.http_logs.log_entry) if r is not None]
             self.spool.add(records)
+            if self.quotas is not None:
+                self.quotas.spooled(records)
             if records:
                 self.wake.set()
         return als_pb2.StreamAccessLogsResponse()
@@ -76,8 +80,9 @@ class Pusher:
     """Delivers the spool to the cloud, oldest first, forever; backs off while the cloud cannot be reached."""
 
     def __init__(self, spool: Spool, cloud_url: str, tls_dir: Path, wake: asyncio.Event, batch: int = 500,
-                 interval_s: float = 0.5, max_backoff_s: float = 5.0) -> None:
+                 interval_s: float = 0.5, max_backoff_s: float = 5.0, quotas: SiteQuotas | None = None) -> None:
         self.spool = spool
+        self.quotas = quotas
         self.url = cloud_url.rstrip("/") + USAGE_PATH
         self.ssl = client_context(tls_dir)
         self.wake = wake
@@ -97,6 +102,8 @@ class Pusher:
             if response.status != 200:
                 raise RuntimeError(f"site API answered {response.status}: {(await response.text())[:200]}")
         self.spool.delete_through([seq for seq, _ in rows])
+        if self.quotas is not None:
+            self.quotas.acknowledged([r for _, r in rows])
         self.delivered += len(rows)
         return len(rows)
 
