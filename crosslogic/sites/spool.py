@@ -28,7 +28,11 @@ log = logging.getLogger("crosslogic.sites")
 
 
 class Spool:
+    """Blocking SQLite calls; the site process runs them in a thread (`run`), one at a time, so an fsync never
+    stalls the event loop that answers ext_authz."""
+
     def __init__(self, path: Path) -> None:
+        self._lock = asyncio.Lock()
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -56,6 +60,10 @@ class Spool:
     def close(self) -> None:
         self.db.close()
 
+    async def run(self, fn, *args):
+        async with self._lock:
+            return await asyncio.to_thread(fn, *args)
+
 
 class SpoolingSink(als_pb2_grpc.AccessLogServiceServicer):
     """The site's access-log service: each message's records go to the spool in one durable transaction."""
@@ -68,7 +76,7 @@ class SpoolingSink(als_pb2_grpc.AccessLogServiceServicer):
     async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC name)
         async for message in request_iterator:
             records = [r for r in map(record_from_entry, message.http_logs.log_entry) if r is not None]
-            self.spool.add(records)
+            await self.spool.run(self.spool.add, records)  # on disk before the next message is read
             if self.quotas is not None:
                 self.quotas.spooled(records)
             if records:
@@ -93,7 +101,7 @@ class Pusher:
 
     async def push_once(self, session: aiohttp.ClientSession) -> int:
         """Sends one batch; returns how many records left the spool."""
-        rows = self.spool.oldest(self.batch)
+        rows = await self.spool.run(self.spool.oldest, self.batch)
         if not rows:
             return 0
         body = {"records": [record_to_json(r) for _, r in rows]}
@@ -101,7 +109,7 @@ class Pusher:
                                 timeout=aiohttp.ClientTimeout(total=15)) as response:
             if response.status != 200:
                 raise RuntimeError(f"site API answered {response.status}: {(await response.text())[:200]}")
-        self.spool.delete_through([seq for seq, _ in rows])
+        await self.spool.run(self.spool.delete_through, [seq for seq, _ in rows])
         if self.quotas is not None:
             self.quotas.acknowledged([r for _, r in rows])
         self.delivered += len(rows)
@@ -116,7 +124,8 @@ class Pusher:
                         pass  # more waiting: no pause between full batches
                     backoff = self.interval_s
                 except (OSError, aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
-                    log.warning("usage push failed (%s); %d records kept in the spool", exc, self.spool.pending())
+                    log.warning("usage push failed (%s); %d records kept in the spool", exc,
+                                await self.spool.run(self.spool.pending))
                     backoff = min(self.max_backoff_s, backoff * 2)
                     await asyncio.sleep(backoff)  # new records do not hurry a retry while the cloud is away
                     continue
