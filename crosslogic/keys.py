@@ -1,4 +1,5 @@
-"""API key format and hashing: `clsk_live_<32 hex>`, stored only as HMAC-SHA256 with a server secret."""
+"""API key format and hashing: `clsk_live_<32 hex>` (test keys `clsk_test_<32 hex>`), stored only as HMAC-SHA256
+with a server secret."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import re
 import secrets
 
 KEY_PREFIX = "clsk_live_"
-_KEY_PATTERN = re.compile(r"^clsk_live_[0-9a-f]{32}$")
+# A test key's prefix (as Stripe's sk_test_): a human tells at a glance that a key is free and rate-capped, and a
+# secret scanner can rank a leaked test key lower. The database's api_keys.mode is what the platform acts on.
+TEST_KEY_PREFIX = "clsk_test_"
+KEY_MODES = ("live", "test")
+_KEY_PATTERN = re.compile(r"^clsk_(live|test)_[0-9a-f]{32}$")
 
 
-def generate_api_key() -> str:
-    return KEY_PREFIX + secrets.token_hex(16)
+def generate_api_key(mode: str = "live") -> str:
+    return (TEST_KEY_PREFIX if mode == "test" else KEY_PREFIX) + secrets.token_hex(16)
 
 
 def looks_like_api_key(candidate: str) -> bool:

@@ -142,6 +142,7 @@ def _sample_calls(w) -> dict[tuple[str, str], dict | None]:
         ("PUT", f"{P}/orgs/{{org}}/limits"): {"tokens_per_min": 1000, "quota_tokens_per_day": None},
         ("PUT", f"{P}/orgs/{{org}}/environments/{{env}}/limits"): {"requests_per_min": 60},
         ("PUT", f"{P}/orgs/{{org}}/keys/{{key_id}}/limits"): {"concurrency": 4},
+        ("PUT", f"{P}/test-key-limits"): {"requests_per_min": 5, "max_tokens_per_request": None},
         ("PUT", f"{P}/orgs/{{org}}/billing"): {"bill_cap_usd": "100", "free_tokens_per_month": 5000},
         ("PUT", f"{P}/models/{{model_id}}"): {"input_price_usd_per_1m": "0.06"},
         ("PUT", f"{P}/regions/{{region_id}}"): {"display_name": "Mumbai 2"},
@@ -286,6 +287,55 @@ async def test_limits_set_clear_and_in_force(world):
     cleared = await client.put(f"{P}/orgs/{org}/environments/prod/limits", json={"tokens_per_min": None},
                                headers=admin)
     assert (await cleared.json())["cleared"] == ["tokens_per_min"]
+
+
+async def test_a_test_key_is_created_listed_and_shown_with_its_mode_and_the_test_key_caps(world):
+    client, w, _ = world
+    org = w.orgs["a"].org_id
+    developer = bearer(w.tokens["a:developer"])
+    made = await client.post(f"{P}/orgs/{org}/keys", json={"env": "prod", "name": "ci", "mode": "test"},
+                             headers=developer)
+    assert made.status == 201, await made.text()
+    key = await made.json()
+    assert key["mode"] == "test" and re.fullmatch(r"clsk_test_[0-9a-f]{32}", key["api_key"])
+    assert key["key_prefix"] == key["api_key"][:16]
+    listed = await (await client.get(f"{P}/orgs/{org}/keys", headers=developer)).json()
+    assert {k["key_id"]: k["mode"] for k in listed["data"]} == {w.keys["a"].key_id: "live", key["key_id"]: "test"}
+    # A rotation keeps the mode (and the test prefix).
+    rotated = await (await client.post(f"{P}/orgs/{org}/keys/{key['key_id']}/rotate", headers=developer)).json()
+    assert rotated["mode"] == "test" and rotated["api_key"].startswith("clsk_test_")
+    bad = await client.post(f"{P}/orgs/{org}/keys", json={"env": "prod", "mode": "free"}, headers=developer)
+    assert bad.status == 400 and (await openai_error(bad))["param"] == "mode"
+
+    # The caps: readable by every token, changed by the platform only; a key's own higher limit does not lift them.
+    caps = await (await client.get(f"{P}/test-key-limits", headers=developer)).json()
+    assert caps == {"tokens_per_min": 5000, "requests_per_min": 10, "concurrency": 2, "max_tokens_per_request": 256}
+    admin = bearer(w.tokens["a:admin"])
+    refused = await client.put(f"{P}/test-key-limits", json={"requests_per_min": 1000}, headers=admin)
+    assert refused.status == 403  # an org's admin cannot lift them
+    raised = await client.put(f"{P}/orgs/{org}/keys/{rotated['key_id']}/limits", json={"requests_per_min": 500},
+                              headers=admin)
+    assert raised.status == 200, await raised.text()
+    shown = await (await client.get(f"{P}/orgs/{org}/limits", params={"key_id": rotated["key_id"]},
+                                    headers=developer)).json()
+    assert shown["key_mode"] == "test"
+    key_layer = {lim["kind"]: lim for lim in next(x for x in shown["layers"] if x["layer"] == "key")["limits"]}
+    assert key_layer["requests_per_min"] == {"kind": "requests_per_min", "value": 10, "source": "test-key cap"}
+    assert key_layer["tokens_per_min"]["value"] == 5000 and key_layer["tokens_per_min"]["source"] == "test-key cap"
+    quotas = {q["kind"]: q for q in shown["quotas"]}
+    assert quotas["max_tokens_per_request"]["value"] == 256
+    assert quotas["max_tokens_per_request"]["source"] == "test-key cap"
+    lowered = await client.put(f"{P}/orgs/{org}/keys/{rotated['key_id']}/limits", json={"requests_per_min": 3},
+                               headers=admin)
+    assert lowered.status == 200
+    shown = await (await client.get(f"{P}/orgs/{org}/limits", params={"key_id": rotated["key_id"]},
+                                    headers=developer)).json()
+    key_layer = {lim["kind"]: lim for lim in next(x for x in shown["layers"] if x["layer"] == "key")["limits"]}
+    assert key_layer["requests_per_min"] == {"kind": "requests_per_min", "value": 3, "source": "key override"}
+    live = await (await client.get(f"{P}/orgs/{org}/limits", params={"key_id": w.keys["a"].key_id},
+                                   headers=developer)).json()
+    assert live["key_mode"] == "live"
+    assert {q["kind"]: q["value"] for q in live["quotas"]}["max_tokens_per_request"] is None
 
 
 async def test_unknown_paths_methods_and_bodies_are_openai_errors(world):

@@ -421,3 +421,15 @@ def test_usage_show_and_month_are_the_admin_apis_queries(acme, database_url):
     assert [(r["group"], r["total_tokens"], r["cost_microdollars"]) for r in rows] == [("llama-3-8b", 42, 7)]
     month = ok(acme("usage", "month", "--org", "acme"))
     assert "org acme (serverless)" in month.out and "free tier:" in month.out
+
+
+def test_key_create_test_makes_a_test_key_listed_with_its_mode(acme):
+    run = ok(acme("key", "create", "--org", "acme", "--env", "prod", "--name", "ci", "--test"))
+    (plaintext,) = re.findall(r"clsk_test_[0-9a-f]{32}", run.out)
+    assert "never billed" in run.out and not KEY_RE.search(run.out)
+    ok(acme("key", "create", "--org", "acme", "--env", "prod", "--name", "backend"))
+    listed = ok(acme("key", "list", "--org", "acme", "--json")).json()
+    assert {k["name"]: k["mode"] for k in listed} == {"ci": "test", "backend": "live"}
+    assert "MODE" in ok(acme("key", "list", "--org", "acme")).out
+    rotated = ok(acme("key", "rotate", plaintext, "--json")).json()
+    assert rotated["mode"] == "test" and rotated["api_key"].startswith("clsk_test_")

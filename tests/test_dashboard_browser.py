@@ -109,7 +109,6 @@ def test_dashboard_shows_ledger_usage_and_a_key_it_creates_works_until_it_is_rev
             status, answer = _chat(gateway, new_key)
             assert status == 200, answer
             key_id = page.locator("#keys tbody tr", has_text="browser-test").get_attribute("data-key-id")
-            _shot(page, "dashboard-keys.png")
 
             page.click(f"button.revoke[data-key-id='{key_id}']")
             page.wait_for_selector(f"#keys tr[data-key-id='{key_id}'] td.status-revoked")
@@ -118,5 +117,25 @@ def test_dashboard_shows_ledger_usage_and_a_key_it_creates_works_until_it_is_rev
             took = time.monotonic() - revoked_at
             print(f"revoked key refused by the gateway {took * 1000:.0f} ms after the dashboard's revoke")
             assert refused and took < 1.0, f"the revoked key was served for {took:.2f} s"
+
+            # A test key: made with the checkbox, shown with its badge, served, its usage in the ledger at $0.
+            page.fill("#new-key-name", "browser-test-key")
+            page.check("#new-key-test")
+            page.click("#create-key-button")
+            page.wait_for_selector("#keys tbody tr:has-text('browser-test-key')")
+            test_key = page.text_content("#new-key-value").strip()
+            assert test_key.startswith("clsk_test_")
+            row = page.locator("#keys tbody tr", has_text="browser-test-key")
+            assert row.locator(".badge.mode-test").text_content() == "test"
+            assert page.locator("#keys tbody tr", has_text="browser-test").first.locator(".badge").count() == 1
+            status, answer = _chat(gateway, test_key)
+            assert status == 200, answer
+            _wait(lambda: _admin(gateway, f"/orgs/{gateway['org_id']}/billing")["test_usage"]["tokens"]
+                  >= answer["usage"]["total_tokens"], 15, "the test key's ledger row")
+            page.click("#refresh")
+            page.wait_for_selector("#test-usage:not(:empty)")
+            assert "test keys" in page.text_content("#test-usage") and "free" in page.text_content("#test-usage")
+            assert page.text_content("#test-key-caps").startswith("Test keys: at most")
+            _shot(page, "dashboard-keys.png")  # live, revoked and test keys, the test usage shown as free
         finally:
             browser.close()

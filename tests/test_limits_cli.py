@@ -413,3 +413,40 @@ def test_one_rule_in_shadow_mode_is_set_shown_and_cleared(cli, acme, database_ur
     refused(cli("limits", "set", "--key", acme["prefix"], "--shadow-limits", "tokens_per_week"), 2, "limit kinds")
     ok(cli("limits", "clear", "--key", acme["prefix"], "shadow_limits"))
     assert sql(database_url, "SELECT rate_limit_shadow_limits FROM api_keys")[0]["rate_limit_shadow_limits"] == []
+
+
+def test_a_test_keys_limits_are_the_test_key_caps_shown_and_enforced_alike(cli, acme, database_url, key_secret):
+    async def make() -> tenancy.ApiKeyRecord:
+        conn = await asyncpg.connect(database_url)
+        try:
+            key, _ = await tenancy.create_key(conn, key_secret.encode(), "acme", "prod", "ci-test",
+                                              rate_limit_tokens_per_min=9_000, mode="test")
+            return key
+        finally:
+            await conn.close()
+
+    key = asyncio.run(make())
+    shown = ok(cli("limits", "show", "--key", key.key_id, "--json")).json()
+    limits = limits_of(shown)
+    assert shown["key_mode"] == "test"
+    # Migration 012's caps (5,000 tokens/min, 10 requests/min, concurrency 2) win over the key's own 9,000.
+    assert limits[("key", "tokens_per_min")] == {"kind": "tokens_per_min", "value": 5_000, "source": "test-key cap"}
+    assert limits[("key", "requests_per_min")]["value"] == 10 and limits[("key", "concurrency")]["value"] == 2
+    assert {q["kind"]: q["value"] for q in shown["quotas"]}["max_tokens_per_request"] == 256
+    tenant, _ = enforced(database_url, key.key_id)
+    assert (tenant.key.tokens_per_min, tenant.key.requests_per_min, tenant.key.concurrency) == (5_000, 10, 2)
+
+    changed = ok(cli("limits", "set", "--test-keys", "--tokens-per-min", "2000", "--max-tokens-per-request", "64",
+                     "--json")).json()
+    assert changed["layer"] == "test_keys" and changed["changes"]["tokens_per_min"] == {"from": 5000, "to": 2000}
+    assert enforced(database_url, key.key_id)[0].key.tokens_per_min == 2_000
+    assert enforced(database_url, acme["key"])[0].key.tokens_per_min == 1_000  # a live key: not capped
+    ok(cli("limits", "clear", "--test-keys", "requests_per_min"))
+    shown = ok(cli("limits", "show", "--key", key.key_id, "--json")).json()
+    assert limits_of(shown)[("key", "requests_per_min")]["value"] is None
+    assert {q["kind"]: q["value"] for q in shown["quotas"]}["max_tokens_per_request"] == 64
+    (audit,) = sql(database_url, "SELECT count(*) AS n FROM audit_log WHERE target_type = 'test_key_limits'")
+    assert audit["n"] == 2
+    refused(cli("limits", "set", "--test-keys", "--tokens-per-day", "5"), 2, "tokens_per_day")
+    text = ok(cli("limits", "show", "--key", key.key_id)).out
+    assert text.startswith("test key " + key.key_prefix) and "test-key cap" in text

@@ -5,6 +5,10 @@ no cache, so nothing can be stale. Each batch first takes the price lock shared 
 exclusively until it commits), so a batch never prices a row after the start of a version it cannot see.
 A row that no version prices (unknown model, region or org at that moment) is held in `usage_unpriced`
 and retried, never written at a guess.
+
+A test key's rows (api_keys.mode 'test', migration 012; read here by key_id, a key's mode never changes) are
+written with mode 'test' and cost 0, need no price version, and add nothing to the month's spend, the free
+tier or the owed amount; the reporter never exports them.
 """
 
 from __future__ import annotations
@@ -37,11 +41,15 @@ WITH batch AS (
         $15::text[])
         AS b(request_id, occurred_at, org_id, env_id, key_id, region, model, endpoint, streamed, status_code,
              prompt_tokens, completion_tokens, usage_source, latency_ms, node_id)
+), test_keys AS (  -- the batch's few distinct keys looked up once each, not once per row (bench/ledger.py)
+    SELECT k.key_id FROM api_keys k WHERE k.key_id IN (SELECT DISTINCT key_id FROM batch) AND k.mode = 'test'
 ), priced AS (
-    SELECT b.*, p.price_version_id, p.input_price_microdollars_per_1m AS input_price,
+    SELECT b.*, CASE WHEN tk.key_id IS NULL THEN 'live' ELSE 'test' END AS mode, p.price_version_id,
+           p.input_price_microdollars_per_1m AS input_price,
            p.output_price_microdollars_per_1m AS output_price, r.multiplier_ppm AS region_ppm,
            t.tier_multiplier_ppm, t.discount_ppm
     FROM batch b
+    LEFT JOIN test_keys tk ON tk.key_id = b.key_id
     LEFT JOIN LATERAL (SELECT v.price_version_id, v.input_price_microdollars_per_1m,
                               v.output_price_microdollars_per_1m
                        FROM price_versions v WHERE v.model_id = b.model AND v.effective_from <= b.occurred_at
@@ -55,17 +63,19 @@ WITH batch AS (
 ), inserted AS (
     INSERT INTO usage_records (request_id, occurred_at, org_id, env_id, key_id, region, model, endpoint,
         streamed, status_code, prompt_tokens, completion_tokens, total_tokens, usage_source, latency_ms,
-        cost_microdollars, node_id, price_version_id, written_by)
+        cost_microdollars, node_id, price_version_id, written_by, mode)
     SELECT request_id, occurred_at, org_id, env_id, key_id, region, model, endpoint, streamed, status_code,
            prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, usage_source, latency_ms,
-           crosslogic_cost(prompt_tokens, completion_tokens, input_price, output_price, region_ppm,
-                           tier_multiplier_ppm, discount_ppm),
-           node_id, price_version_id, $16::text
+           CASE WHEN mode = 'test' THEN 0
+                ELSE crosslogic_cost(prompt_tokens, completion_tokens, input_price, output_price, region_ppm,
+                                     tier_multiplier_ppm, discount_ppm) END,
+           node_id, CASE WHEN mode = 'test' THEN NULL ELSE price_version_id END, $16::text, mode
     FROM priced
-    WHERE price_version_id IS NOT NULL AND region_ppm IS NOT NULL AND tier_multiplier_ppm IS NOT NULL
+    WHERE mode = 'test'
+       OR (price_version_id IS NOT NULL AND region_ppm IS NOT NULL AND tier_multiplier_ppm IS NOT NULL)
     ORDER BY request_id
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING org_id, occurred_at, request_id, cost_microdollars, total_tokens
+    RETURNING org_id, occurred_at, request_id, cost_microdollars, total_tokens, mode
 ), held AS (
     INSERT INTO usage_unpriced (request_id, occurred_at, org_id, env_id, key_id, region, model, endpoint,
         streamed, status_code, prompt_tokens, completion_tokens, usage_source, latency_ms, node_id, written_by,
@@ -75,7 +85,7 @@ WITH batch AS (
            CASE WHEN price_version_id IS NULL THEN 'price' WHEN region_ppm IS NULL THEN 'region multiplier'
                 ELSE 'org terms' END
     FROM priced
-    WHERE price_version_id IS NULL OR region_ppm IS NULL OR tier_multiplier_ppm IS NULL
+    WHERE mode = 'live' AND (price_version_id IS NULL OR region_ppm IS NULL OR tier_multiplier_ppm IS NULL)
     ORDER BY request_id
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id
@@ -84,7 +94,7 @@ WITH batch AS (
            sum(cost_microdollars) AS cost, sum(total_tokens) AS tokens,
            array_agg(total_tokens::bigint ORDER BY occurred_at, request_id) AS token_list,
            array_agg(cost_microdollars ORDER BY occurred_at, request_id) AS cost_list
-    FROM inserted GROUP BY 1, 2
+    FROM inserted WHERE mode = 'live' GROUP BY 1, 2
 ), allowed AS (
     SELECT m.*, crosslogic_monthly_allowance(o.billing_plan, o.free_tokens_per_month,
                o.reserved_capacity_tokens_per_sec, o.reserved_overage_billed, m.month) AS allowance
@@ -106,7 +116,7 @@ WITH batch AS (
     SELECT p.org_id, date_trunc('month', p.occurred_at AT TIME ZONE 'UTC')::date AS month,
            array_agg(p.request_id) AS request_ids
     FROM priced p JOIN orgs o ON o.org_id = p.org_id
-    WHERE o.monthly_bill_cap_microdollars IS NOT NULL
+    WHERE o.monthly_bill_cap_microdollars IS NOT NULL AND p.mode = 'live'
       AND p.price_version_id IS NOT NULL AND p.region_ppm IS NOT NULL AND p.tier_multiplier_ppm IS NOT NULL
     GROUP BY 1, 2
 )

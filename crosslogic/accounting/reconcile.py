@@ -31,7 +31,7 @@ SELECT u.org_id::text AS org_id, coalesce(o.stripe_customer_id, o.org_id::text) 
        count(*) FILTER (WHERE u.export_id IS NULL OR e.status <> 'sent') AS not_yet_exported
 FROM usage_records u JOIN orgs o ON o.org_id = u.org_id
 LEFT JOIN billing_exports e ON e.export_id = u.export_id
-WHERE u.occurred_at >= $1 AND u.occurred_at < $2
+WHERE u.occurred_at >= $1 AND u.occurred_at < $2 AND u.mode = 'live'
 GROUP BY 1, 2
 """
 _LEDGER_BY_MODEL_SQL = """

@@ -1,10 +1,10 @@
 """Billing reporter: unexported ledger rows -> Stripe Billing Meter Events, exactly once.
 
 Two steps, each safe to repeat or to interrupt anywhere:
-1. prepare: in one transaction, lock rows not yet exported, apply the org's plan (monthly free tier for
-   serverless, included capacity for reserved), group them per org, model and interval, and write one
-   `billing_exports` row per group, with a deterministic identifier derived from the group's content.
-   Rows point at their export. Nothing leaves the database in this step.
+1. prepare: in one transaction, lock live rows not yet exported (test keys' rows are free: never exported),
+   apply the org's plan (monthly free tier for serverless, included capacity for reserved), group them per org,
+   model and interval, and write one `billing_exports` row per group, with a deterministic identifier derived
+   from the group's content. Rows point at their export. Nothing leaves the database in this step.
 2. send: every export not yet sent (and due) goes to Stripe with that identifier (also as the
    Idempotency-Key). Success -> export `sent`, rows `billed`. Failure -> `failed`, retry_count + 1,
    rows `billing_failed`, next attempt after exponential backoff capped at 15 minutes.
@@ -39,7 +39,7 @@ SELECT u.usage_id, u.request_id, u.org_id, u.model, u.occurred_at, u.total_token
            o.reserved_overage_billed, date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date) AS allowance,
        coalesce(o.stripe_customer_id, o.org_id::text) AS customer
 FROM usage_records u JOIN orgs o ON o.org_id = u.org_id
-WHERE u.export_id IS NULL
+WHERE u.export_id IS NULL AND u.mode = 'live'
 ORDER BY u.org_id, u.occurred_at, u.request_id
 LIMIT $1
 FOR UPDATE OF u SKIP LOCKED
@@ -254,8 +254,8 @@ class BillingReporter:
 _UNBILLED_SQL = """
 SELECT count(*) AS n, coalesce(sum(cost_microdollars), 0)::bigint AS microdollars,
        coalesce(EXTRACT(EPOCH FROM now() - min(recorded_at)), 0)::float8 AS oldest_s
-FROM usage_records WHERE NOT billed
-"""  # the partial index usage_records_unbilled_idx: with Stripe working, few rows
+FROM usage_records WHERE NOT billed AND mode = 'live'
+"""  # the partial index usage_records_unbilled_idx: with Stripe working, few rows (test keys' rows: never billed)
 _OPEN_EXPORTS_SQL = "SELECT status, count(*) AS n FROM billing_exports WHERE status <> 'sent' GROUP BY status"
 EXPORT_STATUSES = ("pending", "failed")
 

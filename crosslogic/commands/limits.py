@@ -10,7 +10,8 @@
     crosslogic limits usage --key KEY
 
 TARGET is one of --org ORG, --env ENV [--org ORG], --key KEY, --global, --region REGION, --plan PLAN (plan
-defaults) or --layer LAYER (failure policy and shadow mode of a whole layer: global, region, org, env, key).
+defaults), --layer LAYER (failure policy and shadow mode of a whole layer: global, region, org, env, key) or
+--test-keys (the caps of every test key: tokens/requests per minute, concurrency, max tokens per request).
 `show` prints every layer's effective limit per kind as the limiter reads it and where it comes from (plan
 default, override, platform limit); `clear` puts a setting back to its default (inherit / unlimited, no
 reserved capacity, fail-open, no shadow mode). Settings are checked before anything is written; a change
@@ -39,7 +40,7 @@ NUMBER_SETTINGS = tuple(dict.fromkeys(name for target in lo.TARGETS.values()
                                       for name, column in target.settings.items()
                                       if not (column.flag or column.kinds)))
 FLAG_SETTINGS = ("shadow", "shadow_limits", "fail_open")
-TARGET_FLAGS = ("key", "env", "org", "global_", "region", "plan", "layer")
+TARGET_FLAGS = ("key", "env", "org", "global_", "region", "plan", "layer", "test_keys")
 
 
 class _RedisUnavailable(t.TenancyError):
@@ -53,9 +54,9 @@ def _target(a: argparse.Namespace) -> tuple[str, str | None]:
         given.remove("org")
     if len(given) != 1:
         raise t.InvalidArgument("name exactly one target: --org, --env [--org], --key, --global, --region, "
-                                "--plan or --layer")
+                                "--plan, --layer or --test-keys")
     layer = given[0].rstrip("_")
-    return layer, None if layer == "global" else getattr(a, given[0])
+    return layer, None if layer in ("global", "test_keys") else getattr(a, given[0])
 
 
 async def _resolve(db: Any, a: argparse.Namespace, c: Ctx) -> lo.Ref:
@@ -92,24 +93,26 @@ async def _subject(db: Any, a: argparse.Namespace, c: Ctx, *, key_only: bool = F
     key_ref, env_ref, org_ref = a.key, getattr(a, "env", None), getattr(a, "org", None)
     if key_only and not key_ref:
         raise t.InvalidArgument("usage needs --key")
+    key = env = None
     if key_ref:
         key = await t.get_key(db, key_ref, secret=c.secret)
         env, org = await t.get_env(db, key.env_id), await t.get_org(db, key.org_id)
-        ids = {"org": org.org_id, "env": env.env_id, "key": key.key_id}
-        title, region = f"key {key.key_prefix}", key.region or env.region
+        title = f"{key.mode} key {key.key_prefix}"
     elif env_ref:
         env = await t.get_env(db, env_ref, org_ref)
         org = await t.get_org(db, env.org_id)
-        ids, title, region = {"org": org.org_id, "env": env.env_id}, "environment", env.region
+        title = "environment"
     elif org_ref:
         org = await t.get_org(db, org_ref)
-        ids, title, region = {"org": org.org_id}, "org", None
+        title = "org"
     else:
         raise t.InvalidArgument("name --key, --env [--org] or --org")
-    region = region or (org.region_preferences[0] if org.region_preferences else Settings().default_region)
-    names = {"org": org.name, **({"env": env.name} if "env" in ids else {})}
-    of = " of " if "key" in ids else " "
-    return {"ids": ids, "title": f"{title}{of}{'/'.join(names.values())}", "region": region, "names": names}
+    ids = {"org": org.org_id, **({"env": env.env_id} if env else {}), **({"key": key.key_id} if key else {})}
+    names = {"org": org.name, **({"env": env.name} if env else {})}
+    of = " of " if key else " "
+    return {"ids": ids, "title": f"{title}{of}{'/'.join(names.values())}", "names": names,
+            "region": explain.request_region(Settings().default_region, org, env, key),
+            "org": org, "env": env, "key": key}
 
 
 LIMIT_COLS = [("LAYER", lambda r: r["layer"]), ("ID", lambda r: r["id"]), ("KIND", lambda r: r["kind"]),
@@ -123,10 +126,7 @@ QUOTA_COLS = [("LEVEL", lambda q: q[0]), ("SETTING", lambda q: q[1].kind), ("VAL
 
 async def _show(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     who = await _subject(db, a, c)
-    ids = who["ids"]
-    reading = await explain.read_limits(db, ids["org"], ids.get("env"), ids.get("key"))
-    overrides = await lo.read_overrides(db, ids["org"], ids.get("env"), ids.get("key"))
-    view = explain.explain(reading, overrides, who["region"], ids)
+    ids, view = await explain.limits_in_force(db, Settings().default_region, who["org"], who["env"], who["key"])
     rows = [{"layer": v.layer, "id": v.ident, "kind": lim.kind, "value": lim.value, "source": lim.source}
             for v in view.layers for lim in v.limits]
     text = "\n\n".join([f"{who['title']} (plan {view.plan}, region {view.region})", table(rows, LIMIT_COLS),
@@ -170,6 +170,8 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", help="a region's platform layer")
     p.add_argument("--plan", help="a billing plan's defaults")
     p.add_argument("--layer", help="a whole layer's failure policy and shadow mode")
+    p.add_argument("--test-keys", dest="test_keys", action="store_true",
+                   help="the caps every test key gets (its own limits can only be lower)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,10 +7,11 @@
     crosslogic env list [--org ORG] | env suspend ENV [--org ORG] | env resume ENV [--org ORG]
     crosslogic key create --org ORG --env ENV [--name N] [--region R] [--role admin|developer|read-only]
                                               [--rate-limit-tokens-per-min N] [--allow-suspended]
-                                              [--expires-at TIME]
+                                              [--expires-at TIME] [--test]
     crosslogic key list [--org ORG] [--env ENV] | key revoke KEY | key rotate KEY [--overlap SECONDS]
     crosslogic token create --role admin|developer|read-only [--org ORG] [--name N] [--expires-at TIME]
-    crosslogic usage show [--org ORG] [--bucket hour|day] [--group-by model|region|key|env|org] [--since T] [--until T]
+    crosslogic usage show [--org ORG] [--bucket hour|day] [--group-by model|region|key|env|mode|org] [--mode live|test]
+                          [--since T] [--until T]
     crosslogic usage month --org ORG                                 (the admin API's usage and billing queries)
     crosslogic token list [--org ORG] | token revoke TOKEN        (admin API tokens; no --org = platform scope)
     crosslogic model add MODEL [--kind chat|completion|embedding] [--served-name S] [--context-length N]
@@ -34,6 +35,8 @@ out keep their current value. `--max-n` caps `n` (and completions' `best_of`) pe
 gateway (403 tenant_suspended) until the org / environment is resumed. `--allow-suspended` creates it anyway
 (e.g. to hand out keys before resuming) and says so on stderr. `key rotate` works in a suspended tenant (a
 leaked key must be replaceable at any time) and says the new key is unusable until it is resumed.
+`key create --test` makes a test key (`clsk_test_…`): served by the same nodes, its usage in the ledger at cost 0
+and never billed, capped by `crosslogic limits set --test-keys` (docs/admin-api.md, "Test keys").
 
 Every command takes `--json` (a JSON object or list on stdout) and `--actor` (the audit log's actor,
 default $USER). The database and the key secret come from CROSSLOGIC_DATABASE_URL / CROSSLOGIC_KEY_SECRET
@@ -49,6 +52,7 @@ from datetime import datetime
 from typing import Any
 
 from crosslogic.commands.common import Action, Ctx, Output, col, csv_list, db_command, many, one, table
+from crosslogic.keys import KEY_MODES
 from crosslogic.store import admin_tokens, usage_queries
 from crosslogic.store import tenancy as t
 
@@ -57,7 +61,7 @@ ORG_COLS = [col("name"), col("org_id", "ID"), col("status"), col("billing_plan",
 ENV_COLS = [col("org_name", "ORG"), col("name"), col("env_id", "ID"), col("status"), col("region"),
             col("model_list", "MODELS"), col("quota_tokens_per_day", "QUOTA/DAY"),
             col("concurrency_limit", "CONCURRENCY")]  # fmt: skip
-KEY_COLS = [col("key_prefix", "PREFIX"), col("key_id", "ID"), col("org_name", "ORG"),
+KEY_COLS = [col("key_prefix", "PREFIX"), col("key_id", "ID"), col("mode"), col("org_name", "ORG"),
             col("env_name", "ENV"), col("name"), col("role"), col("region"),
             col("rate_limit_tokens_per_min", "TOKENS/MIN"), col("status"), col("created_at", "CREATED"),
             col("revoked_at", "REVOKED")]  # fmt: skip
@@ -139,10 +143,12 @@ async def _key_create(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     assert c.secret is not None
     record, plaintext = await t.create_key(
         db, c.secret, a.org, a.env, a.name, a.region, a.role, a.rate_limit_tokens_per_min, actor=c.actor,
-        allow_suspended=a.allow_suspended, expires_at=a.expires_at,
+        allow_suspended=a.allow_suspended, expires_at=a.expires_at, mode="test" if a.test else "live",
     )
     _warn_if_suspended(record, await t.suspended_owner(db, record))
-    return _new_key(record, plaintext, "API key:")
+    headline = (f"Test API key (free, never billed; its limits: crosslogic limits show --key {record.key_prefix}):"
+                if a.test else "API key:")
+    return _new_key(record, plaintext, headline)
 
 
 async def _key_list(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
@@ -165,7 +171,7 @@ async def _usage_show(db: Any, a: argparse.Namespace, c: Ctx) -> Output:
     """The admin API's usage query (store/usage_queries.py), for an org or (no --org) the platform."""
     org_id = None if a.org is None else (await t.get_org(db, a.org)).org_id
     query = usage_queries.SeriesQuery(bucket=a.bucket, since=a.since, until=a.until, group_by=a.group_by,
-                                      org_id=org_id)
+                                      org_id=org_id, mode=a.mode)
     rows = await usage_queries.usage_series(db, query)
     return Output(rows, table(rows, USAGE_COLS))
 
@@ -324,6 +330,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="create the key even if its org or environment is suspended (it is refused until resumed)")
     p.add_argument("--expires-at", type=_aware_time, metavar="TIME",
                    help="the key stops working then (ISO 8601 with a zone, e.g. 2027-01-01T00:00:00Z)")
+    p.add_argument("--test", action="store_true",
+                   help="a test key (clsk_test_…): same models and nodes, usage shown but never billed, low "
+                        "limits of its own (crosslogic limits set --test-keys …)")
     p = command(key, "list", "list API keys (never the keys themselves)", _key_list)
     p.add_argument("--org", help="only this organisation's")
     p.add_argument("--env", help="only this environment's")
@@ -338,7 +347,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = command(usage, "show", "tokens, requests and cost per hour or day", _usage_show)
     p.add_argument("--org", help="one organisation (default: every org)")
     p.add_argument("--bucket", default="hour", choices=usage_queries.BUCKETS, help="hour or day (UTC)")
-    p.add_argument("--group-by", choices=list(usage_queries.GROUPS), help="break down by model, region, key, env, org")
+    p.add_argument("--group-by", choices=list(usage_queries.GROUPS),
+                   help="break down by model, region, key, env, mode (live / test keys), org")
+    p.add_argument("--mode", choices=KEY_MODES, help="only live or only test keys' usage (test usage costs 0)")
     p.add_argument("--since", type=_aware_time, metavar="TIME", help="start (default: 24 buckets before --until)")
     p.add_argument("--until", type=_aware_time, metavar="TIME", help="end (default: now)")
     p = command(usage, "month", "an org's month so far: cost, free tier left, reserved capacity, cap", _usage_month)

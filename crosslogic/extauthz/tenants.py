@@ -53,7 +53,7 @@ IDENTITY_COLUMNS = """
 k.key_id::text AS key_id, k.org_id::text AS org_id, k.env_id::text AS env_id,
 k.status AS key_status, e.status AS env_status, o.status AS org_status,
 COALESCE(k.region, e.region, o.region_preferences ->> 0) AS region, e.model_list AS env_models,
-extract(epoch FROM k.expires_at)::float8 AS key_expires_at
+extract(epoch FROM k.expires_at)::float8 AS key_expires_at, k.mode AS key_mode
 """
 # $1 = the key's HMAC, $2 = the current UTC month (for the bill cap's owed amount).
 TENANT_VIEW_SQL = (f"SELECT {IDENTITY_COLUMNS}, {TENANT_LIMIT_COLUMNS}, {QUOTA_COLUMNS}, {CAP_COLUMNS} "
@@ -77,6 +77,7 @@ class TenantView:
     quotas: Quotas
     cap: Cap | None  # None: the org has no monthly bill cap
     key_expires_at: float | None = None  # Unix time the key stops working (expiry, rotation overlap); None = never
+    test: bool = False  # a test key (migration 012): free, so never held against the org's bill cap
 
 
 def _json_list(value: object) -> list:
@@ -90,7 +91,10 @@ def view_from_row(row: asyncpg.Record, month: object) -> TenantView:
         key_id=row["key_id"], org_id=row["org_id"], env_id=row["env_id"], key_status=row["key_status"],
         env_status=row["env_status"], org_status=row["org_status"], region=row["region"],
         allowed_models=frozenset(_json_list(row["env_models"])), limits=tenant_limits(row),
-        quotas=Quotas.from_row(row), cap=Cap.from_row(row, month), key_expires_at=row["key_expires_at"])
+        quotas=Quotas.from_row(row), key_expires_at=row["key_expires_at"], test=row["key_mode"] == "test",
+        # A test key's usage is priced 0 and never owed: nothing to reserve, and a capped org's test keys keep
+        # working after the cap is reached (their limits come from test_key_limits instead).
+        cap=None if row["key_mode"] == "test" else Cap.from_row(row, month))
 
 
 class TenantCache:

@@ -1,4 +1,5 @@
-"""Which limits apply to a key (or an env, or an org), and where each value comes from: `crosslogic limits show`.
+"""Which limits apply to a key (or an env, or an org), and where each value comes from: `crosslogic limits show`
+and the admin API's `GET …/limits` both call `limits_in_force` (one implementation).
 
 The numbers are LimitStore's own reading -- the one merge of plan defaults, overrides and layer policy that
 the limiter enforces -- and the quota reader's, never a second copy of them; the raw rows (store/
@@ -15,9 +16,13 @@ from dataclasses import asdict, dataclass
 import asyncpg
 
 from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
-from crosslogic.ratelimit.quota import QUOTAS_SQL, Quotas
-from crosslogic.ratelimit.store import LimitStore
-from crosslogic.store.limit_overrides import RATE_KINDS, TARGETS, Overrides, Value
+from crosslogic.ratelimit.quota import QUOTA_COLUMNS, Quotas
+from crosslogic.ratelimit.store import TENANT_JOINS, LimitStore
+from crosslogic.store import tenancy
+from crosslogic.store.limit_overrides import RATE_KINDS, TARGETS, Overrides, Value, read_overrides
+
+# The quotas and per-request caps as ext_authz's tenant view reads them (a test key's caps included).
+SQL_KEY_QUOTAS = f"SELECT {QUOTA_COLUMNS} FROM {TENANT_JOINS} WHERE k.key_id = $1"
 
 SQL_PROBE_ENV = """
 INSERT INTO environments (org_id, name) VALUES ($1, 'limits-probe-' || gen_random_uuid()) RETURNING env_id"""
@@ -49,7 +54,7 @@ async def read_limits(conn: asyncpg.Connection, org_id: str, env_id: str | None 
         store = LimitStore(conn)  # a connection answers fetch/fetchrow as the pool does
         tenant = await store.for_key(str(key_id))
         platform = await store.platform()
-        row = await conn.fetchrow(QUOTAS_SQL, uuid.UUID(str(env_id)))
+        row = await conn.fetchrow(SQL_KEY_QUOTAS, uuid.UUID(str(key_id)))
     finally:
         await probe.rollback()
     return Reading(tenant, platform, Quotas(**dict(row)) if row else Quotas())
@@ -80,9 +85,11 @@ class Explanation:
     layers: tuple[LayerView, ...]
     reserved_tokens_per_sec: int
     quotas: tuple[tuple[str, Limit], ...]  # (level, limit)
+    key_mode: str | None = None  # the key's mode ("live" / "test") when a key was asked
 
     def as_json(self) -> dict:
         return {"region": self.region, "plan": self.plan, "reserved_tokens_per_sec": self.reserved_tokens_per_sec,
+                **({"key_mode": self.key_mode} if self.key_mode else {}),
                 "layers": [asdict(v) for v in self.layers],
                 "quotas": [{"level": level, **asdict(q)} for level, q in self.quotas]}
 
@@ -106,6 +113,8 @@ def _kinds(layer: str, limits: LayerLimits) -> list[str]:
 def _tenant_view(layer: str, ident: str, limits: LayerLimits, ov: Overrides) -> LayerView:
     def candidates(kind: str) -> list[tuple[str, Value]]:
         found = [(f"{level} override", ov.rows.get(level, {}).get(kind)) for level in _CHAIN[layer]]
+        if layer == "key":  # a test key's cap wins over the key's own value when lower (never over an equal one)
+            found.insert(1, ("test-key cap", ov.test_caps.get(kind)))
         return found + [(f"plan default ({ov.plan})", ov.rows["plan"].get(kind))]
 
     shadow_sources = [name for name, on in (("layer policy", ov.policy.get(layer, {}).get("shadow")),
@@ -147,6 +156,38 @@ def explain(reading: Reading, ov: Overrides, region: str, ids: dict[str, str]) -
         quotas += [("env", "quota_tokens_per_day", q.env_day), ("env", "quota_tokens_per_hour", q.env_hour),
                    ("env", "max_request_bytes", q.max_request_bytes),
                    ("env", "max_tokens_per_request", q.max_tokens_per_request)]
+    def source(level: str, kind: str, value: int | None) -> str:
+        if value is None:
+            return "not set"
+        if ov.test_caps.get(kind) == value and ov.rows.get(level, {}).get(kind) != value:
+            return "test-key cap"
+        return f"set on the {level}"
+
     return Explanation(region, ov.plan, tuple(layers), tenant.reserved_tokens_per_sec,
-                       tuple((level, Limit(kind, value, "not set" if value is None else f"set on the {level}"))
-                             for level, kind, value in quotas))
+                       tuple((level, Limit(kind, value, source(level, kind, value))) for level, kind, value in quotas),
+                       "test" if ov.test_caps else ("live" if "key" in ids else None))
+
+
+def request_region(default_region: str, org: tenancy.Org, env: tenancy.Environment | None = None,
+                   key: tenancy.ApiKeyRecord | None = None) -> str:
+    """The region a request of this key (env, org) is served in, as ext_authz picks it."""
+    for region in (key.region if key else None, env.region if env else None):
+        if region:
+            return region
+    return org.region_preferences[0] if org.region_preferences else default_region
+
+
+async def limits_in_force(conn: asyncpg.Connection, default_region: str, org: tenancy.Org,
+                          env: tenancy.Environment | None = None,
+                          key: tenancy.ApiKeyRecord | None = None) -> tuple[dict[str, str], Explanation]:
+    """What the limiter and the quota check enforce for the key (or any key of the env / org), and where each
+    value comes from: the one implementation behind `crosslogic limits show` and `GET /admin/v1/orgs/…/limits`.
+    Returns the ids of the layers shown and the explanation."""
+    ids = {"org": org.org_id}
+    if env is not None:
+        ids["env"] = env.env_id
+    if key is not None:
+        ids["key"] = key.key_id
+    reading = await read_limits(conn, ids["org"], ids.get("env"), ids.get("key"))
+    overrides = await read_overrides(conn, ids["org"], ids.get("env"), ids.get("key"))
+    return ids, explain(reading, overrides, request_region(default_region, org, env, key), ids)

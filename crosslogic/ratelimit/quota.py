@@ -25,13 +25,12 @@ from crosslogic.ratelimit.engine import org_tag
 from crosslogic.ratelimit.resp import ScriptClient
 
 log = logging.getLogger("crosslogic.ratelimit")
-# Over orgs o and environments e; named as the Quotas fields.
+# Over ratelimit.store.TENANT_JOINS (orgs o, environments e, a test key's caps tk); named as the Quotas fields.
 QUOTA_COLUMNS = """
 o.quota_tokens_per_day AS org_day, o.quota_tokens_per_hour AS org_hour,
 e.quota_tokens_per_day AS env_day, e.quota_tokens_per_hour AS env_hour,
-e.max_request_bytes, e.max_tokens_per_request
+e.max_request_bytes, LEAST(e.max_tokens_per_request, tk.max_tokens_per_request) AS max_tokens_per_request
 """
-QUOTAS_SQL = f"SELECT {QUOTA_COLUMNS} FROM environments e JOIN orgs o ON o.org_id = e.org_id WHERE e.env_id = $1"
 PERIOD_TTL_S = {"d": 2 * 86_400, "h": 2 * 3_600}
 _LEVELS = {"org": "organization", "env": "environment"}
 _PERIODS = {"d": "daily", "h": "hourly"}
@@ -86,7 +85,7 @@ def cap_violation(quotas: Quotas, body_bytes: int, completion_tokens: int) -> er
         return errors.request_too_large()
     if quotas.max_tokens_per_request is not None and completion_tokens > quotas.max_tokens_per_request:
         return errors.invalid_request(f"max_tokens is limited to {quotas.max_tokens_per_request} completion tokens "
-                                      f"per request in this environment (max_tokens x n), and this request may "
+                                      f"per request for this key (max_tokens x n), and this request may "
                                       f"generate {completion_tokens}.", "max_tokens")
     return None
 

@@ -23,7 +23,9 @@ from crosslogic.store.db import follow_notifications
 
 log = logging.getLogger("crosslogic.ratelimit")
 
-# api_keys k, environments e, orgs o: the tenant rows; p: the org's plan defaults; lo/le/lk: each layer's policy.
+# api_keys k, environments e, orgs o: the tenant rows; p: the org's plan defaults; lo/le/lk: each layer's policy;
+# tk: the caps of a test key (migration 012), no row for a live key. LEAST ignores NULLs, so a test key's limit
+# is the smaller of its own and the cap, and a live key's is its own.
 TENANT_JOINS = """
 api_keys k
 JOIN environments e ON e.env_id = k.env_id
@@ -32,6 +34,7 @@ LEFT JOIN plan_limits p ON p.billing_plan = o.billing_plan
 LEFT JOIN rate_limit_layers lo ON lo.layer = 'org'
 LEFT JOIN rate_limit_layers le ON le.layer = 'env'
 LEFT JOIN rate_limit_layers lk ON lk.layer = 'key'
+LEFT JOIN test_key_limits tk ON k.mode = 'test'
 """
 TENANT_LIMIT_COLUMNS = """
 o.rate_limit_tokens_per_sec AS org_tps, e.rate_limit_tokens_per_sec AS env_tps,
@@ -42,8 +45,9 @@ COALESCE(o.rate_limit_tokens_per_day, p.tokens_per_day) AS org_tpd,
 COALESCE(o.concurrency_limit, p.concurrency_limit) AS org_conc,
 e.rate_limit_tokens_per_min AS env_tpm, e.rate_limit_requests_per_min AS env_rpm,
 e.concurrency_limit AS env_conc,
-k.rate_limit_tokens_per_min AS key_tpm, k.rate_limit_requests_per_min AS key_rpm,
-k.concurrency_limit AS key_conc, o.reserved_capacity_tokens_per_sec AS reserved_tps,
+LEAST(k.rate_limit_tokens_per_min, tk.tokens_per_min) AS key_tpm,
+LEAST(k.rate_limit_requests_per_min, tk.requests_per_min) AS key_rpm,
+LEAST(k.concurrency_limit, tk.concurrency_limit) AS key_conc, o.reserved_capacity_tokens_per_sec AS reserved_tps,
 o.rate_limit_shadow AS org_shadow, e.rate_limit_shadow AS env_shadow, k.rate_limit_shadow AS key_shadow,
 o.rate_limit_shadow_limits AS org_shadow_limits, e.rate_limit_shadow_limits AS env_shadow_limits,
 k.rate_limit_shadow_limits AS key_shadow_limits,

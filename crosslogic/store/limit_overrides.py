@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from crosslogic.contract import LIMIT_KINDS
@@ -25,6 +25,7 @@ RATE_KINDS = ("tokens_per_sec", "tokens_per_min", "requests_per_min", "tokens_pe
 POLICY_LAYERS = ("global", "region", "org", "env", "key")  # rate_limit_layers' rows
 SQL_ORG_PLAN = "SELECT billing_plan FROM orgs WHERE org_id = $1"
 SQL_LAYER_POLICY = "SELECT layer, fail_open, shadow FROM rate_limit_layers"
+SQL_KEY_MODE = "SELECT mode FROM api_keys WHERE key_id = $1"
 Value = int | bool | None
 
 
@@ -111,6 +112,10 @@ TARGETS: dict[str, Target] = {t.layer: t for t in (
     Target("plan", "plan_limits", "billing_plan", "plan", {
         "tokens_per_min": Column("tokens_per_min"), "requests_per_min": Column("requests_per_min"),
         "tokens_per_day": Column("tokens_per_day", bigint=True), "concurrency": Column("concurrency_limit")}),
+    # The caps of every test key (migration 012): a test key's own limits can only be lower.
+    Target("test_keys", "test_key_limits", "singleton", "test_key_limits", {
+        "tokens_per_min": Column("tokens_per_min"), "requests_per_min": Column("requests_per_min"),
+        "concurrency": Column("concurrency_limit"), "max_tokens_per_request": Column("max_tokens_per_request")}),
     # Per layer: fail-open or fail-closed while Redis is unreachable, and shadow mode for the whole layer.
     Target("layer", "rate_limit_layers", "layer", "rate_limit_layer", {
         "fail_open": _flag("fail_open", True), "shadow": _flag("shadow", False)}),
@@ -130,7 +135,7 @@ class Ref:
 
     @property
     def display_id(self) -> str:
-        return "global" if self.ident is True else str(self.ident)
+        return self.target.layer if self.ident is True else str(self.ident)  # the one-row tables
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,8 @@ async def resolve(db: Db, layer: str, ref: str | None = None, *, org: str | None
         return Ref(target, uuid.UUID(key.key_id), key.key_prefix)
     if layer == "global":
         return Ref(target, True, "global")
+    if layer == "test_keys":
+        return Ref(target, True, "test keys")
     if layer == "region":
         await tenancy.get_region(db, ref)
         return Ref(target, ref, ref)
@@ -219,6 +226,7 @@ class Overrides:
     plan: str
     rows: dict[str, dict[str, Value]]  # layer (org, env, key, plan) -> setting -> stored value
     policy: dict[str, dict[str, Value]]  # layer -> {"fail_open": ..., "shadow": ...}
+    test_caps: dict[str, Value] = field(default_factory=dict)  # a test key's caps (test_key_limits); {} if live
 
 
 async def read_overrides(db: Db, org_id: str, env_id: str | None = None, key_id: str | None = None) -> Overrides:
@@ -231,5 +239,8 @@ async def read_overrides(db: Db, org_id: str, env_id: str | None = None, key_id:
     plan_row = await db.fetchrow(TARGETS["plan"].select_sql(), plan)
     rows["plan"] = dict(plan_row) if plan_row else {}
     policy_rows = await db.fetch(SQL_LAYER_POLICY)
+    test_caps: dict[str, Value] = {}
+    if key_id is not None and await db.fetchval(SQL_KEY_MODE, uuid.UUID(str(key_id))) == "test":
+        test_caps = dict(await db.fetchrow(TARGETS["test_keys"].select_sql(), True) or {})
     return Overrides(plan, rows, {r["layer"]: {"fail_open": r["fail_open"], "shadow": r["shadow"]}
-                                  for r in policy_rows})
+                                  for r in policy_rows}, test_caps)

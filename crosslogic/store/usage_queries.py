@@ -16,7 +16,7 @@ from crosslogic.store.tenancy import Db, InvalidArgument, NotFound, as_uuid
 BUCKETS = ("hour", "day")
 # What a series can be broken down by; the SQL expression of each group's label.
 GROUPS = {"model": "u.model", "region": "u.region", "key": "u.key_id::text", "env": "u.env_id::text",
-          "org": "u.org_id::text"}
+          "mode": "u.mode", "org": "u.org_id::text"}
 MAX_BUCKETS = 24 * 93  # a quarter of hourly buckets: an answer stays small whatever a caller asks for
 
 _SERIES_SQL = """
@@ -28,7 +28,7 @@ FROM usage_records u
 WHERE u.occurred_at >= $2 AND u.occurred_at < $3
   AND ($4::uuid IS NULL OR u.org_id = $4) AND ($5::uuid IS NULL OR u.env_id = $5)
   AND ($6::uuid IS NULL OR u.key_id = $6) AND ($7::text IS NULL OR u.model = $7)
-  AND ($8::text IS NULL OR u.region = $8)
+  AND ($8::text IS NULL OR u.region = $8) AND ($9::text IS NULL OR u.mode = $9)
 GROUP BY 1, 2 ORDER BY 1, 2
 """
 _MONTH_SQL = """
@@ -48,6 +48,11 @@ SELECT status, count(*)::bigint AS exports, coalesce(sum(value), 0)::bigint AS v
        max(sent_at) AS last_sent_at
 FROM billing_exports WHERE org_id = $1 GROUP BY status
 """
+# Test keys' usage this month: shown beside the bill, never part of it (migration 012).
+_TEST_USAGE_SQL = """
+SELECT count(*)::bigint AS requests, coalesce(sum(total_tokens), 0)::bigint AS tokens FROM usage_records
+WHERE org_id = $1 AND occurred_at >= $2 AND mode = 'test'
+"""
 # A reserved plan whose overage is not billed has an unlimited allowance (the SQL function's bigint maximum).
 UNLIMITED = 9223372036854775807
 
@@ -63,6 +68,7 @@ class SeriesQuery:
     key_id: str | None = None
     model: str | None = None
     region: str | None = None
+    mode: str | None = None  # "live" / "test" (a test key's rows cost 0: test_keys in docs/admin-api.md)
 
     def window(self, now: datetime) -> tuple[datetime, datetime]:
         step = timedelta(hours=1) if self.bucket == "hour" else timedelta(days=1)
@@ -96,7 +102,7 @@ async def usage_series(db: Db, query: SeriesQuery, now: datetime | None = None) 
     group = GROUPS[query.group_by] if query.group_by else "NULL::text"
     rows = await db.fetch(_SERIES_SQL.format(group=group), query.bucket, since, until,
                           _uuid_or_none(query.org_id, "org_id"), _uuid_or_none(query.env_id, "env_id"),
-                          _uuid_or_none(query.key_id, "key_id"), query.model, query.region)
+                          _uuid_or_none(query.key_id, "key_id"), query.model, query.region, query.mode)
     return [{"bucket": r["bucket"].replace(tzinfo=UTC).isoformat(), "group": r["grp"], "requests": r["requests"],
              "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
              "total_tokens": r["total_tokens"], "cost_microdollars": r["cost_microdollars"]} for r in rows]
@@ -119,6 +125,7 @@ async def org_month(db: Db, org_id: str, now: datetime | None = None) -> dict:
     exports = {r["status"]: {"exports": r["exports"], "value": r["value"],
                              "last_sent_at": r["last_sent_at"].isoformat() if r["last_sent_at"] else None}
                for r in await db.fetch(_EXPORTS_SQL, org_uuid)}
+    test = await db.fetchrow(_TEST_USAGE_SQL, org_uuid, month)
     return {
         "org_id": row["org_id"], "org_name": row["name"], "month": month.date().isoformat(),
         "billing_plan": row["billing_plan"], "pricing_tier": row["pricing_tier"], "discount_ppm": row["discount_ppm"],
@@ -131,4 +138,5 @@ async def org_month(db: Db, org_id: str, now: datetime | None = None) -> dict:
         "bill_cap_microdollars": row["monthly_bill_cap_microdollars"], "suspend_at_cap": row["suspend_at_cap"],
         "stripe_customer": row["stripe_customer_id"] is not None,
         "exports": exports,
+        "test_usage": {"requests": test["requests"], "tokens": test["tokens"]},  # free: in none of the above
     }

@@ -32,6 +32,7 @@ from crosslogic.api.admin.schema import (
     obj,
     string,
 )
+from crosslogic.keys import KEY_MODES
 from crosslogic.ratelimit import explain
 from crosslogic.store import admin_tokens, billing_terms, routing_policy, usage_queries
 from crosslogic.store import limit_overrides as lo
@@ -186,7 +187,7 @@ async def create_key(c: Call) -> dict:
     record, plaintext = await t.create_key(
         c.conn, c.secret, c.org.org_id, env.env_id, b.get("name", ""), b.get("region"), b.get("role", "developer"),
         b.get("rate_limit_tokens_per_min"), actor=c.actor, allow_suspended=b.get("allow_suspended", False),
-        expires_at=b.get("expires_at"))
+        expires_at=b.get("expires_at"), mode=b.get("mode", "live"))
     return _new_secret(_key_json(record), "api_key", plaintext)
 
 
@@ -211,27 +212,23 @@ async def revoke_key(c: Call) -> dict:
 async def limits_in_force(c: Call) -> dict:
     """What the limiter enforces for the org (or an env, or a key of it) and where each value comes from."""
     assert c.org is not None
-    ids = {"org": c.org.org_id}
-    region = c.org.region_preferences[0] if c.org.region_preferences else c.default_region
+    key = env = None
     if c.params.get("key_id"):
         key = await _key_of_org(c, c.params["key_id"])
         env = await t.get_env(c.conn, key.env_id)
-        ids.update(env=env.env_id, key=key.key_id)
-        region = key.region or env.region or region
     elif c.params.get("env"):
         env = await t.get_env(c.conn, c.params["env"], c.org.org_id)
-        ids["env"] = env.env_id
-        region = env.region or region
-    reading = await explain.read_limits(c.conn, ids["org"], ids.get("env"), ids.get("key"))
-    overrides = await lo.read_overrides(c.conn, ids["org"], ids.get("env"), ids.get("key"))
-    return {"ids": ids, **explain.explain(reading, overrides, region, ids).as_json()}
+    ids, view = await explain.limits_in_force(c.conn, c.default_region, c.org, env, key)
+    return {"ids": ids, **view.as_json()}
 
 
 def _set_limits(layer: str) -> Handler:
     async def handler(c: Call) -> dict:
-        assert c.org is not None
-        ident = {"org": c.org.org_id, "env": c.env.env_id if c.env else None,
-                 "key": c.key.key_id if c.key else None}[layer]
+        ident = None
+        if layer != "test_keys":  # the one-row table of every test key's caps has no id
+            assert c.org is not None
+            ident = {"org": c.org.org_id, "env": c.env.env_id if c.env else None,
+                     "key": c.key.key_id if c.key else None}[layer]
         ref = await lo.resolve(c.conn, layer, ident)
         setting = {k: v for k, v in c.body.items() if v is not None}
         cleared = [k for k, v in c.body.items() if v is None]
@@ -245,11 +242,18 @@ def _set_limits(layer: str) -> Handler:
     return handler
 
 
+async def test_key_limits(c: Call) -> dict:
+    """The caps every test key gets (a key's own limits can only be lower)."""
+    row = await c.conn.fetchrow(lo.TARGETS["test_keys"].select_sql(), True)
+    return dict(row) if row else {}
+
+
 def _usage_query(c: Call, org_id: str | None) -> usage_queries.SeriesQuery:
     p = c.params
     return usage_queries.SeriesQuery(bucket=p.get("bucket", "hour"), since=p.get("since"), until=p.get("until"),
                                      group_by=p.get("group_by"), org_id=org_id, env_id=p.get("env_id"),
-                                     key_id=p.get("key_id"), model=p.get("model"), region=p.get("region"))
+                                     key_id=p.get("key_id"), model=p.get("model"), region=p.get("region"),
+                                     mode=p.get("mode"))
 
 
 async def org_usage(c: Call) -> dict:
@@ -421,6 +425,7 @@ _USAGE_PARAMS = (
     Param("since", DATETIME, description="start (inclusive); default 24 buckets before until"),
     Param("until", DATETIME, description="end (exclusive); default now"),
     Param("env_id", UUID), Param("key_id", UUID), Param("model", string(200)), Param("region", string(100)),
+    Param("mode", string(enum=list(KEY_MODES)), description="only live or only test keys' usage"),
 )
 _PLAN = string(enum=list(t.BILLING_PLANS))
 _ROLE = string(enum=list(t.KEY_ROLES))
@@ -454,7 +459,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", f"{ORG_P}/keys", "Create an API key (the key is in this answer only)", KEYS, ORG, create_key,
           "keys", body=Body(obj({"env": _ENV_REF, "name": string(100), "region": string(100), "role": _ROLE,
                                  "rate_limit_tokens_per_min": integer(1), "expires_at": DATETIME,
-                                 "allow_suspended": boolean()}, ("env",))), status=201),
+                                 "allow_suspended": boolean(), "mode": string(enum=list(KEY_MODES))},
+                                ("env",))), status=201),
     Route("GET", f"{ORG_P}/keys/{{key_id}}", "One API key", READ, ORG, get_key, "keys"),
     Route("POST", f"{ORG_P}/keys/{{key_id}}/rotate", "Replace a key; the old one works for overlap_seconds more",
           KEYS, ORG, rotate_key, "keys",
@@ -469,8 +475,12 @@ ROUTES: tuple[Route, ...] = (
           _set_limits("env"), "limits", body=Body(_limits_schema("env"))),
     Route("PUT", f"{ORG_P}/keys/{{key_id}}/limits", "Set or clear a key's limits", WRITE, ORG, _set_limits("key"),
           "limits", body=Body(_limits_schema("key"))),
+    Route("GET", f"{P}/test-key-limits", "The caps every test key gets (its own limits can only be lower)", READ,
+          ANY, test_key_limits, "limits"),
+    Route("PUT", f"{P}/test-key-limits", "Set or clear the test-key caps", WRITE, PLATFORM,
+          _set_limits("test_keys"), "limits", body=Body(_limits_schema("test_keys"))),
     Route("GET", f"{ORG_P}/usage", "Tokens, requests and cost per hour or day", READ, ORG, org_usage, "usage",
-          params=(*_USAGE_PARAMS, Param("group_by", string(enum=["model", "region", "key", "env"])))),
+          params=(*_USAGE_PARAMS, Param("group_by", string(enum=["model", "region", "key", "env", "mode"])))),
     Route("GET", f"{P}/usage", "Usage of every org (platform)", READ, PLATFORM, platform_usage, "usage",
           params=(*_USAGE_PARAMS, Param("org_id", UUID),
                   Param("group_by", string(enum=list(usage_queries.GROUPS))))),

@@ -94,6 +94,8 @@ async function loadBilling() {
   $("month-tokens").textContent = num(b.tokens);
   $("month-cost").textContent = usd(b.cost_microdollars);
   $("owed").textContent = "owed after free tier: " + usd(b.owed_microdollars);
+  $("test-usage").textContent = b.test_usage.requests
+    ? ` · test keys: ${num(b.test_usage.tokens)} tokens, free` : "";
   const free = b.free_tier;
   $("free-remaining").textContent = free.unlimited ? "unlimited" : num(free.remaining_tokens);
   $("free-of").textContent = free.unlimited ? "reserved plan" : `of ${num(free.allowance_tokens)} tokens`;
@@ -168,6 +170,10 @@ async function loadKeys() {
     const tr = document.createElement("tr");
     tr.dataset.keyId = k.key_id;
     cell(tr, k.key_prefix + "…");
+    const badge = document.createElement("span");
+    badge.textContent = k.mode;
+    badge.className = "badge mode-" + k.mode;
+    cell(tr, "", "mode").appendChild(badge);
     cell(tr, k.name || "–");
     cell(tr, k.env_name);
     cell(tr, k.status, "status-" + k.status);
@@ -206,7 +212,8 @@ async function createKey(event) {
   event.preventDefault();
   await guarded(async () => {
     const created = await api("POST", `/orgs/${orgId}/keys`,
-      { env: $("new-key-env").value, name: $("new-key-name").value.trim() });
+      { env: $("new-key-env").value, name: $("new-key-name").value.trim(),
+        mode: $("new-key-test").checked ? "test" : "live" });
     showNewKey(created.api_key);
     await loadKeys();
   });
@@ -232,7 +239,11 @@ async function rotateKey(k) {
 }
 
 async function loadLimits() {
-  const limits = await api("GET", `/orgs/${orgId}/limits`);
+  const [limits, caps] = await Promise.all([api("GET", `/orgs/${orgId}/limits`), api("GET", "/test-key-limits")]);
+  $("test-key-caps").textContent = "Test keys: at most " + [["tokens_per_min", "tokens/min"],
+    ["requests_per_min", "requests/min"], ["concurrency", "concurrent requests"],
+    ["max_tokens_per_request", "max tokens per request"]]
+    .filter(([k]) => caps[k] !== null).map(([k, label]) => `${num(caps[k])} ${label}`).join(", ") + " each.";
   const rows = [];
   for (const layer of limits.layers) {
     for (const l of layer.limits) rows.push([layer.layer, l.kind, l.value === null ? "unlimited" : num(l.value), l.source]);

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from crosslogic.keys import display_prefix, generate_api_key, hash_api_key, looks_like_api_key
+from crosslogic.keys import KEY_MODES, display_prefix, generate_api_key, hash_api_key, looks_like_api_key
 from crosslogic.store.tenancy.common import (
     Conflict,
     Db,
@@ -48,6 +48,7 @@ class ApiKeyRecord:
     created_at: datetime
     revoked_at: datetime | None
     expires_at: datetime | None = None  # stops working then (expiry, or the end of a rotation's overlap)
+    mode: str = "live"  # "test": free, capped by test_key_limits, its usage never billed (migration 012)
 
 
 def _key(r: asyncpg.Record) -> ApiKeyRecord:
@@ -66,11 +67,13 @@ def _key(r: asyncpg.Record) -> ApiKeyRecord:
         created_at=r["created_at"],
         revoked_at=r["revoked_at"],
         expires_at=r["expires_at"],
+        mode=r["mode"],
     )
 
 
 _KEY_COLS = """k.key_id, k.key_prefix, k.org_id, o.name AS org_name, k.env_id, e.name AS env_name, k.name,
-    k.region, k.role, k.rate_limit_tokens_per_min, k.status, k.created_at, k.revoked_at, k.user_id, k.expires_at"""
+    k.region, k.role, k.rate_limit_tokens_per_min, k.status, k.created_at, k.revoked_at, k.user_id, k.expires_at,
+    k.mode"""
 
 
 _KEY_FROM = "FROM api_keys k JOIN orgs o ON o.org_id = k.org_id JOIN environments e ON e.env_id = k.env_id"
@@ -96,8 +99,8 @@ SQL_LOCK_KEY = "SELECT key_id, status FROM api_keys WHERE key_id = $1 FOR UPDATE
 
 SQL_INSERT_KEY = """
 INSERT INTO api_keys (key_hash, key_prefix, org_id, env_id, user_id, name, region, role,
-    rate_limit_tokens_per_min, expires_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    rate_limit_tokens_per_min, expires_at, mode)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 RETURNING key_id"""
 
 
@@ -149,11 +152,12 @@ async def _insert_key(
     role: str,
     rate_limit: int | None,
     expires_at: datetime | None = None,
+    mode: str = "live",
 ) -> tuple[ApiKeyRecord, str]:
-    plaintext = generate_api_key()
+    plaintext = generate_api_key(mode)
     key_id = await conn.fetchval(
         SQL_INSERT_KEY, hash_api_key(secret, plaintext), display_prefix(plaintext),
-        org_id, env_id, user_id, name, region, role, rate_limit, expires_at,
+        org_id, env_id, user_id, name, region, role, rate_limit, expires_at, mode,
     )  # fmt: skip
     return _key(await conn.fetchrow(SQL_SELECT_KEY_BY_ID, key_id)), plaintext
 
@@ -186,6 +190,7 @@ async def create_key(
     actor: str = "system",
     allow_suspended: bool = False,
     expires_at: datetime | None = None,
+    mode: str = "live",
 ) -> tuple[ApiKeyRecord, str]:
     """A new key; returns its record and the plaintext, which exists nowhere else afterwards.
 
@@ -195,6 +200,7 @@ async def create_key(
     if not secret:
         raise InvalidArgument("the key secret is empty")
     choice(role, KEY_ROLES, "role")
+    choice(mode, KEY_MODES, "mode")
     positive(rate_limit_tokens_per_min, "rate limit (tokens/min)")
     _check_expiry(expires_at)
     async with transaction(db) as conn:
@@ -207,7 +213,7 @@ async def create_key(
         await require_regions(conn, [region])
         record, plaintext = await _insert_key(
             conn, secret, uuid.UUID(owner_env.org_id), uuid.UUID(owner_env.env_id), None,
-            name, region, role, rate_limit_tokens_per_min, expires_at,
+            name, region, role, rate_limit_tokens_per_min, expires_at, mode,
         )  # fmt: skip
         await audit(conn, actor, "key.create", "api_key", record.key_id, _key_audit(record))
         return record, plaintext
@@ -243,7 +249,7 @@ async def revoke_key(db: Db, key: str, *, secret: bytes | None = None, actor: st
 @db_errors
 async def rotate_key(db: Db, secret: bytes, key: str, *, actor: str = "system",
                      overlap_s: int = 0) -> tuple[ApiKeyRecord, str]:
-    """Replace a key by a new one with the same attributes (and expiry), in one transaction.
+    """Replace a key by a new one with the same attributes (expiry and mode too), in one transaction.
 
     overlap_s = 0 revokes the old key at once (a leaked key); otherwise the old key keeps working for
     overlap_s seconds (its expires_at), so clients switch to the new one without a failed request."""
@@ -259,7 +265,7 @@ async def rotate_key(db: Db, secret: bytes, key: str, *, actor: str = "system",
         old = await conn.fetchrow(SQL_SELECT_KEY_BY_ID, lock["key_id"])
         record, plaintext = await _insert_key(
             conn, secret, old["org_id"], old["env_id"], old["user_id"], old["name"], old["region"],
-            old["role"], old["rate_limit_tokens_per_min"], old["expires_at"],
+            old["role"], old["rate_limit_tokens_per_min"], old["expires_at"], old["mode"],
         )  # fmt: skip
         if overlap_s:
             await conn.execute(SQL_EXPIRE_KEY, lock["key_id"], overlap_s)
