@@ -83,20 +83,11 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = split_listen(args.listen)
         return run_service(lambda: serve_fleet(settings, host, port))
     if args.service == "xds":
-        from crosslogic.xds.model import GatewaySettings, client_bounds
-        from crosslogic.xds.service import serve_xds
+        from crosslogic.xds.service import gateway_settings, serve_xds
 
         if bool(settings.gateway_tls_cert) != bool(settings.gateway_tls_key):
             raise SystemExit("set both CROSSLOGIC_GATEWAY_TLS_CERT and CROSSLOGIC_GATEWAY_TLS_KEY, or neither")
-        gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
-                                  max_request_bytes=settings.max_request_bytes,
-                                  usage_log_path=settings.usage_log_path,
-                                  tls_cert_path=settings.gateway_tls_cert, tls_key_path=settings.gateway_tls_key,
-                                  admission=args.admission or settings.admission,
-                                  authz_transport=args.transport or settings.authz_transport,
-                                  trace_sample_percent=settings.trace_sample_percent if settings.otlp_endpoint
-                                  else 0.0,
-                                  **client_bounds(settings))
+        gateway = gateway_settings(settings, args.gateway_host, args.gateway_port, args.admission, args.transport)
         return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen,
                                               site_listen=args.site_listen,

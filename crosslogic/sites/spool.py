@@ -87,7 +87,7 @@ class SpoolingSink(als_pb2_grpc.AccessLogServiceServicer):
 class Pusher:
     """Delivers the spool to the cloud, oldest first, forever; backs off while the cloud cannot be reached."""
 
-    def __init__(self, spool: Spool, cloud_url: str, tls_dir: Path, wake: asyncio.Event, batch: int = 500,
+    def __init__(self, spool: Spool, cloud_url: str, tls_dir: Path, wake: asyncio.Event, batch: int = 2000,
                  interval_s: float = 0.5, max_backoff_s: float = 5.0, quotas: SiteQuotas | None = None) -> None:
         self.spool = spool
         self.quotas = quotas

@@ -16,11 +16,12 @@ from crosslogic.contract import ROUTING_CHANNEL
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check
-from crosslogic.settings import SchedulerSettings
+from crosslogic.settings import SchedulerSettings, Settings
+from crosslogic.store.db import POSTGRES_UNAVAILABLE, follow_notifications
 from crosslogic.xds import metrics, node_registry, sites
 from crosslogic.xds.cache import SiteCaches, SnapshotCache
 from crosslogic.xds.identity import IdentityRefused, site_identity
-from crosslogic.xds.model import GatewaySettings
+from crosslogic.xds.model import GatewaySettings, client_bounds
 from crosslogic.xds.nodeagent import NodeAgentServicer, add_to_server, server_credentials
 from crosslogic.xds.policy import PolicyRejected, RoutingPolicy, load_policy, record_status
 from crosslogic.xds.registry import cloud_pools, load_nodes
@@ -87,28 +88,31 @@ class Scheduler:
         metrics.rebuild_seconds.observe(time.perf_counter() - started)
 
     async def run(self, database_url: str) -> None:
-        """Rebuild on every NOTIFY (debounced) and on every tick (liveness, weights); forever."""
+        """Rebuild on every NOTIFY (debounced) and on every tick (liveness, weights, certificate expiry); forever.
+
+        The change feed is the shared LISTEN helper (store/db.follow_notifications: reconnects, and a reconnect
+        triggers a rebuild since changes made meanwhile were missed); ticks go on while it is down."""
+        feed = asyncio.create_task(follow_notifications(
+            database_url, [ROUTING_CHANNEL], lambda _channel, _payload: self.changed.set(), self.changed.set,
+            "routing change feed"))
         self.changed.set()
-        while True:
-            try:
-                listener = await asyncpg.connect(database_url)
-                await listener.add_listener(ROUTING_CHANNEL, lambda *_: self.changed.set())
+        try:
+            while True:
                 try:
-                    self.changed.set()  # state may have moved while we were disconnected
-                    while not listener.is_closed():
-                        try:
-                            await asyncio.wait_for(self.changed.wait(), self.tick_s)
-                            await asyncio.sleep(DEBOUNCE_S)
-                        except TimeoutError:
-                            pass
-                        self.changed.clear()
-                        await self.rebuild()
-                finally:
-                    await listener.close()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                metrics.rebuild_failures.inc()
-                log.warning("routing state unavailable (%s); keeping the last snapshot", exc)
-                await asyncio.sleep(1.0)
+                    await asyncio.wait_for(self.changed.wait(), self.tick_s)
+                    await asyncio.sleep(DEBOUNCE_S)
+                except TimeoutError:
+                    pass
+                self.changed.clear()
+                try:
+                    await self.rebuild()
+                except POSTGRES_UNAVAILABLE as exc:
+                    metrics.rebuild_failures.inc()
+                    log.warning("routing state unavailable (%s); keeping the last snapshot", exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            feed.cancel()
+            await asyncio.gather(feed, return_exceptions=True)
 
 
 def readiness(pool: asyncpg.Pool, cache: SnapshotCache, ads: AggregatedDiscoveryServicer) -> Readiness:
@@ -124,6 +128,18 @@ def readiness(pool: asyncpg.Pool, cache: SnapshotCache, ads: AggregatedDiscovery
         return f"built; {ads.open_streams} Envoy ADS stream(s) connected"
 
     return Readiness().add("postgres", postgres_check(pool)).add("snapshot", snapshot)
+
+
+def gateway_settings(settings: Settings, host: str, port: int, admission: str | None = None,
+                     transport: str | None = None) -> GatewaySettings:
+    """The gateway's settings, built in one place from the process settings (a site's listener derives its own
+    from these, xds/sites.site_gateway)."""
+    return GatewaySettings(listen_host=host, listen_port=port, max_request_bytes=settings.max_request_bytes,
+                           usage_log_path=settings.usage_log_path, tls_cert_path=settings.gateway_tls_cert,
+                           tls_key_path=settings.gateway_tls_key, admission=admission or settings.admission,
+                           authz_transport=transport or settings.authz_transport,
+                           trace_sample_percent=settings.trace_sample_percent if settings.otlp_endpoint else 0.0,
+                           **client_bounds(settings))
 
 
 def site_resolver(pool: asyncpg.Pool, scheduler: Scheduler):
