@@ -36,6 +36,7 @@ WAIT_S = 60.0
 PARTITION_S = float(os.environ.get("CROSSLOGIC_TEST_PARTITION_S", "15"))
 # Nodes stay healthy through the partition: their heartbeats cross the cut link too.
 QUOTA = 60  # tokens per day of org A's "capped" environment
+RATE = 200  # tokens per minute of org A's "limited" key
 STACK_ENV = {"CROSSLOGIC_HEARTBEAT_TIMEOUT": "300", "CROSSLOGIC_NODE_DEAD_AFTER": "600"}
 
 
@@ -109,6 +110,7 @@ class Hybrid:
     cloud: dict
     sites: dict[str, Site]
     capped_key: str
+    limited_key: str
     proxies: list[LoopbackProxy]
     procs: list[subprocess.Popen]
     work: Path
@@ -214,13 +216,16 @@ async def hybrid(cloud: dict, tmp_path_factory: pytest.TempPathFactory) -> Async
     keys = {}
     try:
         for short in ("a", "b"):
-            org = await t.create_org(conn, f"org-{short}-{tag}", "serverless", [REGION])
+            # enterprise: no plan rate limits, so the partition test's load measures delivery, not the limiter
+            org = await t.create_org(conn, f"org-{short}-{tag}", "enterprise", [REGION])
             env = await t.create_env(conn, org.org_id, "prod", REGION)
             _, key = await t.create_key(conn, secret, org.org_id, env.env_id, "k")
             keys[short] = (org.org_id, key)
             if short == "a":  # an environment with a small daily quota (the quota test)
                 capped = await t.create_env(conn, org.org_id, "capped", REGION, quota_tokens_per_day=QUOTA)
                 _, keys["capped"] = await t.create_key(conn, secret, org.org_id, capped.env_id, "capped")
+                _, keys["limited"] = await t.create_key(conn, secret, org.org_id, env.env_id, "limited",
+                                                        rate_limit_tokens_per_min=RATE)
     finally:
         await conn.close()
     xds_port = int(cloud["site_xds_address"].rpartition(":")[2])
@@ -241,7 +246,7 @@ async def hybrid(cloud: dict, tmp_path_factory: pytest.TempPathFactory) -> Async
             sites[short] = site
         for site in sites.values():
             await _wait(lambda site=site: _site_serves(site, 2), f"{site.name}'s own nodes healthy in its Envoy")
-        yield Hybrid(cloud, sites, keys["capped"], proxies, procs, work)
+        yield Hybrid(cloud, sites, keys["capped"], keys["limited"], proxies, procs, work)
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
@@ -447,6 +452,27 @@ async def test_a_daily_quota_holds_at_the_site_and_the_sites_usage_counts_at_the
             return exc.response.json()["error"]["code"] == "quota_exceeded"
         return False
     await _wait(refused_at_cloud, "the cloud counting the site's usage against the quota", 30)
+
+
+async def test_a_keys_rate_limit_holds_at_the_site_with_the_clouds_own_limiter(hybrid):
+    a = hybrid.sites["a"]
+    admitted = 0
+    async with _client(a.url, hybrid.limited_key) as api:
+        for _ in range(200):
+            try:
+                raw = await api.chat.completions.with_raw_response.create(
+                    model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+            except openai.RateLimitError as exc:
+                body = exc.response.json()
+                assert (body["error"]["type"], body["error"]["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+                assert exc.response.headers.get("retry-after")
+                break
+            admitted += 1
+            assert any(h.startswith("x-ratelimit-") for h in raw.headers)  # the limiter's headers, as at the cloud
+        else:
+            raise AssertionError("the site never applied the key's rate limit")
+    # each request reserves its prompt plus max_tokens (16): the bucket of RATE tokens admits only so many
+    assert 1 <= admitted <= RATE // 16
 
 
 async def test_revoking_a_site_cuts_it_off_within_seconds(hybrid):

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -68,10 +69,12 @@ class Spool:
 class SpoolingSink(als_pb2_grpc.AccessLogServiceServicer):
     """The site's access-log service: each message's records go to the spool in one durable transaction."""
 
-    def __init__(self, spool: Spool, wake: asyncio.Event, quotas: SiteQuotas | None = None) -> None:
+    def __init__(self, spool: Spool, wake: asyncio.Event, quotas: SiteQuotas | None = None,
+                 settle: Callable[[UsageRecord], None] | None = None) -> None:
         self.spool = spool
         self.wake = wake
         self.quotas = quotas
+        self.settle = settle  # the site limiter's settlement (ratelimit/settlement.py), idempotent per request
 
     async def StreamAccessLogs(self, request_iterator, context):  # noqa: N802 (gRPC name)
         async for message in request_iterator:
@@ -79,6 +82,9 @@ class SpoolingSink(als_pb2_grpc.AccessLogServiceServicer):
             await self.spool.run(self.spool.add, records)  # on disk before the next message is read
             if self.quotas is not None:
                 self.quotas.spooled(records)
+            if self.settle is not None:
+                for record in records:
+                    self.settle(record)
             if records:
                 self.wake.set()
         return als_pb2.StreamAccessLogsResponse()

