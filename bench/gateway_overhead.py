@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gateway_overhead.py [--seconds 5] [--rounds 2] [--concurrency 1 16]
                                                [--transports grpc http] [--baseline-src DIR]
+                                               [--internal-tls]
 
 One run starts one `crosslogic up --demo` stack per transport (CROSSLOGIC_AUTHZ_TRANSPORT) and a plain Envoy
 with a static route to the first stack's simulated nodes, then measures them in interleaved rounds (the order
@@ -118,6 +119,7 @@ def transport_env(transport: str, source: Path | None = None) -> dict[str, str]:
 
 
 BASELINE = " (baseline)"
+MTLS = " + internal mTLS"
 
 
 def pooled(results: list[LoadResult]) -> LoadResult:
@@ -178,6 +180,8 @@ def main() -> int:
     parser.add_argument("--baseline-src", type=Path, help="a checkout of another commit (git worktree add "
                         "--detach DIR <commit>): also measure its full chain, in the same rounds")
     parser.add_argument("--baseline-transports", nargs="+", choices=AUTHZ_TRANSPORTS, default=["http"])
+    parser.add_argument("--internal-tls", action="store_true", help="also each transport's full chain with mutual "
+                        "TLS on every Envoy-to-service hop (CROSSLOGIC_INTERNAL_TLS), in the same rounds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="clp-bench-") as tmp:
         stacks: dict[str, tuple[subprocess.Popen, dict]] = {}
@@ -191,6 +195,11 @@ def main() -> int:
                 state = Path(tmp) / name.replace(" ", "_")
                 state.mkdir()
                 stacks[name] = start_stack(state, free_port(), transport_env(transport, source))
+                if args.internal_tls and source is None:
+                    state = Path(tmp) / f"{transport}_mtls"
+                    state.mkdir()
+                    stacks[transport + MTLS] = start_stack(state, free_port(), {
+                        **transport_env(transport), "CROSSLOGIC_INTERNAL_TLS": "1"})
             nodes = [n["url"] for n in next(iter(stacks.values()))[1]["demo_nodes"] if n["model"] == "llama-3-8b"]
             plain, plain_port = start_plain_envoy(Path(tmp), nodes)
             asyncio.run(measure(args, stacks, plain_port))

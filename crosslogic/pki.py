@@ -65,7 +65,7 @@ def create_ca(common_name: str = "CrossLogic control plane CA", days: int = 3650
     return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def _leaf(ca: Issued, common_name: str, sans: list[x509.GeneralName], usage: ExtendedKeyUsageOID,
+def _leaf(ca: Issued, common_name: str, sans: list[x509.GeneralName], usage: ExtendedKeyUsageOID | list,
           days: float) -> Issued:
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
@@ -73,19 +73,32 @@ def _leaf(ca: Issued, common_name: str, sans: list[x509.GeneralName], usage: Ext
     cert = (_builder(common_name, ca_cert.subject, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage if isinstance(usage, list) else [usage]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def issue_server(ca: Issued, hosts: list[str], days: int = 825) -> Issued:
+def _host_sans(hosts: list[str]) -> list[x509.GeneralName]:
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    return _leaf(ca, hosts[0], sans, ExtendedKeyUsageOID.SERVER_AUTH, days)
+    return sans
+
+
+def issue_server(ca: Issued, hosts: list[str], days: int = 825) -> Issued:
+    return _leaf(ca, hosts[0], _host_sans(hosts), ExtendedKeyUsageOID.SERVER_AUTH, days)
+
+
+def issue_service(ca: Issued, service_uri: str, hosts: list[str], *, server: bool, client: bool,
+                  days: int = 90) -> Issued:
+    """A control-plane identity (internal mutual TLS): a URI SAN naming the service (what the other side checks),
+    the hosts it answers on, server and/or client use."""
+    usages = [u for u, wanted in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client))
+              if wanted]
+    return _leaf(ca, service_uri, [x509.UniformResourceIdentifier(service_uri), *_host_sans(hosts)], usages, days)
 
 
 def issue_node(ca: Issued, node_name: str, scope: str, days: int = 90) -> Issued:

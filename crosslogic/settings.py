@@ -123,6 +123,10 @@ class Settings:
     backstop_grace_s: float = setting("BACKSTOP_GRACE", 2.0, "accounting: the backstop leaves a usage-log line "
                                       "this many seconds for the gRPC access log to commit before it writes and "
                                       "settles the line itself (it skips lines already committed)", minimum=0.0)
+    internal_tls_dir: str = setting("INTERNAL_TLS_DIR", "", "production mode: mutual TLS between Envoy and every "
+                                    "control-plane service (xDS, ext_authz, accounting, ratelimit, api); the "
+                                    "directory holds ca.pem and <service>.pem/.key (Envoy: envoy.pem/.key); "
+                                    "`crosslogic up --internal-tls`: `<state-dir>/pki/internal`; empty = plain")
     gateway_tls_cert: str = setting("GATEWAY_TLS_CERT", "", "PEM certificate chain of the public listener, a path "
                                     "Envoy reads (with GATEWAY_TLS_KEY: HTTPS only, HTTP/1.1 and HTTP/2 by ALPN)")
     gateway_tls_key: str = setting("GATEWAY_TLS_KEY", "", "PEM private key of GATEWAY_TLS_CERT (a path Envoy reads)")
@@ -162,6 +166,13 @@ class Settings:
                                          "scope (each in one hash slot) instead of one per request")
     redis_cluster: bool = setting("REDIS_CLUSTER", False, "REDIS_URL names a node of a Redis / Valkey Cluster: "
                                   "cluster-aware clients (MOVED/ASK, failover) and one limiter call per scope")
+    redis_wait_replicas: int = setting("REDIS_WAIT_REPLICAS", -1, "replicas a reservation or settlement must reach "
+                                       "(`WAIT`, one per pipelined write) before it is answered; -1 = 1 with "
+                                       "REDIS_CLUSTER, 0 on one server (set it to its replica count if it has "
+                                       "any); fewer within the timeout is answered anyway and logged",
+                                       minimum=-1)
+    redis_wait_timeout_ms: int = setting("REDIS_WAIT_TIMEOUT_MS", 50, "... how long a WAIT waits for them",
+                                         minimum=1)
     admission: str = setting("ADMISSION", "authz", "where the rate-limit reservation is made: `authz` (inside the "
                              "ext_authz call) or `rls` (Envoy's ratelimit filter + `serve ratelimit`)",
                              choices=ADMISSION_MODES)
@@ -213,6 +224,12 @@ class Settings:
             raise SettingsError(f"{PREFIX}DATABASE_URL is not set (crosslogic up sets it for its children)")
         return self.database_url
 
+    def redis_wait(self) -> int:
+        """How many replicas a durable limiter write waits for (REDIS_WAIT_REPLICAS resolved)."""
+        if self.redis_wait_replicas >= 0:
+            return self.redis_wait_replicas
+        return 1 if self.redis_cluster else 0
+
     def require_redis(self) -> str:
         if not self.redis_url:
             raise SettingsError(f"{PREFIX}REDIS_URL is not set (crosslogic up sets it for its children)")
@@ -256,6 +273,9 @@ class SupervisorSettings:
                                      "next crash restarts after the first delay again", minimum=0)
     ready_timeout_s: float = setting("READY_TIMEOUT", 60.0, "a (re)started child not ready within this long is "
                                      "killed and counted as a crash", minimum=1)
+    internal_tls: bool = setting("INTERNAL_TLS", False, "`crosslogic up`: issue internal certificates from the "
+                                 "project's CA and run every Envoy-to-service hop over mutual TLS (as "
+                                 "`--internal-tls`; INTERNAL_TLS_DIR set names certificates of your own instead)")
     supervisor_metrics_port: int = setting("SUPERVISOR_METRICS_PORT", 0, "Prometheus /metrics of `crosslogic up` "
                                            "(child up/ready, restarts, degraded); 0 = a free port", **_PORT)
     airgap: bool = setting("AIRGAP", False, "air-gapped mode (`crosslogic up --airgap` sets it for every child): no "

@@ -62,21 +62,24 @@ def test_an_evalsha_is_the_script_digest_the_key_count_the_keys_and_the_argument
 
 
 async def test_concurrent_reservations_share_writes_and_stay_exact(redis, scripts, monkeypatch):
-    writes = []
+    writes, loads = [], []
     flush = resp._Connection._flush
 
     def counting(self):
         writes.append(len(self.out))
+        loads.extend(payload for payload in self.out if b"SCRIPT" in payload[:32])
         flush(self)
 
     monkeypatch.setattr(resp._Connection, "_flush", counting)
     limiter = Limiter(redis, scripts=scripts)
     org, env, key = _ids()
+    await redis.script_flush()  # every call meets NOSCRIPT: one SCRIPT LOAD serves them all
     decisions = await asyncio.gather(*(limiter.reserve(org, env, key, uuid.uuid4().hex, 10, LIMITS)
                                        for _ in range(100)))
     assert sum(d.admitted for d in decisions) == 37  # the request limit, exactly
     assert {(d.layer, d.kind) for d in decisions if not d.admitted} == {("env", "requests_per_min")}
-    assert sum(writes) >= 100 and len(writes) < 10, writes  # 100 concurrent calls, a few writes
+    assert len(loads) == 1  # one SCRIPT LOAD for the 100 calls that met NOSCRIPT
+    assert sum(writes) >= 200 and len(writes) < 10, writes  # 100 concurrent calls, sent twice, in a few writes
 
 
 async def test_a_forgotten_script_is_loaded_again_and_a_cancelled_caller_keeps_the_others_in_order(redis, scripts):
@@ -114,6 +117,29 @@ async def test_a_batch_is_one_write_its_replies_in_order_and_a_forgotten_script_
         await scripts.execute_many([("PING",), ("NOSUCHCOMMAND",)])
     assert await scripts.execute_many([]) == []
     assert await scripts.execute("PING") == b"PONG"  # the order survived the error
+
+
+async def test_durable_calls_share_one_wait_per_write_and_a_short_wait_keeps_the_write(valkey_url, monkeypatch):
+    # This Valkey has no replica: every WAIT answers 0 after its timeout; the calls are answered anyway (the write
+    # stands on the primary), each short write counted once.
+    client = ScriptClient(valkey_url, wait_replicas=1, wait_timeout_ms=20)
+    script = LuaScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    key = f"durable-{uuid.uuid4().hex}"
+    try:
+        await client.execute("SCRIPT", "LOAD", script.source)  # (a NOSCRIPT retry is a second write, a second WAIT)
+        written: list[bytes] = []
+        write = client._conn.transport.write
+        monkeypatch.setattr(client._conn.transport, "write", lambda data: (written.append(data), write(data)))
+        replies = await asyncio.gather(*(client.evalsha(script, [key], [1], durable=True) for _ in range(10)))
+        assert sorted(replies) == list(range(1, 11))
+        assert b"".join(written).count(b"WAIT") == 1 and client.wait_short == 1
+        assert await client.evalsha_many(script, [([key], [5])] * 3, durable=True) == [15, 20, 25]
+        assert client.wait_short == 2
+        assert await client.evalsha(script, [key], [1]) == 26  # not durable: no WAIT
+        assert b"".join(written).count(b"WAIT") == 2 and client.wait_short == 2
+        assert await client.execute("GET", key) == b"26"
+    finally:
+        await client.aclose()
 
 
 async def test_a_script_error_is_raised_and_leaves_the_connection_usable(scripts):

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from crosslogic.accounting.usage import UsageRecord
 from crosslogic.ratelimit import admission
@@ -18,7 +19,7 @@ from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, UNRESERVED, Li
 from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
 from crosslogic.ratelimit.quota import count_usage_commands, quota_keys
 from crosslogic.ratelimit.resp import ScriptClient
-from crosslogic.ratelimit.settlement import Settler
+from crosslogic.ratelimit.settlement import BatchProgress, Settler
 
 
 @pytest.fixture
@@ -74,6 +75,36 @@ async def test_requests_admitted_without_a_reservation_count_against_quotas_once
     counters = [int(v or 0) for v in await redis.mget(quota_keys(org, env, records[0].occurred_at))]
     assert counters == [100, 100, 100, 100]  # org/env x day/hour: each request counted once
     assert await limiter.charged(org, "key", key) == 70  # the limiter only settles what it reserved
+
+
+async def test_a_split_scope_batch_retried_after_a_fault_settles_every_scope_and_counts_quotas_once(redis):
+    limiter = Limiter(redis, split_scopes=True)
+    settler = Settler(limiter)
+    org, env, key = (str(uuid.uuid4()) for _ in range(3))
+    limits = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(tokens_per_min=1_000))
+    platform = PlatformLimits(global_=LayerLimits(tokens_per_min=1_000_000))
+    request_id = uuid.uuid4().hex
+    assert (await admission.admit(limiter, org, env, key, "ap-south", request_id, 100, limits, platform)).admitted
+    settle_many, calls = limiter.settle_many, []
+
+    async def failing_once_after_the_first_step(settlements):
+        calls.append(settlements)
+        if len(calls) == 2:  # the tenant scope settled; Redis drops before the platform scopes are
+            raise RedisConnectionError("connection lost")
+        return await settle_many(settlements)
+
+    limiter.settle_many = failing_once_after_the_first_step
+    records = [_record(org, env, key, request_id, 70)]
+    progress = BatchProgress()
+    with pytest.raises(RedisConnectionError):
+        await settler.settle_batch(records, progress)
+    assert await settler.settle_batch(records, progress) == [True]  # the retry Settler.run makes
+    limiter.settle_many = settle_many
+    _, later = admission.settlement_calls(limiter, org, env, key, "ap-south")
+    assert later and await limiter.settle_many([(scopes, request_id, 70) for scopes in later]) \
+        == [ALREADY_SETTLED] * len(later)  # every platform scope settled by the retry
+    counters = [int(v or 0) for v in await redis.mget(quota_keys(org, env, records[0].occurred_at))]
+    assert counters == [70, 70, 70, 70]  # counted once
 
 
 async def test_concurrent_admissions_batched_into_one_pipeline_stay_exact(redis):

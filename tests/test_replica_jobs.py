@@ -38,7 +38,11 @@ async def test_one_accounting_replica_replays_the_usage_log_and_a_standby_takes_
         async with pool.acquire() as conn:
             async def replayed(n: int) -> bool:
                 return (await ledger_totals(conn))[0] == n
-            await _until(lambda: replayed(5))
+            # Wait on the replayers, not the ledger: a replayer counts its lines once their position is
+            # committed, after the rows (an fsync later; under load the ledger showed 5 rows while both
+            # counters still read 0). The takeover below also needs that position committed.
+            await _until(lambda: asyncio.sleep(0, sum(r.lines_read for r in replayers) >= 5))
+            assert await replayed(5)
             holder, standby = sorted(range(2), key=lambda i: -replayers[i].lines_read)
             assert (replayers[holder].lines_read, replayers[standby].lines_read) == (5, 0)
             tasks[holder].cancel()  # the holder dies: its lock goes with it

@@ -268,6 +268,7 @@ class Traffic:
     cut: dict[str, float] = field(default_factory=dict)  # 200s whose body broke off: request id -> when
     other: dict[str, int] = field(default_factory=dict)  # non-200 statuses and connection errors, counted
     last_ok: dict[str, float] = field(default_factory=dict)  # kind -> send time of the latest 200
+    done: dict[str, float] = field(default_factory=dict)  # 200s read in full: request id -> when
     stopping: bool = False
 
 
@@ -296,6 +297,7 @@ async def _one(http: aiohttp.ClientSession, stack: dict, n: int, out: Traffic) -
             else:
                 usage = (await response.json())["usage"]
             out.served[request_id] = usage
+            out.done[request_id] = time.monotonic()
             out.last_ok["chat"] = sent
     except (aiohttp.ClientError, TimeoutError) as exc:
         out.other[type(exc).__name__] = out.other.get(type(exc).__name__, 0) + 1
@@ -469,11 +471,16 @@ async def test_each_part_killed_comes_back_within_seconds_and_no_usage_record_is
             await load
         out.served.update(out2.served)
         out.cut.update(out2.cut)
+        out.done.update(out2.done)
 
     # Streams Envoy itself was carrying when it was SIGKILLed: their access-log entry is written when they
     # end, which never happens (a known limit, docs/billing.md). Every other 200 must be in the ledger.
     in_flight_at_envoy_kill = {rid for rid, at in out.cut.items() if 0 <= at - killed["envoy"] < 5}
-    required = [rid for rid in out.served if rid not in in_flight_at_envoy_kill]
+    # And the documented gap (docs/billing.md, "Envoy SIGKILL"): a response whose last byte left moments before
+    # the kill can lose its line, still in Envoy's memory while its flush thread waited for a core.
+    ended_just_before_envoy_kill = {rid for rid, at in out.done.items() if 0 <= killed["envoy"] - at < 0.25}
+    required = [rid for rid in out.served
+                if rid not in in_flight_at_envoy_kill and rid not in ended_just_before_envoy_kill]
 
     conn = await asyncpg.connect(stack["database_url"])
     try:
@@ -496,6 +503,10 @@ async def test_each_part_killed_comes_back_within_seconds_and_no_usage_record_is
     lost = sorted(in_flight_at_envoy_kill - set(by_id))
     print(f"streams in flight when Envoy was killed: {len(in_flight_at_envoy_kill)}, unrecorded: {len(lost)}")
     assert len(lost) <= 3  # the three clients had at most one request each in flight
+    lost_at_the_end = sorted(ended_just_before_envoy_kill - set(by_id))
+    print(f"200s ended <= 0.25 s before Envoy was killed: {len(ended_just_before_envoy_kill)}, "
+          f"unrecorded: {len(lost_at_the_end)}")
+    assert len(lost_at_the_end) <= 3  # one per client at most: the line still waiting for the flush thread
     seen = {rid: u for rid, u in out.served.items() if u is not None and rid not in out.cut}
     assert len(seen) > 0.9 * len(out.served)
     assert {rid: (by_id[rid]["prompt_tokens"], by_id[rid]["completion_tokens"]) for rid in seen} == \

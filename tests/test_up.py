@@ -59,3 +59,23 @@ async def test_second_up_on_the_same_state_dir_keeps_the_data_and_sigterm_stops_
         assert second["org_id"] == first["org_id"]  # same demo tenant, fresh key shown once more
     finally:
         assert _stop(proc) == 0
+
+
+def test_up_never_says_ready_when_its_last_listener_cannot_be_bound(tmp_path):
+    """The supervisor's /metrics listener is bound last; when its port is taken, `up` must fail before the
+    ready file exists (it used to write it first and then stop everything: a "ready" stack refusing every
+    connection)."""
+    import os
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        ready = tmp_path / "ready.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "crosslogic", "--state-dir", str(tmp_path / "state"), "up", "--demo", "--port",
+             str(free_port()), "--ready-file", str(ready)], capture_output=True, text=True, timeout=180,
+            cwd=repo_root(), env={**os.environ, "CROSSLOGIC_SUPERVISOR_METRICS_PORT": str(taken.getsockname()[1])})
+    assert proc.returncode == 1 and "crosslogic up failed" in proc.stderr, proc.stderr[-2000:]
+    assert not ready.exists()
+

@@ -17,6 +17,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from crosslogic.ratelimit import admission
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE
 from crosslogic.ratelimit.engine import Limiter, org_tag
 from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
 from crosslogic.ratelimit.resp_cluster import ClusterScriptClient, parse_slots
@@ -34,14 +35,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedValkey
 
 @pytest.fixture
 async def scripts(cluster):
-    client = ClusterScriptClient(cluster.url, connect_timeout=0.5, timeout=0.5)
+    client = ClusterScriptClient(cluster.url, connect_timeout=0.5, timeout=0.5, wait_replicas=1)
     yield client
     await client.aclose()
 
 
 @pytest.fixture
 async def limiter(cluster, scripts):
-    """As ext_authz builds it on a cluster (ratelimit/connect.py): reserve on the lean client, settle on redis-py's."""
+    """As ext_authz and the Settler build it on a cluster (ratelimit/connect.py): reserve and settle on the lean
+    client, each write followed by WAIT 1 (CROSSLOGIC_REDIS_WAIT_REPLICAS resolved on a cluster)."""
     redis = RedisCluster.from_url(cluster.url, socket_connect_timeout=0.5, socket_timeout=1.0)
     yield Limiter(redis, split_scopes=True, scripts=scripts)
     await redis.aclose()
@@ -107,7 +109,7 @@ async def _until_answered(call, deadline: float):
     while True:
         try:
             return await call()
-        except (OSError, RedisError):  # the Settler's own retry set (a reset connection is an OSError)
+        except REDIS_UNAVAILABLE:  # the Settler's own retry set (a reset connection is an OSError)
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)

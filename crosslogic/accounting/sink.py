@@ -20,6 +20,7 @@ from crosslogic.accounting.reporter import BillingReporter, ReporterSettings, st
 from crosslogic.accounting.usage import UsageRecord, record_from_entry
 from crosslogic.contract import PRICES_CHANNEL
 from crosslogic.logs import request_context
+from crosslogic.runtime import internal_tls
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
@@ -120,7 +121,9 @@ async def serve_accounting(settings: Settings, listen: str, site_listen: str | N
                                                               readiness, settings.metrics_host), \
                     grpc_server(listen, lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(sink, s),
                                 "access-log sink", grace_s=2, readiness=readiness,
-                                services=["envoy.service.accesslog.v3.AccessLogService"]) as server:
+                                services=["envoy.service.accesslog.v3.AccessLogService"],
+                                credentials=internal_tls.grpc_credentials(
+                                    internal_tls.service_identity(settings.internal_tls_dir, "accounting"))) as server:
                 if site_listen:
                     from crosslogic.ratelimit.connect import redis_client
                     from crosslogic.settings import SchedulerSettings

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from crosslogic.api.admin.app import build_admin_app
 from crosslogic.api.models import build_app
+from crosslogic.runtime import internal_tls
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check
 from crosslogic.settings import Settings
@@ -26,10 +27,14 @@ async def serve_api(settings: Settings, host: str, port: int, admin: tuple[str, 
             runners.append(web.AppRunner(build_admin_app(pool, settings.key_secret.encode(),
                                                          settings.default_region), access_log=None))
             sites.append(admin)
+        # Envoy's /v1/models listener over mutual TLS in production; the admin listener is the operator's (no
+        # Envoy route reaches it) and stays as configured.
+        contexts = [internal_tls.ssl_context_of(internal_tls.service_identity(settings.internal_tls_dir, "api")),
+                    None]
         try:
-            for runner, (site_host, site_port) in zip(runners, sites, strict=True):
+            for runner, (site_host, site_port), context in zip(runners, sites, contexts[:len(sites)], strict=True):
                 await runner.setup()
-                await web.TCPSite(runner, site_host, site_port).start()
+                await web.TCPSite(runner, site_host, site_port, ssl_context=context).start()
             log.info("api listening on %s:%d%s", host, port,
                      f"; admin API and dashboard on http://{admin[0]}:{admin[1]}/" if admin else "")
             ready = Readiness().add("postgres", postgres_check(pool))

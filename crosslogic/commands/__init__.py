@@ -102,7 +102,8 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(UpOptions(state_dir=Path(args.state_dir), host=args.host, port=args.port, demo=args.demo,
                             ready_file=Path(args.ready_file) if args.ready_file else None,
                             log_level=args.log_level, json_output=args.json, replicas=args.replicas,
-                            redis_cluster=args.redis_cluster, envoys=args.envoys, airgap=args.airgap))
+                            redis_cluster=args.redis_cluster, envoys=args.envoys, internal_tls=args.internal_tls,
+                            airgap=args.airgap))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--airgap", action="store_true",
                     help="air-gapped: no process opens a socket to anything but this machine, no Stripe, every org "
                          "needs a signed licence (`crosslogic license`; docs/sites.md)")
+    up.add_argument("--internal-tls", action="store_true",
+                    help="production mode: mutual TLS between Envoy and every control-plane service, certificates "
+                    "issued from the project's CA into <state-dir>/pki/internal (also CROSSLOGIC_INTERNAL_TLS)")
     up.set_defaults(handler=_up)
 
     serve = sub.add_parser("serve", help="run one control-plane service",

@@ -28,11 +28,11 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from crosslogic import errors
 from crosslogic.accounting.pricing import PriceBook
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE
 from crosslogic.ratelimit.money import REFUSED, UNKNOWN, MoneyLimiter, month_of
 
 log = logging.getLogger("crosslogic.extauthz")
@@ -130,7 +130,7 @@ class BillCapGuard:
             return False
         try:
             decision = await self.money.reserve(org_id, request_id, amount, cap.cap_microdollars, owed, month)
-        except (OSError, aioredis.RedisError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             self._log_degraded(exc)
             self._after_the_fact(cap, owed)
             return False
@@ -165,5 +165,5 @@ class BillCapGuard:
             return
         try:
             await self.money.release(org_id, [request_id], month_of(self.clock()))
-        except (OSError, aioredis.RedisError) as exc:  # its ledger row (a 429) releases it too
+        except REDIS_UNAVAILABLE as exc:  # its ledger row (a 429) releases it too
             log.debug("bill-cap reservation of %s not released yet (%s)", request_id, exc)

@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import redis.asyncio as aioredis
-
 from crosslogic import errors
 from crosslogic.extauthz.decision import Allowed, Authorizer, Refused
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE
 from crosslogic.store.db import POSTGRES_UNAVAILABLE
 
 log = logging.getLogger("crosslogic.extauthz")
@@ -60,7 +59,7 @@ class GuardedAuthorizer:
             return Denied(error)
         except Refused as refused:
             return Denied(refused.error, refused.headers, refused.metadata)
-        except (*POSTGRES_UNAVAILABLE, aioredis.RedisError) as exc:
+        except (*POSTGRES_UNAVAILABLE, *REDIS_UNAVAILABLE) as exc:
             log.warning("authorisation backend unavailable: %s", exc)
             return Denied(errors.service_unavailable())
         except Exception as exc:  # noqa: BLE001 - the last resort: Envoy must always get an answer

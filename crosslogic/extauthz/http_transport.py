@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -215,13 +216,14 @@ class AuthzConnection(asyncio.Protocol):
 
 @asynccontextmanager
 async def authz_http_server(listen: str, checker: Checker, releaser: LeaseReleaser | None,
-                            limits: Limits) -> AsyncIterator[int]:
+                            limits: Limits, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[int]:
     """Serves checks and `POST /release` on `listen` (host:port; port 0 = any) until the block ends; yields the
-    port."""
+    port. With `ssl_context`: over TLS (internal mutual TLS, runtime/internal_tls.py)."""
     host, _, port = listen.rpartition(":")
     server = AuthzHttpServer(checker, releaser, limits)
     loop = asyncio.get_running_loop()
-    listener = await loop.create_server(server.protocol, host or "127.0.0.1", int(port), backlog=1024)
+    listener = await loop.create_server(server.protocol, host or "127.0.0.1", int(port), backlog=1024,
+                                        ssl=ssl_context)
     sweeper = asyncio.create_task(server.sweep())
     bound = listener.sockets[0].getsockname()[1]
     log.info("ext_authz (HTTP) listening on %s:%d", host or "127.0.0.1", bound)

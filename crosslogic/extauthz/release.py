@@ -19,9 +19,8 @@ import json
 import logging
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from crosslogic.ratelimit.admission import release_leases
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE
 from crosslogic.ratelimit.engine import Limiter
 
 log = logging.getLogger("crosslogic.extauthz")
@@ -68,7 +67,7 @@ class LeaseReleaser:
         try:
             freed = await release_leases(self.limiter, what.org_id, what.env_id, what.key_id, what.region,
                                          what.request_id)
-        except (OSError, aioredis.RedisError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             log.warning("cannot release the leases of %s yet (%s): settlement will", what.request_id, exc)
             return 503, {"error": "limiter unavailable"}
         return 200, {"released": freed}

@@ -34,6 +34,7 @@ from crosslogic.ratelimit.engine import Limiter, limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate
 from crosslogic.ratelimit.money import MoneyLimiter
 from crosslogic.ratelimit.quota import QuotaCounters
+from crosslogic.runtime import internal_tls
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
@@ -76,7 +77,8 @@ async def authorizer_from_settings(settings: Settings) -> AsyncIterator[AuthzPar
     the catalogue, the limiter on a lean script client, the bill cap), torn down in order on exit."""
     redis = redis_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5,
                          request_path=True)
-    scripts = script_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
+    scripts = script_client(settings.require_redis(), settings.redis_cluster, connect_timeout=0.5, timeout=0.5,
+                            wait_replicas=settings.redis_wait(), wait_timeout_ms=settings.redis_wait_timeout_ms)
     try:
         async with open_pool(settings.require_database(), min_size=2, max_size=16) as pool:
             views = TenantCache(pool, ttl_s=settings.limits_cache_ttl_s)
@@ -107,6 +109,7 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
     `release_listen` when given. `settings.admission == "authz"` (default): the rate-limit reservation is made in
     the check too, and `POST /release` frees leases."""
     transport = transport or settings.authz_transport
+    who = internal_tls.service_identity(settings.internal_tls_dir, "authz")  # production: Envoy's client cert only
     async with authorizer_from_settings(settings) as parts:
         budget = FailureBudget(settings.abuse_failure_burst, settings.abuse_failure_refill_per_s)
         tracer = tracer_from_settings(settings.otlp_endpoint, "crosslogic-authz")
@@ -123,12 +126,14 @@ async def serve_authz(settings: Settings, listen: str, release_listen: str | Non
                     if release_listen and release_listen not in http_listens:
                         http_listens.append(release_listen)
                     for address in http_listens:
-                        await stack.enter_async_context(authz_http_server(address, checker, releaser, bounds))
+                        await stack.enter_async_context(authz_http_server(address, checker, releaser, bounds,
+                                                                          internal_tls.ssl_context_of(who)))
                     if transport == "grpc":
                         servicer = AuthorizationServicer(checker)
                         server = await stack.enter_async_context(grpc_server(
                             listen, lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, s),
-                            "ext_authz", readiness=parts.readiness, services=[AUTHORIZATION_SERVICE]))
+                            "ext_authz", readiness=parts.readiness, services=[AUTHORIZATION_SERVICE],
+                            credentials=internal_tls.grpc_credentials(who)))
                         await server.wait_for_termination()
                     else:
                         await asyncio.Event().wait()  # until cancelled (SIGTERM)

@@ -11,9 +11,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 from crosslogic.ratelimit.resp import ScriptClient
 from crosslogic.ratelimit.resp_cluster import ClusterScriptClient
+
+# What "Redis cannot answer now" raises: a reset socket (OSError), redis-py's errors, and its cluster client's
+# RedisClusterException (no node could map the slots, e.g. while a primary fails over), which is no RedisError.
+REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (OSError, RedisError, RedisClusterException)
 
 
 def redis_client(url: str, cluster: bool, *, connect_timeout: float, timeout: float,
@@ -27,8 +32,9 @@ def redis_client(url: str, cluster: bool, *, connect_timeout: float, timeout: fl
     return aioredis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=timeout)
 
 
-def script_client(url: str, cluster: bool, *, connect_timeout: float,
-                  timeout: float) -> ScriptClient | ClusterScriptClient:
-    if cluster:
-        return ClusterScriptClient(url, connect_timeout=connect_timeout, timeout=timeout)
-    return ScriptClient(url, connect_timeout=connect_timeout, timeout=timeout)
+def script_client(url: str, cluster: bool, *, connect_timeout: float, timeout: float, wait_replicas: int = 0,
+                  wait_timeout_ms: int = 50) -> ScriptClient | ClusterScriptClient:
+    """`wait_replicas`: durable calls (reserve, settle) wait for that many replicas (resp.py)."""
+    make = ClusterScriptClient if cluster else ScriptClient
+    return make(url, connect_timeout=connect_timeout, timeout=timeout, wait_replicas=wait_replicas,
+                wait_timeout_ms=wait_timeout_ms)

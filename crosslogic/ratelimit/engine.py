@@ -25,6 +25,7 @@ from crosslogic.ratelimit.batching import ScriptBatcher
 from crosslogic.ratelimit.limits import LAYERS, LayerLimits, TenantLimits
 from crosslogic.ratelimit.lua import LuaScript, cluster_calls, on_cluster, script_source
 from crosslogic.ratelimit.resp import Encoded, ScriptClient
+from crosslogic.ratelimit.resp_cluster import ClusterScriptClient
 from crosslogic.settings import Settings
 
 Clock = Callable[[], int]  # milliseconds
@@ -170,7 +171,7 @@ class Limiter:
 
     def __init__(self, redis: aioredis.Redis, clock: Clock = wall_clock_ms,
                  reservation_ttl_ms: int = DEFAULT_RESERVATION_TTL_MS, lease_ttl_ms: int | None = None,
-                 split_scopes: bool = False, scripts: ScriptClient | None = None) -> None:
+                 split_scopes: bool = False, scripts: ScriptClient | ClusterScriptClient | None = None) -> None:
         self.redis = redis
         self.clock = clock
         self.reservation_ttl_ms = reservation_ttl_ms
@@ -187,7 +188,7 @@ class Limiter:
         self.scripts = scripts
         self._plans: dict[tuple, tuple[object, object, ReservePlan]] = {}  # see plan()
         if scripts is not None:
-            self._reserve_call = partial(scripts.evalsha, self._reserve)
+            self._reserve_call = partial(scripts.evalsha, self._reserve, durable=True)  # WAIT on a replicated Redis
             self._release_call = partial(scripts.evalsha, self._release)
         else:  # concurrent admissions share round trips
             self._reserve_call = ScriptBatcher(redis, self._reserve)
@@ -270,15 +271,16 @@ class Limiter:
             return []
         script = self._settle
         now = self.clock()
+        if self.scripts is not None:  # one write per primary; NOSCRIPT handled by the client (settling twice is a
+            # no-op); durable: answered once the replicas have it (WAIT), so a failover cannot lose a settlement
+            replies = await self.scripts.evalsha_many(script, [
+                (stage_keys(scopes, request_id), self._settle_args(request_id, actual, False, now))
+                for scopes, request_id, actual in settlements], durable=True)
+            return [int(out[0]) for out in replies]
         if on_cluster(self.redis):
             calls = [(stage_keys(scopes, request_id), self._settle_args(request_id, actual, False, now))
                      for scopes, request_id, actual in settlements]
             return [int(out[0]) for out in await cluster_calls(self.redis, script, calls)]
-        if self.scripts is not None:  # one write; NOSCRIPT handled by the client (settling twice is a no-op)
-            replies = await self.scripts.evalsha_many(script, [
-                (stage_keys(scopes, request_id), self._settle_args(request_id, actual, False, now))
-                for scopes, request_id, actual in settlements])
-            return [int(out[0]) for out in replies]
         for attempt in range(2):
             sha = await script.load(self.redis, again=attempt > 0)
             try:
@@ -312,7 +314,8 @@ class Limiter:
         return int(value or 0)
 
 
-def limiter_from_settings(redis: aioredis.Redis, settings: Settings, scripts: ScriptClient | None = None) -> Limiter:
+def limiter_from_settings(redis: aioredis.Redis, settings: Settings,
+                          scripts: ScriptClient | ClusterScriptClient | None = None) -> Limiter:
     return Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms, lease_ttl_ms=settings.lease_ttl_ms,
                    split_scopes=settings.limiter_split_scopes or settings.redis_cluster, scripts=scripts)
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
-import redis.asyncio as aioredis
-
 from crosslogic.ratelimit import metrics
 from crosslogic.ratelimit.admission import admit
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE
 from crosslogic.ratelimit.engine import Decision, Limiter
 from crosslogic.ratelimit.limits import PlatformLimits, TenantLimits
 from crosslogic.ratelimit.store import LimitStore
@@ -54,7 +53,7 @@ class AdmissionGate:
         started = time.perf_counter()
         try:
             decision = await admit(self.limiter, org, env, key, region, request_id, reserve, limits, platform)
-        except (OSError, aioredis.RedisError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             # Failed calls are timed too: a hanging Redis shows up as the socket timeout in the histogram.
             metrics.limiter_seconds.observe(time.perf_counter() - started)
             self.redis.failed(exc)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from crosslogic.ratelimit.connect import redis_client
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE, redis_client
 from crosslogic.ratelimit.engine import DEFAULT_RESERVATION_TTL_MS, Clock, org_tag, tenant_scope, wall_clock_ms
 from crosslogic.ratelimit.lua import LuaScript, cluster_calls, on_cluster
 from crosslogic.settings import Settings
@@ -142,7 +142,7 @@ class MoneySettler:
                 try:
                     self.released += await self.money.settle_many(batch)
                     break
-                except (OSError, aioredis.RedisError) as exc:
+                except REDIS_UNAVAILABLE as exc:
                     log.warning("cannot settle bill-cap reservations yet (%s); retrying", exc)
                     await asyncio.sleep(0.5)
 

@@ -21,6 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from crosslogic import errors
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE
 from crosslogic.ratelimit.engine import org_tag
 from crosslogic.ratelimit.resp import ScriptClient
 
@@ -104,7 +105,7 @@ class QuotaCounters:
             return
         try:
             values = await self.redis.mget(quota_keys(org_id, env_id, self.clock()))
-        except (OSError, aioredis.RedisError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             log.warning("quota counters unavailable (%s): allowing", exc)
             return
         hit = exceeded(quotas, [int(v or 0) for v in values])

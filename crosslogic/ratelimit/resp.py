@@ -18,15 +18,25 @@ Safety, as the redis-py path had it (tests/test_ratelimit_resp.py):
   cannot be trusted with the next one).
 - A cancelled caller (Envoy gave up on the check) only loses its answer: its reply is read and dropped, so the
   order of the others is kept.
+
+Durability (`wait_replicas` > 0: a Valkey Cluster, or any replicated Redis): a `durable` call (reserve, settle) is
+answered only after `WAIT <replicas> <timeout_ms>` sent in the same write, right behind every durable call of that
+write (one WAIT per batch, not per call: WAIT blocks the connection until the replicas acknowledge the offset of its
+last write, so it covers the whole batch). Replication is asynchronous without it: a primary SIGKILLed just after
+answering takes the acknowledged write along (tests/test_valkey_cluster.py saw it in ~2 of 6 runs). Fewer replicas
+than asked within the timeout (a replica down or lagging) is answered anyway: the write stands on the primary, as on
+an unreplicated Valkey; it is counted (`wait_short`) and logged. Refusing there would turn a replica's outage into a
+client-facing outage; retrying the WAIT would stall every admission on that connection behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -38,6 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from crosslogic.ratelimit.lua import LuaScript
 
 Arg = str | bytes | int
+log = logging.getLogger("crosslogic.ratelimit")
 
 
 def _bulk(value: Arg) -> bytes:
@@ -87,9 +98,28 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.broken: BaseException | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.wait_command = b""  # WAIT <replicas> <timeout_ms>, appended to a write holding durable calls
+        self.wait_timeout_s = 0.0
+        self.batch_wait: asyncio.Future | None = None  # the WAIT reply of the write being gathered
+        self.on_wait: Callable[[Any], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def send_durable(self, payload: bytes) -> tuple[asyncio.Future, asyncio.Future]:
+        """(the call's reply, the reply of the WAIT sent after every call of this write)."""
+        future = self.send(payload)
+        if self.broken is not None:
+            return future, future
+        if self.batch_wait is None:
+            self.batch_wait = self.loop.create_future()
+            self.batch_wait.add_done_callback(self._waited)
+        return future, self.batch_wait
+
+    def _waited(self, future: asyncio.Future) -> None:
+        # Once per WAIT, however many callers share it (an error is theirs too; retrieved here either way).
+        if not future.cancelled() and future.exception() is None and self.on_wait is not None:
+            self.on_wait(future.result())
 
     def send(self, payload: bytes) -> asyncio.Future:
         future = self.loop.create_future()
@@ -106,6 +136,13 @@ class _Connection(asyncio.Protocol):
         return future
 
     def _flush(self) -> None:
+        waiting, self.batch_wait = self.batch_wait, None
+        if waiting is not None:
+            if self.broken is not None:
+                waiting.set_exception(self.broken)
+            else:
+                self.out.append(self.wait_command)
+                self.pending.append((waiting, self.loop.time() + self.timeout + self.wait_timeout_s))
         if self.out and self.transport is not None and self.broken is None:
             self.transport.write(b"".join(self.out))
         self.out.clear()
@@ -164,7 +201,8 @@ class ScriptClient:
     """EVALSHA of the limiter's scripts on one pipelined connection to the server of a redis:// (rediss://,
     unix://) URL. Close it with `aclose`."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 0.5, timeout: float = 0.5) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 0.5, timeout: float = 0.5, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 50) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"unsupported redis URL scheme {parsed.scheme!r}")
@@ -181,42 +219,58 @@ class ScriptClient:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task | None = None
         self._prefixes: dict[int, bytes] = {}  # id(script) -> its encoded "EVALSHA <sha>"
+        self._loading: dict[int, asyncio.Future] = {}  # id(script) -> its SCRIPT LOAD in flight
         self._closed = False
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.wait_short = 0  # durable writes answered with fewer replicas than asked
 
-    async def evalsha(self, script: LuaScript, keys: Sequence[Arg | Encoded], args: Sequence[Arg | Encoded]) -> Any:
+    async def evalsha(self, script: LuaScript, keys: Sequence[Arg | Encoded], args: Sequence[Arg | Encoded],
+                      durable: bool = False) -> Any:
         """The script's reply (keys and args may hold pre-encoded runs); raises ResponseError for a script
-        error, ConnectionError / TimeoutError (both RedisError) when Redis cannot answer."""
-        reply = await self._call(self._evalsha(script, keys, args))
+        error, ConnectionError / TimeoutError (both RedisError) when Redis cannot answer. `durable`: answered
+        after the replicas acknowledged it (see the module's doc)."""
+        call = self._call_durable if durable and self.wait_replicas > 0 else self._call
+        reply = await call(self._evalsha(script, keys, args))
         if isinstance(reply, ResponseError):
             if not str(reply).startswith("NOSCRIPT"):
                 raise reply
-            loaded = await self._call(command("SCRIPT", "LOAD", script.source))
-            if isinstance(loaded, ResponseError):
-                raise loaded
-            reply = await self._call(self._evalsha(script, keys, args))
+            await self._load(script)
+            reply = await call(self._evalsha(script, keys, args))
             if isinstance(reply, ResponseError):
                 raise NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
         return reply
 
     async def evalsha_many(self, script: LuaScript,
-                           calls: Sequence[tuple[Sequence[Arg | Encoded], Sequence[Arg | Encoded]]]) -> list[Any]:
+                           calls: Sequence[tuple[Sequence[Arg | Encoded], Sequence[Arg | Encoded]]],
+                           durable: bool = False) -> list[Any]:
         """Many calls of one script sent in one write (a pipeline, not a transaction); their replies in order.
         Calls Redis answered NOSCRIPT did not run: the script is loaded and those calls sent again. Raises the
-        first script error, or ConnectionError / TimeoutError as `evalsha` does."""
+        first script error, or ConnectionError / TimeoutError as `evalsha` does. `durable`: one WAIT for all."""
         payloads = [self._evalsha(script, keys, args) for keys, args in calls]
-        replies = await self._call_many(payloads)
+        replies = await self._call_many(payloads, durable and self.wait_replicas > 0)
         missing = [i for i, reply in enumerate(replies)
                    if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")]
         if missing:
-            loaded = await self._call(command("SCRIPT", "LOAD", script.source))
-            if isinstance(loaded, ResponseError):
-                raise loaded
-            for i, reply in zip(missing, await self._call_many([payloads[i] for i in missing]), strict=True):
+            await self._load(script)
+            again = await self._call_many([payloads[i] for i in missing], durable and self.wait_replicas > 0)
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for reply in replies:
             if isinstance(reply, ResponseError):
                 raise NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
         return replies
+
+    async def _load(self, script: LuaScript) -> None:
+        """SCRIPT LOAD once for every caller that met NOSCRIPT meanwhile (a Valkey restart or failover empties
+        the script cache under load: one load, not one per in-flight call)."""
+        loading = self._loading.get(id(script))
+        if loading is None or loading.done():
+            loading = self._loading[id(script)] = asyncio.ensure_future(
+                self._call(command("SCRIPT", "LOAD", script.source)))
+        loaded = await asyncio.shield(loading)  # one caller cancelled must not cancel the others' load
+        if isinstance(loaded, ResponseError):
+            raise loaded
 
     async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Many commands in one write (a pipeline); their replies in order; raises the first error reply."""
@@ -247,14 +301,40 @@ class ScriptClient:
             conn = await self._connection()
         return await conn.send(payload)
 
-    async def _call_many(self, payloads: list[bytes]) -> list[Any]:
+    async def _call_durable(self, payload: bytes) -> Any:
+        conn = self._conn
+        if conn is None or conn.broken is not None:
+            conn = await self._connection()
+        reply, waited = conn.send_durable(payload)
+        result = await reply
+        self._raise_refused(await waited)
+        return result
+
+    async def _call_many(self, payloads: list[bytes], durable: bool = False) -> list[Any]:
         if not payloads:
             return []
         conn = self._conn
         if conn is None or conn.broken is not None:
             conn = await self._connection()
         # All sent in this event-loop turn, so one write; a broken connection fails them all alike.
-        return list(await asyncio.gather(*[conn.send(payload) for payload in payloads]))
+        if not durable:
+            return list(await asyncio.gather(*[conn.send(payload) for payload in payloads]))
+        sent = [conn.send_durable(payload) for payload in payloads]
+        replies = list(await asyncio.gather(*(reply for reply, _ in sent)))
+        self._raise_refused(await sent[-1][1])  # the one WAIT of the write (a broken connection: its error)
+        return replies
+
+    @staticmethod
+    def _raise_refused(replicas: Any) -> None:
+        if isinstance(replicas, ResponseError):
+            raise replicas
+
+    def _acknowledged(self, replicas: Any) -> None:
+        if not isinstance(replicas, ResponseError) and int(replicas) < self.wait_replicas:
+            self.wait_short += 1
+            log.warning("redis %s:%s: a write reached %s of %d replicas within %d ms (kept: it stands on the "
+                        "primary; a failover now could lose it)", self.host, self.port, replicas, self.wait_replicas,
+                        self.wait_timeout_ms)
 
     async def _connection(self) -> _Connection:
         if self._closed:
@@ -292,6 +372,9 @@ class ScriptClient:
         if self._closed:
             conn._break(RedisConnectionError("the script client is closed"))
             raise conn.broken  # type: ignore[misc]
+        conn.wait_command = command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        conn.wait_timeout_s = self.wait_timeout_ms / 1000
+        conn.on_wait = self._acknowledged
         self._conn = conn
         return conn
 

@@ -9,6 +9,7 @@ call never spans slots. What the cluster says is followed as Redis Cluster clien
 - CLUSTERDOWN / TRYAGAIN, or the primary does not answer (it died; its replica takes over after the cluster's node
   timeout): the map is read again and the call retried with a short backoff, within `retry_s`; then the error goes
   to the caller, whose failure policy decides (fail-open, or 503) as on one Valkey.
+Durable calls (reserve, settle) are followed by WAIT on their primary's connection (resp.py), one per write.
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ class ClusterScriptClient:
     """The ScriptClient interface (evalsha, execute, aclose) over a cluster; `url` names any one node."""
 
     def __init__(self, url: str, *, connect_timeout: float = 0.5, timeout: float = 0.5, retry_s: float = 0.4,
-                 max_redirects: int = 5) -> None:
+                 max_redirects: int = 5, wait_replicas: int = 0, wait_timeout_ms: int = 50) -> None:
         parsed = urlparse(url)
         self._template = parsed  # scheme, credentials and db of every node's URL
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.retry_s = retry_s
         self.max_redirects = max_redirects
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._seeds: list[Address] = [(parsed.hostname or "127.0.0.1", parsed.port or 6379)]
         self._slots: list[Address | None] = [None] * SLOTS
         self._clients: dict[Address, ScriptClient] = {}
@@ -75,8 +78,9 @@ class ClusterScriptClient:
             t = self._template
             auth = t.netloc.rpartition("@")[0]
             url = f"{t.scheme}://{auth + '@' if auth else ''}{address[0]}:{address[1]}"
-            client = self._clients[address] = ScriptClient(url, connect_timeout=self.connect_timeout,
-                                                           timeout=self.timeout)
+            client = self._clients[address] = ScriptClient(
+                url, connect_timeout=self.connect_timeout, timeout=self.timeout, wait_replicas=self.wait_replicas,
+                wait_timeout_ms=self.wait_timeout_ms)
         return client
 
     async def _read_slots(self) -> None:
@@ -118,7 +122,18 @@ class ClusterScriptClient:
                 raise RedisConnectionError(f"no primary serves hash slot {slot} (CLUSTERDOWN)")
         return self._client(address)
 
-    async def evalsha(self, script: LuaScript, keys: Sequence[Arg | Encoded], args: Sequence[Arg | Encoded]) -> Any:
+    @property
+    def wait_short(self) -> int:
+        return sum(client.wait_short for client in self._clients.values())
+
+    async def evalsha_many(self, script: LuaScript,
+                           calls: Sequence[tuple[Sequence[Arg | Encoded], Sequence[Arg | Encoded]]],
+                           durable: bool = False) -> list[Any]:
+        """Many calls, each to its slot's primary; the calls bound for one primary share its write (and WAIT)."""
+        return list(await asyncio.gather(*(self.evalsha(script, keys, args, durable) for keys, args in calls)))
+
+    async def evalsha(self, script: LuaScript, keys: Sequence[Arg | Encoded], args: Sequence[Arg | Encoded],
+                      durable: bool = False) -> Any:
         first = keys[0]
         if isinstance(first, Encoded):
             raise TypeError("the first key must be plain: it names the call's hash slot")
@@ -128,7 +143,7 @@ class ClusterScriptClient:
         for _ in range(self.max_redirects + 8):
             client = await self._primary(slot)
             try:
-                return await client.evalsha(script, keys, args)
+                return await client.evalsha(script, keys, args, durable)
             except ResponseError as exc:
                 redirect = _redirect(str(exc))
                 if redirect is not None:

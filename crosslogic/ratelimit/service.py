@@ -21,6 +21,7 @@ from crosslogic.ratelimit.engine import Decision, Limiter, limiter_from_settings
 from crosslogic.ratelimit.gate import AdmissionGate, LimiterUnavailable
 from crosslogic.ratelimit.protocol import ratelimit_headers, refusal, refusal_headers
 from crosslogic.ratelimit.store import LimitStore, follow_limit_changes
+from crosslogic.runtime import internal_tls
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
@@ -86,7 +87,9 @@ async def serve_ratelimit(settings: Settings, listen: str) -> None:
                                   settings.metrics_host):
                 async with grpc_server(listen, lambda s: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
                         servicer, s), "rate-limit service", readiness=readiness,
-                        services=["envoy.service.ratelimit.v3.RateLimitService"]) as server:
+                        services=["envoy.service.ratelimit.v3.RateLimitService"],
+                        credentials=internal_tls.grpc_credentials(
+                            internal_tls.service_identity(settings.internal_tls_dir, "ratelimit"))) as server:
                     await server.wait_for_termination()
         finally:
             feed.cancel()

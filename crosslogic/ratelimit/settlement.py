@@ -11,11 +11,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-
-import redis.asyncio as aioredis
+from dataclasses import dataclass
 
 from crosslogic.ratelimit.admission import settlement_calls
-from crosslogic.ratelimit.connect import redis_client
+from crosslogic.ratelimit.connect import REDIS_UNAVAILABLE, redis_client, script_client
 from crosslogic.ratelimit.engine import ALREADY_SETTLED, SETTLED, Limiter, limiter_from_settings
 from crosslogic.ratelimit.quota import count_usage_many
 from crosslogic.ratelimit.resp import ScriptClient
@@ -41,6 +40,15 @@ def settled_tokens(record: UsageRecord) -> int:
     return KEEP_RESERVED
 
 
+@dataclass
+class BatchProgress:
+    """How far one batch's settlement got, so a retry after a Redis fault resumes where it stopped."""
+
+    first: list[int] | None = None  # the first step's statuses (SETTLED / UNRESERVED / ALREADY_SETTLED)
+    later_scopes_settled: bool = False
+    quotas_counted: bool = False
+
+
 class Settler:
     """Settles queued records in batches: one pipelined round trip per batch (two with split scopes),
     instead of round trips per request (measured: settlement was the accounting service's largest cost)."""
@@ -57,23 +65,34 @@ class Settler:
         except asyncio.QueueFull:  # the reservation expires on its own; the ledger still has the row
             log.warning("settlement queue full; request %s left to expire", record.request_id)
 
-    async def settle_batch(self, records: list[UsageRecord]) -> list[bool]:
+    async def settle_batch(self, records: list[UsageRecord], progress: BatchProgress | None = None) -> list[bool]:
         """Settles every record in each scope it was reserved in; True where it settled now.
 
-        Idempotent per request id (the settle script), so a batch may be retried whole after a fault.
+        Idempotent per request id (the settle script), so a batch may be retried whole after a fault; pass the
+        same `progress` to a retry so it resumes at the step that failed: with split scopes the first step's
+        replay answers ALREADY_SETTLED, and a whole retry would then skip the later scopes and the quotas.
         Quota counters take every request the first time it is seen, reserved or not: a request admitted
         fail-open while Redis was down still counts against its quotas.
         """
+        progress = progress if progress is not None else BatchProgress()
         amounts = [settled_tokens(r) for r in records]
         calls = [settlement_calls(self.limiter, r.org_id, r.env_id, r.key_id, r.region) for r in records]
-        first = await self.limiter.settle_many(
-            [(scopes, r.request_id, a) for r, a, (scopes, _) in zip(records, amounts, calls, strict=True)])
-        settled = [(r, a, then) for r, a, (_, then), status in zip(records, amounts, calls, first, strict=True)
-                   if status == SETTLED]
-        await self.limiter.settle_many([(scopes, r.request_id, a) for r, a, then in settled for scopes in then])
-        await count_usage_many(self.limiter.scripts or self.limiter.redis, [
-            (r.org_id, r.env_id, r.total_tokens, r.occurred_at)
-            for r, status in zip(records, first, strict=True) if status != ALREADY_SETTLED])
+        if progress.first is None:
+            progress.first = await self.limiter.settle_many(
+                [(scopes, r.request_id, a) for r, a, (scopes, _) in zip(records, amounts, calls, strict=True)])
+        first = progress.first
+        if not progress.later_scopes_settled:
+            settled = [(r, a, then) for r, a, (_, then), status in zip(records, amounts, calls, first, strict=True)
+                       if status == SETTLED]
+            await self.limiter.settle_many([(scopes, r.request_id, a) for r, a, then in settled for scopes in then])
+            progress.later_scopes_settled = True
+        if not progress.quotas_counted:
+            scripts = self.limiter.scripts
+            # Quota keys of one org span slots: on a cluster redis-py's client routes them.
+            await count_usage_many(scripts if isinstance(scripts, ScriptClient) else self.limiter.redis, [
+                (r.org_id, r.env_id, r.total_tokens, r.occurred_at)
+                for r, status in zip(records, first, strict=True) if status != ALREADY_SETTLED])
+            progress.quotas_counted = True
         return [status == SETTLED for status in first]
 
     async def settle(self, record: UsageRecord) -> bool:
@@ -85,13 +104,14 @@ class Settler:
             batch = [await self.queue.get()]
             while len(batch) < self.batch_size and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
+            progress = BatchProgress()
             while True:
                 try:
-                    await self.settle_batch(batch)
+                    await self.settle_batch(batch, progress)
                     self.settled += len(batch)
                     redis.succeeded()
                     break
-                except (OSError, aioredis.RedisError) as exc:
+                except REDIS_UNAVAILABLE as exc:
                     redis.failed(exc)
                     log.warning("cannot settle %d requests yet (%s); retrying", len(batch), exc)
                     await asyncio.sleep(0.5)
@@ -105,9 +125,10 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
         return
     redis = redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=2.0)
     # Settlement's batches go through the lean pipelined client (resp.py): in redis-py they were the accounting
-    # service's largest cost (bench/profile_stack.py; docs/architecture.md "The access-log path"). On a cluster,
-    # redis-py's cluster client routes them by slot (engine.settle_many, lua.cluster_calls).
-    scripts = None if settings.redis_cluster else ScriptClient(settings.redis_url, connect_timeout=0.5, timeout=2.0)
+    # service's largest cost (bench/profile_stack.py; docs/architecture.md "The access-log path"). On a cluster, one
+    # per primary (resp_cluster.py); either way a settlement is answered once its replicas have it (WAIT).
+    scripts = script_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=2.0,
+                            wait_replicas=settings.redis_wait(), wait_timeout_ms=settings.redis_wait_timeout_ms)
     settler = Settler(limiter_from_settings(redis, settings, scripts))
     task = asyncio.create_task(settler.run())
     try:
@@ -115,6 +136,5 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        if scripts is not None:
-            await scripts.aclose()
+        await scripts.aclose()
         await redis.aclose()

@@ -16,6 +16,7 @@ from pathlib import Path
 from string import Template
 
 from crosslogic import contract
+from crosslogic.runtime import internal_tls
 from crosslogic.runtime.processes import ChildProcess, free_port, wait_until, write_private
 
 # Package data, not a Python package: inside `crosslogic` so it ships in the wheel, and not named `envoy`
@@ -69,6 +70,7 @@ class BootstrapParams:
     # site certificate (paths on the site's machine: ca.pem, node.pem, node.key); "": plaintext, at `host`.
     xds_host: str = ""
     xds_tls_dir: str = ""
+    internal_tls_dir: str = ""  # mutual TLS to every control-plane cluster (runtime/internal_tls.py); "": plain
 
 
 _CLUSTER_NAMES = {"xds_cluster": contract.XDS_CLUSTER, "authz_cluster": contract.AUTHZ_CLUSTER,
@@ -153,6 +155,30 @@ def _endpoints(host: str, ports: Ports) -> str:
                            for port in _ports(ports)) + "]"
 
 
+# Which service's certificate each control-plane cluster must present (its URI SAN), and whether it speaks HTTP/2
+# (gRPC servers refuse a TLS handshake without ALPN h2).
+_TLS_PEERS = {"xds": ("xds", True), "accounting": ("accounting", True), "ratelimit": ("ratelimit", True),
+              "api": ("api", False), "release": ("authz", False)}
+
+
+def _upstream_tls(tls_dir: str, service: str, h2: bool) -> str:
+    """The cluster's UpstreamTlsContext: Envoy's client certificate and the CA by file-based SDS (rotated in
+    place), and the peer's URI SAN checked, so a cluster only talks to the service it is for."""
+    root = Path(tls_dir).resolve()
+    sds = "{{path_config_source: {{path: \"{}\"}}, resource_api_version: V3}}"
+    alpn = "alpn_protocols: [h2], " if h2 else ""
+    return (
+        "\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n"
+        "        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n"
+        f"        common_tls_context: {{{alpn}"
+        f"tls_certificate_sds_secret_configs: [{{name: {internal_tls.SDS_CERT_NAME}, "
+        f"sds_config: {sds.format(root / internal_tls.SDS_CERT)}}}], "
+        "combined_validation_context: {default_validation_context: {match_typed_subject_alt_names: "
+        f"[{{san_type: URI, matcher: {{exact: \"{internal_tls.service_uri(service)}\"}}}}]}}, "
+        f"validation_context_sds_secret_config: {{name: {internal_tls.SDS_CA_NAME}, "
+        f"sds_config: {sds.format(root / internal_tls.SDS_CA)}}}}}}}")
+
+
 def _xds_tls(tls_dir: str) -> str:
     """The site gateway's client side of the site listener's mutual TLS (the control plane's CA only)."""
     if not tls_dir:
@@ -176,6 +202,9 @@ def render_bootstrap(params: BootstrapParams) -> str:
         host = params.xds_host if service == "xds" and params.xds_host else params.host
         values[f"{service}_endpoints"] = _endpoints(host, ports)
         values[f"{service}_resilience"] = _RESILIENCE if len(_ports(ports)) > 1 else ""
+        if params.internal_tls_dir and not (service == "xds" and params.xds_tls_dir):
+            peer, h2 = _TLS_PEERS.get(service, ("authz", params.authz_transport == "grpc"))
+            values[f"{service}_resilience"] += _upstream_tls(params.internal_tls_dir, peer, h2)
     values["xds_resilience"] += _xds_tls(params.xds_tls_dir)
     return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(values)
 
@@ -208,8 +237,9 @@ class EnvoyProcess:
             [str(envoy_binary()), "-c", str(config), "--log-level", "warning",
              "--base-id", str(self.base_id), "--drain-time-s", "2", "--concurrency", "2",
              # The usage log is the billing backstop: a line goes to the file as soon as it is written
-             # (min size 0 wakes the flush thread at once; it batches what piled up meanwhile), so a
-             # SIGKILLed Envoy loses no line of a response its client received. 100 ms is the backstop.
+             # (min size 0 wakes the flush thread at once; it batches what piled up meanwhile). That thread
+             # still races the worker's last socket write: a SIGKILL in between loses the line of a response
+             # its client received (docs/billing.md, "Envoy SIGKILL"). 100 ms is the backstop.
              "--file-flush-min-size-kb", "0", "--file-flush-interval-msec", "100",
              "--service-node", self.params.node_id, "--service-cluster", "crosslogic-gateway"],
             self.work_dir / f"envoy-{self.params.node_id}.log",

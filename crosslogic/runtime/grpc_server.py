@@ -15,6 +15,14 @@ from crosslogic.runtime.readiness import Readiness
 log = logging.getLogger("crosslogic")
 
 
+def server_credentials(cert: bytes, key: bytes, ca: bytes | None = None,
+                       require_client_cert: bool = True) -> grpc.ServerCredentials:
+    """TLS for a gRPC listener: its certificate chain and key (PEM); with `ca`, clients are verified against it,
+    and with `require_client_cert` one is required (mutual TLS: internal hops, node agents, site links)."""
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=bool(ca) and require_client_cert)
+
+
 @asynccontextmanager
 async def grpc_server(listen: str, register: Callable[[grpc.aio.Server], None], name: str,
                       grace_s: float = 1.0, readiness: Readiness | None = None, services: Iterable[str] = (),

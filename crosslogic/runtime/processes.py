@@ -44,6 +44,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OSError("no free port to listen on")
 
 
+def reserve_port(port: int) -> None:
+    """A port this process will use but did not get from free_port (e.g. `up --port`): never handed out."""
+    _handed_out.add(port)
+
+
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

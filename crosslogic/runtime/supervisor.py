@@ -27,9 +27,18 @@ from pathlib import Path
 from crosslogic.pki import init_pki
 from crosslogic.runtime.backoff import Backoff
 from crosslogic.runtime.envoy import BootstrapParams, EnvoyProcess
+from crosslogic.runtime.internal_tls import SDS_CERT, issue_internal, write_envoy_sds
 from crosslogic.runtime.ops_http import serve_ops
 from crosslogic.runtime.postgres import EmbeddedPostgres
-from crosslogic.runtime.processes import ChildProcess, free_port, inherit_env, port_open, wait_until, write_private
+from crosslogic.runtime.processes import (
+    ChildProcess,
+    free_port,
+    inherit_env,
+    port_open,
+    reserve_port,
+    wait_until,
+    write_private,
+)
 from crosslogic.runtime.state import ensure_key_secret, secure_state_dir, write_runtime
 from crosslogic.runtime.supervision import Supervised, Supervisor
 from crosslogic.runtime.valkey import EmbeddedValkey
@@ -55,6 +64,7 @@ class UpOptions:
     envoys: int | None = None  # Envoy gateways; None = `replicas` (bench/scaleout.py varies the two apart)
     redis_cluster: bool = False  # a 3-primary Valkey Cluster (with a replica each) instead of one Valkey
     airgap: bool = False  # no socket to anything but loopback in any process, no Stripe, licences (docs/sites.md)
+    internal_tls: bool = False  # mutual TLS on every Envoy-to-service hop (docs/deploy.md, "Internal mutual TLS")
 
 
 @dataclass
@@ -151,6 +161,9 @@ def start_stack(stack: Stack) -> Stack:
     logs.mkdir(parents=True, exist_ok=True)
     if port_open(options.host, options.port):
         raise RuntimeError(f"{options.host}:{options.port} is already in use; pick another with --port")
+    # Envoy binds the gateway port last (its listener comes over xDS): until then it looks free, and a service
+    # given the same port would take it first.
+    reserve_port(options.port)
     settings = Settings()
     secret = settings.key_secret or ensure_key_secret(state)
 
@@ -176,6 +189,14 @@ def start_stack(stack: Stack) -> Stack:
     pki_dir = Path(settings_pki_dir) if (settings_pki_dir := SchedulerSettings().pki_dir) else state / "pki"
     if not (pki_dir / "server.pem").exists():
         init_pki(pki_dir, ["127.0.0.1", "localhost"])
+    # Production mode: Envoy-to-service hops over mutual TLS. Issued afresh at every start (90-day certificates;
+    # a restart is a rotation), from an internal CA of their own (runtime/internal_tls.py says why not pki_dir's).
+    internal_tls_dir = settings.internal_tls_dir
+    if not internal_tls_dir and (options.internal_tls or SupervisorSettings().internal_tls):
+        internal_tls_dir = str(pki_dir / "internal")
+        issue_internal(Path(internal_tls_dir), ["127.0.0.1", "localhost"])
+    elif internal_tls_dir and not (Path(internal_tls_dir) / SDS_CERT).exists():
+        write_envoy_sds(Path(internal_tls_dir))
     usage_dir = state / "usage"
     usage_dir.mkdir(parents=True, exist_ok=True)
     env = inherit_env(CROSSLOGIC_DATABASE_URL=database_url, CROSSLOGIC_REDIS_URL=redis_url,
@@ -184,6 +205,8 @@ def start_stack(stack: Stack) -> Stack:
                       CROSSLOGIC_LOG_LEVEL=options.log_level)
     if redis_cluster:
         env["CROSSLOGIC_REDIS_CLUSTER"] = "1"
+    if internal_tls_dir:
+        env["CROSSLOGIC_INTERNAL_TLS_DIR"] = internal_tls_dir
     ports = {name: free_port() for name in ("xds", "authz", "release", "ratelimit", "accounting", "api", "admin",
                                             "nodeagent", "fleet", "admin_api",
                                             "accounting_metrics", "authz_metrics", "ratelimit_metrics",
@@ -260,7 +283,7 @@ def start_stack(stack: Stack) -> Stack:
             api_port=_many(replica_ports["api"]),
             ratelimit_port=_many(replica_ports.get("ratelimit", [ports["ratelimit"]])),
             stats_port=ports["envoy_stats"] if index == 0 else free_port(), stats_host=options.host,
-            otlp_endpoint=settings.otlp_endpoint),
+            otlp_endpoint=settings.otlp_endpoint, internal_tls_dir=internal_tls_dir),
             name="envoy" if envoys == 1 else f"envoy-{index + 1}").start()
         stack.envoys.append(envoy)
         stack.envoy = stack.envoy or envoy
@@ -275,15 +298,21 @@ def start_stack(stack: Stack) -> Stack:
     stack.info = {"gateway_url": f"{gateway_url}/v1", "gateway_base": gateway_url, "database_url": database_url,
                   "redis_url": redis_url, "redis_cluster": redis_cluster, "envoy_admin_url": f"http://127.0.0.1:{ports['admin']}",
                   "ports": ports, "nodeagent_address": f"127.0.0.1:{ports['nodeagent']}", "pki_dir": str(pki_dir),
+                  "internal_tls_dir": internal_tls_dir,
                   "pid": os.getpid(), "admission": settings.admission,
                   "authz_transport": transport, "state_dir": str(state), "replicas": replicas,
                   "replica_ports": replica_ports, "envoy_admin_urls": [f"http://127.0.0.1:{p}" for p in admin_ports],
                   "admin_url": f"http://127.0.0.1:{ports['admin_api']}",
                   "site_xds_address": site_listens[0], "site_api_url": f"https://{site_listens[1]}", **demo}
     write_runtime(state, stack.info)
-    if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
-        write_private(options.ready_file, json.dumps(stack.info, indent=2))
     return stack
+
+
+def announce_ready(options: UpOptions, info: dict) -> None:
+    """The ready file, written once nothing is left that can fail: the supervisor's own listener was bound
+    after it once, and a port taken meanwhile stopped the whole stack right after it said ready."""
+    if options.ready_file:  # holds the plaintext demo key: 0600, like everything in the state dir
+        write_private(options.ready_file, json.dumps(info, indent=2))
 
 
 def _start_demo(stack: Stack, database_url: str, secret: bytes, logs: Path, env: dict[str, str]) -> dict:
@@ -419,6 +448,7 @@ def run_up(options: UpOptions) -> int:
         supervisor = _supervisor(stack, options.state_dir.resolve())
         ops.enter_context(_serve_supervisor_ops(supervisor, stack.info["ports"]["supervisor_metrics"]))
         write_runtime(options.state_dir.resolve(), {**stack.info, "supervisor": supervisor.status()})
+        announce_ready(options, stack.info)
         if options.json_output:
             print(json.dumps(stack.info), flush=True)
         else:
@@ -428,7 +458,7 @@ def run_up(options: UpOptions) -> int:
             if not stopping:
                 supervisor.poll()
         return 0
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: a port taken (TimeoutError is one too)
         print(f"crosslogic up failed: {exc}", file=sys.stderr)
         for child in stack.children():
             if not child.running:

@@ -11,6 +11,7 @@ import grpc
 from crosslogic import pki
 from crosslogic.agent.proto import nodeagent_pb2 as pb
 from crosslogic.agent.proto import nodeagent_pb2_grpc as pb_grpc
+from crosslogic.runtime import grpc_server
 from crosslogic.xds import node_registry as registry
 from crosslogic.xds.identity import IdentityRefused, site_identity
 
@@ -143,9 +144,8 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
 
 def server_credentials(pki_dir: Path) -> grpc.ServerCredentials:
     """Mutual TLS: only clients with a certificate from the control-plane CA get through the handshake."""
-    return grpc.ssl_server_credentials(
-        [((pki_dir / pki.SERVER_KEY).read_bytes(), (pki_dir / pki.SERVER_CERT).read_bytes())],
-        root_certificates=(pki_dir / pki.CA_CERT).read_bytes(), require_client_auth=True)
+    return grpc_server.server_credentials((pki_dir / pki.SERVER_CERT).read_bytes(),
+                                          (pki_dir / pki.SERVER_KEY).read_bytes(), (pki_dir / pki.CA_CERT).read_bytes())
 
 
 def add_to_server(server: grpc.aio.Server, servicer: NodeAgentServicer) -> None:

@@ -13,6 +13,7 @@ import asyncpg
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from crosslogic.contract import ROUTING_CHANNEL
+from crosslogic.runtime import internal_tls
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check
@@ -201,7 +202,9 @@ async def serve_xds(database_url: str, listen: str, gateway: GatewaySettings,
                     services=[ADS_SERVICE, NODEAGENT_SERVICE], credentials=server_credentials(Path(settings.pki_dir))))
             server = await stack.enter_async_context(grpc_server(
                 listen, lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, s), "xDS",
-                readiness=ready, services=[ADS_SERVICE]))
+                readiness=ready, services=[ADS_SERVICE],
+                credentials=internal_tls.grpc_credentials(
+                    internal_tls.service_identity(Settings().internal_tls_dir, "xds"))))
             await server.wait_for_termination()
     finally:
         watcher.cancel()
