@@ -74,6 +74,9 @@ AUTHZ_CHECK_PREFIX = "/check"
 # Added by Envoy to every check request (overwriting a client's own): the connection's peer, what the gRPC
 # CheckRequest calls source.address (the failure budget's client, extauthz/throttle.py).
 CLIENT_ADDRESS_HEADER = "x-clp-client-address"
+# Set by a site gateway's listener (per-identity xDS, xds/sites.py) on every ext_authz check: the org the site
+# belongs to; ext_authz refuses any other org's key with 403 (docs/sites.md). Envoy overwrites a client's value.
+SITE_ORG_HEADER = "x-clp-site-org"
 # A 200 from the authz server names here (comma-separated) the client headers Envoy removes before the node.
 HEADERS_TO_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 # Envoy files each authz response header listed in `dynamic_metadata_from_headers` in AUTHZ_NAMESPACE under the

@@ -36,6 +36,16 @@ def tenant_suspended(level: str) -> ClientError:
                        "permission_error", "tenant_suspended")
 
 
+def wrong_site() -> ClientError:
+    return ClientError(403, "This API key is not valid at this site: it serves one organization's keys. Use your "
+                       "own organization's gateway.", "permission_error", "wrong_site")
+
+
+def site_revoked() -> ClientError:
+    return ClientError(403, "This site's access has been revoked. Contact your administrator.", "permission_error",
+                       "site_revoked")
+
+
 def billing_cap_reached() -> ClientError:
     return ClientError(403, "Your organization has reached its monthly spending cap. Raise the cap or wait for "
                        "the next billing month.", "insufficient_quota", "billing_cap_reached")

@@ -2,6 +2,9 @@
 
 A node certificate carries its scope as a URI SAN `urn:crosslogic:node-scope:<pool:CLOUD | org:ORG_ID>`;
 the NodeAgent service reads it from the verified peer certificate, so a node can only register inside it.
+A site certificate (an on-prem site's gateway and node agents, docs/sites.md) carries the SPIFFE-style URI SAN
+`spiffe://crosslogic/org/<org_id>/site/<site_id>`; the site listener of the xDS process derives the identity from
+it and checks the serial against `site_certificates` (revocation) on every stream and call.
 Files in the PKI directory: ca.pem / ca.key (keep the key offline in production), server.pem / server.key.
 """
 
@@ -19,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SCOPE_URI_PREFIX = "urn:crosslogic:node-scope:"
+SPIFFE_PREFIX = "spiffe://crosslogic/"
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 
@@ -43,7 +47,7 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _builder(subject: str, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+def _builder(subject: str, issuer: x509.Name, public_key, days: float) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -62,7 +66,7 @@ def create_ca(common_name: str = "CrossLogic control plane CA", days: int = 3650
 
 
 def _leaf(ca: Issued, common_name: str, sans: list[x509.GeneralName], usage: ExtendedKeyUsageOID | list,
-          days: int) -> Issued:
+          days: float) -> Issued:
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     key = _key()
@@ -116,6 +120,51 @@ def scope_of(cert_pem: bytes) -> str | None:
     for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
         if uri.startswith(SCOPE_URI_PREFIX):
             return uri.removeprefix(SCOPE_URI_PREFIX)
+    return None
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who a verified site certificate speaks for; `serial` (hex) is what revocation is checked against."""
+
+    org_id: str
+    site_id: str
+    serial: str
+
+    @property
+    def cache_key(self) -> str:
+        return f"site:{self.site_id}:{self.serial}"
+
+
+def site_uri(org_id: str, site_id: str) -> str:
+    return f"{SPIFFE_PREFIX}org/{org_id}/site/{site_id}"
+
+
+def issue_site(ca: Issued, org_id: str, site_id: str, days: float = 90) -> Issued:
+    """A site's client certificate: its gateway's xDS stream and its node agents' NodeAgent calls."""
+    return _leaf(ca, f"site-{site_id}", [x509.UniformResourceIdentifier(site_uri(org_id, site_id))],
+                 ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
+def serial_of(cert_pem: bytes) -> str:
+    return format(x509.load_pem_x509_certificate(cert_pem).serial_number, "x")
+
+
+def not_after_of(cert_pem: bytes) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+def site_identity_of(cert_pem: bytes) -> SiteIdentity | None:
+    """The site identity in a (verified) certificate's URI SAN, or None (a node-scope or server certificate)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        parts = uri.removeprefix(SPIFFE_PREFIX).split("/") if uri.startswith(SPIFFE_PREFIX) else []
+        if len(parts) == 4 and parts[0] == "org" and parts[2] == "site" and parts[1] and parts[3]:
+            return SiteIdentity(parts[1], parts[3], format(cert.serial_number, "x"))
     return None
 
 

@@ -134,6 +134,8 @@ class Settings:
     gateway_tls_key: str = setting("GATEWAY_TLS_KEY", "", "PEM private key of GATEWAY_TLS_CERT (a path Envoy reads)")
     envoy_admin_url: str = setting("ENVOY_ADMIN_URL", "", "Envoy's admin URL, for reopening the rotated usage log "
                                    "(comma-separated: every Envoy that writes the log)")
+    license_public_key: str = setting("LICENSE_PUBLIC_KEY", "", "PEM file of the ed25519 key licences are signed "
+                                      "with; set (or air-gapped mode) = every org needs a valid installed licence")
     stripe_api_key: str = setting("STRIPE_API_KEY", "", "Stripe secret key; unset = usage is recorded but not "
                                   "exported", secret=True)
     stripe_api_base: str = setting("STRIPE_API_BASE", "", "Stripe API base URL (empty = api.stripe.com)")
@@ -278,6 +280,15 @@ class SupervisorSettings:
                                  "`--internal-tls`; INTERNAL_TLS_DIR set names certificates of your own instead)")
     supervisor_metrics_port: int = setting("SUPERVISOR_METRICS_PORT", 0, "Prometheus /metrics of `crosslogic up` "
                                            "(child up/ready, restarts, degraded); 0 = a free port", **_PORT)
+    airgap: bool = setting("AIRGAP", False, "air-gapped mode (`crosslogic up --airgap` sets it for every child): no "
+                           "socket to anything but loopback, no Stripe export, flat licences enforced at admission")
+    airgap_audit_log: str = setting("AIRGAP_AUDIT_LOG", "", "air-gapped mode: append every connection attempt "
+                                    "(allowed or refused) here as a JSON line; empty = none")
+    site_xds_listen: str = setting("SITE_XDS_LISTEN", "", "`crosslogic up`: HOST:PORT of the site listener (mutual "
+                                   "TLS: per-site xDS and the sites' NodeAgent API, docs/sites.md); empty = loopback, "
+                                   "a free port")
+    site_api_listen: str = setting("SITE_API_LISTEN", "", "`crosslogic up`: HOST:PORT of the site API (mutual TLS: "
+                                   "sites sync their org and push usage); empty = loopback, a free port")
 
 
 FLEET_PROVIDERS = ("local", "skypilot", "none")

@@ -7,6 +7,7 @@ pip's own cache makes the installs fast after the first run; nothing here needs 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -175,3 +176,53 @@ def test_the_agent_installs_without_the_control_plane_and_joins_the_installed_ga
                     proc.kill()
         if agent is not None and agent.stdout is not None:
             agent.stdout.close()
+
+
+def _site_up(bin_dir: Path, bundle: Path, where: Path, ready: Path, env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([str(bin_dir / "crosslogic"), "site", "up", str(bundle), "--dir", str(where / "s"),
+                                 "--ready-file", str(ready)], env=env, cwd=where, stdout=out, stderr=subprocess.STDOUT)
+
+
+async def test_a_site_starts_from_its_bundle_with_only_the_installed_wheel_and_bills_to_the_cloud(
+        installed_stack, server_install, tmp_path):
+    import openai
+
+    env, state = installed_stack["env"], str(installed_stack["state_dir"])
+    cli = [str(server_install / "crosslogic"), "--state-dir", state]
+    gateway_port = free_port()
+    created = _run([*cli, "site", "create", "--org", "demo", "--name", "wheel-site", "--listen",
+                    f"127.0.0.1:{gateway_port}"], env=env)
+    assert created.returncode == 0, created.stderr
+    base = free_port()
+    while any(port_open("127.0.0.1", base + i) for i in range(1, 4)):
+        base = free_port()
+    bundle = tmp_path / "wheel-site.tar.gz"
+    made = _run([*cli, "bundle", "create", "--site", "wheel-site", "--out", str(bundle), "--local-ports", str(base)],
+                env=env)
+    assert made.returncode == 0, made.stderr
+    site_dir, ready = tmp_path / "site-machine", tmp_path / "site.ready.json"
+    site_dir.mkdir()
+    up = _site_up(server_install, bundle, site_dir, ready, env, tmp_path / "site-up.log")
+    try:
+        wait_until(ready.exists, 90, "crosslogic site up from the wheel", up)
+        # No node of its own yet: the site spills to the cloud's pool (its policy allows it), metered by the site.
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1",
+                                      api_key=installed_stack["api_key"], max_retries=0, timeout=30) as api:
+            raw = None
+            for _ in range(100):  # the site's first sync and xDS push
+                try:
+                    raw = await api.chat.completions.with_raw_response.create(
+                        model="llama-3-8b", max_tokens=3, messages=[{"role": "user", "content": "hello"}])
+                    break
+                except (openai.APIStatusError, openai.APIConnectionError):
+                    await asyncio.sleep(0.3)
+        assert raw is not None, (tmp_path / "site-up.log").read_text()[-3000:]
+        row = await ledger_row(installed_stack["database_url"], raw.headers["x-request-id"])
+        assert row["written_by"] == "site" and row["completion_tokens"] == 3
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -64,6 +65,13 @@ def _start_backstop(settings: Settings, pool, settle: Callable[[UsageRecord], No
 
 
 def _start_reporter(settings: Settings, pool) -> asyncio.Task | None:
+    from crosslogic.settings import SupervisorSettings
+
+    if SupervisorSettings().airgap:  # billing by flat licence (extauthz/license_guard.py); never a call out
+        metrics.export_enabled.set(0)
+        if settings.stripe_api_key:
+            log.warning("air-gapped mode: CROSSLOGIC_STRIPE_API_KEY is ignored, nothing is exported to Stripe")
+        return None
     metrics.export_enabled.set(1 if settings.stripe_api_key else 0)
     if not settings.stripe_api_key:
         log.info("no CROSSLOGIC_STRIPE_API_KEY: usage is recorded but not exported to Stripe")
@@ -80,7 +88,9 @@ async def _retry_held_rows(settings: Settings, held: HeldRows) -> None:
                                held.wake.set, "price change feed")
 
 
-async def serve_accounting(settings: Settings, listen: str) -> None:
+async def serve_accounting(settings: Settings, listen: str, site_listen: str | None = None) -> None:
+    """`site_listen`: also serve the site API over mutual TLS there (crosslogic/sites/cloud_api.py): sites sync
+    their org's views and push their spooled usage into this ledger."""
     from crosslogic.ratelimit.money import money_settlement
     from crosslogic.ratelimit.settlement import settlement_hook
 
@@ -107,13 +117,26 @@ async def serve_accounting(settings: Settings, listen: str) -> None:
         if ping is not None:
             readiness.add("valkey", redis_check(ping))
         try:
-            async with ops_server(settings.accounting_metrics_port, "accounting", readiness,
-                                  settings.metrics_host), \
+            async with AsyncExitStack() as sites, ops_server(settings.accounting_metrics_port, "accounting",
+                                                              readiness, settings.metrics_host), \
                     grpc_server(listen, lambda s: als_pb2_grpc.add_AccessLogServiceServicer_to_server(sink, s),
                                 "access-log sink", grace_s=2, readiness=readiness,
                                 services=["envoy.service.accesslog.v3.AccessLogService"],
                                 credentials=internal_tls.grpc_credentials(
                                     internal_tls.service_identity(settings.internal_tls_dir, "accounting"))) as server:
+                if site_listen:
+                    from crosslogic.ratelimit.connect import redis_client
+                    from crosslogic.settings import SchedulerSettings
+                    from crosslogic.sites.cloud_api import site_api_server
+
+                    pki_dir = SchedulerSettings().pki_dir
+                    if not pki_dir:
+                        raise SystemExit("--site-listen needs CROSSLOGIC_PKI_DIR (the CA of site certificates)")
+                    await sites.enter_async_context(site_api_server(
+                        site_listen, pool, Path(pki_dir), settings.require_key_secret().decode(),
+                        settings.default_region, settle,
+                        redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
+                        if settings.redis_url else None))
                 await server.wait_for_termination()
         finally:  # after the server stopped: every entry that arrived is in `ledger`
             if ping is not None:

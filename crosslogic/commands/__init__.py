@@ -34,6 +34,9 @@ SERVER_COMMANDS: dict[str, dict[str, str]] = {
                                "finops": "internal cost model: GPU cost, cost per token, margins"},
     "crosslogic.commands.limits": {"limits": "rate limits, quotas and layer policy"},
     "crosslogic.commands.fleet": {"fleet": "the GPU fleet: autoscaling policy per pool, machines"},
+    "crosslogic.commands.sites": {"site": "on-prem sites: create, list, revoke, rotate certificates, run one",
+                                  "bundle": "site bundles: everything one site needs, nothing of other orgs"},
+    "crosslogic.commands.license": {"license": "flat licences of air-gapped installs: issue, verify, show, install"},
 }
 # Accepted before and after any subcommand.
 GLOBAL_OPTIONS = ("--state-dir", "--log-level", "--json")
@@ -61,35 +64,33 @@ def _serve(args: argparse.Namespace) -> int:
     if args.service == "accounting":
         from crosslogic.accounting.sink import serve_accounting
 
-        return run_service(lambda: serve_accounting(settings, args.listen))
+        return run_service(lambda: serve_accounting(settings, args.listen, args.site_listen))
     if args.service == "api":
         from crosslogic.api.service import serve_api
 
         host, port = split_listen(args.listen)
         admin = split_listen(args.admin_listen) if args.admin_listen else None
         return run_service(lambda: serve_api(settings, host, port, admin))
+    if args.service == "site":
+        from crosslogic.sites.run import serve_site
+
+        if not args.dir:
+            raise SystemExit("serve site needs --dir (an unpacked bundle; `crosslogic site up` runs it for you)")
+        return run_service(lambda: serve_site(Path(args.dir)))
     if args.service == "fleet":
         from crosslogic.fleet.service import serve_fleet
 
         host, port = split_listen(args.listen)
         return run_service(lambda: serve_fleet(settings, host, port))
     if args.service == "xds":
-        from crosslogic.xds.model import GatewaySettings, client_bounds
-        from crosslogic.xds.service import serve_xds
+        from crosslogic.xds.service import gateway_settings, serve_xds
 
         if bool(settings.gateway_tls_cert) != bool(settings.gateway_tls_key):
             raise SystemExit("set both CROSSLOGIC_GATEWAY_TLS_CERT and CROSSLOGIC_GATEWAY_TLS_KEY, or neither")
-        gateway = GatewaySettings(listen_host=args.gateway_host, listen_port=args.gateway_port,
-                                  max_request_bytes=settings.max_request_bytes,
-                                  usage_log_path=settings.usage_log_path,
-                                  tls_cert_path=settings.gateway_tls_cert, tls_key_path=settings.gateway_tls_key,
-                                  admission=args.admission or settings.admission,
-                                  authz_transport=args.transport or settings.authz_transport,
-                                  trace_sample_percent=settings.trace_sample_percent if settings.otlp_endpoint
-                                  else 0.0,
-                                  **client_bounds(settings))
+        gateway = gateway_settings(settings, args.gateway_host, args.gateway_port, args.admission, args.transport)
         return run_service(lambda: serve_xds(settings.require_database(), args.listen, gateway,
                                               nodeagent_listen=args.nodeagent_listen,
+                                              site_listen=args.site_listen,
                                               metrics_port=settings.xds_metrics_port,
                                               metrics_host=settings.metrics_host))
     raise SystemExit(f"unknown service {args.service}")
@@ -101,7 +102,8 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(UpOptions(state_dir=Path(args.state_dir), host=args.host, port=args.port, demo=args.demo,
                             ready_file=Path(args.ready_file) if args.ready_file else None,
                             log_level=args.log_level, json_output=args.json, replicas=args.replicas,
-                            redis_cluster=args.redis_cluster, envoys=args.envoys, internal_tls=args.internal_tls))
+                            redis_cluster=args.redis_cluster, envoys=args.envoys, internal_tls=args.internal_tls,
+                            airgap=args.airgap))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run N Envoy gateways (default: --replicas)")
     up.add_argument("--redis-cluster", action="store_true",
                     help="start a Valkey Cluster (3 primaries with a replica each) instead of one Valkey")
+    up.add_argument("--airgap", action="store_true",
+                    help="air-gapped: no process opens a socket to anything but this machine, no Stripe, every org "
+                         "needs a signed licence (`crosslogic license`; docs/sites.md)")
     up.add_argument("--internal-tls", action="store_true",
                     help="production mode: mutual TLS between Envoy and every control-plane service, certificates "
                     "issued from the project's CA into <state-dir>/pki/internal (also CROSSLOGIC_INTERNAL_TLS)")
@@ -223,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run one control-plane service",
                            description="one service process (`crosslogic up` runs them all)")
-    serve.add_argument("service", choices=["authz", "ratelimit", "accounting", "api", "xds", "fleet"],
-                       help="which service (fleet: the GPU autoscaler; --listen serves its /metrics)")
+    serve.add_argument("service", choices=["authz", "ratelimit", "accounting", "api", "xds", "fleet", "site"],
+                       help="which service (fleet: the GPU autoscaler; --listen serves its /metrics; site: the "
+                            "site process of an on-prem site, ports from --dir's site.json)")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="where the service listens")
     serve.add_argument("--gateway-host", default="127.0.0.1", help="xds: the gateway listener address")
     serve.add_argument("--gateway-port", type=int, default=8080, help="xds: the gateway listener port")
@@ -240,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="api: also serve the admin API and the developer dashboard here (not routed by Envoy)")
     serve.add_argument("--nodeagent-listen", metavar="HOST:PORT",
                        help="xds: also serve the NodeAgent API to node agents")
+    serve.add_argument("--site-listen", metavar="HOST:PORT",
+                       help="xds: also serve on-prem sites here over mutual TLS: per-site ADS and the site-scoped "
+                            "NodeAgent API; accounting: the site API (sync, usage push) (docs/sites.md)")
+    serve.add_argument("--dir", metavar="DIR", help="site: the unpacked site bundle")
     serve.set_defaults(handler=_serve)
 
     mig = sub.add_parser("migrate", help="apply database migrations")
@@ -277,6 +287,9 @@ def _missing_server_module(exc: ModuleNotFoundError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from crosslogic.runtime import airgap
+
+    airgap.install_from_environment()  # first: nothing below may reach the network in air-gapped mode
     try:
         args = build_parser().parse_args(argv)
         settings = Settings()  # a bad CROSSLOGIC_* value fails here, for every command, in one line

@@ -18,7 +18,7 @@ FROM models WHERE status = 'active'
 # Orgs with dedicated nodes: their requests go to their reserved lane (`region/model@org`, issue 4).
 _RESERVED_ORGS_SQL = """
 SELECT DISTINCT reserved_org_id::text AS org_id FROM nodes WHERE reserved_org_id IS NOT NULL
-  AND status NOT IN ('dead', 'terminated')
+  AND status NOT IN ('dead', 'terminated') AND site_id IS NULL  -- a site's nodes are no cloud lane
 """
 
 

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from crosslogic import errors
-from crosslogic.contract import AUTHORIZATION_HEADER, REQUEST_ID_HEADER, AuthzMeta, Header, route_key
+from crosslogic.contract import (
+    AUTHORIZATION_HEADER,
+    REQUEST_ID_HEADER,
+    SITE_ORG_HEADER,
+    AuthzMeta,
+    Header,
+    route_key,
+)
 from crosslogic.extauthz.billcap import Cap
 from crosslogic.extauthz.tenants import TenantView
 from crosslogic.extauthz.validation import Endpoint, ModelSpec, RequestFacts, endpoint_for, validate_request
@@ -43,6 +50,12 @@ class QuotaCheck(Protocol):
     """Usage counters against a tenant's quotas (ratelimit.quota.QuotaCounters): raises 403 quota_exceeded."""
 
     async def check(self, org_id: str, env_id: str, quotas: Quotas) -> None: ...
+
+
+class LicenseCheck(Protocol):
+    """Flat licences (license_guard.LicenseGuard): raises 403 / 429 when the org's licence does not admit this."""
+
+    async def check(self, org_id: str, reserve_tokens: int) -> None: ...
 
 
 class BillCap(Protocol):
@@ -147,8 +160,10 @@ class Authorizer:
 
     def __init__(self, views: TenantViews, catalogue: Catalogue, secret: bytes, default_region: str,
                  quotas: QuotaCheck | None = None, caps: BillCap | None = None,
-                 gate: Admission | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+                 gate: Admission | None = None, wall_clock: Callable[[], float] = time.time,
+                 license: LicenseCheck | None = None) -> None:
         self.views = views
+        self.license = license  # air-gapped installs: the org's signed licence (extauthz/license_guard.py)
         self.wall_clock = wall_clock  # key expiry (a view is cached; the clock decides when it expired)
         self.catalogue = catalogue
         self.secret = secret
@@ -170,6 +185,9 @@ class Authorizer:
         if view is None:
             raise errors.invalid_api_key()
         _check_status(view, self.wall_clock())
+        site_org = headers.get(SITE_ORG_HEADER)
+        if site_org and site_org != view.org_id:  # a site gateway serves its own org only (docs/sites.md)
+            raise errors.wrong_site()
 
         out: dict[str, str] = {Header.ORG: view.org_id, Header.ENV: view.env_id, Header.KEY: view.key_id}
         metadata: dict[str, object] = {AuthzMeta.ORG_ID: view.org_id, AuthzMeta.ENV_ID: view.env_id,
@@ -184,6 +202,8 @@ class Authorizer:
                 raise violation
             if self.quotas is not None:
                 await self.quotas.check(view.org_id, view.env_id, view.quotas)
+            if self.license is not None:
+                await self.license.check(view.org_id, facts.reserve)
             region = view.region or self.default_region
             lane = view.org_id if view.org_id in self.catalogue.reserved_orgs else None
             out.update({Header.MODEL: facts.model, Header.REGION: region, Header.ROUTE: route_key(region, facts.model,
@@ -199,6 +219,8 @@ class Authorizer:
             if self.caps is not None or self.gate is not None:
                 response_headers = await self._reserve(view, region, facts, headers.get(REQUEST_ID_HEADER, ""),
                                                        metadata)
+        elif self.license is not None:  # reads (GET /v1/models) too: an unlicensed org gets nothing
+            await self.license.check(view.org_id, 0)
         remove = tuple(h for h in headers if h not in out and h not in FORWARDED_HEADERS and not h.startswith(":"))
         return Allowed(headers=out, remove=remove, metadata=metadata, response_headers=response_headers)
 

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
@@ -23,6 +24,7 @@ from crosslogic.extauthz.decision import Authorizer
 from crosslogic.extauthz.grpc_transport import AuthorizationServicer
 from crosslogic.extauthz.http_transport import authz_http_server
 from crosslogic.extauthz.http_wire import Limits
+from crosslogic.extauthz.license_guard import LicenseGuard
 from crosslogic.extauthz.observe import ObservedChecker
 from crosslogic.extauthz.release import LeaseReleaser
 from crosslogic.extauthz.tenants import TenantCache, follow_changes
@@ -36,7 +38,7 @@ from crosslogic.runtime import internal_tls
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check, redis_check
-from crosslogic.settings import Settings
+from crosslogic.settings import Settings, SettingsError
 from crosslogic.store.db import open_pool
 from crosslogic.tracing import tracer_from_settings
 
@@ -57,6 +59,18 @@ class AuthzParts:
     readiness: Readiness  # the decision's own Postgres pool and Valkey client answer
 
 
+def license_guard(settings: Settings, pool) -> LicenseGuard | None:
+    """Flat licences when a licence key is configured; air-gapped mode needs one (there is no other billing)."""
+    from crosslogic.settings import SupervisorSettings
+
+    if not settings.license_public_key:
+        if SupervisorSettings().airgap:
+            raise SettingsError("air-gapped mode needs CROSSLOGIC_LICENSE_PUBLIC_KEY (the licence signing key's "
+                                "public half): orgs are billed by licence")
+        return None
+    return LicenseGuard(pool, Path(settings.license_public_key).read_bytes())
+
+
 @asynccontextmanager
 async def authorizer_from_settings(settings: Settings) -> AsyncIterator[AuthzParts]:
     """The decision with its real parts (one Postgres pool, the per-key tenant views and their one change feed,
@@ -73,7 +87,8 @@ async def authorizer_from_settings(settings: Settings) -> AsyncIterator[AuthzPar
             admits = settings.admission == "authz"
             caps = BillCapGuard(pool, MoneyLimiter(redis, settings.reservation_ttl_ms))
             authorizer = Authorizer(views, catalogue, settings.require_key_secret(), settings.default_region,
-                                    QuotaCounters(redis), caps, AdmissionGate(limiter) if admits else None)
+                                    QuotaCounters(redis), caps, AdmissionGate(limiter) if admits else None,
+                                    license=license_guard(settings, pool))
             feed = asyncio.create_task(follow_changes(settings.require_database(), views, catalogue.mark_stale,
                                                       caps.prices_changed))
             try:

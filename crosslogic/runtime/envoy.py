@@ -7,6 +7,7 @@ clusters of our own services. Listeners, routes and node pools all arrive over A
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -65,6 +66,10 @@ class BootstrapParams:
     stats_port: int = 0  # a listener serving only /stats/prometheus and /ready of the admin; 0: none
     stats_host: str = "127.0.0.1"
     otlp_endpoint: str = ""  # HOST:PORT of the OTLP/gRPC collector Envoy traces to; "": none
+    # A site gateway (docs/sites.md): xDS from the cloud's site listener at xds_host, over mutual TLS with the
+    # site certificate (paths on the site's machine: ca.pem, node.pem, node.key); "": plaintext, at `host`.
+    xds_host: str = ""
+    xds_tls_dir: str = ""
     internal_tls_dir: str = ""  # mutual TLS to every control-plane cluster (runtime/internal_tls.py); "": plain
 
 
@@ -174,6 +179,19 @@ def _upstream_tls(tls_dir: str, service: str, h2: bool) -> str:
         f"sds_config: {sds.format(root / internal_tls.SDS_CA)}}}}}}}")
 
 
+def _xds_tls(tls_dir: str) -> str:
+    """The site gateway's client side of the site listener's mutual TLS (the control plane's CA only)."""
+    if not tls_dir:
+        return ""
+    files = {name: json.dumps(str(Path(tls_dir) / name)) for name in ("ca.pem", "node.pem", "node.key")}
+    return ("\n    transport_socket: {name: envoy.transport_sockets.tls, typed_config: {\"@type\": "
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, common_tls_context: "
+            f"{{tls_certificates: [{{certificate_chain: {{filename: {files['node.pem']}}}, "
+            f"private_key: {{filename: {files['node.key']}}}}}], "
+            f"validation_context: {{trusted_ca: {{filename: {files['ca.pem']}}}}}, "
+            "alpn_protocols: [h2]}}}")
+
+
 def render_bootstrap(params: BootstrapParams) -> str:
     authz = "*h2" if params.authz_transport == "grpc" else _HTTP1
     values: dict[str, object] = {**asdict(params), **_CLUSTER_NAMES, "authz_protocol_options": authz,
@@ -181,11 +199,13 @@ def render_bootstrap(params: BootstrapParams) -> str:
                                  "stats_resources": _otel_cluster(params) + _stats_resources(params)}
     for service in ("xds", "authz", "accounting", "ratelimit", "api", "release"):
         ports = getattr(params, f"{service}_port")
-        values[f"{service}_endpoints"] = _endpoints(params.host, ports)
+        host = params.xds_host if service == "xds" and params.xds_host else params.host
+        values[f"{service}_endpoints"] = _endpoints(host, ports)
         values[f"{service}_resilience"] = _RESILIENCE if len(_ports(ports)) > 1 else ""
-        if params.internal_tls_dir:
+        if params.internal_tls_dir and not (service == "xds" and params.xds_tls_dir):
             peer, h2 = _TLS_PEERS.get(service, ("authz", params.authz_transport == "grpc"))
             values[f"{service}_resilience"] += _upstream_tls(params.internal_tls_dir, peer, h2)
+    values["xds_resilience"] += _xds_tls(params.xds_tls_dir)
     return Template(envoy_asset("bootstrap.yaml.tmpl")).substitute(values)
 
 

@@ -63,6 +63,7 @@ class UpOptions:
     replicas: int = 1
     envoys: int | None = None  # Envoy gateways; None = `replicas` (bench/scaleout.py varies the two apart)
     redis_cluster: bool = False  # a 3-primary Valkey Cluster (with a replica each) instead of one Valkey
+    airgap: bool = False  # no socket to anything but loopback in any process, no Stripe, licences (docs/sites.md)
     internal_tls: bool = False  # mutual TLS on every Envoy-to-service hop (docs/deploy.md, "Internal mutual TLS")
 
 
@@ -110,19 +111,21 @@ def _many(ports: list[int]) -> int | tuple[int, ...]:
 
 
 def _service_argv(options: UpOptions, admission: str, transport: str, ports: dict[str, int],
-                  rls: bool) -> list[tuple[str, list[str]]]:
-    """The control-plane services in start order, each with its `crosslogic serve` arguments."""
+                  rls: bool, sites: tuple[str, str] | None = None) -> list[tuple[str, list[str]]]:
+    """The control-plane services in start order, each with its `crosslogic serve` arguments; `sites`: the site
+    xDS and site API listen addresses (the first replica serves on-prem sites, docs/sites.md)."""
+    site_xds, site_api = (["--site-listen", sites[0]], ["--site-listen", sites[1]]) if sites else ([], [])
     return [
         ("authz", ["serve", "authz", "--listen", f"127.0.0.1:{ports['authz']}", "--transport", transport,
                    "--release-listen", f"127.0.0.1:{ports['release']}"]),
         *([("ratelimit", ["serve", "ratelimit", "--listen", f"127.0.0.1:{ports['ratelimit']}"])] if rls else []),
-        ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}"]),
+        ("accounting", ["serve", "accounting", "--listen", f"127.0.0.1:{ports['accounting']}", *site_api]),
         # The admin API and dashboard: the api process's second listener, loopback, no Envoy route to it.
         ("api", ["serve", "api", "--listen", f"127.0.0.1:{ports['api']}",
                  "--admin-listen", f"127.0.0.1:{ports['admin_api']}"]),
         ("xds", ["serve", "xds", "--listen", f"127.0.0.1:{ports['xds']}", "--gateway-host", options.host,
                  "--gateway-port", str(options.port), "--nodeagent-listen", f"127.0.0.1:{ports['nodeagent']}",
-                 "--admission", admission, "--transport", transport]),
+                 "--admission", admission, "--transport", transport, *site_xds]),
         # The GPU autoscaler (docs/fleet.md): launches nodes only for pools with a fleet policy row.
         ("fleet", ["serve", "fleet", "--listen", f"127.0.0.1:{ports['fleet']}"]),
     ]
@@ -145,6 +148,11 @@ def _http_status(url: str, headers: dict[str, str] | None = None, body: bytes | 
 def start_stack(stack: Stack) -> Stack:
     """Starts everything into `stack` (so a failure half-way can still stop what did start)."""
     options = stack.options
+    if options.airgap:  # every child inherits it and installs the guard first thing (runtime/airgap.py)
+        os.environ["CROSSLOGIC_AIRGAP"] = "1"
+        from crosslogic.runtime import airgap
+
+        airgap.install_from_environment()
     load_all()  # a bad CROSSLOGIC_* value fails here in one line, not later in a child's log
     os.umask(0o077)  # every file up and its children create (logs, usage spool, Valkey's AOF) is private
     state = options.state_dir.resolve()
@@ -232,6 +240,9 @@ def start_stack(stack: Stack) -> Stack:
     env["CROSSLOGIC_ENVOY_ADMIN_URL"] = ",".join(f"http://127.0.0.1:{port}" for port in admin_ports)
     # Per replica: its own listen, metrics and NodeAgent ports; replica 1 keeps the ports of the single stack.
     replica_ports: dict[str, list[int]] = {}
+    supervisor_settings = SupervisorSettings()
+    site_listens = (supervisor_settings.site_xds_listen or f"127.0.0.1:{free_port()}",
+                    supervisor_settings.site_api_listen or f"127.0.0.1:{free_port()}")
     for index in range(replicas):
         own = ports if index == 0 else {name: free_port() for name in ports}
         if transport == "http":
@@ -240,7 +251,8 @@ def start_stack(stack: Stack) -> Stack:
             **env, **{f"CROSSLOGIC_{name.upper()}_PORT": str(own[name])
                       for name in ("accounting_metrics", "authz_metrics", "ratelimit_metrics", "api_metrics",
                                    "xds_metrics")}}
-        for name, argv in _service_argv(options, settings.admission, transport, own, rls=rls):
+        for name, argv in _service_argv(options, settings.admission, transport, own, rls=rls,
+                                        sites=site_listens if index == 0 else None):
             if index > 0 and name not in REPLICATED:
                 continue
             replica_ports.setdefault(name, []).append(own[name])
@@ -278,7 +290,7 @@ def start_stack(stack: Stack) -> Stack:
         assert envoy.child is not None
         wait_until(lambda: _http_status(f"{gateway_url}/healthz") == 200, 30, "gateway listener", envoy.child.proc)
         if demo:
-            _wait_demo_route(envoy, gateway_url, demo["api_key"])
+            _wait_demo_route(envoy, gateway_url, demo["api_key"], options.airgap)
         # Ready again after a restart: the admin says the initial xDS arrived and the gateway port answers.
         stack.supervised.append(Supervised(envoy.name, lambda envoy=envoy: envoy.child, envoy.spawn,
                                            lambda envoy=envoy: envoy.ready() and port_open(options.host, options.port)))
@@ -290,7 +302,8 @@ def start_stack(stack: Stack) -> Stack:
                   "pid": os.getpid(), "admission": settings.admission,
                   "authz_transport": transport, "state_dir": str(state), "replicas": replicas,
                   "replica_ports": replica_ports, "envoy_admin_urls": [f"http://127.0.0.1:{p}" for p in admin_ports],
-                  "admin_url": f"http://127.0.0.1:{ports['admin_api']}", **demo}
+                  "admin_url": f"http://127.0.0.1:{ports['admin_api']}",
+                  "site_xds_address": site_listens[0], "site_api_url": f"https://{site_listens[1]}", **demo}
     write_runtime(state, stack.info)
     return stack
 
@@ -333,11 +346,13 @@ def _start_demo(stack: Stack, database_url: str, secret: bytes, logs: Path, env:
     return demo
 
 
-def _wait_demo_route(envoy: EnvoyProcess, gateway_url: str, api_key: str) -> None:
+def _wait_demo_route(envoy: EnvoyProcess, gateway_url: str, api_key: str, airgap: bool = False) -> None:
     """Ready = the demo key authenticates and Envoy holds healthy hosts for the demo pool.
 
-    (No completion is sent: a readiness probe must not leave a billed request in the ledger.)
+    (No completion is sent: a readiness probe must not leave a billed request in the ledger.) Air-gapped, the demo
+    org has no licence until the operator installs one: its key's 403 license_required says it authenticated.
     """
+    accepted = (200, 403) if airgap else (200,)
 
     def pool_has_hosts() -> bool:
         try:
@@ -347,7 +362,8 @@ def _wait_demo_route(envoy: EnvoyProcess, gateway_url: str, api_key: str) -> Non
 
     headers = {"authorization": f"Bearer {api_key}"}
     wait_until(pool_has_hosts, 30, "demo pool in Envoy")
-    wait_until(lambda: _http_status(f"{gateway_url}/v1/models", headers) == 200, 30, "demo key through the gateway")
+    wait_until(lambda: _http_status(f"{gateway_url}/v1/models", headers) in accepted, 30,
+               "demo key through the gateway")
 
 
 def stop_stack(stack: Stack) -> None:

@@ -57,6 +57,9 @@ async def _main(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from crosslogic.runtime import airgap
+
+    airgap.install_from_environment()  # `crosslogic up --airgap --demo` starts simulators too
     asyncio.run(_main(argv))
 
 

@@ -80,6 +80,8 @@ class GatewaySettings:
     xff_trusted_hops: int = 0
     # OpenTelemetry (settings.otlp_endpoint): Envoy traces to the bootstrap's collector cluster; 0 = off.
     trace_sample_percent: float = 0.0
+    # A site gateway's listener (xds/sites.py): ext_authz is told the site's org and refuses every other org's key.
+    site_org: str = ""
 
 
 CLIENT_BOUND_FIELDS = ("request_headers_timeout_s", "request_timeout_s", "connection_idle_timeout_s",

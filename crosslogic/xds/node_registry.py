@@ -28,8 +28,9 @@ import asyncpg
 SQL_REGISTER = """
 INSERT INTO nodes AS n (name, region, cloud, spot, gpu_type, vram_total_gb, vram_free_gb,
     throughput_tokens_per_sec, model_list, endpoint_host, endpoint_port, tailnet_ip, reserved_org_id,
-    model_version, engine, prefill_tokens_per_sec, agent_managed, status, status_reason, last_heartbeat_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULLIF($12, ''), $13::uuid, $14, $15, $16, true, 'active',
+    model_version, engine, prefill_tokens_per_sec, site_id, agent_managed, status, status_reason, last_heartbeat_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULLIF($12, ''), $13::uuid, $14, $15, $16, $17::uuid, true,
+    'active',
     'registered', now())
 ON CONFLICT (name) DO UPDATE SET
     region = EXCLUDED.region, cloud = EXCLUDED.cloud, spot = EXCLUDED.spot, gpu_type = EXCLUDED.gpu_type,
@@ -38,11 +39,12 @@ ON CONFLICT (name) DO UPDATE SET
     endpoint_host = EXCLUDED.endpoint_host, endpoint_port = EXCLUDED.endpoint_port,
     tailnet_ip = EXCLUDED.tailnet_ip, reserved_org_id = EXCLUDED.reserved_org_id,
     model_version = EXCLUDED.model_version, engine = EXCLUDED.engine,
-    prefill_tokens_per_sec = EXCLUDED.prefill_tokens_per_sec, agent_managed = true, status = 'active',
-    status_reason = 'registered', last_heartbeat_at = now()
+    prefill_tokens_per_sec = EXCLUDED.prefill_tokens_per_sec, site_id = EXCLUDED.site_id, agent_managed = true,
+    status = 'active', status_reason = 'registered', last_heartbeat_at = now()
 RETURNING node_id::text AS node_id, (xmax = 0) AS created
 """
-SQL_EXISTING_SCOPE = "SELECT cloud, reserved_org_id::text AS reserved_org_id FROM nodes WHERE name = $1"
+SQL_EXISTING_SCOPE = """
+SELECT cloud, reserved_org_id::text AS reserved_org_id, site_id::text AS site_id FROM nodes WHERE name = $1"""
 SQL_RESET_LOAD = """
 INSERT INTO node_load (node_id) VALUES ($1::uuid)
 ON CONFLICT (node_id) DO UPDATE SET last_heartbeat_at = now(), engine_healthy = true, requests_running = 0,
@@ -52,7 +54,8 @@ ON CONFLICT (node_id) DO UPDATE SET last_heartbeat_at = now(), engine_healthy = 
 # certificate was checked against just before (read_owner): $cloud/$org pin the write to the owner that was
 # allowed, so a node moved to another scope in between is left alone. NULL $cloud = plaintext mode, no pin.
 _PINNED = "($cloud::text IS NULL OR (n.cloud = $cloud::text AND n.reserved_org_id IS NOT DISTINCT FROM $org::uuid))"
-SQL_OWNER = "SELECT cloud, reserved_org_id::text AS reserved_org_id FROM nodes WHERE node_id = $1"
+SQL_OWNER = """
+SELECT cloud, reserved_org_id::text AS reserved_org_id, site_id::text AS site_id FROM nodes WHERE node_id = $1"""
 SQL_HEARTBEAT = f"""
 UPDATE node_load l SET last_heartbeat_at = now(), engine_healthy = $2
 FROM nodes n
@@ -153,10 +156,12 @@ class Lifetimes:
 
 @dataclass(frozen=True)
 class NodeScope:
-    """What a node certificate allows: one cloud pool (any region), or the nodes reserved for one org."""
+    """What a node certificate allows: one cloud pool (any region), the cloud nodes reserved for one org, or the
+    nodes of one on-prem site (`site`: value = site id, `org` = the site's org; docs/sites.md)."""
 
-    kind: str  # "pool" or "org"
+    kind: str  # "pool", "org" or "site"
     value: str
+    org: str = ""  # kind "site": the site's org
 
     @staticmethod
     def parse(text: str) -> NodeScope:
@@ -165,10 +170,22 @@ class NodeScope:
             raise ScopeViolation(f"malformed node scope {text!r}")
         return NodeScope(kind, value)
 
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.value}"
+    @staticmethod
+    def site(site_id: str, org_id: str) -> NodeScope:
+        return NodeScope("site", site_id, org_id)
 
-    def allows(self, cloud: str, reserved_org_id: str) -> bool:
+    @property
+    def site_id(self) -> str:
+        return self.value if self.kind == "site" else ""
+
+    def __str__(self) -> str:
+        return f"site:{self.value} (org {self.org})" if self.kind == "site" else f"{self.kind}:{self.value}"
+
+    def allows(self, cloud: str, reserved_org_id: str, site_id: str = "") -> bool:
+        if self.kind == "site":  # only its own org's nodes, and only at this site
+            return reserved_org_id == self.org and site_id == self.value
+        if site_id:
+            return False  # a cloud certificate never reaches a site's nodes
         if self.kind == "org":
             return reserved_org_id == self.value
         return not reserved_org_id and cloud == self.value
@@ -178,10 +195,11 @@ def check_scope(scope: NodeScope | None, reg: Registration, existing: asyncpg.Re
     """Raises ScopeViolation when the certificate may not register this node (or take over its name)."""
     if scope is None:
         return  # plaintext development mode: no certificates at all
-    if not scope.allows(reg.cloud, reg.reserved_org_id):
+    if not scope.allows(reg.cloud, reg.reserved_org_id, scope.site_id):
         raise ScopeViolation(f"certificate scope {scope} may not register a node with cloud {reg.cloud!r}"
                              f" and reserved org {reg.reserved_org_id or 'none'!r}")
-    if existing is not None and not scope.allows(existing["cloud"], existing["reserved_org_id"] or ""):
+    if existing is not None and not scope.allows(existing["cloud"], existing["reserved_org_id"] or "",
+                                                 existing.get("site_id") or ""):
         raise ScopeViolation(f"node name {reg.name!r} belongs to another scope")
 
 
@@ -192,7 +210,8 @@ async def register(conn: asyncpg.Connection, reg: Registration, scope: NodeScope
             SQL_REGISTER, reg.name, reg.region, reg.cloud, reg.spot, reg.gpu_type, reg.vram_total_gb,
             reg.vram_free_gb, reg.throughput_tokens_per_sec, list(reg.models), reg.endpoint_host,
             reg.endpoint_port, reg.tailnet_ip, uuid.UUID(reg.reserved_org_id) if reg.reserved_org_id else None,
-            reg.model_version, reg.engine, reg.prefill_tokens_per_sec)
+            reg.model_version, reg.engine, reg.prefill_tokens_per_sec,
+            uuid.UUID(scope.site_id) if scope is not None and scope.site_id else None)
         await conn.execute(SQL_RESET_LOAD, row["node_id"])
         return row["node_id"]
 
@@ -217,7 +236,7 @@ async def owner_pin(conn: asyncpg.Connection, node: uuid.UUID, scope: NodeScope 
     row = await conn.fetchrow(SQL_OWNER, node)
     if row is None:
         return None
-    if not scope.allows(row["cloud"], row["reserved_org_id"] or ""):
+    if not scope.allows(row["cloud"], row["reserved_org_id"] or "", row["site_id"] or ""):
         raise ScopeViolation(f"certificate scope {scope} does not cover node {node}")
     return row["cloud"], uuid.UUID(row["reserved_org_id"]) if row["reserved_org_id"] else None
 

@@ -13,6 +13,7 @@ from crosslogic.agent.proto import nodeagent_pb2 as pb
 from crosslogic.agent.proto import nodeagent_pb2_grpc as pb_grpc
 from crosslogic.runtime import grpc_server
 from crosslogic.xds import node_registry as registry
+from crosslogic.xds.identity import IdentityRefused, site_identity
 
 log = logging.getLogger("crosslogic.nodeagent")
 
@@ -39,11 +40,25 @@ def peer_scope(context: grpc.aio.ServicerContext, tls: bool) -> registry.NodeSco
 
 
 class NodeAgentServicer(pb_grpc.NodeAgentServicer):
-    def __init__(self, pool: asyncpg.Pool, *, tls: bool, heartbeat_interval_ms: int, metrics_interval_ms: int) -> None:
+    """`sites`: the site listener's servicer: the caller's scope is its site certificate (checked against
+    revocation on every call), so a site's agents register and act only on that site's nodes of its org."""
+
+    def __init__(self, pool: asyncpg.Pool, *, tls: bool, heartbeat_interval_ms: int, metrics_interval_ms: int,
+                 sites: bool = False) -> None:
         self.pool = pool
         self.tls = tls
+        self.sites = sites
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.metrics_interval_ms = metrics_interval_ms
+
+    async def peer_scope(self, context: grpc.aio.ServicerContext) -> registry.NodeScope | None:
+        if not self.sites:
+            return peer_scope(context, self.tls)
+        try:
+            identity = await site_identity(context, self.pool)
+        except IdentityRefused as exc:
+            raise registry.ScopeViolation(str(exc)) from None
+        return registry.NodeScope.site(identity.site_id, identity.org_id)
 
     async def RegisterNode(self, request, context):  # noqa: N802 - gRPC method name
         reg = registration_from(request)
@@ -51,7 +66,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "name, region, models, endpoint_host and endpoint_port are required")
         try:
-            scope = peer_scope(context, self.tls)
+            scope = await self.peer_scope(context)
             async with self.pool.acquire() as conn:
                 node_id = await registry.register(conn, reg, scope)
         except registry.ScopeViolation as exc:
@@ -65,7 +80,7 @@ class NodeAgentServicer(pb_grpc.NodeAgentServicer):
 
     async def _scope(self, context: grpc.aio.ServicerContext, node_id: str, call: str) -> registry.NodeScope | None:
         try:
-            return peer_scope(context, self.tls)
+            return await self.peer_scope(context)
         except registry.ScopeViolation as exc:
             await self._deny(context, node_id, call, exc)
 

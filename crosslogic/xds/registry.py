@@ -16,6 +16,7 @@ from crosslogic.xds.scoring import NodeLoad, eds_weight
 _NODES_SQL = """
 SELECT n.node_id::text AS node_id, n.region, n.endpoint_host, n.endpoint_port, n.weight, n.status, n.model_list,
        n.agent_managed, n.throughput_tokens_per_sec, n.reserved_org_id::text AS reserved_org_id,
+       n.site_id::text AS site_id,
        EXTRACT(EPOCH FROM now() - l.last_heartbeat_at)::float8 AS heartbeat_age_s, l.engine_healthy,
        l.requests_running, l.requests_waiting, l.kv_cache_usage, l.generation_tokens_per_sec, l.metrics_at,
        l.ttft_s, l.ttft_baseline_s
@@ -42,6 +43,7 @@ class NodeView:
     load: NodeLoad | None  # None: no metrics (static node or not scraped yet) -> the configured weight
     static_weight: int = 100
     reserved_org: str | None = None  # a dedicated node of this org (its reserved lane)
+    site: str | None = None  # an on-prem site's node: only that site's gateway routes to it (xds/sites.py)
 
 
 def node_health(status: str, agent_managed: bool, heartbeat_age_s: float | None,
@@ -76,7 +78,8 @@ def node_view(row: Mapping, lifetimes: Lifetimes) -> NodeView:
         health = EndpointHealth.DEGRADED
     return NodeView(node_id=row["node_id"], region=row["region"], host=row["endpoint_host"],
                     port=row["endpoint_port"], models=tuple(row["model_list"]), health=health,
-                    load=load, static_weight=row.get("weight", 100), reserved_org=row.get("reserved_org_id"))
+                    load=load, static_weight=row.get("weight", 100), reserved_org=row.get("reserved_org_id"),
+                    site=row.get("site_id"))
 
 
 def _weight(node: NodeView, policy: RoutingPolicy, region: str, reference_tps: float) -> int:
@@ -138,7 +141,17 @@ def assemble_pools(nodes: list[NodeView], policy: RoutingPolicy, models: Mapping
     return pools
 
 
-async def load_pools(conn: asyncpg.Connection, policy: RoutingPolicy, lifetimes: Lifetimes) -> list[Pool]:
+async def load_nodes(conn: asyncpg.Connection, lifetimes: Lifetimes) -> tuple[list[NodeView], dict[str, float]]:
+    """Every routable node (cloud and site) and the active models with their reference throughput."""
     nodes = [node_view(dict(r), lifetimes) for r in await conn.fetch(_NODES_SQL)]
-    models = {r["model_id"]: float(r["tokens_per_sec"]) for r in await conn.fetch(_MODELS_SQL)}
-    return assemble_pools(nodes, policy, models)
+    return nodes, {r["model_id"]: float(r["tokens_per_sec"]) for r in await conn.fetch(_MODELS_SQL)}
+
+
+def cloud_pools(nodes: list[NodeView], policy: RoutingPolicy, models: Mapping[str, float]) -> list[Pool]:
+    """The cloud gateways' pools: never a site's node (it is on the site's LAN, and only its org's)."""
+    return assemble_pools([n for n in nodes if n.site is None], policy, models)
+
+
+async def load_pools(conn: asyncpg.Connection, policy: RoutingPolicy, lifetimes: Lifetimes) -> list[Pool]:
+    nodes, models = await load_nodes(conn, lifetimes)
+    return cloud_pools(nodes, policy, models)

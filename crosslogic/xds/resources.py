@@ -51,6 +51,7 @@ from crosslogic.contract import (
     RATELIMIT_HEADER_PREFIX,
     REFUSAL_CLIENT_HEADERS,
     REQUEST_ID_HEADER,
+    SITE_ORG_HEADER,
     USAGE_LOG_FORMAT,
     AuthzMeta,
     Header,
@@ -181,7 +182,8 @@ def _http_authz(settings: GatewaySettings) -> dict:
             "path_prefix": AUTHZ_CHECK_PREFIX,
             "retry_policy": _authz_retry_policy(settings),
             "authorization_request": {"headers_to_add": [
-                {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"}]},
+                {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                *([{"key": SITE_ORG_HEADER, "value": settings.site_org}] if settings.site_org else [])]},
             "authorization_response": {
                 "allowed_upstream_headers": {"patterns": _exact(h.value for h in Header)},
                 "allowed_client_headers": {"patterns": [*_exact(REFUSAL_CLIENT_HEADERS), ratelimit_headers]},

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from crosslogic.xds import metrics
@@ -83,13 +85,34 @@ class _Stream:
         return due
 
 
+class StreamRefused(Exception):
+    """The caller may not open an ADS stream (no admitted identity): PERMISSION_DENIED."""
+
+
+# Which snapshot cache a stream reads: the cloud listener has one for every gateway; the site listener one per
+# verified site identity (xds/identity.py), which raises StreamRefused for a peer it does not admit.
+Resolver = Callable[[grpc.aio.ServicerContext], Awaitable[SnapshotCache]]
+
+
 class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: SnapshotCache, resolve: Resolver | None = None) -> None:
         self.cache = cache
+        self.resolve = resolve
         self.open_streams = 0
 
     async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
-        stream = _Stream(self.cache)
+        cache = self.cache
+        if self.resolve is not None:
+            try:
+                cache = await self.resolve(context)
+            except StreamRefused as exc:
+                log.warning("refused an ADS stream: %s", exc)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        async for response in self._serve(cache, request_iterator, context):
+            yield response
+
+    async def _serve(self, cache: SnapshotCache, request_iterator, context):
+        stream = _Stream(cache)
         self.open_streams += 1
         metrics.streams.inc()
         events: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
@@ -102,16 +125,23 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
                 events.put_nowait(None)
 
         reader = asyncio.create_task(read_requests())
-        changes = self.cache.watch()
+        changes = cache.watch()
         try:
-            snapshot = await self.cache.wait_ready()
+            snapshot = await cache.wait_ready()
+            if snapshot is None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
             while True:
                 next_request = asyncio.ensure_future(events.get())
                 next_change = asyncio.ensure_future(changes.get())
                 done, _ = await asyncio.wait({next_request, next_change}, return_when=asyncio.FIRST_COMPLETED)
                 due: list[str] = []
                 if next_change in done:
-                    snapshot = next_change.result()
+                    if (changed := next_change.result()) is None:  # the identity was revoked: cut it off
+                        next_request.cancel()
+                        log.warning("closing the ADS stream of %s: its certificate no longer admits it",
+                                    stream.node_id)
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+                    snapshot = changed
                     due += stream.on_snapshot(snapshot)
                 else:
                     next_change.cancel()
@@ -128,7 +158,7 @@ class AggregatedDiscoveryServicer(ads_pb2_grpc.AggregatedDiscoveryServiceService
         finally:
             self.open_streams -= 1
             metrics.streams.dec()
-            self.cache.unwatch(changes)
+            cache.unwatch(changes)
             reader.cancel()
 
     async def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802

@@ -18,13 +18,15 @@ from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.runtime.ops_http import ops_server
 from crosslogic.runtime.readiness import Readiness, postgres_check
 from crosslogic.settings import SchedulerSettings, Settings
-from crosslogic.xds import metrics, node_registry
-from crosslogic.xds.cache import SnapshotCache
-from crosslogic.xds.model import GatewaySettings
+from crosslogic.store.db import POSTGRES_UNAVAILABLE, follow_notifications
+from crosslogic.xds import metrics, node_registry, sites
+from crosslogic.xds.cache import SiteCaches, SnapshotCache
+from crosslogic.xds.identity import IdentityRefused, site_identity
+from crosslogic.xds.model import GatewaySettings, client_bounds
 from crosslogic.xds.nodeagent import NodeAgentServicer, add_to_server, server_credentials
 from crosslogic.xds.policy import PolicyRejected, RoutingPolicy, load_policy, record_status
-from crosslogic.xds.registry import load_pools
-from crosslogic.xds.server import AggregatedDiscoveryServicer
+from crosslogic.xds.registry import cloud_pools, load_nodes
+from crosslogic.xds.server import AggregatedDiscoveryServicer, StreamRefused
 from crosslogic.xds.snapshot import build_snapshot
 
 log = logging.getLogger("crosslogic.xds")
@@ -47,6 +49,7 @@ class Scheduler:
         self._policy_message = ""
         self.changed = asyncio.Event()
         self.nodes = metrics.NodeObserver()
+        self.site_caches = SiteCaches()
 
     async def _refresh_policy(self, conn: asyncpg.Connection) -> None:
         try:
@@ -71,36 +74,46 @@ class Scheduler:
             await self._refresh_policy(conn)
             if self.policy is None:
                 return  # no valid policy yet: Envoy waits rather than receiving a bad one
-            pools = await load_pools(conn, self.policy, self.lifetimes)
+            nodes, models = await load_nodes(conn, self.lifetimes)
+            site_rows, admitted = await sites.load_sites(conn)
+        pools = cloud_pools(nodes, self.policy, models)
         self.nodes.observe_pools(pools)
         if self.cache.set(build_snapshot(pools, self.gateway)):
             metrics.snapshots.inc()
             log.info("pushed snapshot: %d pools", len(pools))
+        # Per-identity snapshots (xds/sites.py); a revoked or expired certificate's streams end here.
+        snapshots = {site.site_id: sites.site_snapshot(site, nodes, self.policy, models, self.gateway)
+                     for site in site_rows}
+        if self.site_caches.update(snapshots, admitted):
+            metrics.snapshots.inc()
         metrics.rebuild_seconds.observe(time.perf_counter() - started)
 
     async def run(self, database_url: str) -> None:
-        """Rebuild on every NOTIFY (debounced) and on every tick (liveness, weights); forever."""
+        """Rebuild on every NOTIFY (debounced) and on every tick (liveness, weights, certificate expiry); forever.
+
+        The change feed is the shared LISTEN helper (store/db.follow_notifications: reconnects, and a reconnect
+        triggers a rebuild since changes made meanwhile were missed); ticks go on while it is down."""
+        feed = asyncio.create_task(follow_notifications(
+            database_url, [ROUTING_CHANNEL], lambda _channel, _payload: self.changed.set(), self.changed.set,
+            "routing change feed"))
         self.changed.set()
-        while True:
-            try:
-                listener = await asyncpg.connect(database_url)
-                await listener.add_listener(ROUTING_CHANNEL, lambda *_: self.changed.set())
+        try:
+            while True:
                 try:
-                    self.changed.set()  # state may have moved while we were disconnected
-                    while not listener.is_closed():
-                        try:
-                            await asyncio.wait_for(self.changed.wait(), self.tick_s)
-                            await asyncio.sleep(DEBOUNCE_S)
-                        except TimeoutError:
-                            pass
-                        self.changed.clear()
-                        await self.rebuild()
-                finally:
-                    await listener.close()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                metrics.rebuild_failures.inc()
-                log.warning("routing state unavailable (%s); keeping the last snapshot", exc)
-                await asyncio.sleep(1.0)
+                    await asyncio.wait_for(self.changed.wait(), self.tick_s)
+                    await asyncio.sleep(DEBOUNCE_S)
+                except TimeoutError:
+                    pass
+                self.changed.clear()
+                try:
+                    await self.rebuild()
+                except POSTGRES_UNAVAILABLE as exc:
+                    metrics.rebuild_failures.inc()
+                    log.warning("routing state unavailable (%s); keeping the last snapshot", exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            feed.cancel()
+            await asyncio.gather(feed, return_exceptions=True)
 
 
 def readiness(pool: asyncpg.Pool, cache: SnapshotCache, ads: AggregatedDiscoveryServicer) -> Readiness:
@@ -118,9 +131,39 @@ def readiness(pool: asyncpg.Pool, cache: SnapshotCache, ads: AggregatedDiscovery
     return Readiness().add("postgres", postgres_check(pool)).add("snapshot", snapshot)
 
 
+def gateway_settings(settings: Settings, host: str, port: int, admission: str | None = None,
+                     transport: str | None = None) -> GatewaySettings:
+    """The gateway's settings, built in one place from the process settings (a site's listener derives its own
+    from these, xds/sites.site_gateway)."""
+    return GatewaySettings(listen_host=host, listen_port=port, max_request_bytes=settings.max_request_bytes,
+                           usage_log_path=settings.usage_log_path, tls_cert_path=settings.gateway_tls_cert,
+                           tls_key_path=settings.gateway_tls_key, admission=admission or settings.admission,
+                           authz_transport=transport or settings.authz_transport,
+                           trace_sample_percent=settings.trace_sample_percent if settings.otlp_endpoint else 0.0,
+                           **client_bounds(settings))
+
+
+def site_resolver(pool: asyncpg.Pool, scheduler: Scheduler):
+    """The site listener's ADS streams: each reads the cache of its verified, still admitted site identity."""
+
+    async def resolve(context) -> SnapshotCache:
+        try:
+            identity = await site_identity(context, pool)
+        except IdentityRefused as exc:
+            raise StreamRefused(str(exc)) from None
+        cache = scheduler.site_caches.cache_for(identity.cache_key, identity.site_id)
+        if cache.snapshot is None:
+            scheduler.changed.set()  # a site created after the last rebuild: build its snapshot now
+        return cache
+
+    return resolve
+
+
 async def serve_xds(database_url: str, listen: str, gateway: GatewaySettings,
                     settings: SchedulerSettings | None = None, nodeagent_listen: str | None = None,
-                    metrics_port: int = 0, metrics_host: str = "127.0.0.1") -> None:
+                    metrics_port: int = 0, metrics_host: str = "127.0.0.1", site_listen: str | None = None) -> None:
+    """`site_listen`: the mutual-TLS listener for on-prem sites (docs/sites.md): ADS keyed by the site certificate's
+    identity and the NodeAgent API scoped to the site; needs the PKI directory (CROSSLOGIC_PKI_DIR)."""
     settings = settings or SchedulerSettings()
     cache = SnapshotCache()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=8)
@@ -142,6 +185,21 @@ async def serve_xds(database_url: str, listen: str, gateway: GatewaySettings,
                     nodeagent_listen, lambda s: add_to_server(s, servicer), "NodeAgent API", readiness=ready,
                     services=[NODEAGENT_SERVICE],
                     credentials=server_credentials(Path(settings.pki_dir)) if tls else None))
+            if site_listen:
+                if not settings.pki_dir:
+                    raise SystemExit("--site-listen needs CROSSLOGIC_PKI_DIR (the CA that issues site certificates)")
+                site_ads = AggregatedDiscoveryServicer(cache, resolve=site_resolver(pool, scheduler))
+                site_agents = NodeAgentServicer(pool, tls=True, sites=True,
+                                                heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                                                metrics_interval_ms=settings.metrics_interval_ms)
+
+                def register_site(s) -> None:
+                    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(site_ads, s)
+                    add_to_server(s, site_agents)
+
+                await stack.enter_async_context(grpc_server(
+                    site_listen, register_site, "site xDS + NodeAgent (mTLS)", readiness=ready,
+                    services=[ADS_SERVICE, NODEAGENT_SERVICE], credentials=server_credentials(Path(settings.pki_dir))))
             server = await stack.enter_async_context(grpc_server(
                 listen, lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, s), "xDS",
                 readiness=ready, services=[ADS_SERVICE],
