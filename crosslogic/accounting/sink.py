@@ -125,7 +125,6 @@ async def serve_accounting(settings: Settings, listen: str, site_listen: str | N
                                 credentials=internal_tls.grpc_credentials(
                                     internal_tls.service_identity(settings.internal_tls_dir, "accounting"))) as server:
                 if site_listen:
-                    from crosslogic.ratelimit.connect import redis_client
                     from crosslogic.settings import SchedulerSettings
                     from crosslogic.sites.cloud_api import site_api_server
 
