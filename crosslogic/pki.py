@@ -110,14 +110,17 @@ def issue_node(ca: Issued, node_name: str, scope: str, days: int = 90) -> Issued
                  ExtendedKeyUsageOID.CLIENT_AUTH, days)
 
 
-def scope_of(cert_pem: bytes) -> str | None:
-    """The node scope written in a (verified) certificate, or None."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
+def _uri_sans(cert: x509.Certificate) -> list[str]:
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return None
-    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        return []
+    return sans.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def scope_of(cert_pem: bytes) -> str | None:
+    """The node scope written in a (verified) certificate, or None."""
+    for uri in _uri_sans(x509.load_pem_x509_certificate(cert_pem)):
         if uri.startswith(SCOPE_URI_PREFIX):
             return uri.removeprefix(SCOPE_URI_PREFIX)
     return None
@@ -157,11 +160,7 @@ def not_after_of(cert_pem: bytes) -> datetime.datetime:
 def site_identity_of(cert_pem: bytes) -> SiteIdentity | None:
     """The site identity in a (verified) certificate's URI SAN, or None (a node-scope or server certificate)."""
     cert = x509.load_pem_x509_certificate(cert_pem)
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+    for uri in _uri_sans(cert):
         parts = uri.removeprefix(SPIFFE_PREFIX).split("/") if uri.startswith(SPIFFE_PREFIX) else []
         if len(parts) == 4 and parts[0] == "org" and parts[2] == "site" and parts[1] and parts[3]:
             return SiteIdentity(parts[1], parts[3], format(cert.serial_number, "x"))
