@@ -271,3 +271,107 @@ def test_a_sites_quota_count_never_misses_its_own_usage_and_is_exact_after_a_qui
             if op == "sync":
                 assert quotas.used("o", "e")[2] == true_total
         assert quotas.used("o", "e")[2] >= true_total
+
+
+@given(st.integers(0, 120), st.lists(st.tuples(  # admissions and logs weighted: the cap is reached in most runs
+    st.sampled_from(["admit"] * 3 + ["log"] * 2 + ["admit_test_key", "push", "sync", "sync_with_push",
+                                                   "others_spend"]),
+    st.integers(1, 40), st.integers(0, 40)), max_size=60))
+def test_a_sites_bill_cap_never_lets_its_own_spend_pass_the_cap_and_refuses_only_at_it(cap, operations):
+    """Against a model of the ledger (owed counts a push before it is acknowledged; a sync reads it, a push may
+    land between the sync's start and its read): spend at this site (records plus what requests in flight hold)
+    never passes the cap by more than what other gateways spent since the last sync; after a quiet sync a
+    request is refused exactly when owed + its maximum cost would pass the cap; test keys are never refused."""
+    from datetime import UTC, datetime
+
+    from crosslogic import errors
+    from crosslogic.accounting.pricing import PriceBook
+    from crosslogic.extauthz.billcap import Cap
+    from crosslogic.ratelimit.money import month_of
+    from crosslogic.sites.authz import SiteState
+    from crosslogic.sites.billcap import SiteBillCap
+    from crosslogic.sites.quota import SiteQuotas
+
+    at = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    state = SiteState("o", 60)
+    # 1 micro-dollar per token in and out: a record's cost is its tokens
+    state.prices = PriceBook.from_rows({"models": [("m", start, 1, 1_000_000, 1_000_000)],
+                                        "regions": [("r", start, 1_000_000)],
+                                        "terms": [("o", start, 1_000_000, 0)]})
+    state.test_keys = frozenset({"test-key"})
+    quotas = SiteQuotas(clock=lambda: at)
+    caps = SiteBillCap(state, quotas, clock=lambda: at, monotonic=lambda: 0.0)
+    ledger = 0  # owed in the cloud: delivered site records plus other gateways' spend
+    synced_owed, others_since_sync = 0, 0
+    in_flight: dict[str, tuple[int, int, str]] = {}  # request id → (max cost, real cost, key)
+    spool: list = []
+    spooled_cost = 0  # this site's records in its spool or pushed (real cost)
+
+    def record(request_id: str, cost: int, key: str):
+        base = _record(request_id)
+        return base.__class__(**{**base.__dict__, "prompt_tokens": cost, "completion_tokens": 0, "occurred_at": at,
+                                 "key_id": key})
+
+    def push() -> None:
+        nonlocal ledger
+        if spool:
+            batch = spool[:2]
+            del spool[:2]
+            ledger += sum(0 if r.key_id == "test-key" else r.total_tokens for r in batch)
+            quotas.acknowledged(batch)
+
+    def held_now() -> int:
+        return sum(m for m, _, k in in_flight.values() if k != "test-key")
+
+    def others() -> int:  # what other gateways spent: the ledger less this site's delivered records
+        undelivered = sum(0 if r.key_id == "test-key" else r.total_tokens for r in spool)
+        return ledger - (spooled_cost - undelivered)
+
+    async def reserve(request_id: str, max_cost: int, key: str) -> bool:
+        view_cap = None if key == "test-key" else Cap(cap, False, synced_owed, False, month_of(at))
+        try:
+            await caps.reserve("o", view_cap, "m", "r", request_id, max_cost, 0)
+        except errors.ClientError as exc:
+            assert exc.status == 403 and exc.code == "billing_cap_reached"
+            return False
+        return True
+
+    for step, (op, max_cost, used) in enumerate(operations):
+        request_id = f"r{step}"
+        quiet = not in_flight and not spool and others_since_sync == 0
+        if op in ("admit", "admit_test_key"):
+            key = "test-key" if op == "admit_test_key" else "k"
+            admitted = asyncio.run(reserve(request_id, max_cost, key))
+            if key == "test-key":
+                assert admitted
+            elif quiet and quotas.spent("o", month_of(at)) == 0:
+                assert admitted == (synced_owed + max_cost <= cap)
+            if admitted:
+                in_flight[request_id] = (max_cost, min(used, max_cost), key)
+                # the bound: admitted only while this site's spend and holds and what the ledger owed at the last
+                # sync stay within the cap, so the org passes it by other gateways' spend since then only
+                assert key == "test-key" or spooled_cost + held_now() + others() <= cap + others_since_sync
+        elif op == "log" and in_flight:
+            rid = next(iter(in_flight))
+            _, cost, key = in_flight.pop(rid)
+            spooled = record(rid, cost, key)
+            spool.append(spooled)
+            quotas.spooled([spooled])
+            caps.settled(spooled)
+            spooled_cost += 0 if key == "test-key" else cost
+        elif op == "push":
+            push()
+        elif op == "others_spend":
+            ledger += used
+            others_since_sync += used
+        elif op in ("sync", "sync_with_push"):
+            quotas.begin_sync()
+            if op == "sync_with_push":
+                push()
+            synced_owed, others_since_sync = ledger, 0
+            quotas.synced_counters({})
+        assert spooled_cost + held_now() <= cap  # this site alone never passes the cap
+        # never undercounts: synced owed + the site's unsynced spend + its holds hold all but others' unseen spend
+        assert synced_owed + quotas.spent("o", month_of(at)) + caps.held() >= \
+            spooled_cost + held_now() + others() - others_since_sync

@@ -7,7 +7,7 @@ in-memory copy of the version tables that ext_authz prices bill-cap reservations
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -95,6 +95,19 @@ WHERE $1::uuid[] IS NULL OR org_id = ANY($1::uuid[])
 """
 
 
+async def price_rows(conn: asyncpg.Connection | asyncpg.Pool,
+                     org_ids: Sequence[str] | None = None) -> dict[str, list[tuple]]:
+    """The version tables as plain tuples: models (id, start, version, in, out), regions (id, start, ppm), org
+    terms (org, start, tier ppm, discount ppm) of `org_ids` only (None: every org)."""
+    ids = None if org_ids is None else list(org_ids)
+    return {"models": [(r["model_id"], r["effective_from"], r["price_version_id"], r["i"], r["o"])
+                       for r in await conn.fetch(_PRICES_SQL)],
+            "regions": [(r["region_id"], r["effective_from"], r["multiplier_ppm"])
+                        for r in await conn.fetch(_REGIONS_SQL)],
+            "terms": [(r["org_id"], r["effective_from"], r["tier_multiplier_ppm"], r["discount_ppm"])
+                      for r in await conn.fetch(_TERMS_SQL, ids)]}
+
+
 @dataclass
 class PriceBook:
     """The version tables in memory: a cost at any moment, or None when a version is missing (never a default)."""
@@ -106,13 +119,14 @@ class PriceBook:
     @classmethod
     async def load(cls, conn: asyncpg.Connection | asyncpg.Pool, org_ids: Sequence[str] | None = None) -> PriceBook:
         """Every price and region version; org terms of `org_ids` only (None: every org)."""
-        prices = [(r["model_id"], r["effective_from"], ModelPrice(r["i"], r["o"], r["price_version_id"]))
-                  for r in await conn.fetch(_PRICES_SQL)]
-        regions = [(r["region_id"], r["effective_from"], r["multiplier_ppm"]) for r in await conn.fetch(_REGIONS_SQL)]
-        ids = None if org_ids is None else list(org_ids)
-        terms = [(r["org_id"], r["effective_from"], OrgTerms(r["tier_multiplier_ppm"], r["discount_ppm"]))
-                 for r in await conn.fetch(_TERMS_SQL, ids)]
-        return cls(_versions(prices), _versions(regions), _versions(terms))
+        return cls.from_rows(await price_rows(conn, org_ids))
+
+    @classmethod
+    def from_rows(cls, rows: Mapping[str, Sequence[Sequence]]) -> PriceBook:
+        """A book from `price_rows` (also as a site receives them in its sync)."""
+        return cls(_versions([(m, s, ModelPrice(i, o, v)) for m, s, v, i, o in rows["models"]]),
+                   _versions([(r, s, ppm) for r, s, ppm in rows["regions"]]),
+                   _versions([(org, s, OrgTerms(t, d)) for org, s, t, d in rows["terms"]]))
 
     def cost(self, at: datetime, org_id: str, model: str, region: str, prompt_tokens: int,
              completion_tokens: int) -> int | None:

@@ -22,11 +22,12 @@ from pathlib import Path
 import aiohttp
 
 from crosslogic import errors
+from crosslogic.accounting.pricing import PriceBook
 from crosslogic.extauthz.tenants import TenantView, view_from_row
 from crosslogic.extauthz.validation import ModelSpec
 from crosslogic.ratelimit.limits import PlatformLimits
 from crosslogic.ratelimit.money import month_of
-from crosslogic.sites.protocol import SYNC_PATH, client_context, decode_row
+from crosslogic.sites.protocol import SYNC_PATH, client_context, decode_prices, decode_row
 from crosslogic.sites.quota import SiteQuotas
 
 log = logging.getLogger("crosslogic.sites")
@@ -47,6 +48,8 @@ class SiteState:
         self.default_region = ""
         self.views: dict[str, TenantView] = {}
         self.models: dict[str, ModelSpec] = {}
+        self.prices = PriceBook()  # price versions and this org's terms (the bill cap's, sites/billcap.py)
+        self.test_keys: frozenset[str] = frozenset()  # key ids of test keys: free, never against the bill cap
         self.revoked = False  # the cloud refused our certificate (403): not a partition, a revocation
 
     def install(self, payload: Mapping) -> None:
@@ -59,6 +62,9 @@ class SiteState:
                 views[item["key_hash"]] = view
         self.views = views
         self.models = {m["model_id"]: ModelSpec(**m) for m in payload["models"]}
+        self.prices = PriceBook.from_rows(decode_prices(payload.get("prices", {"models": [], "regions": [],
+                                                                            "terms": []})))
+        self.test_keys = frozenset(v.key_id for v in views.values() if v.test)
         self.secret = payload["key_secret"].encode()
         self.default_region = payload["default_region"]
         self.synced_at = float(payload["synced_at"])

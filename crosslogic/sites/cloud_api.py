@@ -2,8 +2,10 @@
 tenant views and the catalogue from here, and pushes its spooled usage back.
 
 - `GET /site/v1/sync`: everything the site's ext_authz decides with, for its own org only: each key's view row
-  (keyed by its HMAC, never a key), the active models, the default region, and the key-hashing secret the HMACs
-  are made with (the site hashes the keys it is shown; docs/sites.md says what that exposes).
+  (keyed by its HMAC, never a key; with the org's bill cap and the ledger's month-to-date owed amount), the
+  active models, the price versions (model prices, region multipliers, this org's terms only) the site prices
+  its bill-cap holds with, the default region, and the key-hashing secret the HMACs are made with (the site
+  hashes the keys it is shown; docs/sites.md says what that exposes).
 - `POST /site/v1/usage`: a batch of usage records; every record must be of the certificate's org (else the batch is
   refused whole with 403), written with the ledger's own idempotent batch insert (a request id already in the
   ledger is skipped), so a batch re-sent after a lost answer is never billed twice.
@@ -29,13 +31,14 @@ from cryptography.hazmat.primitives import serialization
 
 from crosslogic import errors, pki
 from crosslogic.accounting.ledger import write_batch
+from crosslogic.accounting.pricing import price_rows
 from crosslogic.commands.process import split_listen
 from crosslogic.extauthz.billcap import CAP_COLUMNS, CAP_JOIN
 from crosslogic.extauthz.tenants import IDENTITY_COLUMNS
 from crosslogic.ratelimit.money import month_of
 from crosslogic.ratelimit.quota import QUOTA_COLUMNS, quota_keys
 from crosslogic.ratelimit.store import TENANT_JOINS, TENANT_LIMIT_COLUMNS
-from crosslogic.sites.protocol import SYNC_PATH, USAGE_PATH, encode_row, record_from_json, server_context
+from crosslogic.sites.protocol import SYNC_PATH, USAGE_PATH, encode_prices, encode_row, record_from_json, server_context
 from crosslogic.store import sites
 from crosslogic.usage_record import UsageRecord
 
@@ -104,10 +107,11 @@ class SiteApi:
         async with self.pool.acquire() as conn:
             views = await conn.fetch(ORG_VIEWS_SQL, uuid.UUID(identity.org_id), month_of(now))
             models = await conn.fetch(MODELS_SQL)
+            prices = await price_rows(conn, [identity.org_id])
         return web.json_response({
             "org_id": identity.org_id, "site_id": identity.site_id, "synced_at": time.time(),
             "key_secret": self.key_secret, "default_region": self.default_region,
-            "models": [dict(m) for m in models],
+            "models": [dict(m) for m in models], "prices": encode_prices(prices),
             "quota_counters": await self._quota_counters(identity.org_id, {v["env_id"] for v in views}),
             "views": [{"key_hash": v["key_hash"], "row": encode_row({k: v[k] for k in v.keys() if k != "key_hash"})}
                       for v in views]})

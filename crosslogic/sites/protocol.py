@@ -47,6 +47,15 @@ def decode_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: decode_value(v) for k, v in row.items()}
 
 
+def encode_prices(rows: dict[str, list[tuple]]) -> dict[str, list[list[Any]]]:
+    """accounting/pricing.price_rows as JSON (the site prices its bill-cap holds and its own usage with them)."""
+    return {table: [[encode_value(v) for v in row] for row in items] for table, items in rows.items()}
+
+
+def decode_prices(data: dict[str, list[list[Any]]]) -> dict[str, list[tuple]]:
+    return {table: [tuple(decode_value(v) for v in row) for row in items] for table, items in data.items()}
+
+
 def record_to_json(record: UsageRecord) -> dict[str, Any]:
     return {**asdict(record), "occurred_at": record.occurred_at.isoformat()}
 

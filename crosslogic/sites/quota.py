@@ -12,12 +12,18 @@ cloud, what was in flight when the quota was reached).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, date, datetime
 
 from crosslogic import errors
+from crosslogic.ratelimit.money import month_of
 from crosslogic.ratelimit.quota import _LEVELS, _PERIODS, Quotas, exceeded, quota_keys
 from crosslogic.usage_record import UsageRecord
+
+
+def spend_key(org_id: str, month: date) -> str:
+    """A site-local counter only: the cloud's counters (synced) never hold it; the views' owed amount does."""
+    return f"site-spend:{org_id}:{month.isoformat()}"
 
 
 class SiteQuotas:
@@ -27,14 +33,18 @@ class SiteQuotas:
         self.undelivered: Counter[str] = Counter()  # spooled, not yet acknowledged by the cloud
         self.delivered: Counter[str] = Counter()  # acknowledged, not yet in a sync's counters
         self._in_flight_sync: Counter[str] = Counter()
+        # A record's cost in micro-dollars, when the site enforces its org's bill cap: then the site's own spend
+        # follows the same spooled → delivered → synced path as its tokens (the sync's owed amount holds it after).
+        self.price: Callable[[UsageRecord], int] | None = None
 
-    @staticmethod
-    def _counts(records: Iterable[UsageRecord]) -> Counter[str]:
+    def _counts(self, records: Iterable[UsageRecord]) -> Counter[str]:
         counts: Counter[str] = Counter()
         for r in records:
             if r.total_tokens > 0:
                 for key in quota_keys(r.org_id, r.env_id, r.occurred_at):
                     counts[key] += r.total_tokens
+                if self.price is not None:  # the bill cap's side of the same record (sites/billcap.py)
+                    counts[spend_key(r.org_id, month_of(r.occurred_at))] += self.price(r)
         return counts
 
     def spooled(self, records: Iterable[UsageRecord]) -> None:
@@ -57,6 +67,11 @@ class SiteQuotas:
     def used(self, org_id: str, env_id: str) -> list[int]:
         return [self.synced.get(k, 0) + self.undelivered[k] + self.delivered[k]
                 for k in quota_keys(org_id, env_id, self.clock())]
+
+    def spent(self, org_id: str, month: date) -> int:
+        """This site's own spend of `month` that the last sync's owed amount does not hold yet."""
+        key = spend_key(org_id, month)
+        return self.undelivered[key] + self.delivered[key]
 
     async def check(self, org_id: str, env_id: str, quotas: Quotas) -> None:
         if not quotas.any:

@@ -1,7 +1,8 @@
 """`crosslogic serve site`: the site process beside a site's Envoy (docs/sites.md).
 
 One process, four jobs, all local to the site: ext_authz for the site's org (the cloud's decision on synced
-views, sites/authz.py, with the cloud's rate limiter on the site's own Valkey and the site's quotas), the
+views, sites/authz.py, with the cloud's rate limiter on the site's own Valkey, the site's quotas and its bill
+cap, sites/billcap.py), the
 access-log service writing the durable usage spool (and settling the limiter's reservations) and the pusher that
 delivers it (sites/spool.py), and the model list for `GET /v1/models`. Its only dependency on the cloud is the
 site API over mutual TLS, and it keeps serving without it.
@@ -33,6 +34,7 @@ from crosslogic.ratelimit.settlement import settlement_hook
 from crosslogic.runtime.grpc_server import grpc_server
 from crosslogic.settings import Settings
 from crosslogic.sites.authz import SiteState, Syncer
+from crosslogic.sites.billcap import SiteBillCap
 from crosslogic.sites.quota import SiteQuotas
 from crosslogic.sites.spool import Pusher, Spool, SpoolingSink
 from crosslogic.usage_record import UsageRecord
@@ -64,12 +66,11 @@ class SiteConfig:
 
 
 class _LocalAuthorizer(Authorizer):
-    """The cloud's decision with the site's quotas and, with the site's Valkey, the cloud's own rate limiter
-    (per site: docs/sites.md); no bill cap at a site. Its key-hashing secret and default region are the last
-    sync's."""
+    """The cloud's decision with the site's quotas and bill cap and, with the site's Valkey, the cloud's own rate
+    limiter (per site: docs/sites.md). Its key-hashing secret and default region are the last sync's."""
 
-    def __init__(self, state: SiteState, quotas: SiteQuotas, gate: AdmissionGate | None) -> None:
-        super().__init__(state, state, b"", "", quotas, None, gate)
+    def __init__(self, state: SiteState, quotas: SiteQuotas, caps: SiteBillCap, gate: AdmissionGate | None) -> None:
+        super().__init__(state, state, b"", "", quotas, caps, gate)
         self.state = state
 
     async def decide(self, method, path, headers, body):
@@ -119,6 +120,7 @@ async def serve_site(directory: Path) -> None:
     tls_dir = directory / "tls"
     state = SiteState(config.org_id, config.offline_max_s)
     quotas = SiteQuotas()
+    caps = SiteBillCap(state, quotas)  # prices the site's spend in `quotas` from here on
     syncer = Syncer(state, config.cloud_api_url, tls_dir, directory / "sync.json", config.sync_interval_s, quotas)
     syncer.load_saved()
     spool = Spool(directory / "usage-spool.sqlite3")
@@ -131,9 +133,14 @@ async def serve_site(directory: Path) -> None:
     try:
         async with _limiter(Settings()) as (limiter, settle):
             gate = AdmissionGate(limiter) if limiter is not None else None
-            checker = GuardedAuthorizer(_LocalAuthorizer(state, quotas, gate))
+            checker = GuardedAuthorizer(_LocalAuthorizer(state, quotas, caps, gate))
             releaser = LeaseReleaser(limiter) if limiter is not None else None
-            sink = SpoolingSink(spool, wake, quotas, settle)
+
+            def settle_all(record: UsageRecord, settle=settle) -> None:
+                caps.settled(record)  # after the spool priced it into the site's spend: no gap, no double count
+                if settle is not None:
+                    settle(record)
+            sink = SpoolingSink(spool, wake, quotas, settle_all)
             await web.TCPSite(runner, "127.0.0.1", config.api_port).start()
             async with authz_http_server(f"127.0.0.1:{config.authz_port}", checker, releaser, Limits()), \
                     grpc_server(f"127.0.0.1:{config.als_port}",
