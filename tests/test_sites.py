@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -473,6 +474,85 @@ async def test_a_keys_rate_limit_holds_at_the_site_with_the_clouds_own_limiter(h
             raise AssertionError("the site never applied the key's rate limit")
     # each request reserves its prompt plus max_tokens (16): the bucket of RATE tokens admits only so many
     assert 1 <= admitted <= RATE // 16
+
+
+async def _owed(conn: asyncpg.Connection, org_id: str) -> int:
+    return await conn.fetchval("SELECT coalesce(max(owed_microdollars), 0) FROM org_monthly_spend WHERE org_id = $1 "
+                               "AND month = date_trunc('month', now() AT TIME ZONE 'UTC')::date", uuid.UUID(org_id))
+
+
+async def _served_rows(conn: asyncpg.Connection, org_id: str) -> int:
+    return await conn.fetchval("SELECT count(*) FROM usage_records WHERE org_id = $1 AND written_by = 'site' "
+                               "AND status_code = 200", uuid.UUID(org_id))
+
+
+async def test_a_monthly_bill_cap_holds_at_the_site_within_its_bound_and_test_keys_are_exempt(hybrid):
+    """Org B (site B) gets a cap of a few requests over what it owes; 4 clients send through site B until it
+    refuses. Nothing else spends for org B meanwhile, so docs/sites.md's bound is the cap itself."""
+    from crosslogic.accounting.pricing import PriceBook
+    from crosslogic.extauthz.estimate import chat_prompt_tokens
+
+    b, messages, clients, max_tokens = hybrid.sites["b"], [{"role": "user", "content": "hi"}], 4, 200
+    secret = (Path(hybrid.cloud["state_dir"]) / "key_secret").read_text().strip().encode()
+    conn = await hybrid.db()
+    try:
+        env_id = await conn.fetchval("SELECT env_id::text FROM api_keys WHERE org_id = $1 LIMIT 1", uuid.UUID(b.org_id))
+        _, test_key = await t.create_key(conn, secret, b.org_id, env_id, "ci", mode="test")
+        book = await PriceBook.load(conn, [b.org_id])
+        # what the site holds per request: the prompt estimate and max_tokens at the synced price
+        max_cost = book.cost(datetime.now(UTC), b.org_id, MODEL, REGION,
+                             chat_prompt_tokens(messages, {"messages": messages}), max_tokens)
+        assert max_cost and max_cost > 0
+        rows_before = await _served_rows(conn, b.org_id)
+        cap = await _owed(conn, b.org_id) + 12 * max_cost + max_cost // 2
+        await conn.execute("UPDATE orgs SET monthly_bill_cap_microdollars = $2 WHERE org_id = $1",
+                           uuid.UUID(b.org_id), cap)
+    finally:
+        await conn.close()
+    served, refusals = 0, []
+
+    async def client() -> None:
+        nonlocal served
+        async with _client(b.url, b.key) as api:
+            while not refusals:
+                try:
+                    await api.chat.completions.create(model=MODEL, max_tokens=max_tokens, messages=messages)
+                    served += 1
+                except openai.PermissionDeniedError as exc:
+                    refusals.append(exc)
+    try:
+        await asyncio.sleep(2.5)  # the site's next sync brings the cap (every 2 s)
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), WAIT_S)
+        refused = refusals[0]
+        body = refused.response.json()["error"]
+        assert refused.status_code == 403 and body["code"] == "billing_cap_reached"
+        assert body["type"] == "insufficient_quota" and set(body) == {"message", "type", "param", "code"}
+        assert (await _chat(b.url, test_key)).choices  # a test key is free: never held against the cap
+
+        async def delivered() -> bool:
+            c = await hybrid.db()
+            try:
+                return await _served_rows(c, b.org_id) == rows_before + served + 1  # + the test key's
+            finally:
+                await c.close()
+        await _wait(delivered, "site B's usage in the ledger")
+        await asyncio.sleep(1)  # the pusher's next round: anything late lands too
+        conn = await hybrid.db()
+        try:
+            owed = await _owed(conn, b.org_id)
+        finally:
+            await conn.close()
+        print(f"\nbill cap at a site: cap {cap} µ$, max cost/request {max_cost} µ$, served {served} before the "
+              f"403, owed {owed} µ$ (cap - owed = {cap - owed} µ$, {clients} concurrent clients)")
+        assert owed <= cap  # the bound with no other gateway spending: the cap itself
+        assert cap - owed < clients * max_cost  # refused only near the cap: at most the others' holds short
+    finally:
+        conn = await hybrid.db()
+        try:
+            await conn.execute("UPDATE orgs SET monthly_bill_cap_microdollars = NULL WHERE org_id = $1",
+                               uuid.UUID(b.org_id))
+        finally:
+            await conn.close()
 
 
 async def test_revoking_a_site_cuts_it_off_within_seconds(hybrid):
