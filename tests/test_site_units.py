@@ -371,6 +371,7 @@ def test_a_sites_bill_cap_never_lets_its_own_spend_pass_the_cap_and_refuses_only
                 push()
             synced_owed, others_since_sync = ledger, 0
             quotas.synced_counters({})
+        assert caps.held() == held_now()  # a hold lasts from admission until its record is spooled, exactly
         assert spooled_cost + held_now() <= cap  # this site alone never passes the cap
         # never undercounts: synced owed + the site's unsynced spend + its holds hold all but others' unseen spend
         assert synced_owed + quotas.spent("o", month_of(at)) + caps.held() >= \
