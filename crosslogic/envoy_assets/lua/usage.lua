@@ -17,7 +17,7 @@
 local FORCED_STREAM_OPTIONS = ',"stream_options":{"include_usage":true,"continuous_usage_stats":true}'
 local RELEASE_HEADERS = {[":method"] = "POST", [":path"] = RELEASE_PATH, [":authority"] = "crosslogic-release",
                          ["content-type"] = "application/json"}
-local RELEASE_TIMEOUT_MS = 250  -- on failure settlement frees the lease anyway, ~100 ms later
+local RELEASE_TIMEOUT_MS = 1000  -- then settlement frees the lease (~100 ms later, a spurious 429 meanwhile); 250 ms: likely the lease a loaded CI run found held
 local MAX_CARRY = 1048576  -- bytes of one unfinished SSE event held back; a bigger one passes on as it came
 local ERROR_READ_LIMIT = 65536  -- bytes of a node's error body looked at
 local MAX_MESSAGE = 512  -- bytes of a node's error message passed on to the client
