@@ -317,6 +317,9 @@ async def test_stack_serves_a_fleet_pool_edited_with_the_cli(gateway, tmp_path):
             assert time.monotonic() < deadline, _cli(gateway, "node", "list", "--region", region).stdout
             await asyncio.sleep(0.2)
         client = await fleet.client("r")
+        while not await _served(client, fleet.model):  # active in Postgres a moment before Envoy has the route
+            assert time.monotonic() < deadline, "the pool never served through the gateway"
+            await asyncio.sleep(0.05)
         answer = await client.chat.completions.create(model=fleet.model, max_tokens=2,
                                                       messages=[{"role": "user", "content": "hi"}])
         assert answer.usage.completion_tokens == 2
