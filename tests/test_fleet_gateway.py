@@ -23,6 +23,7 @@ from pathlib import Path
 import asyncpg
 import openai
 import pytest
+from openai.types.chat import ChatCompletion
 
 from crosslogic.accounting.finops import load_report
 from crosslogic.fleet.autoscaler import Autoscaler, AutoscalerOptions
@@ -163,14 +164,18 @@ async def test_pool_scales_out_under_load_and_back_by_draining_with_zero_failed_
         assert {a["action"] for a in actions} >= {"fleet.launch", "fleet.drain", "fleet.terminate"}
 
 
-async def _served(client: openai.AsyncOpenAI, model: str) -> bool:
+async def _routed_chat(client: openai.AsyncOpenAI, model: str, **request) -> ChatCompletion | None:
+    """The chat completion, or None while Envoy has no route for the pool yet (its 503 model_unavailable)."""
     try:
-        await client.chat.completions.create(model=model, max_tokens=1, messages=[{"role": "user", "content": "x"}])
+        return await client.chat.completions.create(model=model, **request)
     except openai.InternalServerError as exc:
-        if exc.code == "model_unavailable":  # no route for the pool in Envoy yet
-            return False
+        if exc.code == "model_unavailable":
+            return None
         raise
-    return True
+
+
+async def _served(client: openai.AsyncOpenAI, model: str) -> bool:
+    return await _routed_chat(client, model, max_tokens=1, messages=[{"role": "user", "content": "x"}]) is not None
 
 
 async def _active(pool: Pool, n: int) -> bool:
@@ -260,9 +265,14 @@ async def test_an_sglang_node_serves_through_the_gateway_with_exact_usage(fleet_
         assert row["engine"] == "sglang" and row["throughput_tokens_per_sec"] > 0 and row["prefill_tokens_per_sec"] > 0
         org_id, client = await pool.fleet.tenant("r")
         seen_prompt = seen_completion = 0
+        deadline = time.monotonic() + WAIT_S
         for i in range(4):
-            answer = await client.chat.completions.create(model=pool.fleet.model, max_tokens=3 + i,
-                                                          messages=[{"role": "user", "content": "hello " * i}])
+            request = {"max_tokens": 3 + i, "messages": [{"role": "user", "content": "hello " * i}]}
+            # Active in Postgres a moment before Envoy has the pool's route (the xDS push follows the NOTIFY):
+            # the first request is sent again until it is served (a 503 is no 200 row); every answer is counted.
+            while (answer := await _routed_chat(client, pool.fleet.model, **request)) is None:
+                assert i == 0 and time.monotonic() < deadline, "the SGLang node never served through the gateway"
+                await asyncio.sleep(0.05)
             assert answer.choices[0].message.content
             seen_prompt += answer.usage.prompt_tokens
             seen_completion += answer.usage.completion_tokens
