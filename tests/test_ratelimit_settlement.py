@@ -77,6 +77,24 @@ async def test_requests_admitted_without_a_reservation_count_against_quotas_once
     assert await limiter.charged(org, "key", key) == 70  # the limiter only settles what it reserved
 
 
+async def test_submit_and_wait_returns_once_the_quota_counters_hold_the_records(redis):
+    # The site API answers a push only then: a site's sync begun after the answer must see its records counted.
+    settler = Settler(Limiter(redis), batch_size=2)
+    org, env, key = (str(uuid.uuid4()) for _ in range(3))
+    settler.submit(_record(org, env, key, uuid.uuid4().hex, 5))  # queued before: settled in order, first
+    records = [_record(org, env, key, uuid.uuid4().hex, tokens) for tokens in (10, 20, 30)]
+    task = asyncio.create_task(settler.run())
+    try:
+        await asyncio.wait_for(settler.submit_and_wait(records), 30)
+        counters = [int(v or 0) for v in await redis.mget(quota_keys(org, env, records[0].occurred_at))]
+        assert counters == [65] * 4 and settler.settled == settler.queued == 4
+        await asyncio.wait_for(settler.submit_and_wait(records), 30)  # a re-sent batch: counted once
+        assert [int(v or 0) for v in await redis.mget(quota_keys(org, env, records[0].occurred_at))] == [65] * 4
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_split_scope_batch_retried_after_a_fault_settles_every_scope_and_counts_quotas_once(redis):
     limiter = Limiter(redis, split_scopes=True)
     settler = Settler(limiter)

@@ -98,7 +98,8 @@ async def serve_accounting(settings: Settings, listen: str, site_listen: str | N
     # down (a sink restarted during an outage otherwise stalls settlement and leases pile up: measured 439
     # spurious 429s in the chaos test); ledger writes retry until Postgres is back.
     async with open_pool(settings.require_database(), min_size=0, max_size=4) as pool, \
-            settlement_hook(settings) as settle, money_settlement(settings) as on_owed:
+            settlement_hook(settings) as settler, money_settlement(settings) as on_owed:
+        settle = settler.submit if settler is not None else None
         committed = RecentIds()
         ledger = LedgerWriter(pool, settings.ledger_batch_size, settings.ledger_flush_interval_s, committed,
                               on_owed)
@@ -133,7 +134,7 @@ async def serve_accounting(settings: Settings, listen: str, site_listen: str | N
                         raise SystemExit("--site-listen needs CROSSLOGIC_PKI_DIR (the CA of site certificates)")
                     await sites.enter_async_context(site_api_server(
                         site_listen, pool, Path(pki_dir), settings.require_key_secret().decode(),
-                        settings.default_region, settle,
+                        settings.default_region, settler.submit_and_wait if settler is not None else None,
                         redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
                         if settings.redis_url else None))
                 await server.wait_for_termination()

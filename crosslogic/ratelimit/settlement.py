@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -58,12 +58,27 @@ class Settler:
         self.batch_size = batch_size
         self.queue: asyncio.Queue[UsageRecord] = asyncio.Queue(max_pending)
         self.settled = 0
+        # FIFO: the n-th record queued is settled once `settled` >= n (`queued` counts only what was taken).
+        self.queued = 0
+        self._progress = asyncio.Condition()
 
     def submit(self, record: UsageRecord) -> None:
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:  # the reservation expires on its own; the ledger still has the row
             log.warning("settlement queue full; request %s left to expire", record.request_id)
+            return
+        self.queued += 1
+
+    async def submit_and_wait(self, records: list[UsageRecord]) -> None:
+        """Queues `records` (waiting for room, never dropping one) and returns once they are settled: their
+        quota counters hold them. The site API answers a push only then (sites/quota.py relies on it)."""
+        for record in records:
+            await self.queue.put(record)
+            self.queued += 1  # no await between the put and this: the count matches the queue's order
+        target = self.queued
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.settled >= target)
 
     async def settle_batch(self, records: list[UsageRecord], progress: BatchProgress | None = None) -> list[bool]:
         """Settles every record in each scope it was reserved in; True where it settled now.
@@ -110,6 +125,8 @@ class Settler:
                     await self.settle_batch(batch, progress)
                     self.settled += len(batch)
                     redis.succeeded()
+                    async with self._progress:
+                        self._progress.notify_all()
                     break
                 except REDIS_UNAVAILABLE as exc:
                     redis.failed(exc)
@@ -118,8 +135,9 @@ class Settler:
 
 
 @asynccontextmanager
-async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRecord], None] | None]:
-    """The accounting sink's settlement hook, with its Redis client and task; None without Redis."""
+async def settlement_hook(settings: Settings) -> AsyncIterator[Settler | None]:
+    """The accounting sink's settler (`submit` is the settlement hook), with its Redis client and task; None
+    without Redis."""
     if not settings.redis_url:
         yield None
         return
@@ -132,7 +150,7 @@ async def settlement_hook(settings: Settings) -> AsyncIterator[Callable[[UsageRe
     settler = Settler(limiter_from_settings(redis, settings, scripts))
     task = asyncio.create_task(settler.run())
     try:
-        yield settler.submit
+        yield settler
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

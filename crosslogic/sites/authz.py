@@ -121,6 +121,12 @@ class Syncer:
         return True
 
     async def sync_once(self, session: aiohttp.ClientSession) -> None:
+        if self.quotas is None:
+            return await self._sync(session)
+        async with self.quotas.exchange:  # no push meanwhile (sites/quota.py)
+            return await self._sync(session)
+
+    async def _sync(self, session: aiohttp.ClientSession) -> None:
         if self.quotas is not None:
             self.quotas.begin_sync()
         async with session.get(self.url, ssl=self.ssl, timeout=aiohttp.ClientTimeout(total=10)) as response:

@@ -15,10 +15,11 @@ The caller is the verified client certificate's site identity, re-checked agains
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +53,9 @@ SELECT model_id, kind, context_length, max_output_tokens, default_max_tokens, ma
 FROM models WHERE status = 'active' ORDER BY model_id
 """
 MAX_BATCH = 5000
+# How long a push waits for its records to be counted in the quota counters before it is answered 503 (Valkey away):
+# under the site's 15 s push timeout, so the site hears why and sends the batch again (counted once by request id).
+COUNT_WAIT_S = 10.0
 
 
 def _forbidden(message: str) -> web.Response:
@@ -68,17 +72,21 @@ def peer_identity(request: web.Request) -> pki.SiteIdentity | None:
     return pki.site_identity_of(pem)
 
 
+Count = Callable[[list[UsageRecord]], Awaitable[None]]
+
+
 class SiteApi:
-    """`settle`: the accounting sink's settlement hook (idempotent per request id): a site's delivered usage counts
-    against the org's quotas and rate-limit windows like the cloud's own. `redis`: where the sync reads the quota
-    counters (None: the site is sent none and counts only its own usage)."""
+    """`count`: the accounting sink's settlement (idempotent per request id), returning once the records are
+    settled: a site's delivered usage counts against the org's quotas and rate-limit windows like the cloud's own,
+    and before the push is answered (sites/quota.py: a sync begun after the answer must hold it). `redis`: where
+    the sync reads the quota counters (None: the site is sent none and counts only its own usage)."""
 
     def __init__(self, pool: asyncpg.Pool, key_secret: str, default_region: str,
-                 settle: Callable[[UsageRecord], None] | None = None, redis=None) -> None:
+                 count: Count | None = None, redis=None) -> None:
         self.pool = pool
         self.key_secret = key_secret
         self.default_region = default_region
-        self.settle = settle
+        self.count = count
         self.redis = redis
 
     async def _quota_counters(self, org_id: str, env_ids: set[str]) -> dict[str, int]:
@@ -135,17 +143,20 @@ class SiteApi:
             return _forbidden(f"{foreign} record(s) are not of this site's organization")
         async with self.pool.acquire() as conn:
             result = await write_batch(conn, records, written_by="site")
-        if self.settle is not None:  # in the ledger now: count them (a re-sent record is counted once)
-            for record in records:
-                self.settle(record)
+        if self.count is not None:  # in the ledger now: count them (a re-sent record is counted once)
+            try:
+                await asyncio.wait_for(self.count(records), COUNT_WAIT_S)
+            except TimeoutError:
+                return web.Response(status=503, content_type="application/json", body=errors.openai_error_json(
+                    "usage recorded but not yet counted against quotas; send the batch again", "server_error",
+                    "usage_not_counted"))
         return web.json_response({"accepted": len(records), "inserted": result.inserted, "held": result.held})
 
 
 @asynccontextmanager
 async def site_api_server(listen: str, pool: asyncpg.Pool, pki_dir: Path, key_secret: str, default_region: str,
-                          settle: Callable[[UsageRecord], None] | None = None,
-                          redis=None) -> AsyncIterator[web.AppRunner]:
-    api = SiteApi(pool, key_secret, default_region, settle, redis)
+                          count: Count | None = None, redis=None) -> AsyncIterator[web.AppRunner]:
+    api = SiteApi(pool, key_secret, default_region, count, redis)
     app = web.Application(client_max_size=32 * 1024 * 1024)
     app.router.add_get(SYNC_PATH, api.sync)
     app.router.add_post(USAGE_PATH, api.usage)

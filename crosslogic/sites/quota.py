@@ -3,14 +3,19 @@ sync, plus this site's own usage the counters cannot hold yet, against the same 
 
 A record counts here from the moment it is spooled (`spooled`) until a sync that started after the cloud
 acknowledged it (`delivered`, then `begin_sync` / `synced`): the cloud counts a delivered record before it answers
-the push (its settlement hook), so a sync begun after that holds it and this site stops adding it. This site's
-own usage is therefore never missed nor counted twice; what a site cannot see is usage at the cloud's gateways and
-at other sites since its last sync: during a partition, the quota can be overshot by that usage (plus, as in the
-cloud, what was in flight when the quota was reached).
+the push (it awaits its settlement), so a sync begun after that holds it and this site stops adding it. A push and
+a sync never overlap (`exchange`): a sync overlapping a push could read counters that already hold the batch while
+the site, not yet answered, still adds it (counted twice: a request refused before the quota is used up).
+This site's own usage is therefore never missed nor counted twice; the exception is a push whose answer was lost
+(the cloud counted it, the site sends it again): counted twice, so refused early, never late, until the next sync
+after the re-sent batch is answered. What a site cannot see is usage at the cloud's gateways and at other sites
+since its last sync: during a partition, the quota can be overshot by that usage (plus, as in the cloud, what was
+in flight when the quota was reached).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime
@@ -33,6 +38,8 @@ class SiteQuotas:
         self.undelivered: Counter[str] = Counter()  # spooled, not yet acknowledged by the cloud
         self.delivered: Counter[str] = Counter()  # acknowledged, not yet in a sync's counters
         self._in_flight_sync: Counter[str] = Counter()
+        # Held by a push from sending its batch to `acknowledged`, and by a sync from `begin_sync` to `synced_counters`.
+        self.exchange = asyncio.Lock()
         # A record's cost in micro-dollars, when the site enforces its org's bill cap: then the site's own spend
         # follows the same spooled → delivered → synced path as its tokens (the sync's owed amount holds it after).
         self.price: Callable[[UsageRecord], int] | None = None

@@ -108,8 +108,8 @@ async def _limiter(settings: Settings) -> AsyncIterator[tuple[Limiter | None, Ca
     redis = redis_client(settings.redis_url, False, connect_timeout=0.5, timeout=0.5, request_path=True)
     scripts = script_client(settings.redis_url, False, connect_timeout=0.5, timeout=0.5)
     try:
-        async with settlement_hook(settings) as settle:
-            yield limiter_from_settings(redis, settings, scripts), settle
+        async with settlement_hook(settings) as settler:
+            yield limiter_from_settings(redis, settings, scripts), settler.submit if settler is not None else None
     finally:
         await scripts.aclose()
         await redis.aclose()

@@ -107,6 +107,12 @@ class Pusher:
 
     async def push_once(self, session: aiohttp.ClientSession) -> int:
         """Sends one batch; returns how many records left the spool."""
+        if self.quotas is None:
+            return await self._push(session)
+        async with self.quotas.exchange:  # no sync meanwhile (sites/quota.py)
+            return await self._push(session)
+
+    async def _push(self, session: aiohttp.ClientSession) -> int:
         rows = await self.spool.run(self.spool.oldest, self.batch)
         if not rows:
             return 0
