@@ -34,8 +34,10 @@ from crosslogic.ratelimit.engine import (
 from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
 
 CONCURRENCY = LIMIT_KINDS[4]  # "concurrency": the limit kind whose refusals admit() retries
-# A released or settled lease shows up on the next try: first after 5 ms, then doubling to one try per 50 ms.
-CONCURRENCY_FIRST_PAUSE_S, CONCURRENCY_MAX_PAUSE_S = 0.005, 0.05
+# A released or settled lease shows up on the next try: first after 10 ms, then doubling (10, 20, 40, 80, 160 ms):
+# at most 6 script calls for a refusal within the default 500 ms, so a client flooding at its limit costs Valkey
+# a few calls per request, not one per millisecond.
+CONCURRENCY_FIRST_PAUSE_S, CONCURRENCY_MAX_PAUSE_S = 0.01, 0.16
 
 
 def request_scopes(org_id: str, env_id: str, key_id: str, region: str) -> tuple[Scope, Scope, Scope]:
