@@ -56,7 +56,7 @@ class AuthzMeta(StrEnum):
     MAX_TOKENS = "max_tokens"
     PROMPT_ESTIMATE = "prompt_estimate"
     RESERVE = "reserve"  # tokens reserved, as a string (Envoy's rate-limit metadata action reads strings)
-    LEASE = "lease"  # the request id, when admission took a concurrency lease the Lua filter must release
+    LEASE = "lease"  # the request id, when admission took a concurrency lease the Lua filter must release early
 
 
 class UsageMeta(StrEnum):

@@ -164,6 +164,10 @@ class Settings:
                                       "access-log entry) expires after this long", minimum=1)
     lease_ttl_ms: int = setting("LEASE_TTL_MS", 11 * 60_000, "a concurrency lease never released expires after this "
                                 "long (the 600 s upstream timeout plus a minute)", minimum=1)
+    concurrency_wait_ms: int = setting("CONCURRENCY_WAIT_MS", 500, "a request that finds a concurrency limit full "
+                                       "waits up to this long for a slot (leases of finished requests taken below "
+                                       "half of the limit are freed at settlement, ~0.1-0.3 s after their response) "
+                                       "before its 429; 0 = refuse at once", minimum=0)
     limiter_split_scopes: bool = setting("LIMITER_SPLIT_SCOPES", False, "Redis Cluster: one limiter script call per "
                                          "scope (each in one hash slot) instead of one per request")
     redis_cluster: bool = setting("REDIS_CLUSTER", False, "REDIS_URL names a node of a Redis / Valkey Cluster: "

@@ -181,12 +181,19 @@ async def test_an_allowed_request_checks_in_order_and_carries_identity_route_and
 
 async def test_a_lease_taken_is_named_for_the_release_and_a_reserved_org_routes_to_its_lane():
     calls = Calls()
-    auth, _ = authorizer(replace(VIEW, region=None), gate=FakeGate(calls, Decision(admitted=True, leases=1)),
-                         calls=calls)
+    auth, _ = authorizer(replace(VIEW, region=None),
+                         gate=FakeGate(calls, Decision(admitted=True, leases=1, release_early=True)), calls=calls)
     auth.catalogue.reserved_orgs = frozenset({"o1"})
     allowed = await auth.decide("POST", "/v1/chat/completions", headers(), CHAT)
     assert allowed.metadata[AuthzMeta.LEASE] == "req-1"
     assert allowed.headers[Header.ROUTE] == "ap-south/m@o1"  # no region anywhere: the default
+
+
+async def test_a_lease_far_from_its_limit_is_left_to_settlement():
+    calls = Calls()
+    auth, _ = authorizer(gate=FakeGate(calls, Decision(admitted=True, leases=2, release_early=False)), calls=calls)
+    allowed = await auth.decide("POST", "/v1/chat/completions", headers(), CHAT)
+    assert AuthzMeta.LEASE not in allowed.metadata  # no release call for this response
 
 
 async def test_other_requests_are_allowed_with_the_identity_only():

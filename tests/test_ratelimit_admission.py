@@ -119,7 +119,8 @@ def test_one_call_and_scope_by_scope_admission_decide_alike(valkey_url, reserved
                             open_requests[i].append(request)
                         # Levels after an admission (after a refusal, split scopes report them before rollback).
                         levels = [v.level for v in d.buckets] if d.admitted else []
-                        answers.append((d.admitted, d.layer, d.kind, d.retry_after_ms, tuple(levels)))
+                        answers.append((d.admitted, d.layer, d.kind, d.retry_after_ms, tuple(levels),
+                                        d.release_early))
                     elif open_requests[i]:
                         request = open_requests[i].pop(0)
                         answers.append(await admission.settle(limiter, org, env, key, region, request, amount))
@@ -151,3 +152,69 @@ async def test_releasing_leases_reaches_every_scope_and_keeps_tokens_for_settlem
     assert await admission.settle(limiter, org, env, key, region, request, 100)
     assert (await admission.admit(limiter, org, env, key, region, uuid.uuid4().hex, 800, tenant,
                                   platform)).admitted
+
+
+# --- concurrency leases: freed early only where a set is at least half full -----------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.booleans(), st.lists(st.booleans(), min_size=1, max_size=40))
+def test_leases_left_to_settlement_never_refuse_a_client_under_half_its_limit(valkey_url, limit, split, ops):
+    """True starts a request, False ends the oldest in flight. An ended request frees its lease only if admission
+    asked for the early release; the others linger (no settlement comes here). The limit still holds exactly, and
+    a client with fewer than half its limit in flight is never refused."""
+    async def scenario() -> None:
+        client = aioredis.from_url(valkey_url)
+        limiter = Limiter(client, clock=Clock(), split_scopes=split)
+        org, env, key = _ids()
+        region = "r-" + uuid.uuid4().hex[:8]
+        tenant = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(concurrency=limit))
+        in_flight: list[tuple[str, bool]] = []
+        try:
+            for start in ops:
+                if not start:
+                    if in_flight:
+                        request, early = in_flight.pop(0)
+                        if early:
+                            await admission.release_leases(limiter, org, env, key, region, request)
+                    continue
+                request = uuid.uuid4().hex
+                d = await admission.admit(limiter, org, env, key, region, request, 1, tenant, PlatformLimits())
+                if len(in_flight) >= limit:
+                    assert not d.admitted and d.kind == "concurrency"
+                if 2 * len(in_flight) < limit:
+                    assert d.admitted, (limit, len(in_flight))
+                if d.admitted:
+                    assert d.leases == 1
+                    in_flight.append((request, d.release_early))
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+async def test_a_full_set_is_waited_on_and_admits_once_settlement_frees_a_slot(valkey_url):
+    client = aioredis.from_url(valkey_url)
+    waiting = Limiter(client, concurrency_wait_ms=2_000)
+    org, env, key = _ids()
+    region = "r-" + uuid.uuid4().hex[:8]
+    tenant = TenantLimits(LayerLimits(), LayerLimits(), LayerLimits(concurrency=1))
+    try:
+        ended = uuid.uuid4().hex
+        first = await admission.admit(waiting, org, env, key, region, ended, 1, tenant, PlatformLimits())
+        assert first.admitted and first.release_early  # one slot: always freed as the response ends
+
+        async def settle_soon() -> None:
+            await asyncio.sleep(0.05)
+            assert await admission.settle(waiting, org, env, key, region, ended, 1)
+
+        settling = asyncio.create_task(settle_soon())
+        second = await admission.admit(waiting, org, env, key, region, uuid.uuid4().hex, 1, tenant, PlatformLimits())
+        await settling
+        assert second.admitted  # it waited for the slot rather than being refused
+        # Nothing frees the slot now: refused once the wait is over (a limiter that does not wait: at once).
+        impatient = Limiter(client)
+        refused = await admission.admit(impatient, org, env, key, region, uuid.uuid4().hex, 1, tenant,
+                                        PlatformLimits())
+        assert not refused.admitted and refused.kind == "concurrency"
+    finally:
+        await client.aclose()

@@ -13,8 +13,11 @@ Settlement names the same scopes in the same order, so one call settles the requ
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import replace
 
+from crosslogic.contract import LIMIT_KINDS
 from crosslogic.ratelimit.engine import (
     LANE,
     NEED,
@@ -29,6 +32,12 @@ from crosslogic.ratelimit.engine import (
     tenant_scope,
 )
 from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimits
+
+CONCURRENCY = LIMIT_KINDS[4]  # "concurrency": the limit kind whose refusals admit() retries
+# A released or settled lease shows up on the next try: first after 10 ms, then doubling (10, 20, 40, 80, 160 ms):
+# at most 6 script calls for a refusal within the default 500 ms, so a client flooding at its limit costs Valkey
+# a few calls per request, not one per millisecond.
+CONCURRENCY_FIRST_PAUSE_S, CONCURRENCY_MAX_PAUSE_S = 0.01, 0.16
 
 
 def request_scopes(org_id: str, env_id: str, key_id: str, region: str) -> tuple[Scope, Scope, Scope]:
@@ -56,6 +65,20 @@ def _one_call(org_id: str, env_id: str, key_id: str, region: str, tenant: Tenant
 
 async def admit(limiter: Limiter, org_id: str, env_id: str, key_id: str, region: str, request_id: str,
                 tokens: int, tenant: TenantLimits, platform: PlatformLimits) -> Decision:
+    """One admission; a concurrency refusal is retried, backing off, for up to `limiter.concurrency_wait_ms`: the
+    set may be full of leases of requests that already ended, which settlement is about to free (reserve.lua)."""
+    decision = await _admit_once(limiter, org_id, env_id, key_id, region, request_id, tokens, tenant, platform)
+    deadline = time.monotonic() + limiter.concurrency_wait_ms / 1000
+    pause = CONCURRENCY_FIRST_PAUSE_S
+    while not decision.admitted and decision.kind == CONCURRENCY and time.monotonic() + pause <= deadline:
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, CONCURRENCY_MAX_PAUSE_S)
+        decision = await _admit_once(limiter, org_id, env_id, key_id, region, request_id, tokens, tenant, platform)
+    return decision
+
+
+async def _admit_once(limiter: Limiter, org_id: str, env_id: str, key_id: str, region: str, request_id: str,
+                      tokens: int, tenant: TenantLimits, platform: PlatformLimits) -> Decision:
     if not limiter.split_scopes:
         # The call's plan is worked out once per tenant, region and limits (Limiter.plan), not per request.
         plan = limiter.plan((org_id, env_id, key_id, region), tenant, platform,
@@ -75,7 +98,8 @@ async def _admit_scope_by_scope(limiter: Limiter, plan: list[Stage], request_id:
             continue
         answer = await limiter.reserve_stages([replace(stage, role=NEED)], request_id, tokens)
         if answer.admitted:
-            decision = replace(decision, leases=decision.leases + answer.leases)
+            decision = replace(decision, leases=decision.leases + answer.leases,
+                               release_early=decision.release_early or answer.release_early)
             if answer.shadow_layer and not decision.shadow_layer:
                 decision = replace(decision, shadow_layer=answer.shadow_layer, shadow_kind=answer.shadow_kind)
             if stage.role == LANE:

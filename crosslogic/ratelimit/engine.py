@@ -108,7 +108,10 @@ class Decision:
     buckets: tuple[BucketView, ...] = ()
     repeated: bool = False  # this request id was already reserved
     degraded: bool = False  # decided without Redis (failure policy)
-    leases: int = 0  # concurrency leases taken: the response's end should free them (release_leases)
+    leases: int = 0  # concurrency leases taken (settlement frees them)
+    # One of them leaves its set at least half full: the response's end should free them (release_leases), since a
+    # lease left to settlement lingers after its response (reserve.lua says why half).
+    release_early: bool = False
 
     def tightest(self, kind: str) -> BucketView | None:
         views = [b for b in self.buckets if b.kind == kind]
@@ -171,8 +174,11 @@ class Limiter:
 
     def __init__(self, redis: aioredis.Redis, clock: Clock = wall_clock_ms,
                  reservation_ttl_ms: int = DEFAULT_RESERVATION_TTL_MS, lease_ttl_ms: int | None = None,
-                 split_scopes: bool = False, scripts: ScriptClient | ClusterScriptClient | None = None) -> None:
+                 split_scopes: bool = False, scripts: ScriptClient | ClusterScriptClient | None = None,
+                 concurrency_wait_ms: int = 0) -> None:
         self.redis = redis
+        # How long admission waits for a full concurrency set to free a slot before refusing (admission.admit).
+        self.concurrency_wait_ms = concurrency_wait_ms
         self.clock = clock
         self.reservation_ttl_ms = reservation_ttl_ms
         # A concurrency lease outlives any request; a shorter TTL than the reservation's frees the slot
@@ -249,8 +255,10 @@ class Limiter:
         layer_name, kind = _slot(plan.names, failed)
         shadow_layer, shadow_kind = _slot(plan.names, shadow) if shadow else (None, None)
         leases = int(out[plan.leases_at]) if len(out) > plan.leases_at else 0
+        early = len(out) > plan.leases_at + 1 and int(out[plan.leases_at + 1]) == 1
         return Decision(admitted=status == ADMITTED, retry_after_ms=retry, layer=layer_name, kind=kind,
-                        shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=views, leases=leases)
+                        shadow_layer=shadow_layer, shadow_kind=shadow_kind, buckets=views, leases=leases,
+                        release_early=early)
 
     def _settle_args(self, request_id: str, actual_tokens: int, rollback: bool, now: int) -> list:
         return [now, request_id, max(-1, actual_tokens), "1" if rollback else "0"]
@@ -317,7 +325,8 @@ class Limiter:
 def limiter_from_settings(redis: aioredis.Redis, settings: Settings,
                           scripts: ScriptClient | ClusterScriptClient | None = None) -> Limiter:
     return Limiter(redis, reservation_ttl_ms=settings.reservation_ttl_ms, lease_ttl_ms=settings.lease_ttl_ms,
-                   split_scopes=settings.limiter_split_scopes or settings.redis_cluster, scripts=scripts)
+                   split_scopes=settings.limiter_split_scopes or settings.redis_cluster, scripts=scripts,
+                   concurrency_wait_ms=settings.concurrency_wait_ms)
 
 
 def _slot(names: Sequence[str], slot: int) -> tuple[str | None, str | None]:

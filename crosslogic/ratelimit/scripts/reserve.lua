@@ -14,7 +14,13 @@
 --            count, then per layer 6 values: tps, tpm, rpm, tpd, concurrency (0 = no limit), shadow
 --            (bitmask: bit k-1 set = limit kind k only observes: decide and report, never refuse)
 -- Returns    {status, failed_slot, retry_after_ms, shadow_slot, level_1 .. level_4L of the first scope,
---             leases: how many concurrency leases this call took (0 when refused)}
+--             leases: how many concurrency leases this call took (0 when refused),
+--             early: 1 when a lease taken leaves its set at least half full, so it should be freed as the
+--             response ends (Envoy's Lua filter calls ext_authz's /release), else 0: settlement frees it}
+--            Why half: a lease left to settlement lingers ~0.1-0.3 s after its response, and only leases taken
+--            below half of their limit are left, so lingering ones never fill more than half a set: a client
+--            running under half its concurrency limit is never refused for leases of finished requests, and
+--            one above waits for them in admission (CROSSLOGIC_CONCURRENCY_WAIT_MS) rather than being refused.
 --            status 1 admitted, 0 refused, 2 already reserved or settled (admits, charges nothing)
 --            slot = layer*5 + kind (kind 1 tps, 2 tpm, 3 rpm, 4 tpd, 5 concurrency), 0 = none
 local now_s, rid = ARGV[1], ARGV[2]  -- now_s: written as given, no number formatting
@@ -31,6 +37,7 @@ end
 -- reservation record (Lua would print a number of 10^15 or more as "1e+15", which settle.lua cannot read).
 -- String compares against '0' skip unset limits without converting them (most values are 0).
 local levels, costs, caps, cost_s, cap_s, stored = {}, {}, {}, {}, {}, {}
+local held_now = {}  -- per layer with a concurrency limit: leases held before this request's
 local shadow_hit = 0
 
 -- Decides layer l (0-based) whose 6 values start at ARGV[a]: {failed slot or 0, retry-after ms}.
@@ -76,6 +83,7 @@ local function decide(l, a)
       redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
       held = redis.call('ZCARD', lease)
     end
+    held_now[l] = held
     if held >= limit then
       if bit.band(shadow, 16) ~= 0 then
         if shadow_hit == 0 then shadow_hit = l * 5 + 5 end
@@ -115,7 +123,7 @@ while a <= #ARGV do
 end
 
 local out = {0, failed, retry, shadow_hit}
-local lease_count = 0
+local lease_count, early = 0, 0
 if failed == 0 then
   out[1] = 1
   local held, leases, charged = {}, {}, {}
@@ -141,6 +149,7 @@ if failed == 0 then
         redis.call('ZADD', lease, now + lease_ttl, rid)
         redis.call('PEXPIRE', lease, lease_ttl)
         leases[#leases + 1] = ll
+        if (held_now[ll] + 1) * 2 >= tonumber(ARGV[la + 4]) then early = 1 end
       end
       charged[#charged + 1] = ll
     end
@@ -153,5 +162,6 @@ end
 for i = 1, first_layers * 4 do  -- the first scope's levels: what the client's headers show
   out[4 + i] = math.floor(levels[i])
 end
-out[5 + first_layers * 4] = lease_count  -- ext_authz asks Envoy to free them when the response ends
+out[5 + first_layers * 4] = lease_count
+out[6 + first_layers * 4] = early  -- ext_authz asks Envoy to free them when the response ends
 return out
