@@ -84,12 +84,7 @@ def _authz_metadata(key: str) -> dict:
 
 def usage_filter_source() -> str:
     """The Lua filter as xDS sends it: the contract's constants, then the filter."""
-    import os
-    src = lua_constants() + envoy_asset("lua/usage.lua")
-    if "jsonskip" in os.environ.get("XP", "").split(","):
-        src = src.replace("    json_body(handle)\n", "    handle:streamInfo():dynamicMetadata():set(NS, 'finished', true)\n")
-        assert "'finished', true)" in src
-    return src
+    return lua_constants() + envoy_asset("lua/usage.lua")
 
 
 def _ratelimit_filter(settings: GatewaySettings) -> dict:
@@ -203,9 +198,7 @@ def _http_authz(settings: GatewaySettings) -> dict:
 
 
 def _http_filters(settings: GatewaySettings) -> list[dict]:
-    import os
-    xp = os.environ.get("XP", "").split(",")
-    filters = [
+    return [
         _hide_internal_headers(),
         {
             "name": "envoy.filters.http.ext_authz",
@@ -233,11 +226,6 @@ def _http_filters(settings: GatewaySettings) -> list[dict]:
                              "suppress_envoy_headers": True},
         },
     ]
-    if "nolua" in xp:
-        filters = [f for f in filters if f["name"] != "envoy.filters.http.lua"]
-    if "nohide" in xp:
-        filters = filters[1:]
-    return filters
 
 
 
@@ -261,11 +249,7 @@ def _usage_file_log(path: str) -> dict:
 
 
 def _access_log(settings: GatewaySettings) -> list[dict]:
-    import os
-    xp = os.environ.get("XP", "").split(",")
-    file_log = [_usage_file_log(settings.usage_log_path)] if settings.usage_log_path and "nofile" not in xp else []
-    if "noals" in xp:
-        return file_log
+    file_log = [_usage_file_log(settings.usage_log_path)] if settings.usage_log_path else []
     return file_log + [{
         "name": "envoy.access_loggers.http_grpc",
         "filter": _billable(),
