@@ -164,7 +164,7 @@ class Settings:
                                       "access-log entry) expires after this long", minimum=1)
     lease_ttl_ms: int = setting("LEASE_TTL_MS", 11 * 60_000, "a concurrency lease never released expires after this "
                                 "long (the 600 s upstream timeout plus a minute)", minimum=1)
-    concurrency_wait_ms: int = setting("CONCURRENCY_WAIT_MS", 500, "a request that finds a concurrency limit full "
+    concurrency_wait_ms: int = setting("CONCURRENCY_WAIT_MS", 1000, "a request that finds a concurrency limit full "
                                        "waits up to this long for a slot (leases of finished requests taken below "
                                        "half of the limit are freed at settlement, ~0.1-0.3 s after their response) "
                                        "before its 429; 0 = refuse at once", minimum=0)

@@ -35,7 +35,7 @@ from crosslogic.ratelimit.limits import LayerLimits, PlatformLimits, TenantLimit
 
 CONCURRENCY = LIMIT_KINDS[4]  # "concurrency": the limit kind whose refusals admit() retries
 # A released or settled lease shows up on the next try: first after 10 ms, then doubling (10, 20, 40, 80, 160 ms):
-# at most 6 script calls for a refusal within the default 500 ms, so a client flooding at its limit costs Valkey
+# at most 10 script calls for a refusal within the default 1 s, so a client flooding at its limit costs Valkey
 # a few calls per request, not one per millisecond.
 CONCURRENCY_FIRST_PAUSE_S, CONCURRENCY_MAX_PAUSE_S = 0.01, 0.16
 
