@@ -300,3 +300,23 @@ async def test_a_request_without_a_concurrency_limit_takes_no_lease(redis):
     refused = await limiter.reserve(org, env, key, rid(), 1_000, TenantLimits(
         LayerLimits(tokens_per_min=100, concurrency=5), LayerLimits(), LayerLimits()))
     assert not refused.admitted and refused.leases == 0
+
+
+async def test_a_repeated_check_asks_for_the_early_release_while_the_reservation_holds_leases(redis):
+    """Envoy retries a check whose answer was lost: the retried answer is the one acted on, so it must still name
+    the lease for the release; after settlement the tombstone holds none."""
+    limiter = Limiter(redis, clock=Clock())
+    org, env, key = ids()
+    limits = TenantLimits(LayerLimits(concurrency=256), LayerLimits(), LayerLimits(concurrency=1))
+    request = rid()
+    first = await limiter.reserve(org, env, key, request, 10, limits)
+    assert first.admitted and first.leases == 2 and first.release_early  # the key's set (limit 1) is full
+    again = await limiter.reserve(org, env, key, request, 10, limits)
+    assert again.repeated and again.release_early
+    assert await limiter.settle(org, env, key, request, 10)
+    assert not (await limiter.reserve(org, env, key, request, 10, limits)).release_early
+    far = rid()  # a lease far from its limit is left to settlement, repeated or not
+    wide = TenantLimits(LayerLimits(concurrency=256), LayerLimits(), LayerLimits())
+    assert not (await limiter.reserve(org, env, key, far, 10, wide)).release_early
+    repeated = await limiter.reserve(org, env, key, far, 10, wide)
+    assert repeated.repeated and repeated.release_early  # still holds a lease: released (only a call too many)

@@ -167,7 +167,8 @@ def test_a_failing_release_endpoint_changes_nothing_for_the_client():
     body = event(b'{"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":3,"completion_tokens":2}}')
     ok = FILTER.respond(200, SSE, [body, event(b"[DONE]")], "sse-null", authz=LEASE)
     failed = FILTER.respond(200, SSE, [body, event(b"[DONE]")], "sse-null", authz=LEASE, release_status="503")
-    assert failed.body == ok.body and failed.usage == ok.usage and len(failed.calls) == 1
+    assert failed.body == ok.body and failed.usage == ok.usage
+    assert len(ok.calls) == 1 and len(failed.calls) == 2  # a failed release is made once more, then left
 
 
 def test_a_stream_that_ends_inside_an_event_passes_its_bytes_on():

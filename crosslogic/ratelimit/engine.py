@@ -250,7 +250,7 @@ class Limiter:
             [self.clock(), request_id, self.reservation_ttl_ms, self.lease_ttl_ms, max(0, tokens), *plan.args])
         status, failed, retry, shadow = int(out[0]), int(out[1]), int(out[2]), int(out[3])
         if status == REPEATED:
-            return Decision(admitted=True, repeated=True)
+            return Decision(admitted=True, repeated=True, release_early=len(out) > 4 and int(out[4]) == 1)
         views = tuple(BucketView(layer, kind, capacity, int(out[at])) for at, layer, kind, capacity in plan.buckets)
         layer_name, kind = _slot(plan.names, failed)
         shadow_layer, shadow_kind = _slot(plan.names, shadow) if shadow else (None, None)

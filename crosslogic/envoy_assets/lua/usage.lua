@@ -17,7 +17,8 @@
 local FORCED_STREAM_OPTIONS = ',"stream_options":{"include_usage":true,"continuous_usage_stats":true}'
 local RELEASE_HEADERS = {[":method"] = "POST", [":path"] = RELEASE_PATH, [":authority"] = "crosslogic-release",
                          ["content-type"] = "application/json"}
-local RELEASE_TIMEOUT_MS = 1000  -- then settlement frees the lease (~100 ms later, a spurious 429 meanwhile); 250 ms: likely the lease a loaded CI run found held
+local RELEASE_TIMEOUT_MS = 1000  -- per attempt; then settlement frees the lease (admission waits for it meanwhile)
+local RELEASE_ATTEMPTS = 2  -- a hung ext_authz delays a response end by at most RELEASE_ATTEMPTS x the timeout
 local MAX_CARRY = 1048576  -- bytes of one unfinished SSE event held back; a bigger one passes on as it came
 local ERROR_READ_LIMIT = 65536  -- bytes of a node's error body looked at
 local MAX_MESSAGE = 512  -- bytes of a node's error message passed on to the client
@@ -271,11 +272,19 @@ local function release_request(authz)
 end
 
 -- Frees the leases while the caller holds the response's last bytes (the call yields; Envoy buffers them).
+-- A call answered other than 200 (ext_authz's Valkey call timed out: 503; the connection was lost) is made once
+-- more: it is idempotent, and a lease left behind makes the client's next request wait for settlement.
 local function release(handle, body)
-  if body ~= nil then
-    -- A failed call changes nothing for the client: settlement frees the lease a little later, as before.
-    pcall(handle.httpCall, handle, RELEASE_CLUSTER, RELEASE_HEADERS, body, RELEASE_TIMEOUT_MS)
+  if body == nil then
+    return
   end
+  for _ = 1, RELEASE_ATTEMPTS do
+    local ok, headers = pcall(handle.httpCall, handle, RELEASE_CLUSTER, RELEASE_HEADERS, body, RELEASE_TIMEOUT_MS)
+    if ok and headers ~= nil and headers[":status"] == "200" then
+      return
+    end
+  end
+  -- Still failed: changes nothing for the client; settlement frees the lease a little later.
 end
 
 -- ------------------------------------------------------------------------------------------ streams

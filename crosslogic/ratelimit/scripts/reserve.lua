@@ -21,7 +21,8 @@
 --            below half of their limit are left, so lingering ones never fill more than half a set: a client
 --            running under half its concurrency limit is never refused for leases of finished requests, and
 --            one above waits for them in admission (CROSSLOGIC_CONCURRENCY_WAIT_MS) rather than being refused.
---            status 1 admitted, 0 refused, 2 already reserved or settled (admits, charges nothing)
+--            status 1 admitted, 0 refused, 2 already reserved or settled (admits, charges nothing; then the
+--            reply is {2, 0, 0, 0, early})
 --            slot = layer*5 + kind (kind 1 tps, 2 tpm, 3 rpm, 4 tpd, 5 concurrency), 0 = none
 local now_s, rid = ARGV[1], ARGV[2]  -- now_s: written as given, no number formatting
 local now = tonumber(now_s)
@@ -29,8 +30,13 @@ local ttl = tonumber(ARGV[3])
 local lease_ttl = tonumber(ARGV[4])
 local tokens = tonumber(ARGV[5])
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {2, 0, 0, 0}
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  -- Reserved before (a check Envoy retried after a lost answer) or settled (a tombstone): admitted, charged
+  -- nothing; the 5th value asks for the early release if the reservation still holds leases, since the retried
+  -- check's answer is the only one Envoy acts on.
+  local leases = string.match(existing, '^%d+|[^|]*|([^|]*)')
+  return {2, 0, 0, 0, (leases and leases ~= '') and 1 or 0}
 end
 
 -- Per bucket i = layer*4 + kind: level, cost (numbers), and the caller's digits of capacity and cost for the
