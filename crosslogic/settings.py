@@ -120,8 +120,9 @@ class Settings:
                                              "seconds", minimum=0.001)
     usage_log_path: str = setting("USAGE_LOG", "", "Envoy's JSON-lines usage log (the durable billing backstop); "
                                   "`crosslogic up`: `<state-dir>/usage/envoy-usage.jsonl`")
-    usage_log_rotate_bytes: int = setting("USAGE_LOG_ROTATE_BYTES", 64 << 20, "rotate the usage log past this size "
-                                          "once replayed (needs ENVOY_ADMIN_URL); 0 = never", minimum=0)
+    usage_log_rotate_bytes: int = setting("USAGE_LOG_ROTATE_BYTES", 64 << 20, "rotate the usage log once it reaches "
+                                          "this size, under traffic too (the renamed file is read to its end, "
+                                          "then removed; needs ENVOY_ADMIN_URL); 0 = never", minimum=0)
     backstop_grace_s: float = setting("BACKSTOP_GRACE", 2.0, "accounting: the backstop leaves a usage-log line "
                                       "this many seconds for the gRPC access log to commit before it writes and "
                                       "settles the line itself (it skips lines already committed)", minimum=0.0)

@@ -35,9 +35,10 @@ def database_url(database_url: str) -> str:
     return database_url
 
 
-def usage_line(request_id: str, prompt: int = 10, completion: int = 5, finished: bool = True) -> bytes:
+def usage_line(request_id: str, prompt: int = 10, completion: int = 5, finished: bool = True,
+               start_time: str = "1795810144.134357") -> bytes:
     fields = {
-        "request_id": request_id, "start_time": "1795810144.134357", "status": 200, "duration_ms": 12,
+        "request_id": request_id, "start_time": start_time, "status": 200, "duration_ms": 12,
         "upstream": "127.0.0.1:9000",
         "authz": {"org_id": ORG, "env_id": ENV, "key_id": KEY, "model": "llama-3-8b", "region": "ap-south",
                   "endpoint": "chat.completions", "streamed": True},
@@ -239,27 +240,101 @@ async def test_usage_stays_spooled_while_postgres_is_unreachable_and_lands_when_
         await pool.close()
 
 
-async def test_a_large_log_is_rotated_once_replayed_and_the_finished_file_removed(database_url, tmp_path):
-    log_path, state = tmp_path / "usage.jsonl", tmp_path / "usage.position"
-    append(log_path, *(usage_line(f"a-{i}") for i in range(30)))
-    reopened = []
+class FileLogEnvoy:
+    """What Envoy's file access log does with the usage log: appends through the descriptor it opened, so after a
+    rename its lines still go to the renamed file, until `POST /reopen_logs` makes it open the configured path."""
 
-    def envoy_reopens() -> None:  # what Envoy does on POST /reopen_logs: a new file at the configured path
-        reopened.append(True)
-        append(log_path, *(usage_line(f"b-{i}") for i in range(5)))
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "ab")  # noqa: SIM115 - closed by reopen / close
+        self.reopens = 0
 
+    def write(self, *lines: bytes) -> None:
+        self.file.write(b"".join(lines))
+        self.file.flush()
+
+    def reopen(self) -> None:
+        self.file.close()
+        self.file = open(self.path, "ab")  # noqa: SIM115
+        self.reopens += 1
+
+    def close(self) -> None:
+        self.file.close()
+
+
+async def test_the_log_rotates_under_steady_traffic_and_every_line_lands_once_across_a_restart(
+        database_url, tmp_path):
+    """Lines keep coming, so the newest are always within their grace (never "fully read"): the log is still
+    rotated each time it reaches the threshold, stays bounded, and every request is in the ledger exactly once:
+    half by the fast path, the half it lost by the backstop, every line read exactly once, across a restart of
+    the backstop while a renamed log was only partly read."""
+    from crosslogic.accounting.ledger import LedgerWriter
+    from crosslogic.accounting.recent import RecentIds
+
+    log_path, state = tmp_path / "usage.jsonl", tmp_path / "usage.jsonl.position"
+    ticks, per_tick, tick_s, grace_s = 40, 20, 0.5, 2.0
+    tick_bytes = per_tick * len(usage_line("t-00-00", start_time="1795810144.000000"))
+    rotate_bytes = 2 * tick_bytes
+    now = [1795810144.0]
+    envoy = FileLogEnvoy(log_path)
+    committed = RecentIds()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+
+    def backstop() -> BackstopReplayer:
+        return BackstopReplayer(UsageLogTailer(log_path, state), pool, rotate_bytes=rotate_bytes,
+                                reopen=envoy.reopen, committed=committed, grace_s=grace_s, clock=lambda: now[0])
+
+    def fast_path() -> LedgerWriter:  # the gRPC access log's writer, in the same process
+        return LedgerWriter(pool, batch_size=1000, flush_interval_s=1, committed=committed)
+
+    replayers, fast = [backstop()], [fast_path()]
+    renamed_seen: set[str] = set()
     try:
-        replayer = BackstopReplayer(UsageLogTailer(log_path, state), pool, rotate_bytes=1000, reopen=envoy_reopens)
-        await replayer.rotate()
-        assert not reopened  # not read yet: never rotated away unread
-        while await replayer.step():
+        for tick in range(ticks):
+            ids = [f"t-{tick:02d}-{i:02d}" for i in range(per_tick)]
+            # Logged just now (start 0.1 s ago, 12 ms long): within the grace, the line waits for the fast path.
+            envoy.write(*(usage_line(rid, start_time=f"{now[0] - 0.1:.6f}") for rid in ids))
+            for record in [parse_usage_line(usage_line(rid)) for rid in ids[::2]]:  # the fast path got half
+                fast[-1].add(record)
+            await fast[-1].flush()
+            if tick == ticks // 2:  # the backstop restarts (committed ids forgotten: it redoes the fast path's)
+                assert list(tmp_path.glob("usage.jsonl.[0-9]*")), "the restart is meant to find a renamed log"
+                replayers[-1].tailer.close()
+                committed = RecentIds()
+                replayers.append(backstop())
+                fast.append(fast_path())
+            while await replayers[-1].step():
+                pass
+            await replayers[-1].rotate()
+            renamed = [p.name for p in tmp_path.glob("usage.jsonl.[0-9]*")]
+            assert len(renamed) <= 1, renamed  # never a second rotation before the last renamed log is finished
+            renamed_seen.update(renamed)
+            # Bounded: the threshold plus twice the lines within their grace (the renamed log's last lines wait
+            # for theirs while the live log takes the newest), a tick each.
+            on_disk = sum(p.stat().st_size for p in tmp_path.glob("usage.jsonl*") if not p.name.endswith("position"))
+            assert on_disk <= rotate_bytes + 2 * (grace_s / tick_s + 1) * tick_bytes, (tick, on_disk)
+            now[0] += tick_s
+        now[0] += grace_s  # the traffic stops; what is left is due
+        while await replayers[-1].step():
             pass
-        await replayer.rotate()
-        assert reopened and replayer.rotations == 1
-        while await replayer.step():
+        await replayers[-1].rotate()
+        renamed_seen.update(p.name for p in tmp_path.glob("usage.jsonl.[0-9]*"))
+        while await replayers[-1].step():
             pass
-        assert replayer.replayed == 35
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("usage.jsonl")) == ["usage.jsonl"]
+        rotations = sum(r.rotations for r in replayers)
+        # One rotation per grace and tick or so (a renamed log is left once its newest line is due): 11 of 40.
+        assert rotations >= ticks // (grace_s / tick_s + 1) - 2 and len(renamed_seen) == rotations, rotations
+        assert envoy.reopens >= rotations
+        total = ticks * per_tick
+        assert sum(r.lines_read for r in replayers) == total  # each line read once: none lost, none twice
+        assert (sum(f.written for f in fast), sum(r.replayed for r in replayers)) == (total // 2, total // 2)
+        async with pool.acquire() as conn:
+            assert await ledger_totals(conn) == (total, total * 15)
+            ids = {r["request_id"] for r in await conn.fetch("SELECT request_id FROM usage_records")}
+        assert ids == {f"t-{t:02d}-{i:02d}" for t in range(ticks) for i in range(per_tick)}
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("usage.jsonl")) == [
+            "usage.jsonl", "usage.jsonl.position"]
     finally:
+        replayers[-1].tailer.close()
+        envoy.close()
         await pool.close()

@@ -17,6 +17,8 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -45,8 +47,9 @@ def chaos_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     env = {**os.environ, "CROSSLOGIC_DATABASE_URL": postgres.url, "CROSSLOGIC_STRIPE_API_KEY": API_KEY,
            "CROSSLOGIC_STRIPE_API_BASE": f"http://127.0.0.1:{stripe_port}", "CROSSLOGIC_BILLING_INTERVAL": "2",
            "CROSSLOGIC_BILLING_RETRY_BASE": "1",
-           # ~1.2 MB of usage lines: the log is rotated (and Envoy reopens it) several times under the faults.
-           "CROSSLOGIC_USAGE_LOG_ROTATE_BYTES": "150000"}
+           # ~1.2 MB of usage lines against a 50 kB threshold: the backstop rotates the log (and has Envoy reopen
+           # it) again and again while the traffic flows, through the faults (asserted below).
+           "CROSSLOGIC_USAGE_LOG_ROTATE_BYTES": "50000"}
     logs = open(state / "up.log", "wb")  # noqa: SIM115 - closed at teardown
     stripe_proc = subprocess.Popen([sys.executable, "-m", "crosslogic", "billing", "stripe-local", "--listen",
                                     f"127.0.0.1:{stripe_port}"], stdout=logs, stderr=subprocess.STDOUT,
@@ -227,6 +230,12 @@ def _cli(stack: dict, *argv: str) -> dict:
     return json.loads(result.stdout)
 
 
+def _rotations(accounting_log: Path) -> list[datetime]:
+    """When the accounting service rotated the usage log (its log is appended to across restarts)."""
+    return [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in accounting_log.read_text().splitlines()
+            if "crosslogic.accounting.backstop INFO usage log rotated" in line]
+
+
 def _billing_run(stack: dict) -> dict:
     return _cli(stack, "billing", "run")
 
@@ -239,6 +248,7 @@ async def test_every_request_is_billed_exactly_once_through_sink_postgres_and_en
     out, fault_log = Outcome(), []
     await asyncio.gather(_traffic(chaos_stack["gateway_base"], chaos_stack["api_key"], out),
                          _faults(chaos_stack, fault_log))
+    traffic_ended = datetime.now()  # local time, as the accounting service's log lines
 
     assert len(out.served) == REQUESTS and out.disconnects > 50, (out.refused, out.refused_bodies, fault_log)
     assert set(out.refused) <= {503}, out.refused  # only "temporarily unavailable" while Postgres was away
@@ -271,8 +281,8 @@ async def test_every_request_is_billed_exactly_once_through_sink_postgres_and_en
 
         # The backstop read every line (its saved position is the live log's end) and every rotated log is
         # replayed and removed. The ledger above is complete through the gRPC path before that: the backstop
-        # leaves each line BACKSTOP_GRACE (2 s) for it, and rotates only once caught up, so in practice after the
-        # traffic, about when the test gets here; a renamed log is removed once read to its end.
+        # leaves each line BACKSTOP_GRACE (2 s) for it, so the last rotated log may still be there when the
+        # test gets here; it is removed once read to its end.
         async def backstop_caught_up() -> bool:
             try:
                 position = json.loads((usage_dir / "envoy-usage.jsonl.position").read_text())
@@ -283,9 +293,14 @@ async def test_every_request_is_billed_exactly_once_through_sink_postgres_and_en
                 and not list(usage_dir.glob("envoy-usage.jsonl.[0-9]*"))
 
         await _wait_for(backstop_caught_up, 60, "the backstop caught up, every rotated usage log replayed and removed")
+        # The log rotated more than once while requests kept coming (every line in the ledger exactly once above).
+        rotated_at = _rotations(chaos_stack["state_dir"] / "logs" / "accounting.log")
+        during = [at for at in rotated_at if at < traffic_ended]
+        assert len(during) >= 2, (rotated_at, traffic_ended, fault_log)
         by_path = await conn.fetch("SELECT written_by, count(*) FROM usage_records GROUP BY 1")
         print(f"chaos: served={len(served)} refused={out.refused} reconnects={out.retried_connects} "
-              f"cut={len(cut)} unseen_tokens={unseen} written_by={dict(map(tuple, by_path))} faults={fault_log}")
+              f"cut={len(cut)} unseen_tokens={unseen} rotations={len(during)}+{len(rotated_at) - len(during)} "
+              f"written_by={dict(map(tuple, by_path))} faults={fault_log}")
 
         # Billing: run the reporter to completion (the accounting service's loop may be running too).
         async def all_billed() -> bool:

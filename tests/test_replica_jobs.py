@@ -100,6 +100,41 @@ async def test_a_rotated_log_is_kept_and_read_until_every_envoy_reopened_its_log
         await pool.close()
 
 
+async def test_a_renamed_log_found_at_the_start_is_kept_until_every_envoy_was_asked_to_reopen_again(
+        database_url, tmp_path, monkeypatch):  # noqa: F811 (the fixture)
+    """The last holder died between its rename and envoy-2's reopen: the standby resumes in the renamed log, and
+    must not leave (and delete) it on reaching its end while envoy-2 may still append to it."""
+    monkeypatch.setattr(backstop, "REOPEN_GRACE_S", 0.0)
+    log_path, state = tmp_path / "usage.jsonl", tmp_path / "usage.jsonl.position"
+    append(log_path, *(usage_line(f"a-{i}") for i in range(3)))
+    dead = UsageLogTailer(log_path, state)
+    dead.read_lines()
+    dead.commit(dead.unread_from(1))  # it had committed a-0, then renamed the log and died
+    dead.close()
+    renamed = tmp_path / "usage.jsonl.1"
+    log_path.rename(renamed)
+    append(log_path, usage_line("new-1"))  # envoy-1 reopened; envoy-2 had not
+    reopens: list[int] = []
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    standby = BackstopReplayer(UsageLogTailer(log_path, state), pool, rotate_bytes=1 << 20,
+                               reopen=lambda: reopens.append(1))
+    try:
+        while await standby.step():
+            pass
+        assert renamed.exists() and standby.lines_read == 2  # a-1, a-2: resumed after a-0, kept the file
+        append(renamed, usage_line("late-1"))  # envoy-2, still on the renamed file
+        await standby.rotate()  # asks every Envoy to reopen (no rotation of its own)
+        while await standby.step():
+            pass
+        assert reopens == [1] and standby.rotations == 0 and not renamed.exists()
+        async with pool.acquire() as conn:
+            ids = {r["request_id"] for r in await conn.fetch("SELECT request_id FROM usage_records")}
+        assert ids == {"a-1", "a-2", "late-1", "new-1"}  # a-0 was the dead holder's to write
+    finally:
+        standby.tailer.close()
+        await pool.close()
+
+
 @pytest.fixture
 async def pool(database_url):  # noqa: F811 (the fixture)
     pool = await asyncpg.create_pool(database_url, min_size=2, max_size=6)

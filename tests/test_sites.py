@@ -546,6 +546,27 @@ async def test_a_monthly_bill_cap_holds_at_the_site_within_its_bound_and_test_ke
               f"403, owed {owed} µ$ (cap - owed = {cap - owed} µ$, {clients} concurrent clients)")
         assert owed <= cap  # the bound with no other gateway spending: the cap itself
         assert cap - owed < clients * max_cost  # refused only near the cap: at most the others' holds short
+
+        # The cloud's bill-cap state (Valkey's month, what the cloud's gateways admit against) has the site's
+        # spend as soon as the push is in the ledger: the site API settles it as the sink does its own rows.
+        # Org B sent nothing through the cloud since its cap was set, so no ext_authz floor can have brought it.
+        from crosslogic.ratelimit.connect import redis_client
+        from crosslogic.ratelimit.money import money_keys, month_of
+
+        redis = redis_client(hybrid.cloud["redis_url"], hybrid.cloud["redis_cluster"], connect_timeout=1, timeout=2)
+
+        async def cloud_state_is_the_ledgers() -> bool:
+            c = await hybrid.db()
+            try:
+                ledger = await _owed(c, b.org_id)
+            finally:
+                await c.close()
+            valkey = await redis.hget(money_keys(b.org_id, month_of(datetime.now(UTC)))[0], "c")
+            return valkey is not None and int(valkey) == ledger
+        try:
+            await _wait(cloud_state_is_the_ledgers, "the cloud's Valkey owed for org B at the ledger's", 10)
+        finally:
+            await redis.aclose()
     finally:
         conn = await hybrid.db()
         try:

@@ -9,6 +9,10 @@ the on-disk spool, so a Postgres outage or a crash of this process loses nothing
 Rotation: rename the file (e.g. `usage.jsonl` -> `usage.jsonl.<n>`), then ask Envoy to reopen its logs
 (admin `POST /reopen_logs`). The tailer finishes the renamed file through its open descriptor, then moves
 to the new one; after a restart it finds the renamed file again by inode. A truncated file restarts at 0.
+The replayer renames the file it reads once it is past the size threshold, read to its end or not (under
+steady traffic the newest lines are always within their grace, so "fully read" never comes): the renamed
+file is still the spool, only read to its end and removed once every Envoy writes the new one. So there is at
+most one renamed file at a time, and the log is bounded by about twice the threshold plus what is unread.
 """
 
 from __future__ import annotations
@@ -247,13 +251,16 @@ class UsageLogTailer:
     def position(self) -> Position:
         return Position(self._inode, self._offset)
 
-    def rotate_if_caught_up(self, max_bytes: int) -> bool:
-        """Rename the log away once it is large and fully read; the caller then has Envoy reopen its logs."""
+    def rotate_if_large(self, max_bytes: int) -> bool:
+        """Rename the live log away once it is `max_bytes` or more, read to its end or not (the caller then has
+        Envoy reopen its logs). Only the file being read is renamed: never a second one before the tailer has
+        finished and left the last. Call it only with every line read so far committed (or given back)."""
         if self._file is None or self._path_inode() != self._inode:
             return False
-        size = os.fstat(self._file.fileno()).st_size
-        if size < max_bytes or self._offset < size:
+        if os.fstat(self._file.fileno()).st_size < max_bytes:
             return False
+        # The renamed file is found again only by the saved inode: make sure it is saved before the rename.
+        self.commit(self.position)
         os.rename(self.path, self.path.with_name(f"{self.path.name}.{time.time_ns()}"))
         return True
 
@@ -309,9 +316,11 @@ class BackstopReplayer:
         self.on_owed = on_owed  # bill-cap settlement, once the rows are in the ledger
         self.replayed = 0
         self.lines_read = 0
-        # Since when every Envoy has reopened its log after our last rotation (None: not yet; no rotation of
-        # ours pending at the start, so a renamed log found then is left as soon as it is read).
-        self._reopened_at: float | None = float("-inf")
+        # Since when every Envoy has reopened its log after our last rotation (None: not yet). At the start it
+        # is not known: the last holder of the log (this process before a restart, or another replica) may have
+        # died between a rename and every Envoy's reopen, so a renamed log found then is left only after every
+        # Envoy was asked again. Without `reopen` nothing can be asked: such a log is left once read.
+        self._reopened_at: float | None = float("-inf") if reopen is None else None
         tailer.may_leave_renamed = self._renamed_file_finished
 
     def _renamed_file_finished(self) -> bool:
@@ -386,10 +395,11 @@ class BackstopReplayer:
         return due, position, skipped
 
     async def rotate(self) -> None:
-        """Keep the log bounded: rename it once caught up and large, then have Envoy start a new one."""
-        if not self.rotate_bytes or self.reopen is None:
+        """Keep the log bounded: rename it once large, then have Envoy start a new one. Called between steps, so
+        every line read so far is committed or given back."""
+        if self.reopen is None:
             return
-        if self.tailer.rotate_if_caught_up(self.rotate_bytes):
+        if self.rotate_bytes and await asyncio.to_thread(self.tailer.rotate_if_large, self.rotate_bytes):
             self._reopened_at = None
             self.rotations += 1
             log.info("usage log rotated (%d so far)", self.rotations)

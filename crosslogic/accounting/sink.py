@@ -136,7 +136,7 @@ async def serve_accounting(settings: Settings, listen: str, site_listen: str | N
                         site_listen, pool, Path(pki_dir), settings.require_key_secret().decode(),
                         settings.default_region, settler.submit_and_wait if settler is not None else None,
                         redis_client(settings.redis_url, settings.redis_cluster, connect_timeout=0.5, timeout=0.5)
-                        if settings.redis_url else None))
+                        if settings.redis_url else None, on_owed))
                 await server.wait_for_termination()
         finally:  # after the server stopped: every entry that arrived is in `ledger`
             if ping is not None:

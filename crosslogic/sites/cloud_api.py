@@ -8,7 +8,8 @@ tenant views and the catalogue from here, and pushes its spooled usage back.
   hashes the keys it is shown; docs/sites.md says what that exposes).
 - `POST /site/v1/usage`: a batch of usage records; every record must be of the certificate's org (else the batch is
   refused whole with 403), written with the ledger's own idempotent batch insert (a request id already in the
-  ledger is skipped), so a batch re-sent after a lost answer is never billed twice.
+  ledger is skipped), so a batch re-sent after a lost answer is never billed twice. What a capped org owes now is
+  settled into the cloud's bill-cap state (Valkey) at once, as for the cloud's own rows.
 
 The caller is the verified client certificate's site identity, re-checked against revocation on every request.
 """
@@ -31,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from crosslogic import errors, pki
-from crosslogic.accounting.ledger import write_batch
+from crosslogic.accounting.ledger import OwedHook, write_batch
 from crosslogic.accounting.pricing import price_rows
 from crosslogic.commands.process import split_listen
 from crosslogic.extauthz.billcap import CAP_COLUMNS, CAP_JOIN
@@ -79,15 +80,18 @@ class SiteApi:
     """`count`: the accounting sink's settlement (idempotent per request id), returning once the records are
     settled: a site's delivered usage counts against the org's quotas and rate-limit windows like the cloud's own,
     and before the push is answered (sites/quota.py: a sync begun after the answer must hold it). `redis`: where
-    the sync reads the quota counters (None: the site is sent none and counts only its own usage)."""
+    the sync reads the quota counters (None: the site is sent none and counts only its own usage). `on_owed`: the
+    accounting's bill-cap settlement (ratelimit/money.py): without it the cloud's gateways would check a capped
+    org against what it owed before the push until ext_authz's next read of the ledger (~1 s)."""
 
     def __init__(self, pool: asyncpg.Pool, key_secret: str, default_region: str,
-                 count: Count | None = None, redis=None) -> None:
+                 count: Count | None = None, redis=None, on_owed: OwedHook | None = None) -> None:
         self.pool = pool
         self.key_secret = key_secret
         self.default_region = default_region
         self.count = count
         self.redis = redis
+        self.on_owed = on_owed
 
     async def _quota_counters(self, org_id: str, env_ids: set[str]) -> dict[str, int]:
         """The org's and its environments' current day / hour quota counters (ratelimit/quota.py keys)."""
@@ -143,6 +147,8 @@ class SiteApi:
             return _forbidden(f"{foreign} record(s) are not of this site's organization")
         async with self.pool.acquire() as conn:
             result = await write_batch(conn, records, written_by="site")
+        if result.owed and self.on_owed is not None:  # raise Valkey's owed to the ledger's (no reservation here)
+            self.on_owed(result.owed)
         if self.count is not None:  # in the ledger now: count them (a re-sent record is counted once)
             try:
                 await asyncio.wait_for(self.count(records), COUNT_WAIT_S)
@@ -155,8 +161,9 @@ class SiteApi:
 
 @asynccontextmanager
 async def site_api_server(listen: str, pool: asyncpg.Pool, pki_dir: Path, key_secret: str, default_region: str,
-                          count: Count | None = None, redis=None) -> AsyncIterator[web.AppRunner]:
-    api = SiteApi(pool, key_secret, default_region, count, redis)
+                          count: Count | None = None, redis=None,
+                          on_owed: OwedHook | None = None) -> AsyncIterator[web.AppRunner]:
+    api = SiteApi(pool, key_secret, default_region, count, redis, on_owed)
     app = web.Application(client_max_size=32 * 1024 * 1024)
     app.router.add_get(SYNC_PATH, api.sync)
     app.router.add_post(USAGE_PATH, api.usage)
