@@ -28,7 +28,7 @@ from crosslogic.extauthz.validation import ModelSpec
 from crosslogic.ratelimit.limits import PlatformLimits
 from crosslogic.ratelimit.money import month_of
 from crosslogic.sites.protocol import SYNC_PATH, client_context, decode_prices, decode_row
-from crosslogic.sites.quota import SiteQuotas
+from crosslogic.sites.quota import SiteQuotas, exchange
 
 log = logging.getLogger("crosslogic.sites")
 
@@ -121,10 +121,8 @@ class Syncer:
         return True
 
     async def sync_once(self, session: aiohttp.ClientSession) -> None:
-        if self.quotas is None:
-            return await self._sync(session)
-        async with self.quotas.exchange:  # no push meanwhile (sites/quota.py)
-            return await self._sync(session)
+        async with exchange(self.quotas):  # no push meanwhile (sites/quota.py)
+            await self._sync(session)
 
     async def _sync(self, session: aiohttp.ClientSession) -> None:
         if self.quotas is not None:

@@ -16,6 +16,7 @@ in flight when the quota was reached).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime
@@ -86,3 +87,8 @@ class SiteQuotas:
         hit = exceeded(quotas, self.used(org_id, env_id))
         if hit is not None:
             raise errors.quota_exceeded(_LEVELS[hit[0]], _PERIODS[hit[1]])
+
+
+def exchange(quotas: SiteQuotas | None) -> contextlib.AbstractAsyncContextManager:
+    """What a push or a sync holds while it runs: the quotas' `exchange` lock, or nothing without quotas."""
+    return quotas.exchange if quotas is not None else contextlib.nullcontext()

@@ -22,7 +22,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from crosslogic.accounting.usage import record_from_entry
 from crosslogic.sites.protocol import USAGE_PATH, client_context, record_from_json, record_to_json
-from crosslogic.sites.quota import SiteQuotas
+from crosslogic.sites.quota import SiteQuotas, exchange
 from crosslogic.usage_record import UsageRecord
 
 log = logging.getLogger("crosslogic.sites")
@@ -107,9 +107,7 @@ class Pusher:
 
     async def push_once(self, session: aiohttp.ClientSession) -> int:
         """Sends one batch; returns how many records left the spool."""
-        if self.quotas is None:
-            return await self._push(session)
-        async with self.quotas.exchange:  # no sync meanwhile (sites/quota.py)
+        async with exchange(self.quotas):  # no sync meanwhile (sites/quota.py)
             return await self._push(session)
 
     async def _push(self, session: aiohttp.ClientSession) -> int:
